@@ -1,0 +1,1 @@
+//! Omega fleet simulator, load generator and end-to-end tests.

@@ -1,0 +1,1 @@
+//! Omega Kubernetes operator.

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace against the real parts: fetches the run-time assets
+# (ONNX Runtime, the MiniLM model and tokenizer, Postgres + pgvector, MovieLens-100K), starts a
+# throwaway Postgres on a free loopback port, runs the tests, and stops Postgres again.
+# Extra arguments go to `cargo nextest run` (e.g. a test-name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 scripts/assets.py fetch all >/dev/null
+eval "$(python3 scripts/assets.py env)"
+
+OMEGA_PG_DIR=$(mktemp -d /tmp/omega-pg-test.XXXXXX)
+export OMEGA_PG_DIR
+trap 'scripts/pg.sh destroy "$OMEGA_PG_DIR"' EXIT
+OMEGA_TEST_DATABASE_URL=$(scripts/pg.sh start "$OMEGA_PG_DIR")
+export OMEGA_TEST_DATABASE_URL
+echo "test.sh: Postgres at $OMEGA_TEST_DATABASE_URL" >&2
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
+cargo test --workspace --doc

@@ -1,0 +1,1 @@
+//! Omega shard server.
