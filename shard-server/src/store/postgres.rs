@@ -753,15 +753,15 @@ impl Store for PostgresStore {
                 FROM patterns WHERE device_id <> $2 AND success_rate >= $3
                 ORDER BY embedding <=> $1 LIMIT $4)
                UNION ALL
-               (SELECT id, content_id, embedding, quality AS success_rate,
-                       LEAST(total_samples, 4294967295) AS sample_count, time_slot, day_type,
-                       content_type, genres,
+               (SELECT g.id, g.content_id, g.embedding, g.quality AS success_rate,
+                       LEAST(g.total_samples, 4294967295) AS sample_count, g.time_slot,
+                       g.day_type, g.content_type, g.genres,
                        (extract(epoch FROM s.published_at) * 1000)::bigint AS created_at_ms,
                        (extract(epoch FROM s.published_at) * 1000)::bigint AS updated_at_ms,
-                       true AS aggregate, embedding <=> $1 AS distance
-                FROM global_patterns, global_state s
-                WHERE quality >= $3 AND content_id <> '' AND s.id = 1
-                ORDER BY embedding <=> $1 LIMIT $4)
+                       true AS aggregate, g.embedding <=> $1 AS distance
+                FROM global_patterns g, global_state s
+                WHERE g.quality >= $3 AND g.content_id <> '' AND s.id = 1
+                ORDER BY g.embedding <=> $1 LIMIT $4)
              ) s ORDER BY distance LIMIT $4",
         )
         .bind(&query)
