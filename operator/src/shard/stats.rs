@@ -96,7 +96,7 @@ mod tests {
             "containerStatuses": [{"name": "shard", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
                 "state": {"waiting": {"reason": "ImagePullBackOff", "message": "pull access denied"}}}]}}));
         assert!(pod_ready(&ready) && !pod_ready(&pulling));
-        assert_eq!(stuck_reason(&[ready.clone()]), None);
+        assert_eq!(stuck_reason(std::slice::from_ref(&ready)), None);
         assert_eq!(
             stuck_reason(&[ready, pulling]),
             Some(("ImagePullBackOff".into(), "pull access denied".into()))
