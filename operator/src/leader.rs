@@ -80,26 +80,15 @@ impl LeaseLock {
         if !(mine || holder.is_none() || expired) {
             return Ok(false);
         }
-        let lease = Lease {
-            metadata: ObjectMeta {
-                name: Some(self.cfg.name.clone()),
-                resource_version: current.metadata.resource_version.clone(),
-                ..Default::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: Some(me),
-                lease_duration_seconds: Some(duration_secs),
-                acquire_time: if mine { spec.acquire_time.clone() } else { Some(MicroTime(now)) },
-                renew_time: Some(MicroTime(now)),
-                lease_transitions: Some(spec.lease_transitions.unwrap_or(0) + i32::from(!mine)),
-                ..Default::default()
-            }),
+        let spec = LeaseSpec {
+            holder_identity: Some(me),
+            lease_duration_seconds: Some(duration_secs),
+            acquire_time: if mine { spec.acquire_time.clone() } else { Some(MicroTime(now)) },
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: Some(spec.lease_transitions.unwrap_or(0) + i32::from(!mine)),
+            ..Default::default()
         };
-        match self.api.patch(&self.cfg.name, &crate::apply::params(), &Patch::Apply(&lease)).await {
-            Ok(_) => Ok(true),
-            Err(e) if conflict(&e) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        self.write(&current, spec).await
     }
 
     /// Gives the Lease up (on shutdown) so another replica takes over at once.
@@ -109,24 +98,31 @@ impl LeaseLock {
         if spec.holder_identity.as_deref() != Some(self.cfg.identity.as_str()) {
             return Ok(());
         }
+        let spec = LeaseSpec {
+            holder_identity: Some(String::new()),
+            lease_duration_seconds: Some(1),
+            renew_time: spec.renew_time,
+            acquire_time: spec.acquire_time,
+            lease_transitions: spec.lease_transitions,
+            ..Default::default()
+        };
+        self.write(&current, spec).await.map(|_| ())
+    }
+
+    /// Applies `spec` only if the Lease is still at `current`'s resourceVersion; false when
+    /// another replica wrote it first (409).
+    async fn write(&self, current: &Lease, spec: LeaseSpec) -> Result<bool> {
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(self.cfg.name.clone()),
                 resource_version: current.metadata.resource_version.clone(),
                 ..Default::default()
             },
-            spec: Some(LeaseSpec {
-                holder_identity: Some(String::new()),
-                lease_duration_seconds: Some(1),
-                renew_time: spec.renew_time,
-                acquire_time: spec.acquire_time,
-                lease_transitions: spec.lease_transitions,
-                ..Default::default()
-            }),
+            spec: Some(spec),
         };
         match self.api.patch(&self.cfg.name, &crate::apply::params(), &Patch::Apply(&lease)).await {
-            Ok(_) => Ok(()),
-            Err(e) if conflict(&e) => Ok(()),
+            Ok(_) => Ok(true),
+            Err(e) if conflict(&e) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }

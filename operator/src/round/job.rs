@@ -1,12 +1,13 @@
 //! The federate Job of a round (pure).
 
 use crate::crd::FederationRound;
-use crate::shard::resources::{ROLE_FEDERATION, ROLE_LABEL, SHARD_UID};
+use crate::shard::resources::{
+    ROLE_FEDERATION, ROLE_LABEL, SHARD_UID, restricted_container_security,
+};
 use crate::{Error, Result};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile,
-    SecurityContext,
+    Container, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -76,18 +77,7 @@ pub fn job(fr: &FederationRound, round_id: &str, endpoints: &[String], image: &s
         args: Some(args(fr, round_id, endpoints)),
         termination_message_path: Some(SUMMARY_FILE.into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(SHARD_UID),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(restricted_container_security(SHARD_UID)),
         ..Default::default()
     };
     Ok(Job {

@@ -268,7 +268,8 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-fn restricted_container_security(uid: i64) -> SecurityContext {
+/// Non-root, read-only root filesystem, no privilege escalation, no capabilities.
+pub fn restricted_container_security(uid: i64) -> SecurityContext {
     SecurityContext {
         run_as_non_root: Some(true),
         run_as_user: Some(uid),
