@@ -112,6 +112,13 @@ async fn kubectl_applies_the_crds_and_every_example() {
         .await;
     assert_eq!(sps, "100");
 
+    // The scale subresource moves the replica floor; CEL keeps it under the ceiling.
+    k.ok(&["scale", "shd", "eu-west-1", "--replicas=12"]).await;
+    let min = k.ok(&["get", "shd", "eu-west-1", "-o", "jsonpath={.spec.replicas.min}"]).await;
+    assert_eq!(min, "12");
+    let err = k.fails(&["scale", "shd", "dev", "--replicas=2"], "").await;
+    assert!(err.contains("replicas.min must not exceed replicas.max"), "{err}");
+
     // Invalid specs are refused with clear messages (schema and CEL).
     let bad = |spec: &str| {
         format!(
@@ -130,6 +137,7 @@ async fn kubectl_applies_the_crds_and_every_example() {
             "  shardId: 2\n  postgres: {mode: external}\n",
             "postgres.externalSecretRef is required when mode is external",
         ),
+        ("  shardId: 2\n  replica: {min: 1}\n", "unknown field \"spec.replica\""),
     ];
     for (spec, message) in cases {
         let err = k.fails(&["apply", "-f", "-"], &bad(spec)).await;

@@ -43,6 +43,7 @@ async fn shard_lifecycle_create_ready_scale_delete() {
     install_crds(&fake);
     namespace(&fake, "tv");
     let stats = Stats::start(&fake).await;
+    foreign_crd(&fake, "monitoring.coreos.com", "ServiceMonitor", "servicemonitors");
     let op = start_operator(&fake, None, "op-a");
     let shards: Api<Shard> = Api::namespaced(fake.client(), "tv");
     shards.create(&PostParams::default(), &shard("eu1", 1, json!({}))).await.unwrap();
@@ -69,6 +70,9 @@ async fn shard_lifecycle_create_ready_scale_delete() {
             .unwrap_or_else(|| panic!("{plural}/{name} missing"));
         assert_eq!(o["metadata"]["ownerReferences"][0]["kind"], json!("Shard"), "{plural}/{name}");
     }
+    let monitor =
+        fake.get("monitoring.coreos.com", "servicemonitors", "tv", "eu1").expect("ServiceMonitor");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], json!("metrics"));
     let password =
         fake.get("", "secrets", "tv", "eu1-postgres").unwrap()["data"]["password"].clone();
     // Stats are read from the pods: 1 pod × 40 active devices.
@@ -403,4 +407,147 @@ async fn leader_election_lets_one_replica_work() {
     })
     .await;
     b.abort();
+}
+
+#[tokio::test]
+async fn scheduled_round_spawns_children_and_keeps_history() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, None, "op-f");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    shards.create(&PostParams::default(), &shard("s1", 30, json!({}))).await.unwrap();
+    running(&fake, "default", "s1").await;
+    // Created (as far as the schedule knows) ten minutes ago: a run is due now.
+    let created = (chrono::Utc::now() - chrono::Duration::minutes(10))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let rounds: Api<FederationRound> = Api::namespaced(fake.client(), "default");
+    let fr: FederationRound = serde_json::from_value(json!({
+        "apiVersion": "omega.exogenesis.io/v1alpha1", "kind": "FederationRound",
+        "metadata": {"name": "every-minute", "annotations": {crate::fake::store::BACKDATE: created}},
+        "spec": {"schedule": "* * * * *", "historyLimit": 1},
+    }))
+    .unwrap();
+    rounds.create(&PostParams::default(), &fr).await.unwrap();
+
+    let parent = fake
+        .wait_for(20, "parent Scheduled with a child", |f| {
+            let p = f.get("omega.exogenesis.io", "federationrounds", "default", "every-minute")?;
+            (p["status"]["phase"] == json!("Scheduled")
+                && p["status"]["lastScheduleTime"].is_string())
+            .then_some(p)
+        })
+        .await;
+    assert!(parent["status"]["nextScheduleTime"].is_string());
+    let children: Vec<Value> = fake
+        .list("omega.exogenesis.io", "federationrounds", "default")
+        .into_iter()
+        .filter(|r| r["metadata"]["labels"]["omega.exogenesis.io/parent"] == json!("every-minute"))
+        .collect();
+    assert_eq!(children.len(), 1, "only the latest missed run is made");
+    let child = &children[0];
+    assert_eq!(child["metadata"]["ownerReferences"][0]["name"], json!("every-minute"));
+    assert!(child["spec"]["schedule"].is_null(), "children do not schedule");
+    let name = child["metadata"]["name"].as_str().unwrap().to_string();
+    fake.wait_for(30, "child Succeeded", |f| {
+        (f.get("omega.exogenesis.io", "federationrounds", "default", &name)?["status"]["phase"]
+            == json!("Succeeded"))
+        .then_some(())
+    })
+    .await;
+    assert!(events_for(&fake, "default", "every-minute").iter().any(|(_, r)| r == "RoundSpawned"));
+    // Deleting the parent collects its children (owner references).
+    rounds.delete("every-minute", &DeleteParams::default()).await.unwrap();
+    fake.wait_for(10, "children collected", |f| {
+        f.list("omega.exogenesis.io", "federationrounds", "default").is_empty().then_some(())
+    })
+    .await;
+    op.abort();
+}
+
+#[tokio::test]
+async fn fake_api_server_semantics() {
+    use futures::{StreamExt, TryStreamExt};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
+    let fake = Fake::start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(fake.client(), "default");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "a"}, "data": {"k": "1"}})).unwrap();
+    let created = cms.create(&PostParams::default(), &cm).await.unwrap();
+    let rv0 = created.metadata.resource_version.clone().unwrap();
+
+    // Watch from the create's resourceVersion sees later writes.
+    let mut events = cms.watch(&WatchParams::default(), &rv0).await.unwrap().boxed();
+
+    // resourceVersion moves on every write; a stale replace is a 409.
+    let mut updated = created.clone();
+    updated.data = Some([("k".to_string(), "2".to_string())].into());
+    let after = cms.replace("a", &PostParams::default(), &updated).await.unwrap();
+    assert_ne!(after.metadata.resource_version, created.metadata.resource_version);
+    match cms.replace("a", &PostParams::default(), &updated).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 409),
+        other => panic!("stale replace: {other:?}"),
+    }
+    // Creating twice is a 409 too; a missing object a 404.
+    assert!(
+        matches!(cms.create(&PostParams::default(), &cm).await, Err(kube::Error::Api(s)) if s.code == 409)
+    );
+    assert!(matches!(cms.get("nope").await, Err(kube::Error::Api(s)) if s.code == 404));
+
+    // Server-side apply merges with what other managers set; re-applying the same is a no-op.
+    let pp = PatchParams::apply("me").force();
+    let applied = cms
+        .patch(
+            "a",
+            &pp,
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"x": "y"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.data.as_ref().unwrap().get("k").map(String::as_str), Some("2"));
+    let again = cms
+        .patch(
+            "a",
+            &pp,
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"x": "y"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.metadata.resource_version, applied.metadata.resource_version);
+
+    let first = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first, WatchEvent::Modified(_)), "{first:?}");
+
+    // Owner-reference garbage collection.
+    let owner_uid = after.metadata.uid.clone().unwrap();
+    let dep: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "b", "ownerReferences": [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "a", "uid": owner_uid}]}}))
+        .unwrap();
+    cms.create(&PostParams::default(), &dep).await.unwrap();
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    assert!(
+        matches!(cms.get("b").await, Err(kube::Error::Api(s)) if s.code == 404),
+        "dependent collected"
+    );
+
+    // Finalizers hold deletion until removed.
+    let held: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "c", "finalizers": ["x/y"]}})).unwrap();
+    cms.create(&PostParams::default(), &held).await.unwrap();
+    cms.delete("c", &DeleteParams::default()).await.unwrap();
+    assert!(cms.get("c").await.unwrap().metadata.deletion_timestamp.is_some());
+    cms.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(cms.get("c").await, Err(kube::Error::Api(s)) if s.code == 404));
 }

@@ -413,6 +413,22 @@ pub async fn handle(
         });
     }
     let t = target.rtype.clone();
+    if q.get("fieldValidation").map(String::as_str) == Some("Strict")
+        && matches!(method, Method::POST | Method::PUT | Method::PATCH)
+        && target.sub.is_empty()
+        && let Some(schema) = &t.schema
+    {
+        let unknown = super::schema::unknown_fields(schema, &body);
+        if !unknown.is_empty() {
+            let list: Vec<String> =
+                unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
+            return error(ApiError::new(
+                400,
+                "BadRequest",
+                format!("strict decoding error: {}", list.join(", ")),
+            ));
+        }
+    }
     let wants_table =
         headers.get("accept").and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("as=Table"));
     let result = match (&method, &target.name) {

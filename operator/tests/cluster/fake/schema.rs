@@ -169,3 +169,40 @@ pub fn cel(schema: &Value, obj: &Value, old: Option<&Value>) -> Vec<String> {
         Err(errs) => errs.iter().map(|e| e.to_string()).collect(),
     }
 }
+
+/// Fields of `obj` the schema does not know (what `fieldValidation=Strict` refuses).
+pub fn unknown_fields(schema: &Value, obj: &Value) -> Vec<String> {
+    let mut out = vec![];
+    unknown(schema, obj, "", &mut out, true);
+    out
+}
+
+fn unknown(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>, root: bool) {
+    if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
+        return;
+    }
+    match v {
+        Value::Object(map) => {
+            let props = schema.get("properties").and_then(|p| p.as_object());
+            let add = schema.get("additionalProperties").filter(|a| a.is_object());
+            for (k, child) in map {
+                if root && matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                match (props.and_then(|p| p.get(k)), add) {
+                    (Some(s), _) | (None, Some(s)) => unknown(s, child, &join(path, k), out, false),
+                    (None, None) if props.is_some() => out.push(join(path, k)),
+                    (None, None) => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                for (i, child) in items.iter().enumerate() {
+                    unknown(s, child, &format!("{path}[{i}]"), out, false);
+                }
+            }
+        }
+        _ => {}
+    }
+}

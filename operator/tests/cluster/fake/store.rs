@@ -89,6 +89,9 @@ pub struct Store {
     uid: u64,
 }
 
+/// Annotation with which a test backdates an object's creationTimestamp.
+pub const BACKDATE: &str = "fake.omega.test/creation-timestamp";
+
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
@@ -217,7 +220,9 @@ impl Store {
         let rv = self.bump();
         let meta = &mut obj["metadata"];
         meta["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.uid));
-        meta["creationTimestamp"] = json!(now());
+        // Tests may backdate an object (a real API server ignores client timestamps).
+        let created = meta["annotations"][BACKDATE].as_str().map_or_else(now, String::from);
+        meta["creationTimestamp"] = json!(created);
         meta["resourceVersion"] = json!(rv.to_string());
         if t.has_generation() {
             meta["generation"] = json!(1);
