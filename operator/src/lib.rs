@@ -35,12 +35,12 @@ pub enum Error {
     /// A spec passed the schema but cannot be satisfied (missing Secret, missing CRD, bad cron).
     #[error("unsatisfiable spec: {0}")]
     Unsatisfiable(String),
-    /// A shard pod's `/api/v1/stats` could not be read.
-    #[error("pod stats: {0}")]
-    Stats(String),
     /// An object lacks a field the API server always sets (namespace, uid…).
     #[error("object is missing {0}")]
     MissingField(&'static str),
+    /// The operator process itself cannot go on (cannot listen, lost its leader Lease).
+    #[error("operator runtime: {0}")]
+    Runtime(String),
 }
 
 impl Error {
@@ -50,8 +50,8 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Serde(_) => "serde",
             Error::Unsatisfiable(_) => "unsatisfiable",
-            Error::Stats(_) => "stats",
             Error::MissingField(_) => "missing_field",
+            Error::Runtime(_) => "runtime",
         }
     }
 }
@@ -68,8 +68,8 @@ mod tests {
         let labels = [
             Error::Serde(serde_json::from_str::<u8>("x").unwrap_err()).metric_label(),
             Error::Unsatisfiable("x".into()).metric_label(),
-            Error::Stats("x".into()).metric_label(),
             Error::MissingField("uid").metric_label(),
+            Error::Runtime("x".into()).metric_label(),
         ];
         let unique: std::collections::BTreeSet<_> = labels.iter().collect();
         assert_eq!(unique.len(), labels.len());

@@ -110,7 +110,7 @@ pub async fn run(client: Client, opts: Options) -> Result<()> {
         .with_state(Http { metrics: metrics.clone(), ready: ready.clone() });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
-        .map_err(|e| Error::Unsatisfiable(format!("cannot listen on {}: {e}", opts.listen)))?;
+        .map_err(|e| Error::Runtime(format!("cannot listen on {}: {e}", opts.listen)))?;
     info!(addr = %opts.listen, "serving /metrics, /health and /ready");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -197,5 +197,5 @@ pub async fn run(client: Client, opts: Options) -> Result<()> {
     {
         warn!(error = %e, "releasing the leader Lease");
     }
-    if lost { Err(Error::Unsatisfiable("lost leadership".into())) } else { Ok(()) }
+    if lost { Err(Error::Runtime("lost the leader Lease".into())) } else { Ok(()) }
 }

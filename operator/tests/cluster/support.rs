@@ -124,7 +124,7 @@ pub fn start_operator(
             lease: LeaseConfig {
                 name: "omega-operator".into(),
                 identity: identity.into(),
-                lease_duration: Duration::from_secs(3),
+                lease_duration: Duration::from_secs(6),
                 renew_every: Duration::from_secs(1),
             },
         }),

@@ -124,6 +124,8 @@ impl Fake {
         what: &str,
         mut check: impl FnMut(&Fake) -> Option<T>,
     ) -> T {
+        // Generous under load (CI shares two cores with other test binaries); quick when it works.
+        let secs = secs.max(60);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
             if let Some(v) = check(self) {
