@@ -970,6 +970,38 @@ mod tests {
     }
 
     #[test]
+    fn generated_objects_round_trip_as_their_typed_objects() {
+        use kube::api::DynamicObject;
+        fn round_trip<
+            T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+        >(
+            o: &T,
+        ) {
+            let v = serde_json::to_value(o).unwrap();
+            assert!(v["apiVersion"].is_string() && v["kind"].is_string(), "{v}");
+            assert_eq!(&serde_json::from_value::<T>(v).unwrap(), o);
+        }
+        for mode in [PostgresMode::Managed, PostgresMode::Cloudnativepg, PostgresMode::External] {
+            let s = shard(mode);
+            let cx = Ctx::of(&s).unwrap();
+            round_trip(&constellation(&s, &cx, 2, &database(&s, &cx), "t"));
+            round_trip(&postgres_statefulset(&s, &cx));
+            round_trip(&postgres_service(&cx));
+            round_trip(&disruption_budget(&cx));
+            round_trip(&secret(&cx, "x", postgres_secret_data(&cx, "pw"), true));
+            services(&s, &cx).iter().for_each(round_trip);
+            network_policies(&s, &cx).iter().for_each(round_trip);
+            for v in [cnpg_cluster(&s, &cx), service_monitor(&cx)] {
+                let d: DynamicObject = serde_json::from_value(v.clone()).unwrap();
+                assert_eq!(d.metadata.owner_references.unwrap()[0].uid, "uid-1");
+                assert!(
+                    v["apiVersion"].is_string() && v["kind"].is_string() && v["spec"].is_object()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn endpoints_follow_the_architecture_contract() {
         let s = shard(PostgresMode::Managed);
         let cx = Ctx::of(&s).unwrap();

@@ -96,6 +96,15 @@ async fn shard_lifecycle_create_ready_scale_delete() {
         json!(3)
     );
     assert!(events_for(&fake, "tv", "eu1").iter().any(|(t, r)| t == "Normal" && r == "ScaledUp"));
+
+    // Load falls: back to one server (down at most max(50 %, 2 pods) per minute).
+    stats.set(20.0, 100);
+    fake.wait_for(20, "scale down to 1", |f| {
+        (f.get("omega.exogenesis.io", "shards", "tv", "eu1")?["status"]["replicas"] == json!(1))
+            .then_some(())
+    })
+    .await;
+    assert!(events_for(&fake, "tv", "eu1").iter().any(|(_, r)| r == "ScaledDown"));
     assert_eq!(
         fake.get("", "secrets", "tv", "eu1-postgres").unwrap()["data"]["password"],
         password,
