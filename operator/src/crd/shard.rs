@@ -261,7 +261,7 @@ impl DeviceServiceType {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ShardStatus {
-    /// `Pending`, `Provisioning`, `Running`, `Degraded` or `Terminating`.
+    /// `Provisioning`, `Running`, `Degraded` or `Terminating`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<ShardPhase>,
     /// `Ready`, `Progressing`, `Degraded`.
@@ -296,11 +296,9 @@ pub struct ShardStatus {
 /// Lifecycle phase of a shard.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShardPhase {
-    /// Seen, nothing created yet.
-    Pending,
     /// Objects created, servers or database not ready yet.
     Provisioning,
-    /// Every wanted server is ready.
+    /// Servers are serving (the Ready condition says whether all wanted ones are).
     Running,
     /// The spec cannot be satisfied as it stands; see the Degraded condition.
     Degraded,
