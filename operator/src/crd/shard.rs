@@ -153,10 +153,12 @@ pub struct PostgresSpec {
     /// StorageClass of the volumes; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class: Option<String>,
-    /// A pgvector-enabled Postgres image.
-    #[serde(default = "default_pg_image")]
+    /// Postgres image: a pgvector-enabled image for `managed` (default
+    /// `pgvector/pgvector:pg16`), a CloudNativePG operand image for `cloudnativepg` (default
+    /// `ghcr.io/cloudnative-pg/postgresql:16`, which ships pgvector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
-    pub image: String,
+    pub image: Option<String>,
     /// Secret holding the connection URI, for `external`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_secret_ref: Option<SecretKeyRef>,
@@ -172,7 +174,7 @@ impl Default for PostgresSpec {
             instances: default_instances(),
             storage: default_storage(),
             storage_class: None,
-            image: default_pg_image(),
+            image: None,
             external_secret_ref: None,
             volume_policy: VolumePolicy::default(),
         }
@@ -374,9 +376,6 @@ fn default_instances() -> i32 {
 }
 fn default_storage() -> String {
     "10Gi".into()
-}
-fn default_pg_image() -> String {
-    "pgvector/pgvector:pg16".into()
 }
 fn default_uri_key() -> String {
     "uri".into()

@@ -58,6 +58,10 @@ pub const ROLE_FEDERATION: &str = "federation";
 pub const OPERATOR_POD_LABEL: (&str, &str) = ("app.kubernetes.io/name", "omega-operator");
 /// UID/GID of the shard server (distroless `nonroot`).
 pub const SHARD_UID: i64 = 65532;
+/// Default image of `managed` Postgres.
+pub const PGVECTOR_IMAGE: &str = "pgvector/pgvector:pg16";
+/// Default operand image of `cloudnativepg` (includes pgvector).
+pub const CNPG_IMAGE: &str = "ghcr.io/cloudnative-pg/postgresql:16";
 /// UID/GID of `postgres` in the official (and pgvector) images.
 pub const POSTGRES_UID: i64 = 999;
 
@@ -681,7 +685,7 @@ pub fn postgres_statefulset(shard: &Shard, cx: &Ctx) -> StatefulSet {
                 spec: Some(PodSpec {
                     containers: vec![Container {
                         name: "postgres".into(),
-                        image: Some(pg.image.clone()),
+                        image: Some(pg.image.clone().unwrap_or_else(|| PGVECTOR_IMAGE.into())),
                         env: Some(vec![
                             secret_env("POSTGRES_USER", secret, "username"),
                             secret_env("POSTGRES_PASSWORD", secret, "password"),
@@ -748,7 +752,7 @@ pub fn cnpg_cluster(shard: &Shard, cx: &Ctx) -> Value {
         "metadata": cx.meta(&cx.names.postgres, "postgres"),
         "spec": {
             "instances": pg.instances,
-            "imageName": pg.image,
+            "imageName": pg.image.clone().unwrap_or_else(|| CNPG_IMAGE.into()),
             "storage": storage,
             "bootstrap": { "initdb": {
                 "database": PG_DATABASE,
@@ -999,6 +1003,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn postgres_images_default_by_mode() {
+        let managed = shard(PostgresMode::Managed);
+        let cx = Ctx::of(&managed).unwrap();
+        let sts = postgres_statefulset(&managed, &cx);
+        assert_eq!(container(&sts).image.as_deref(), Some(PGVECTOR_IMAGE));
+        let cnpg = shard(PostgresMode::Cloudnativepg);
+        assert_eq!(cnpg_cluster(&cnpg, &cx)["spec"]["imageName"], CNPG_IMAGE);
+        let mut custom = cnpg.clone();
+        custom.spec.postgres.image = Some("registry.local/pg:16".into());
+        assert_eq!(cnpg_cluster(&custom, &cx)["spec"]["imageName"], "registry.local/pg:16");
     }
 
     #[test]
