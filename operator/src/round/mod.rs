@@ -164,11 +164,24 @@ async fn one_round(fr: &FederationRound, ctx: &Context) -> Result<Action> {
                 .iter()
                 .filter_map(|s| s.status.as_ref()?.endpoints.as_ref().map(|e| e.admin.clone()))
                 .collect();
-            let image = fr.spec.image.clone().unwrap_or_else(|| ready[0].spec.image.clone());
+            let image = fr
+                .spec
+                .image
+                .clone()
+                .or_else(|| ready.first().map(|s| s.spec.image.clone()))
+                .ok_or_else(|| {
+                    Error::Unsatisfiable("no ready shard to take the image from".into())
+                })?;
             apply(&jobs, &job::job(fr, &id, &endpoints, &image)?).await?;
             next.round_id = Some(id);
             next.job_name = Some(job_name);
             next.shards = endpoints;
+            next.started_at = Some(Time(now));
+        }
+        // A Job found without a record of it (status write lost): record what is known.
+        state::Action::None if step.phase == RoundPhase::Running && next.job_name.is_none() => {
+            next.round_id = Some(job::round_id(fr));
+            next.job_name = Some(job_name);
             next.started_at = Some(Time(now));
         }
         state::Action::None => {}
