@@ -355,6 +355,16 @@ fn chart_lints_renders_and_grants_what_the_operator_uses() {
         "no wildcards"
     );
 
+    // values.schema.json refuses bad values with the path and the constraint.
+    let bad = std::process::Command::new("python3")
+        .arg(repo().join("charts/omega/ci/render.py"))
+        .arg(repo().join("charts/omega"))
+        .arg(json!({"logFormat": "xml"}).to_string())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("'/logFormat': value must be one of"), "{err}");
+
     // Namespace-scoped install: a Role in the watched namespace instead of a ClusterRole.
     let scoped =
         render(json!({"watchNamespace": "tv", "serviceMonitor": {"enabled": true}})).unwrap();
