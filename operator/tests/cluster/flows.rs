@@ -560,3 +560,46 @@ async fn fake_api_server_semantics() {
     .unwrap();
     assert!(matches!(cms.get("c").await, Err(kube::Error::Api(s)) if s.code == 404));
 }
+
+#[tokio::test]
+async fn autoscaler_memory_survives_an_operator_restart() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let stats = Stats::start(&fake).await;
+    let first = start_operator(&fake, None, "op-g");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    let spec = json!({"autoscaling": {"scaleUpStabilizationSeconds": 120, "scaleDownStabilizationSeconds": 300}});
+    shards.create(&PostParams::default(), &shard("mem", 40, spec)).await.unwrap();
+    running(&fake, "default", "mem").await;
+    fake.wait_for(20, "recommendation of 1 recorded", |f| {
+        let s = f.get("omega.exogenesis.io", "shards", "default", "mem")?;
+        (s["status"]["autoscaler"]["recommendations"][0]["replicas"] == json!(1)).then_some(())
+    })
+    .await;
+
+    // Load rises: 3 servers recommended, but the 120 s window holds the scale-up.
+    stats.set(300.0, 100);
+    let history = fake
+        .wait_for(20, "recommendation of 3 recorded", |f| {
+            let s = f.get("omega.exogenesis.io", "shards", "default", "mem")?;
+            let recs = s["status"]["autoscaler"]["recommendations"].as_array()?.clone();
+            (recs.last()?["replicas"] == json!(3)).then_some(recs)
+        })
+        .await;
+    assert_eq!(history[0]["replicas"], json!(1), "the older recommendation is kept: {history:?}");
+
+    // A new leader reads the same memory and keeps holding.
+    first.abort();
+    fake.store.lock().unwrap().objects.retain(|k, _| k.plural != "leases");
+    let second = start_operator(&fake, None, "op-h");
+    fake.wait_for(20, "new leader", |f| {
+        let l = f.get("coordination.k8s.io", "leases", "default", "omega-operator")?;
+        (l["spec"]["holderIdentity"] == json!("op-h")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = fake.get("omega.exogenesis.io", "shards", "default", "mem").unwrap();
+    assert_eq!(s["status"]["replicas"], json!(1), "still stabilising after the restart");
+    assert_eq!(s["status"]["autoscaler"]["recommendations"][0], history[0]);
+    second.abort();
+}
