@@ -7,8 +7,8 @@
 //! 4. remove the finalizer; owner references garbage-collect the rest.
 
 use super::resources::{self, Ctx};
-use super::{CONTROLLER, delete_if_present, key};
-use crate::apply::{apply, apply_finalizers, apply_status, dynamic_api, served};
+use super::{CONTROLLER, key};
+use crate::apply::{apply, apply_finalizers, apply_status, delete_if_present, dynamic_api, served};
 use crate::context::Context;
 use crate::crd::{PostgresMode, Shard, ShardPhase, VolumePolicy};
 use crate::{Result, SHARD_FINALIZER};

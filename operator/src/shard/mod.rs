@@ -8,10 +8,10 @@ pub mod resources;
 pub mod stats;
 pub mod status;
 
-use crate::apply::{self, apply, apply_finalizers, apply_status, apply_value, dynamic_api, served};
+use crate::apply::{apply, apply_finalizers, apply_status, apply_value, dynamic_api, served};
 use crate::conditions;
 use crate::context::Context;
-use crate::crd::{AutoscalerState, PostgresMode, Shard, ShardEndpoints, ShardPhase, ShardStatus};
+use crate::crd::{PostgresMode, Shard, ShardEndpoints, ShardPhase, ShardStatus};
 use crate::{Error, Result, SHARD_FINALIZER};
 use autoscale::PodLoad;
 use futures::StreamExt;
@@ -88,8 +88,7 @@ pub async fn reconcile(shard: Arc<Shard>, ctx: Arc<Context>) -> Result<Action> {
     if !shard.finalizers().iter().any(|f| f == SHARD_FINALIZER) {
         apply_finalizers(&shards, &shard.name_any(), &[SHARD_FINALIZER]).await?;
     }
-    let action = converge(&shard, &ctx, &ns).await?;
-    Ok(action)
+    converge(&shard, &ctx, &ns).await
 }
 
 /// Applies everything and writes status; returns when to look again.
@@ -230,7 +229,7 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
             rest: cx.rest_endpoint(),
         }),
         selector: Some(cx.selector_string("constellation")),
-        autoscaler: Some(AutoscalerState { ..autoscaler }),
+        autoscaler: Some(autoscaler),
     };
     publish_transitions(ctx, &reference, &previous, &next).await;
     if next != previous {
@@ -370,6 +369,3 @@ async fn existing_or_new(secrets: &Api<Secret>, name: &str, key: &str) -> Result
 fn random(len: usize) -> String {
     rand::rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
 }
-
-/// Shard objects live in the apiserver; `apply` here only re-exports for the cleanup module.
-pub(crate) use apply::delete_if_present;
