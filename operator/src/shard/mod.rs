@@ -4,6 +4,7 @@
 
 pub mod autoscale;
 mod cleanup;
+pub mod postgres;
 pub mod resources;
 pub mod stats;
 pub mod status;
@@ -173,7 +174,7 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
     };
 
     if blocked.is_none() {
-        let db = resources::database(shard, &cx);
+        let db = postgres::database(shard, &cx);
         let sts = resources::constellation(shard, &cx, replicas, &db, &cx.names.device_token);
         apply(&sets, &sts).await?;
         let services: Api<Service> = Api::namespaced(client.clone(), ns);
@@ -301,18 +302,15 @@ async fn database(
                 &resources::secret(
                     cx,
                     &cx.names.postgres_secret,
-                    resources::postgres_secret_data(cx, &password),
+                    postgres::postgres_secret_data(cx, &password),
                     true,
                 ),
             )
             .await?;
-            apply(
-                &Api::<Service>::namespaced(client.clone(), ns),
-                &resources::postgres_service(cx),
-            )
-            .await?;
+            apply(&Api::<Service>::namespaced(client.clone(), ns), &postgres::postgres_service(cx))
+                .await?;
             let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-            let sts = apply(&sets, &resources::postgres_statefulset(shard, cx)).await?;
+            let sts = apply(&sets, &postgres::postgres_statefulset(shard, cx)).await?;
             let ready = sts.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) >= 1;
             let note = (pg.instances > 1).then(|| {
                 format!("managed Postgres runs 1 instance ({} requested: use mode cloudnativepg for replicas)", pg.instances)
@@ -331,7 +329,7 @@ async fn database(
                 ));
             }
             let api = dynamic_api(client, ns, "postgresql.cnpg.io", "v1", "Cluster", "clusters");
-            let cluster = apply_value(&api, &resources::cnpg_cluster(shard, cx)).await?;
+            let cluster = apply_value(&api, &postgres::cnpg_cluster(shard, cx)).await?;
             let ready = cluster.data["status"]["readyInstances"].as_i64().unwrap_or(0) >= 1;
             Ok((None, ready, None))
         }

@@ -8,26 +8,22 @@
 //! - `s-device-token` — Secret with `OMEGA_DEVICE_SECRET`
 //! - `s-postgres` — database (StatefulSet + headless Service + password Secret, or CNPG Cluster)
 
-use crate::crd::{DeviceServiceType, PostgresMode, Shard, VolumePolicy};
+use super::postgres::Database;
+use crate::crd::{DeviceServiceType, PostgresMode, Shard};
 use crate::{Error, Result};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::{
-    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
-};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ExecAction, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
-    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
-    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
-    TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    HTTPGetAction, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service, ServicePort,
+    ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -120,7 +116,7 @@ impl Ctx {
         })
     }
 
-    fn meta(&self, name: &str, component: &str) -> ObjectMeta {
+    pub(super) fn meta(&self, name: &str, component: &str) -> ObjectMeta {
         ObjectMeta {
             name: Some(name.to_string()),
             namespace: Some(self.namespace.clone()),
@@ -158,7 +154,7 @@ impl Ctx {
             .join(",")
     }
 
-    fn svc_host(&self, name: &str) -> String {
+    pub(super) fn svc_host(&self, name: &str) -> String {
         format!("{name}.{}.svc", self.namespace)
     }
 
@@ -176,59 +172,15 @@ impl Ctx {
     }
 }
 
-/// Where the servers find their database.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Database {
-    /// `DATABASE_URL`.
-    pub url: SecretKeySelector,
-    /// Extra env that builds `DATABASE_READ_URLS` (CNPG read-only service).
-    pub read_env: Vec<EnvVar>,
-}
-
-/// The database wiring of a spec.
-pub fn database(shard: &Shard, cx: &Ctx) -> Database {
-    let pg = &shard.spec.postgres;
-    match pg.mode {
-        PostgresMode::Managed => {
-            Database { url: key_ref(&cx.names.postgres_secret, "uri"), read_env: vec![] }
-        }
-        PostgresMode::Cloudnativepg => {
-            // CloudNativePG writes `<cluster>-app` with username, password and uri.
-            let app = format!("{}-app", cx.names.postgres);
-            let host = cx.svc_host(&format!("{}-ro", cx.names.postgres));
-            Database {
-                url: key_ref(&app, "uri"),
-                read_env: vec![
-                    secret_env("PG_RO_USER", &app, "username"),
-                    secret_env("PG_RO_PASSWORD", &app, "password"),
-                    env(
-                        "DATABASE_READ_URLS",
-                        &format!(
-                            "postgres://$(PG_RO_USER):$(PG_RO_PASSWORD)@{host}:{PG_PORT}/{PG_DATABASE}"
-                        ),
-                    ),
-                ],
-            }
-        }
-        PostgresMode::External => {
-            let r = pg.external_secret_ref.clone().unwrap_or_else(|| crate::crd::SecretKeyRef {
-                name: String::new(),
-                key: "uri".into(),
-            });
-            Database { url: key_ref(&r.name, &r.key), read_env: vec![] }
-        }
-    }
-}
-
-fn key_ref(name: &str, key: &str) -> SecretKeySelector {
+pub(super) fn key_ref(name: &str, key: &str) -> SecretKeySelector {
     SecretKeySelector { name: name.to_string(), key: key.to_string(), optional: None }
 }
 
-fn env(name: &str, value: &str) -> EnvVar {
+pub(super) fn env(name: &str, value: &str) -> EnvVar {
     EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
 }
 
-fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+pub(super) fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: None,
@@ -239,7 +191,7 @@ fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-fn named_port(name: &str, port: i32) -> ContainerPort {
+pub(super) fn named_port(name: &str, port: i32) -> ContainerPort {
     ContainerPort {
         name: Some(name.into()),
         container_port: port,
@@ -248,7 +200,7 @@ fn named_port(name: &str, port: i32) -> ContainerPort {
     }
 }
 
-fn service_port(name: &str, port: i32) -> ServicePort {
+pub(super) fn service_port(name: &str, port: i32) -> ServicePort {
     ServicePort {
         name: Some(name.into()),
         port,
@@ -289,7 +241,7 @@ pub fn restricted_container_security(uid: i64) -> SecurityContext {
     }
 }
 
-fn pod_security(uid: i64) -> PodSecurityContext {
+pub(super) fn pod_security(uid: i64) -> PodSecurityContext {
     PodSecurityContext {
         run_as_non_root: Some(true),
         run_as_user: Some(uid),
@@ -303,7 +255,7 @@ fn pod_security(uid: i64) -> PodSecurityContext {
     }
 }
 
-fn empty_dir(name: &str) -> Volume {
+pub(super) fn empty_dir(name: &str) -> Volume {
     Volume {
         name: name.into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -311,7 +263,7 @@ fn empty_dir(name: &str) -> Volume {
     }
 }
 
-fn mount(name: &str, path: &str) -> VolumeMount {
+pub(super) fn mount(name: &str, path: &str) -> VolumeMount {
     VolumeMount { name: name.into(), mount_path: path.into(), ..Default::default() }
 }
 
@@ -606,163 +558,6 @@ pub fn secret(cx: &Ctx, name: &str, data: BTreeMap<String, ByteString>, owned: b
     Secret { metadata, data: Some(data), type_: Some("Opaque".into()), ..Default::default() }
 }
 
-/// Data of the managed database Secret for a password.
-pub fn postgres_secret_data(cx: &Ctx, password: &str) -> BTreeMap<String, ByteString> {
-    let host = cx.svc_host(&cx.names.postgres);
-    let uri = format!("postgres://{PG_DATABASE}:{password}@{host}:{PG_PORT}/{PG_DATABASE}");
-    [
-        ("username", PG_DATABASE),
-        ("password", password),
-        ("database", PG_DATABASE),
-        ("host", &host),
-        ("uri", &uri),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-    .collect()
-}
-
-/// Headless Service of the managed database.
-pub fn postgres_service(cx: &Ctx) -> Service {
-    Service {
-        metadata: cx.meta(&cx.names.postgres, "postgres"),
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("None".into()),
-            selector: Some(cx.selector("postgres")),
-            ports: Some(vec![service_port("postgres", PG_PORT)]),
-            ..Default::default()
-        }),
-        status: None,
-    }
-}
-
-/// The managed database: one pgvector Postgres with a volume claim template.
-pub fn postgres_statefulset(shard: &Shard, cx: &Ctx) -> StatefulSet {
-    let pg = &shard.spec.postgres;
-    let secret = &cx.names.postgres_secret;
-    let ready = Probe {
-        exec: Some(ExecAction {
-            command: Some(vec![
-                "pg_isready".into(),
-                "-U".into(),
-                PG_DATABASE.into(),
-                "-d".into(),
-                PG_DATABASE.into(),
-            ]),
-        }),
-        period_seconds: Some(5),
-        timeout_seconds: Some(3),
-        failure_threshold: Some(3),
-        ..Default::default()
-    };
-    let retention = match pg.volume_policy {
-        VolumePolicy::Retain => "Retain",
-        VolumePolicy::Delete => "Delete",
-    };
-    let mut storage = BTreeMap::new();
-    storage.insert("storage".to_string(), Quantity(pg.storage.clone()));
-    StatefulSet {
-        metadata: cx.meta(&cx.names.postgres, "postgres"),
-        spec: Some(StatefulSetSpec {
-            // One primary: replication is CloudNativePG's job (see `postgres.mode`).
-            replicas: Some(1),
-            service_name: Some(cx.names.postgres.clone()),
-            selector: LabelSelector {
-                match_labels: Some(cx.selector("postgres")),
-                match_expressions: None,
-            },
-            persistent_volume_claim_retention_policy: Some(
-                StatefulSetPersistentVolumeClaimRetentionPolicy {
-                    when_deleted: Some(retention.into()),
-                    when_scaled: Some("Retain".into()),
-                },
-            ),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(cx.labels("postgres")),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![Container {
-                        name: "postgres".into(),
-                        image: Some(pg.image.clone().unwrap_or_else(|| PGVECTOR_IMAGE.into())),
-                        env: Some(vec![
-                            secret_env("POSTGRES_USER", secret, "username"),
-                            secret_env("POSTGRES_PASSWORD", secret, "password"),
-                            secret_env("POSTGRES_DB", secret, "database"),
-                            env("PGDATA", "/var/lib/postgresql/data/pgdata"),
-                        ]),
-                        ports: Some(vec![named_port("postgres", PG_PORT)]),
-                        readiness_probe: Some(ready.clone()),
-                        liveness_probe: Some(Probe {
-                            period_seconds: Some(15),
-                            failure_threshold: Some(4),
-                            ..ready.clone()
-                        }),
-                        startup_probe: Some(Probe { failure_threshold: Some(60), ..ready }),
-                        security_context: Some(restricted_container_security(POSTGRES_UID)),
-                        volume_mounts: Some(vec![
-                            mount("data", "/var/lib/postgresql/data"),
-                            mount("run", "/var/run/postgresql"),
-                            mount("tmp", "/tmp"),
-                        ]),
-                        ..Default::default()
-                    }],
-                    security_context: Some(pod_security(POSTGRES_UID)),
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    termination_grace_period_seconds: Some(60),
-                    volumes: Some(vec![empty_dir("run"), empty_dir("tmp")]),
-                    ..Default::default()
-                }),
-            },
-            volume_claim_templates: Some(vec![PersistentVolumeClaim {
-                metadata: ObjectMeta {
-                    name: Some("data".into()),
-                    labels: Some(cx.labels("postgres")),
-                    ..Default::default()
-                },
-                spec: Some(PersistentVolumeClaimSpec {
-                    access_modes: Some(vec!["ReadWriteOnce".into()]),
-                    storage_class_name: pg.storage_class.clone(),
-                    resources: Some(VolumeResourceRequirements {
-                        requests: Some(storage),
-                        limits: None,
-                    }),
-                    ..Default::default()
-                }),
-                status: None,
-            }]),
-            ..Default::default()
-        }),
-        status: None,
-    }
-}
-
-/// A CloudNativePG `Cluster` (as JSON: the operator does not link CNPG's types).
-pub fn cnpg_cluster(shard: &Shard, cx: &Ctx) -> Value {
-    let pg = &shard.spec.postgres;
-    let mut storage = json!({ "size": pg.storage });
-    if let Some(class) = &pg.storage_class {
-        storage["storageClass"] = json!(class);
-    }
-    json!({
-        "apiVersion": "postgresql.cnpg.io/v1",
-        "kind": "Cluster",
-        "metadata": cx.meta(&cx.names.postgres, "postgres"),
-        "spec": {
-            "instances": pg.instances,
-            "imageName": pg.image.clone().unwrap_or_else(|| CNPG_IMAGE.into()),
-            "storage": storage,
-            "bootstrap": { "initdb": {
-                "database": PG_DATABASE,
-                "owner": PG_DATABASE,
-                "postInitApplicationSQL": ["CREATE EXTENSION IF NOT EXISTS vector"],
-            }},
-        },
-    })
-}
-
 /// A Prometheus Operator `ServiceMonitor` scraping every server's `metrics` port.
 pub fn service_monitor(cx: &Ctx) -> Value {
     json!({
@@ -779,7 +574,8 @@ pub fn service_monitor(cx: &Ctx) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{PostgresSpec, SecretKeyRef, ShardSpec};
+    use crate::crd::{PostgresSpec, SecretKeyRef, ShardSpec, VolumePolicy};
+    use crate::shard::postgres::*;
 
     pub(crate) fn shard(mode: PostgresMode) -> Shard {
         let mut s = Shard::new(
