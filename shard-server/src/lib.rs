@@ -1,1 +1,3 @@
 //! Omega shard server.
+
+pub mod federation;

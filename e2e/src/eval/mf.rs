@@ -220,7 +220,7 @@ pub fn tune(split: &Split, grid: &[MfConfig], max_epochs: usize, check_every: us
         let mut best: Option<Trial> = None;
         for epoch in 1..=max_epochs {
             t.epoch();
-            if epoch % check_every.max(1) == 0 || epoch == max_epochs {
+            if epoch.is_multiple_of(check_every.max(1)) || epoch == max_epochs {
                 let q = evaluate(split, &mut t.mf, opts);
                 if best.as_ref().is_none_or(|b| better(&q, &b.validation)) {
                     best = Some(Trial { config: MfConfig { epochs: epoch, ..cfg }, validation: q });
@@ -312,6 +312,6 @@ mod tests {
         let tuned = tune(&split, &grid, 20, 5);
         assert_eq!(tuned.trials.len(), 2);
         assert_eq!(tuned.best.lr, 0.05);
-        assert!(tuned.best.epochs % 5 == 0 && tuned.best.epochs <= 20);
+        assert!(tuned.best.epochs.is_multiple_of(5) && tuned.best.epochs <= 20);
     }
 }
