@@ -146,11 +146,11 @@ impl ShardAdmin for MemoryShard {
         let mut fail_after = self.fail_after_batches.load(Ordering::Relaxed);
         for (k, chunk) in chunks.into_iter().enumerate() {
             if fail_after == 0 {
-                self.fail_after_batches.store(-1, Ordering::Relaxed);
                 batches.push(Err(Status::unavailable("shard went away")));
+                fail_after = -1;
                 break;
             }
-            fail_after -= 1;
+            fail_after = (fail_after - 1).max(-1);
             let next = chunk.last().map(|(i, _)| *i + 1).unwrap_or(start);
             batches.push(Ok(pb::ExportBatch {
                 patterns: chunk.iter().map(|(_, p)| p.clone()).collect(),
@@ -168,9 +168,8 @@ impl ShardAdmin for MemoryShard {
                 model_id: self.model_id.clone(),
                 last: true,
             }));
-        } else if fail_after >= 0 {
-            self.fail_after_batches.store(fail_after, Ordering::Relaxed);
         }
+        self.fail_after_batches.store(fail_after, Ordering::Relaxed);
         Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
     }
 
