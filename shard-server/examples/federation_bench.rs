@@ -30,7 +30,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let base = unit(&mut rng);
             (0..variants)
                 .map(|_| {
-                    let mut v: Vec<f32> = base.iter().map(|x| x + rng.random_range(-0.02f32..0.02)).collect();
+                    let mut v: Vec<f32> =
+                        base.iter().map(|x| x + rng.random_range(-0.02f32..0.02)).collect();
                     l2_normalize(&mut v);
                     embedding_to_wire(&v)
                 })
@@ -52,7 +53,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 pattern: Some(pb::Pattern {
                     id,
                     content_id: format!("content-{c}"),
-                    embedding: Some(embeddings[c * variants + rng.random_range(0..variants)].clone()),
+                    embedding: Some(
+                        embeddings[c * variants + rng.random_range(0..variants)].clone(),
+                    ),
                     success_rate: rng.random_range(0.8f32..1.0),
                     sample_count: rng.random_range(1..20),
                     context: None,
@@ -75,7 +78,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let summary = run(&args, &metrics).await;
     let secs = t.elapsed().as_secs_f64();
     println!("{}", serde_json::to_string(&summary)?);
-    eprintln!("round over {} patterns: {secs:.2} s ({:.0} patterns/s)", summary.patterns_in, summary.patterns_in as f64 / secs);
+    eprintln!(
+        "round over {} patterns: {secs:.2} s ({:.0} patterns/s)",
+        summary.patterns_in,
+        summary.patterns_in as f64 / secs
+    );
     for r in running {
         r.stop().await;
     }

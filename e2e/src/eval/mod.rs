@@ -16,6 +16,7 @@
 //!   expected metric under a uniformly random order of the tied items, so a constant scorer
 //!   scores like a random one, no better.
 
+pub mod federated;
 pub mod mf;
 pub mod popularity;
 pub mod report;

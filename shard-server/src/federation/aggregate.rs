@@ -14,6 +14,7 @@
 //! is close to a content's audience is then likely to enjoy it even when the content's own
 //! text looks unlike what it watched; `mix = 0` is the plain federated average.
 
+use super::collab::{self, CollabConfig};
 use super::group::Group;
 use super::intake::{Contribution, Intake};
 use super::privacy::{Calibration, gaussian};
@@ -71,6 +72,8 @@ pub struct AggregateConfig {
     pub profile_mix: f32,
     /// Present for a noisy (differentially private) round.
     pub dp: Option<DpRound>,
+    /// Publish collaborative item vectors as the contents' main embeddings (plain rounds).
+    pub collab: Option<CollabConfig>,
 }
 
 /// Noise settings of a DP round.
@@ -205,6 +208,10 @@ pub fn aggregate(
         groups.iter().map(|g| shares(items, g, interests, cfg.profile_mix)).collect();
     let allowed = cfg.dp.map(|dp| top_groups_per_source(&all, dp.max_groups_per_device));
     let mut rng = StdRng::seed_from_u64(cfg.dp.map(|d| d.seed).unwrap_or(0));
+    let collab_vectors = match (cfg.collab, cfg.dp) {
+        (Some(c), None) => collaborative(intake, groups, &all, cfg.min_sources, &c),
+        _ => HashMap::new(),
+    };
     let mut first_of_content: HashMap<u32, ()> = HashMap::new();
     let mut out = Vec::new();
     let mut stats = AggregateStats { groups: groups.len() as u64, ..Default::default() };
@@ -255,7 +262,9 @@ pub fn aggregate(
             }
         };
         let mut embedding = sum;
-        if !l2_normalize(&mut embedding) {
+        if let Some(v) = collab_vectors.get(&gi) {
+            embedding = v.clone();
+        } else if !l2_normalize(&mut embedding) {
             stats.suppressed += 1;
             continue;
         }
@@ -275,6 +284,51 @@ pub fn aggregate(
     }
     out.sort_by_key(|a| a.id);
     (out, stats)
+}
+
+/// Collaborative vectors of the main group of every content that `min_sources` devices back,
+/// keyed by group index (see [`collab`]).
+fn collaborative(
+    intake: &Intake,
+    groups: &[Group],
+    shares: &[Vec<Share>],
+    min_sources: u32,
+    cfg: &CollabConfig,
+) -> HashMap<usize, Vec<f32>> {
+    let mut seen_content = HashMap::new();
+    let mut eligible = Vec::new(); // group indices, one per content
+    for (gi, g) in groups.iter().enumerate() {
+        if seen_content.insert(g.content, ()).is_none() && shares[gi].len() >= min_sources as usize
+        {
+            eligible.push(gi);
+        }
+    }
+    let n = eligible.len();
+    let mut sets: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut anchors = vec![0.0f32; n * EMBEDDING_DIM];
+    for (k, &gi) in eligible.iter().enumerate() {
+        for s in &shares[gi] {
+            sets.entry(s.source).or_default().push(k as u32);
+        }
+        let row = &mut anchors[k * EMBEDDING_DIM..][..EMBEDDING_DIM];
+        for &i in &groups[gi].members {
+            let c = &intake.items[i];
+            let w = c.embedding.scale;
+            row.iter_mut().zip(&c.embedding.values).for_each(|(a, &q)| *a += w * f32::from(q));
+        }
+        l2_normalize(row);
+    }
+    // Sources in a fixed order, so the result does not depend on hashing.
+    let mut by_source: Vec<(u32, Vec<u32>)> = sets.into_iter().collect();
+    by_source.sort_unstable_by_key(|(s, _)| *s);
+    let sets: Vec<Vec<u32>> = by_source.into_iter().map(|(_, v)| v).collect();
+    let vectors = collab::item_vectors(&sets, n, &anchors, cfg, 0x00c0_11ab);
+    eligible
+        .into_iter()
+        .enumerate()
+        .map(|(k, gi)| (gi, vectors[k * EMBEDDING_DIM..][..EMBEDDING_DIM].to_vec()))
+        .filter(|(_, v)| v.iter().any(|x| *x != 0.0))
+        .collect()
 }
 
 /// For DP: each source's `m` heaviest groups (ties by group index).

@@ -1,5 +1,6 @@
 //! The flags of `omega-shard federate` (docs/architecture.md); each is also an env var.
 
+use super::collab::CollabConfig;
 use super::group::DEFAULT_THRESHOLD;
 use super::privacy::DpParams;
 use super::round::{DEFAULT_DP_MAX_GROUPS, DEFAULT_PROFILE_MIX, RoundConfig};
@@ -51,6 +52,13 @@ pub struct FederateArgs {
     /// Weight of the audience's interest vector in published embeddings, [0, 1].
     #[arg(long, env = "PROFILE_MIX", default_value_t = DEFAULT_PROFILE_MIX)]
     pub profile_mix: f32,
+    /// Rank of the collaborative item vectors published as contents' embeddings (0: off,
+    /// publish audience profiles instead).
+    #[arg(long, env = "COLLAB_DIM", default_value_t = CollabConfig::default().dim)]
+    pub collab_dim: usize,
+    /// Ridge strength of the collaborative vectors, relative to the mean content popularity.
+    #[arg(long, env = "COLLAB_LAMBDA", default_value_t = CollabConfig::default().lambda_rel)]
+    pub collab_lambda: f64,
     /// Patterns per export batch asked of each shard.
     #[arg(long, env = "EXPORT_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: u32,
@@ -105,6 +113,8 @@ impl FederateArgs {
             metrics_file: None,
             group_threshold: DEFAULT_THRESHOLD,
             profile_mix: DEFAULT_PROFILE_MIX,
+            collab_dim: CollabConfig::default().dim,
+            collab_lambda: CollabConfig::default().lambda_rel,
             batch_size: 1000,
             timeout_secs: 30,
             attempts: 3,
@@ -139,6 +149,13 @@ impl FederateArgs {
             "[0, 1]",
         )?;
         check(self.dp_max_groups >= 1, "--dp-max-groups", self.dp_max_groups, ">= 1")?;
+        check(self.collab_dim <= 384, "--collab-dim", self.collab_dim, "[0, 384]")?;
+        check(
+            self.collab_lambda > 0.0 && self.collab_lambda.is_finite(),
+            "--collab-lambda",
+            self.collab_lambda,
+            "(0, inf)",
+        )?;
         let dp = match (self.epsilon, self.delta) {
             (Some(epsilon), Some(delta)) => {
                 check(epsilon > 0.0 && epsilon.is_finite(), "--epsilon", epsilon, "(0, inf)")?;
@@ -154,6 +171,11 @@ impl FederateArgs {
             group_threshold: self.group_threshold,
             profile_mix: self.profile_mix,
             dp,
+            collab: (self.collab_dim > 0).then(|| CollabConfig {
+                dim: self.collab_dim,
+                lambda_rel: self.collab_lambda,
+                ..CollabConfig::default()
+            }),
         })
     }
 

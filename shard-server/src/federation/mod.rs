@@ -16,6 +16,7 @@
 
 pub mod aggregate;
 pub mod checkpoint;
+pub mod collab;
 pub mod config;
 pub mod fixture;
 pub mod group;

@@ -1,6 +1,7 @@
 //! One round as a pure function: what the shards exported in, what to publish out.
 
 use super::aggregate::{self, AggregateConfig, AggregateStats, DpRound, Interests};
+use super::collab::CollabConfig;
 use super::group;
 use super::intake::Intake;
 use super::privacy::{self, DpParams};
@@ -24,6 +25,8 @@ pub struct RoundConfig {
     pub profile_mix: f32,
     /// Differential privacy, when asked for.
     pub dp: Option<DpParams>,
+    /// Collaborative item vectors (plain rounds only; DP rounds publish noisy profiles).
+    pub collab: Option<CollabConfig>,
 }
 
 impl Default for RoundConfig {
@@ -35,6 +38,7 @@ impl Default for RoundConfig {
             group_threshold: group::DEFAULT_THRESHOLD,
             profile_mix: DEFAULT_PROFILE_MIX,
             dp: None,
+            collab: Some(CollabConfig::default()),
         }
     }
 }
@@ -77,7 +81,12 @@ pub fn federate(intake: &Intake, cfg: &RoundConfig, round_id: &str) -> RoundOutp
         max_groups_per_device: p.max_groups_per_device,
         seed: noise_seed(round_id),
     });
-    let acfg = AggregateConfig { min_sources: cfg.min_sources, profile_mix: cfg.profile_mix, dp };
+    let acfg = AggregateConfig {
+        min_sources: cfg.min_sources,
+        profile_mix: cfg.profile_mix,
+        dp,
+        collab: cfg.collab,
+    };
     let (patterns, stats) = aggregate::aggregate(intake, &groups, interests.as_ref(), &acfg);
     let trends = if cfg.dp.is_some() {
         Vec::new()
@@ -158,7 +167,13 @@ mod tests {
     }
 
     fn plain(k: u32) -> RoundConfig {
-        RoundConfig { min_sources: k, profile_mix: 0.0, min_quality: 0.0, ..RoundConfig::default() }
+        RoundConfig {
+            min_sources: k,
+            profile_mix: 0.0,
+            min_quality: 0.0,
+            collab: None,
+            ..RoundConfig::default()
+        }
     }
 
     #[test]
@@ -243,6 +258,7 @@ mod tests {
             }
         }
         let cfg = RoundConfig { min_quality: 0.0, ..RoundConfig::default() };
+        assert!(cfg.collab.is_some(), "the default path, collaborative vectors included");
         let a = federate(&intake_of(&rows), &cfg, "r");
         rows.shuffle(&mut rng);
         let b = federate(&intake_of(&rows), &cfg, "r");
