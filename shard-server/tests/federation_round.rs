@@ -186,6 +186,19 @@ async fn allow_partial_completes_without_an_unreachable_shard_and_says_so() {
 }
 
 #[tokio::test]
+async fn a_round_with_no_quality_pattern_publishes_an_empty_set_under_the_shards_model() {
+    let shard = MemoryShard::new(1, MODEL, Vec::new());
+    let running = vec![fixture::serve(shard.clone()).await.expect("serve")];
+    let s = run(&args("round-empty", &running), &FederationMetrics::new()).await;
+    assert_eq!(s.outcome, RoundOutcome::Succeeded, "{s:?}");
+    assert_eq!((s.patterns_in, s.patterns_aggregated), (0, 0));
+    assert_eq!(shard.published()[0].model_id, MODEL);
+    for r in running {
+        r.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn no_reachable_shard_is_a_failed_round_with_a_reason() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));

@@ -111,8 +111,10 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
                 }
             }
             let out = round::federate(&intake, &cfg, &args.round_id);
-            let model_id = intake.model_id.clone().unwrap_or_default();
-            let global_version = next_global_version(args).await;
+            let (global_version, shard_model) = next_global_version(args).await;
+            // A round that read nothing still publishes (an empty set is the truth), under
+            // the shards' own model.
+            let model_id = intake.model_id.clone().or(shard_model).unwrap_or_default();
             let req = pb::PublishGlobalRequest {
                 round_id: args.round_id.clone(),
                 global_version,
@@ -210,15 +212,20 @@ fn snapshot(state: &Mutex<RoundState>) -> Result<RoundState, FederationError> {
     Ok(lock(state)?.clone())
 }
 
-/// One more than the highest version any shard serves (0 when none answers).
-async fn next_global_version(args: &FederateArgs) -> u64 {
+/// One more than the highest version any shard serves (1 when none answers), and the model
+/// of the first shard that answers.
+async fn next_global_version(args: &FederateArgs) -> (u64, Option<String>) {
     let asks = args.shards.iter().map(|url| async move {
         let mut c = connect(url, args.timeout()).await.ok()?;
         let s =
             tokio::time::timeout(args.timeout(), c.stats(pb::StatsRequest {})).await.ok()?.ok()?;
-        Some(s.into_inner().global_version)
+        let s = s.into_inner();
+        Some((s.global_version, s.model_id))
     });
-    futures::future::join_all(asks).await.into_iter().flatten().max().unwrap_or(0) + 1
+    let answers: Vec<(u64, String)> =
+        futures::future::join_all(asks).await.into_iter().flatten().collect();
+    let version = answers.iter().map(|a| a.0).max().unwrap_or(0) + 1;
+    (version, answers.into_iter().map(|a| a.1).find(|m| !m.is_empty()))
 }
 
 async fn export_all(
