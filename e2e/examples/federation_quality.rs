@@ -14,8 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let val = EvalOptions { stage: Stage::Validation, full_ranking: false };
     let test = EvalOptions { stage: Stage::Test, full_ranking: true };
     let mut best: Option<(f64, CollabConfig)> = None;
-    for dim in [32, 64, 128] {
-        for lambda_rel in [2.0, 4.0, 8.0, 16.0] {
+    for dim in [16, 24, 32, 48] {
+        for lambda_rel in [0.5, 1.0, 2.0, 4.0] {
             let collab = CollabConfig { dim, lambda_rel, ..CollabConfig::default() };
             let cfg = RoundConfig { collab: Some(collab), ..RoundConfig::default() };
             let t = std::time::Instant::now();
@@ -45,24 +45,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &mut FederatedScorer::new(&split, Stage::Test, &out.patterns, 3),
         test,
     );
-    let dp_cfg = RoundConfig {
-        collab: None,
-        dp: Some(DpParams { epsilon: 8.0, delta: 1e-6, max_groups_per_device: 16 }),
-        ..RoundConfig::default()
-    };
-    let out_dp = round(&split, Stage::Test, &dp_cfg, "test-dp");
-    println!("dp round: {:?} {:?}", out_dp.stats, out_dp.privacy);
-    let mut dp_scorer = FederatedScorer::new(&split, Stage::Test, &out_dp.patterns, 3);
-    let fed_dp = eval::evaluate(&split, &mut dp_scorer, test);
+    let mut dp_rows = Vec::new();
+    for (m, with_collab) in [(16, false), (16, true), (32, true), (64, true)] {
+        let dp_cfg = RoundConfig {
+            collab: with_collab.then_some(collab),
+            dp: Some(DpParams { epsilon: 8.0, delta: 1e-6, max_groups_per_device: m }),
+            ..RoundConfig::default()
+        };
+        let out_dp = round(&split, Stage::Test, &dp_cfg, "test-dp");
+        println!("dp round m={m} collab={with_collab}: {:?} {:?}", out_dp.stats, out_dp.privacy);
+        let mut dp_scorer = FederatedScorer::new(&split, Stage::Test, &out_dp.patterns, 3);
+        let q = eval::evaluate(&split, &mut dp_scorer, test);
+        let what = if with_collab { "collaborative" } else { "profiles, stand-in embeddings" };
+        dp_rows.push(report::MethodRow {
+            method: format!("federated_dp (m = {m}, {what})"),
+            quality: q,
+        });
+    }
     let pop = eval::evaluate(&split, &mut Popularity::fit(&split, Stage::Test), test);
     let rows = vec![
         report::MethodRow { method: "popularity".into(), quality: pop },
         report::MethodRow { method: "federated (one round, offline)".into(), quality: fed },
-        report::MethodRow {
-            method: "federated_dp (one round, offline, stand-in embeddings)".into(),
-            quality: fed_dp,
-        },
     ];
+    let rows: Vec<report::MethodRow> = rows.into_iter().chain(dp_rows).collect();
     print!("{}", report::markdown_table(&rows));
     Ok(())
 }

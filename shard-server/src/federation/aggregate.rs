@@ -72,15 +72,20 @@ pub struct AggregateConfig {
     pub profile_mix: f32,
     /// Present for a noisy (differentially private) round.
     pub dp: Option<DpRound>,
-    /// Publish collaborative item vectors as the contents' main embeddings (plain rounds).
+    /// Publish collaborative item vectors as the contents' main embeddings.
     pub collab: Option<CollabConfig>,
+    /// The quality floor of the round: what a DP round publishes as `quality` (a public
+    /// constant, so it costs no privacy budget).
+    pub min_quality: f32,
 }
 
 /// Noise settings of a DP round.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DpRound {
-    /// From [`super::privacy::calibrate`].
+    /// From [`super::privacy::calibrate`] (noisy profiles).
     pub calibration: Calibration,
+    /// From [`super::privacy::calibrate_gram`] (collaborative vectors).
+    pub gram: Calibration,
     /// Most groups per device.
     pub max_groups_per_device: u32,
     /// Seed of the noise (derived from the round id, so a rerun adds the same noise).
@@ -204,6 +209,9 @@ pub fn aggregate(
     cfg: &AggregateConfig,
 ) -> (Vec<AggregatedPattern>, AggregateStats) {
     let items = &intake.items;
+    if let (Some(dp), Some(collab)) = (cfg.dp, cfg.collab) {
+        return dp_collaborative(intake, groups, cfg, &dp, &collab);
+    }
     let all: Vec<Vec<Share>> =
         groups.iter().map(|g| shares(items, g, interests, cfg.profile_mix)).collect();
     let allowed = cfg.dp.map(|dp| top_groups_per_source(&all, dp.max_groups_per_device));
@@ -331,11 +339,99 @@ fn collaborative(
         .collect()
 }
 
+/// A DP round with collaborative vectors: the noisy Gram matrix is the only data-dependent
+/// release ([`collab::dp_item_vectors`]); contents are published when their noisy count passes
+/// the threshold and k devices back them; quality is the round's public floor.
+fn dp_collaborative(
+    intake: &Intake,
+    groups: &[Group],
+    cfg: &AggregateConfig,
+    dp: &DpRound,
+    collab: &CollabConfig,
+) -> (Vec<AggregatedPattern>, AggregateStats) {
+    let items = &intake.items;
+    let all: Vec<Vec<Share>> = groups.iter().map(|g| shares(items, g, None, 0.0)).collect();
+    let mut stats = AggregateStats { groups: groups.len() as u64, ..Default::default() };
+    let mut seen_content = HashMap::new();
+    let mut candidates = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        if seen_content.insert(g.content, ()).is_none() && all[gi].len() >= cfg.min_sources as usize
+        {
+            candidates.push(gi);
+        }
+    }
+    stats.suppressed = (groups.len() - candidates.len()) as u64;
+    let index: HashMap<usize, u32> =
+        candidates.iter().enumerate().map(|(k, &gi)| (gi, k as u32)).collect();
+    let allowed = top_groups_per_source(
+        &all.iter()
+            .enumerate()
+            .map(|(gi, sh)| if index.contains_key(&gi) { sh.iter().collect() } else { Vec::new() })
+            .collect::<Vec<Vec<&Share>>>(),
+        dp.max_groups_per_device,
+    );
+    let mut sets: HashMap<u32, Vec<(usize, u32)>> = HashMap::new();
+    for &(s, gi) in allowed.keys() {
+        sets.entry(s).or_default().push((gi, index[&gi]));
+    }
+    let mut by_source: Vec<(u32, Vec<(usize, u32)>)> = sets.into_iter().collect();
+    by_source.sort_unstable_by_key(|(s, _)| *s);
+    let sets: Vec<Vec<u32>> = by_source
+        .into_iter()
+        .map(|(_, mut v)| {
+            v.sort_unstable();
+            v.into_iter().map(|(_, k)| k).collect()
+        })
+        .collect();
+    let n = candidates.len();
+    let mut anchors = vec![0.0f32; n * EMBEDDING_DIM];
+    for (k, &gi) in candidates.iter().enumerate() {
+        let row = &mut anchors[k * EMBEDDING_DIM..][..EMBEDDING_DIM];
+        for &i in &groups[gi].members {
+            let c = &items[i];
+            row.iter_mut()
+                .zip(&c.embedding.values)
+                .for_each(|(a, &q)| *a += c.embedding.scale * f32::from(q));
+        }
+        l2_normalize(row);
+    }
+    let m = dp.max_groups_per_device as usize;
+    let (vectors, diag) =
+        collab::dp_item_vectors(&sets, n, m, &anchors, collab, dp.gram.sigma, dp.seed);
+    let mut out = Vec::new();
+    for (k, &gi) in candidates.iter().enumerate() {
+        if diag[k] < dp.gram.release_threshold {
+            stats.suppressed += 1;
+            continue;
+        }
+        let embedding = vectors[k * EMBEDDING_DIM..][..EMBEDDING_DIM].to_vec();
+        let devices = ((diag[k] * m as f64).round() as u32).max(cfg.min_sources);
+        let content_id = intake.contents.get(groups[gi].content).clone();
+        out.push(AggregatedPattern {
+            id: aggregate_id(&content_id, None),
+            content_id: Some(content_id),
+            embedding,
+            quality: cfg.min_quality,
+            source_devices: devices,
+            total_samples: u64::from(devices),
+            context: context(intake, &groups[gi]),
+            region: String::new(),
+        });
+        stats.published += 1;
+    }
+    out.sort_by_key(|a| a.id);
+    (out, stats)
+}
+
 /// For DP: each source's `m` heaviest groups (ties by group index).
-fn top_groups_per_source(all: &[Vec<Share>], m: u32) -> HashMap<(u32, usize), ()> {
+fn top_groups_per_source<S: std::borrow::Borrow<Share>>(
+    all: &[Vec<S>],
+    m: u32,
+) -> HashMap<(u32, usize), ()> {
     let mut per_source: HashMap<u32, Vec<(f32, usize)>> = HashMap::new();
     for (gi, sh) in all.iter().enumerate() {
         for s in sh {
+            let s = s.borrow();
             per_source.entry(s.source).or_default().push((s.weight, gi));
         }
     }

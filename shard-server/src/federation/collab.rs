@@ -136,41 +136,65 @@ fn gram_times(sets: &[Vec<u32>], q: &[f64], n: usize, r: usize) -> (Vec<f64>, Ve
     (y, z)
 }
 
-/// Item vectors (row-major `n × 384`) for `n` contents from per-device content sets
-/// (indices `< n`), aligned to `anchors` (row-major `n × 384`, the contents' embeddings).
-/// Deterministic for a seed. Empty input gives zero vectors.
-pub fn item_vectors(
-    sets: &[Vec<u32>],
+/// Top eigenpairs of a symmetric `n × n` operator given as `apply(Q) = G·Q` (row-major
+/// `n × r`), by randomized subspace iteration. Returns eigenvalues (descending) and the
+/// eigenvectors as the columns of a row-major `n × r` matrix.
+fn top_eigen(
+    apply: impl Fn(&[f64]) -> Vec<f64>,
     n: usize,
-    anchors: &[f32],
-    cfg: &CollabConfig,
+    r: usize,
+    iterations: usize,
     seed: u64,
-) -> Vec<f32> {
-    let d = cfg.dim.min(EMBEDDING_DIM).min(n).max(1);
-    let r = (d + 16).min(n.max(1));
+) -> (Vec<f64>, Vec<f64>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut q: Vec<f64> =
         (0..n * r).map(|_| f64::from(super::privacy::gaussian(&mut rng, 1.0))).collect();
     orthonormalize(&mut q, n, r);
-    for _ in 0..cfg.iterations {
-        let (_, z) = gram_times(sets, &q, n, r);
-        q = z;
+    for _ in 0..iterations {
+        q = apply(&q);
         orthonormalize(&mut q, n, r);
     }
-    let (y, _) = gram_times(sets, &q, n, r);
-    // T = Yᵀ Y = Qᵀ G Q (r × r).
+    // T = Qᵀ G Q (r × r), then G ≈ (Q W) Λ (Q W)ᵀ.
+    let gq = apply(&q);
     let mut t = vec![0.0; r * r];
-    for row in y.chunks_exact(r) {
+    for i in 0..n {
         for a in 0..r {
-            for b in 0..r {
-                t[a * r + b] += row[a] * row[b];
+            let qa = q[i * r + a];
+            if qa != 0.0 {
+                for b in 0..r {
+                    t[a * r + b] += qa * gq[i * r + b];
+                }
             }
         }
     }
+    for a in 0..r {
+        for b in a + 1..r {
+            let m = 0.5 * (t[a * r + b] + t[b * r + a]);
+            t[a * r + b] = m;
+            t[b * r + a] = m;
+        }
+    }
     let (values, w) = symmetric_eigen(&t, r);
-    let diag_mean = sets.iter().map(|s| s.len()).sum::<usize>() as f64 / n.max(1) as f64;
-    let lambda = cfg.lambda_rel * diag_mean;
-    // a = Q W_d · diag(sqrt(s / (s + λ))), n × d.
+    let mut vecs = vec![0.0; n * r];
+    for i in 0..n {
+        for k in 0..r {
+            vecs[i * r + k] = (0..r).map(|m| q[i * r + m] * w[m * r + k]).sum();
+        }
+    }
+    (values, vecs)
+}
+
+/// Shrinks the top `d` eigen-directions like EASE, maps them into the 384-dim space onto
+/// `anchors`, and scales so the longest vector has length 1.
+fn finish(
+    values: &[f64],
+    vecs: &[f64],
+    n: usize,
+    r: usize,
+    d: usize,
+    lambda: f64,
+    anchors: &[f32],
+) -> Vec<f32> {
     let shrink: Vec<f64> = values
         .iter()
         .take(d)
@@ -178,9 +202,8 @@ pub fn item_vectors(
         .collect();
     let mut a = vec![0.0; n * d];
     for i in 0..n {
-        for k in 0..d {
-            let v: f64 = (0..r).map(|m| q[i * r + m] * w[m * r + k]).sum();
-            a[i * d + k] = v * shrink[k];
+        for k in 0..d.min(shrink.len()) {
+            a[i * d + k] = vecs[i * r + k] * shrink[k];
         }
     }
     let map = procrustes(&a, anchors, n, d);
@@ -199,6 +222,84 @@ pub fn item_vectors(
         out.iter_mut().for_each(|x| *x = (f64::from(*x) / max_norm) as f32);
     }
     out
+}
+
+/// Item vectors (row-major `n × 384`) for `n` contents from per-device content sets
+/// (indices `< n`), aligned to `anchors` (row-major `n × 384`, the contents' embeddings).
+/// Deterministic for a seed. Empty input gives zero vectors.
+pub fn item_vectors(
+    sets: &[Vec<u32>],
+    n: usize,
+    anchors: &[f32],
+    cfg: &CollabConfig,
+    seed: u64,
+) -> Vec<f32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let d = cfg.dim.min(EMBEDDING_DIM).min(n).max(1);
+    let r = (d + 16).min(n);
+    let (values, vecs) = top_eigen(|q| gram_times(sets, q, n, r).1, n, r, cfg.iterations, seed);
+    let diag_mean = sets.iter().map(|s| s.len()).sum::<usize>() as f64 / n as f64;
+    finish(&values, &vecs, n, r, d, cfg.lambda_rel * diag_mean, anchors)
+}
+
+/// The differentially private variant (the "Analyze Gauss" mechanism): each device's set
+/// holds at most `m` contents, each entering with weight `1/sqrt(m)`, so one device moves
+/// the Gram matrix by at most 1 in Frobenius norm; symmetric `N(0, sigma²)` noise is added
+/// to every entry of the upper triangle (mirrored), and everything after is post-processing.
+/// Returns the vectors and the noisy diagonal (the noisy count of each content, in units of
+/// `1/m` devices), from which the caller selects the contents to release.
+pub fn dp_item_vectors(
+    sets: &[Vec<u32>],
+    n: usize,
+    m: usize,
+    anchors: &[f32],
+    cfg: &CollabConfig,
+    sigma: f64,
+    seed: u64,
+) -> (Vec<f32>, Vec<f64>) {
+    if n == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let c = 1.0 / m.max(1) as f64;
+    let mut g = vec![0.0f64; n * n];
+    for set in sets {
+        for &a in set.iter().take(m) {
+            for &b in set.iter().take(m) {
+                g[a as usize * n + b as usize] += c;
+            }
+        }
+    }
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0dd5_eed5);
+    for a in 0..n {
+        for b in a..n {
+            let z = f64::from(super::privacy::gaussian(&mut rng, sigma));
+            g[a * n + b] += z;
+            if a != b {
+                g[b * n + a] += z;
+            }
+        }
+    }
+    let diag: Vec<f64> = (0..n).map(|i| g[i * n + i]).collect();
+    let d = cfg.dim.min(EMBEDDING_DIM).min(n).max(1);
+    let r = (d + 16).min(n);
+    let apply = |q: &[f64]| {
+        let mut z = vec![0.0; n * r];
+        for i in 0..n {
+            let row = &g[i * n..(i + 1) * n];
+            let out = &mut z[i * r..(i + 1) * r];
+            for (j, &gij) in row.iter().enumerate() {
+                if gij != 0.0 {
+                    out.iter_mut().zip(&q[j * r..(j + 1) * r]).for_each(|(o, x)| *o += gij * x);
+                }
+            }
+        }
+        z
+    };
+    let (values, vecs) = top_eigen(apply, n, r, cfg.iterations, seed);
+    let diag_mean = diag.iter().map(|x| x.max(0.0)).sum::<f64>() / n as f64;
+    (finish(&values, &vecs, n, r, d, cfg.lambda_rel * diag_mean, anchors), diag)
 }
 
 /// The `d × 384` map with orthonormal rows closest to sending `a` onto `anchors`

@@ -109,6 +109,17 @@ pub fn calibrate(p: &DpParams) -> Calibration {
     Calibration { sigma, sensitivity, contribution: 1.0 / m.sqrt(), release_threshold }
 }
 
+/// Calibration of the collaborative (Gram matrix) release: each device contributes a vector
+/// of at most `m` entries `1/sqrt(m)`, so its outer product has Frobenius norm <= 1 (Δ = 1);
+/// the noisy diagonal doubles as the noisy count for selecting contents, with the threshold
+/// `τ = 1/m + σ·Φ⁻¹(1 − δ/(2m))` (in Gram units) for the same δ/2 selection guarantee.
+pub fn calibrate_gram(p: &DpParams) -> Calibration {
+    let m = f64::from(p.max_groups_per_device.max(1));
+    let sigma = analytic_sigma(p.epsilon, p.delta / 2.0, 1.0);
+    let release_threshold = 1.0 / m + sigma * phi_inv(1.0 - p.delta / (2.0 * m));
+    Calibration { sigma, sensitivity: 1.0, contribution: 1.0 / m.sqrt(), release_threshold }
+}
+
 /// The per-round accounting for the summary.
 pub fn accounting(p: &DpParams, c: &Calibration) -> PrivacyAccounting {
     PrivacyAccounting {

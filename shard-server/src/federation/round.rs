@@ -76,8 +76,10 @@ pub fn federate(intake: &Intake, cfg: &RoundConfig, round_id: &str) -> RoundOutp
     let groups = group::group(intake, &order, cfg.group_threshold);
     let interests = (cfg.profile_mix > 0.0).then(|| Interests::compute(intake));
     let calibration = cfg.dp.as_ref().map(privacy::calibrate);
-    let dp = cfg.dp.zip(calibration).map(|(p, c)| DpRound {
+    let gram = cfg.dp.as_ref().map(privacy::calibrate_gram);
+    let dp = cfg.dp.zip(calibration).zip(gram).map(|((p, c), g)| DpRound {
         calibration: c,
+        gram: g,
         max_groups_per_device: p.max_groups_per_device,
         seed: noise_seed(round_id),
     });
@@ -86,6 +88,7 @@ pub fn federate(intake: &Intake, cfg: &RoundConfig, round_id: &str) -> RoundOutp
         profile_mix: cfg.profile_mix,
         dp,
         collab: cfg.collab,
+        min_quality: cfg.min_quality,
     };
     let (patterns, stats) = aggregate::aggregate(intake, &groups, interests.as_ref(), &acfg);
     let trends = if cfg.dp.is_some() {
@@ -97,7 +100,9 @@ pub fn federate(intake: &Intake, cfg: &RoundConfig, round_id: &str) -> RoundOutp
             &TrendConfig { decay: cfg.trend_decay, min_sources: cfg.min_sources },
         )
     };
-    let privacy = cfg.dp.zip(calibration).map(|(p, c)| privacy::accounting(&p, &c));
+    // The release that was noised: the Gram matrix with collaborative vectors, else the sums.
+    let used = if cfg.collab.is_some() { gram } else { calibration };
+    let privacy = cfg.dp.zip(used).map(|(p, c)| privacy::accounting(&p, &c));
     RoundOutput { patterns, trends, stats, privacy }
 }
 
@@ -105,6 +110,7 @@ pub fn federate(intake: &Intake, cfg: &RoundConfig, round_id: &str) -> RoundOutp
 mod tests {
     use super::*;
     use crate::federation::aggregate::aggregate_id;
+    use crate::federation::collab::CollabConfig;
     use crate::federation::privacy::DpParams;
     use omega_protocol::pb;
     use omega_protocol::types::embedding_to_wire;
@@ -299,6 +305,35 @@ mod tests {
         let acc = a.privacy.expect("accounting");
         assert_eq!((acc.epsilon, acc.delta), (8.0, 1e-6));
         assert!((acc.l2_sensitivity - 3f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn dp_rounds_with_collaborative_vectors_release_only_well_backed_contents() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let bases: Vec<Vec<f32>> = (0..6).map(|_| unit(&mut rng)).collect();
+        let mut rows = Vec::new();
+        // 300 devices watch contents 0-4 (two tastes); 4 devices watch content 5.
+        for d in 0..300 {
+            for (c, base) in bases.iter().enumerate().take(5) {
+                if (c + d) % 2 == 0 || c == 0 {
+                    rows.push(row(&format!("d{d}"), &format!("c{c}"), base, 0.9));
+                }
+            }
+        }
+        rows.extend((0..4).map(|d| row(&format!("s{d}"), "c5", &bases[5], 0.9)));
+        let dp = DpParams { epsilon: 8.0, delta: 1e-6, max_groups_per_device: 4 };
+        let collab = Some(CollabConfig { dim: 4, lambda_rel: 1.0, iterations: 6 });
+        let cfg = RoundConfig { dp: Some(dp), collab, min_quality: 0.8, ..plain(3) };
+        let intake = intake_of(&rows);
+        let a = federate(&intake, &cfg, "r1");
+        assert_eq!(a, federate(&intake, &cfg, "r1"));
+        let published: Vec<&str> =
+            a.patterns.iter().filter_map(|p| p.content_id.as_deref()).collect();
+        assert_eq!(published.len(), 5, "{published:?}");
+        assert!(!published.contains(&"c5"));
+        assert!(a.patterns.iter().all(|p| p.quality == 0.8 && p.source_devices >= 3));
+        let acc = a.privacy.expect("accounting");
+        assert_eq!(acc.l2_sensitivity, 1.0);
     }
 
     #[test]

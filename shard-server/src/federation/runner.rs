@@ -139,7 +139,11 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
     summary.patterns_aggregated = req.patterns.len() as u64;
     summary.trends_detected = req.trends.len() as u64;
     summary.global_version = req.global_version;
-    summary.privacy = cfg.dp.map(|p| privacy::accounting(&p, &privacy::calibrate(&p)));
+    summary.privacy = cfg.dp.map(|p| {
+        let c =
+            if cfg.collab.is_some() { privacy::calibrate_gram(&p) } else { privacy::calibrate(&p) };
+        privacy::accounting(&p, &c)
+    });
 
     // Publish to every shard that does not have the round yet (also to one whose export
     // failed: it may be back, and then it serves the round too).
