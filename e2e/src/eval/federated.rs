@@ -93,7 +93,10 @@ pub fn round(split: &Split, stage: Stage, cfg: &RoundConfig, round_id: &str) -> 
 #[derive(Debug, Clone)]
 pub struct FederatedScorer {
     vectors: HashMap<u32, Vec<f32>>,
+    devices: HashMap<u32, u32>,
     queries: Vec<Vec<f32>>,
+    /// Weight of `ln(source_devices)` added to the dot product (0: none).
+    pub popularity_weight: f32,
 }
 
 impl FederatedScorer {
@@ -108,12 +111,14 @@ impl FederatedScorer {
         let by_content: HashMap<String, u32> =
             (0..split.n_items as u32).map(|i| (content_id(i), i)).collect();
         let mut vectors = HashMap::new();
+        let mut devices = HashMap::new();
         for a in published {
             let Ok(back) = AggregatedPattern::from_wire("a", a.to_wire(), min_sources) else {
                 continue;
             };
             if let Some(&item) = back.content_id.as_ref().and_then(|c| by_content.get(c)) {
                 vectors.insert(item, back.embedding);
+                devices.insert(item, back.source_devices);
             }
         }
         let queries = split
@@ -129,7 +134,12 @@ impl FederatedScorer {
                 q
             })
             .collect();
-        FederatedScorer { vectors, queries }
+        FederatedScorer { vectors, devices, queries, popularity_weight: 0.0 }
+    }
+
+    /// True when `item` has a published vector.
+    pub fn has(&self, item: u32) -> bool {
+        self.vectors.contains_key(&item)
     }
 
     /// Contents with a published vector.
@@ -142,7 +152,15 @@ impl Scorer for FederatedScorer {
     fn score(&mut self, user: u32, items: &[u32]) -> Vec<f32> {
         let q = &self.queries[user as usize];
         // A content without an aggregate (fewer than k devices) ranks below every other.
-        items.iter().map(|i| self.vectors.get(i).map_or(-1e9, |v| dot(v, q))).collect()
+        items
+            .iter()
+            .map(|i| {
+                self.vectors.get(i).map_or(-1e9, |v| {
+                    let n = self.devices.get(i).copied().unwrap_or(1).max(1) as f32;
+                    dot(v, q) + self.popularity_weight * n.ln()
+                })
+            })
+            .collect()
     }
 }
 
