@@ -6,7 +6,8 @@ use omega_protocol::pb;
 use omega_protocol::types::embedding_to_wire;
 use omega_protocol::vector::{EMBEDDING_DIM, l2_normalize};
 use omega_shard::federation::fixture::{self, MemoryShard};
-use omega_shard::federation::{FederateArgs, FederationMetrics, run};
+use omega_shard::federation::intake::Intake;
+use omega_shard::federation::{FederateArgs, FederationMetrics, federate, run};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::time::Instant;
 
@@ -39,6 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let mut running = Vec::new();
+    let mut intake = Intake::default();
     for s in 0..n_shards {
         let n = total / n_shards;
         let mut patterns = Vec::with_capacity(n);
@@ -66,6 +68,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 region: ["eu", "us", "apac"][device % 3].into(),
             });
         }
+        // The same patterns, read directly, to time the computation without transport.
+        let batch = pb::ExportBatch {
+            patterns: patterns.clone(),
+            shard_id: s as u32 + 1,
+            model_id: "bench-model".into(),
+            ..Default::default()
+        };
+        intake.add_batch(&batch, 0.8)?;
         let shard = MemoryShard::new(s as u32 + 1, "bench-model", patterns);
         running.push(fixture::serve(shard).await?);
     }
@@ -86,5 +96,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for r in running {
         r.stop().await;
     }
+    let t = Instant::now();
+    let out = federate(&intake, &args.round_config()?, "bench-round");
+    eprintln!(
+        "of which computation (grouping, aggregation, collaborative vectors, trends): {:.2} s for {} aggregates",
+        t.elapsed().as_secs_f64(),
+        out.patterns.len()
+    );
     Ok(())
 }
