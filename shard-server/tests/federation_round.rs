@@ -178,6 +178,8 @@ async fn allow_partial_completes_without_an_unreachable_shard_and_says_so() {
     let back = fixture::serve_on(shards[2].clone(), down_addr).await.expect("rebind");
     let s2 = run(&a, &FederationMetrics::new()).await;
     assert_eq!(s2.outcome, RoundOutcome::Succeeded, "{s2:?}");
+    assert_eq!(s2.shards_completed, 3);
+    assert!(s2.message.as_deref().is_some_and(|m| m.contains("without contributing")), "{s2:?}");
     assert_eq!(shards[2].published(), shards[0].published());
     back.stop().await;
     for r in running {

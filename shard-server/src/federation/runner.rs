@@ -175,8 +175,10 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
     }
     store.save(&snapshot(&state)?)?;
     let st = snapshot(&state)?;
-    summary.shards_completed =
-        st.shards.iter().filter(|s| s.published && s.exported).count() as u32;
+    // A shard completed the round when it serves the result; one that was unreachable while
+    // the round read (and came back for a rerun) serves it without having contributed.
+    summary.shards_completed = st.shards.iter().filter(|s| s.published).count() as u32;
+    let served_only = st.shards.iter().filter(|s| s.published && !s.exported).count();
     summary.already_published =
         applied == 0 && replayed > 0 || (pending.is_empty() && st.output.is_some());
     let all_published = st.shards.iter().all(|s| s.published);
@@ -201,6 +203,10 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
         summary.message = Some(format!(
             "completed without {} shard(s); rerun with the same --round-id to complete it",
             summary.shards_failed.len()
+        ));
+    } else if served_only > 0 {
+        summary.message = Some(format!(
+            "{served_only} shard(s) received the round without contributing patterns (unreachable when it read them)"
         ));
     }
     Ok(())
