@@ -73,7 +73,7 @@ pub enum FederationError {
 /// What `omega-shard federate` does: runs the round, prints the summary as one JSON line,
 /// writes the summary and metrics files, and returns the exit code (0 for succeeded or
 /// partial, 1 for failed).
-pub async fn main(args: FederateArgs) -> std::process::ExitCode {
+pub async fn main(args: FederateArgs) -> i32 {
     let metrics = FederationMetrics::new();
     let summary = run(&args, &metrics).await;
     let json = serde_json::to_string(&summary).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
@@ -83,7 +83,7 @@ pub async fn main(args: FederateArgs) -> std::process::ExitCode {
         && let Err(e) = std::fs::write(p, &json)
     {
         eprintln!("cannot write summary file {}: {e}", p.display());
-        code = std::process::ExitCode::FAILURE;
+        code = 1;
     }
     if let Some(p) = &args.metrics_file
         && let Err(e) = std::fs::write(p, metrics.encode())
@@ -94,9 +94,9 @@ pub async fn main(args: FederateArgs) -> std::process::ExitCode {
 }
 
 /// 0 for succeeded or partial, 1 for failed.
-pub fn exit_code(s: &RoundSummary) -> std::process::ExitCode {
+pub fn exit_code(s: &RoundSummary) -> i32 {
     match s.outcome {
-        RoundOutcome::Succeeded | RoundOutcome::Partial => std::process::ExitCode::SUCCESS,
-        RoundOutcome::Failed => std::process::ExitCode::FAILURE,
+        RoundOutcome::Succeeded | RoundOutcome::Partial => 0,
+        RoundOutcome::Failed => 1,
     }
 }

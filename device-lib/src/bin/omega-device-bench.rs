@@ -1,0 +1,2 @@
+//! Benchmark of the device library (filled in below).
+fn main() {}

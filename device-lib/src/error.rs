@@ -1,0 +1,113 @@
+//! The crate's one error type, and the integer codes it maps to at the C boundary.
+
+use crate::ffi;
+use omega_protocol::ValidationError;
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the device library.
+///
+/// Each variant maps to one stable C error code ([`DeviceError::code`]); the codes are part
+/// of the C ABI (`omega.h`) and never change meaning.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// An input broke a limit of the contract (size, range, NaN…).
+    #[error("invalid input: {0}")]
+    Invalid(#[from] ValidationError),
+    /// JSON that does not parse, or fields of the wrong type.
+    #[error("malformed JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A run-time asset (model, tokenizer, ONNX Runtime library) is missing or unusable.
+    #[error("{what} unusable at {path}: {reason} (run `scripts/assets.py fetch` to fetch it)")]
+    Asset {
+        /// Which asset.
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// ONNX Runtime or the tokenizer failed while embedding.
+    #[error("embedding failed: {0}")]
+    Embedding(String),
+    /// The database file is unreadable, corrupt, or a write failed. The file is left as it is.
+    #[error("database {path}: {reason}")]
+    Database {
+        /// The database file (`:memory:` for an in-memory brain).
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The database was written by a newer version of this library; it is left untouched.
+    #[error(
+        "database {path} has schema version {found}, newer than the {supported} this library \
+         supports; upgrade the library (the file was not modified)"
+    )]
+    SchemaTooNew {
+        /// The database file.
+        path: String,
+        /// Schema version found in the file.
+        found: i64,
+        /// Newest schema version this library knows.
+        supported: i64,
+    },
+    /// Embeddings of different models never mix.
+    #[error("model mismatch: expected {expected:?}, got {got:?}")]
+    ModelMismatch {
+        /// Model this brain uses.
+        expected: String,
+        /// Model of the offending data.
+        got: String,
+    },
+    /// An acknowledgement or request that does not fit the brain's state.
+    #[error("invalid state: {0}")]
+    State(String),
+    /// The shard could not be reached (or kept failing) within the retry budget.
+    #[error("shard unavailable after {attempts} attempt(s): {message}")]
+    Unavailable {
+        /// Attempts made.
+        attempts: u32,
+        /// Last error.
+        message: String,
+    },
+    /// The shard answered with a non-retryable gRPC error.
+    #[error("shard refused the request: {code:?}: {message}")]
+    Rejected {
+        /// gRPC status code.
+        code: tonic::Code,
+        /// Message from the shard.
+        message: String,
+    },
+    /// The sync endpoint or TLS settings are unusable.
+    #[error("sync configuration: {0}")]
+    SyncConfig(String),
+    /// A bug: a panic caught at the C boundary, a poisoned lock.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result with [`DeviceError`].
+pub type Result<T, E = DeviceError> = std::result::Result<T, E>;
+
+impl DeviceError {
+    /// The C error code of this error (see `OMEGA_ERR_*` in `omega.h`).
+    pub fn code(&self) -> i32 {
+        match self {
+            DeviceError::Invalid(_) => ffi::OMEGA_ERR_INVALID,
+            DeviceError::Json(_) => ffi::OMEGA_ERR_JSON,
+            DeviceError::Asset { .. } => ffi::OMEGA_ERR_ASSET,
+            DeviceError::Embedding(_) => ffi::OMEGA_ERR_EMBEDDING,
+            DeviceError::Database { .. } => ffi::OMEGA_ERR_DATABASE,
+            DeviceError::SchemaTooNew { .. } => ffi::OMEGA_ERR_SCHEMA_TOO_NEW,
+            DeviceError::ModelMismatch { .. } => ffi::OMEGA_ERR_MODEL_MISMATCH,
+            DeviceError::State(_) => ffi::OMEGA_ERR_STATE,
+            DeviceError::Unavailable { .. } => ffi::OMEGA_ERR_UNAVAILABLE,
+            DeviceError::Rejected { .. } => ffi::OMEGA_ERR_REJECTED,
+            DeviceError::SyncConfig(_) => ffi::OMEGA_ERR_SYNC_CONFIG,
+            DeviceError::Internal(_) => ffi::OMEGA_ERR_INTERNAL,
+        }
+    }
+
+    pub(crate) fn db(path: &str, e: impl std::fmt::Display) -> Self {
+        DeviceError::Database { path: path.into(), reason: e.to_string() }
+    }
+}

@@ -1,0 +1,326 @@
+//! The decisions of learning and ranking, as pure functions with their parameters in one place.
+//!
+//! The brain gathers numbers (similarities, success rates, ages) and calls these; nothing here
+//! does I/O or touches the model, so every rule has a table test and [`RankingParams`] can be
+//! tuned against measured recommendation quality without touching the brain.
+//!
+//! The rule, in words: the context is embedded and compared with each local pattern; a
+//! pattern's *seed weight* is `similarity × success × freshness`. The strongest seeds stand for
+//! what this TV likes in this context. Candidates are catalogue items and global patterns near
+//! a seed: `seed weight × similarity × success × freshness × source weight`. Trending content
+//! adds a boost. Content already watched is excluded; each content keeps its best candidate.
+
+use omega_protocol::{ContentType, DayType, TimeSlot};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+const MS_PER_DAY: f32 = 86_400_000.0;
+
+/// Every knob of learning and ranking.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RankingParams {
+    /// Half-life of freshness, in days.
+    pub freshness_half_life_days: f32,
+    /// Freshness never drops below this (old favourites still count a little).
+    pub freshness_floor: f32,
+    /// Local patterns that stand for the taste in a context.
+    pub seeds: usize,
+    /// Neighbours fetched per seed from the catalogue and from the global patterns.
+    pub neighbours_per_seed: usize,
+    /// Multiplier of catalogue candidates.
+    pub catalogue_weight: f32,
+    /// Multiplier of global-pattern candidates (other devices' experience).
+    pub global_weight: f32,
+    /// Weight of the strongest trend; others scale with their score.
+    pub trend_weight: f32,
+    /// Seed weight of the context itself when the TV has learned nothing yet.
+    pub cold_start_weight: f32,
+    /// Samples after which the success rate becomes an exponential moving average.
+    pub success_window: u32,
+}
+
+impl Default for RankingParams {
+    fn default() -> Self {
+        RankingParams {
+            freshness_half_life_days: 30.0,
+            freshness_floor: 0.05,
+            seeds: 8,
+            neighbours_per_seed: 24,
+            catalogue_weight: 1.0,
+            global_weight: 0.9,
+            trend_weight: 0.15,
+            cold_start_weight: 0.5,
+            success_window: 20,
+        }
+    }
+}
+
+/// Where a recommendation comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The known catalogue, near what this TV liked.
+    Catalogue,
+    /// Patterns of other devices, pulled at sync.
+    Global,
+    /// A trend signal.
+    Trending,
+}
+
+/// One recommended content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recommendation {
+    /// Catalogue id.
+    pub content_id: String,
+    /// Higher is better; comparable within one call.
+    pub score: f32,
+    /// A short human-readable reason.
+    pub reason: String,
+    /// Where it came from.
+    pub source: Source,
+}
+
+/// Freshness of something last updated `age_ms` ago: exponential decay with the configured
+/// half-life, floored. Future timestamps count as fresh.
+pub fn freshness(age_ms: i64, p: &RankingParams) -> f32 {
+    let days = age_ms.max(0) as f32 / MS_PER_DAY;
+    let half_life = p.freshness_half_life_days.max(f32::MIN_POSITIVE);
+    (0.5f32).powf(days / half_life).max(p.freshness_floor)
+}
+
+/// Success rate after one more observation: the running mean of watch fractions for the first
+/// `window` samples, then an exponential moving average with weight `1 / window`, so old
+/// habits fade.
+pub fn smoothed_success(
+    prev_rate: f32,
+    prev_samples: u32,
+    watch_fraction: f32,
+    window: u32,
+) -> f32 {
+    let n = prev_samples.saturating_add(1).min(window.max(1)) as f32;
+    let next = prev_rate + (watch_fraction - prev_rate) / n;
+    next.clamp(0.0, 1.0)
+}
+
+/// How strongly a local pattern speaks for the taste in the current context.
+pub fn seed_weight(context_similarity: f32, success: f32, freshness: f32) -> f32 {
+    context_similarity.max(0.0) * success * freshness
+}
+
+/// Score of a candidate found near a seed.
+pub fn candidate_score(
+    seed_weight: f32,
+    similarity: f32,
+    success: f32,
+    freshness: f32,
+    source_weight: f32,
+) -> f32 {
+    seed_weight * similarity.max(0.0) * success * freshness * source_weight
+}
+
+/// Boost of a trending content: proportional to its score among the current trends.
+pub fn trend_boost(score: f32, max_score: f32, p: &RankingParams) -> f32 {
+    if max_score <= 0.0 || !score.is_finite() {
+        return 0.0;
+    }
+    p.trend_weight * (score / max_score).clamp(0.0, 1.0)
+}
+
+/// What keeping a pattern is worth; the lowest is evicted first when the brain is full.
+/// Recent and successful patterns stay; a fresh failure outlives a stale success only briefly.
+pub fn retention(success: f32, freshness: f32) -> f32 {
+    (0.25 + success) * freshness
+}
+
+/// Keeps the best candidate per content, drops excluded contents, returns the `k` best
+/// (ties broken by content id, so results are deterministic).
+pub fn merge(
+    candidates: impl IntoIterator<Item = Recommendation>,
+    exclude: impl Fn(&str) -> bool,
+    k: usize,
+) -> Vec<Recommendation> {
+    let mut best: HashMap<String, Recommendation> = HashMap::new();
+    for c in candidates {
+        if exclude(&c.content_id) || !c.score.is_finite() {
+            continue;
+        }
+        match best.get(&c.content_id) {
+            Some(b) if b.score >= c.score => {}
+            _ => {
+                best.insert(c.content_id.clone(), c);
+            }
+        }
+    }
+    let mut v: Vec<Recommendation> = best.into_values().collect();
+    v.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.content_id.cmp(&b.content_id)));
+    v.truncate(k);
+    v
+}
+
+fn join_words<'a>(words: impl IntoIterator<Item = &'a str>) -> String {
+    words.into_iter().filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+/// The text a context is embedded from, e.g. `"evening weekend movie crime"`.
+pub fn context_text(
+    time_slot: TimeSlot,
+    day_type: DayType,
+    content_type: Option<ContentType>,
+    genres: &[String],
+) -> String {
+    let mut words = vec![time_slot.as_str(), day_type.as_str()];
+    words.push(content_type.map_or("", ContentType::as_str));
+    words.extend(genres.iter().map(String::as_str));
+    join_words(words)
+}
+
+/// The text a content is embedded from, e.g. `"movie: Heat. crime, drama"`.
+pub fn item_text(content_type: ContentType, title: &str, genres: &[String]) -> String {
+    let head = join_words([content_type.as_str()]);
+    let mut s = if head.is_empty() { title.to_owned() } else { format!("{head}: {title}") };
+    if !genres.is_empty() {
+        s.push_str(". ");
+        s.push_str(&genres.join(", "));
+    }
+    s
+}
+
+/// The text a pattern is embedded from: context + content,
+/// e.g. `"evening weekend movie: Heat. crime, drama"`.
+pub fn pattern_text(
+    time_slot: TimeSlot,
+    day_type: DayType,
+    content_type: ContentType,
+    title: &str,
+    genres: &[String],
+) -> String {
+    let ctx = join_words([time_slot.as_str(), day_type.as_str()]);
+    let item = item_text(content_type, title, genres);
+    if ctx.is_empty() { item } else { format!("{ctx} {item}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000;
+
+    #[test]
+    fn freshness_table() {
+        let p = RankingParams::default();
+        let cases = [
+            (0, 1.0),
+            (-5 * DAY, 1.0),
+            (30 * DAY, 0.5),
+            (60 * DAY, 0.25),
+            (3650 * DAY, 0.05),
+            (i64::MAX, 0.05),
+        ];
+        for (age, want) in cases {
+            let got = freshness(age, &p);
+            assert!((got - want).abs() < 1e-4, "age {age}: got {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn smoothed_success_table() {
+        // (previous rate, previous samples, watch fraction, window, expected)
+        let cases = [
+            (0.0, 0, 0.9, 20, 0.9), // first sample is the watch fraction
+            (0.9, 1, 0.5, 20, 0.7), // running mean of 0.9 and 0.5
+            (0.5, 3, 1.0, 20, 0.625),
+            (0.8, 100, 0.0, 20, 0.76), // EMA with weight 1/20 after the window
+            (1.0, 0, 1.0, 0, 1.0),     // a zero window behaves like 1
+            (0.2, 5, 0.2, 20, 0.2),
+        ];
+        for (rate, n, wf, window, want) in cases {
+            let got = smoothed_success(rate, n, wf, window);
+            assert!((got - want).abs() < 1e-5, "{rate} {n} {wf} {window}: got {got}");
+        }
+    }
+
+    #[test]
+    fn seed_and_candidate_scores_multiply_and_ignore_negative_similarity() {
+        let cases = [
+            (0.8, 1.0, 1.0, 0.8),
+            (0.8, 0.5, 0.5, 0.2),
+            (-0.3, 1.0, 1.0, 0.0),
+            (0.5, 0.0, 1.0, 0.0),
+        ];
+        for (sim, success, fresh, want) in cases {
+            assert!((seed_weight(sim, success, fresh) - want).abs() < 1e-6);
+        }
+        assert!((candidate_score(0.5, 0.8, 0.9, 1.0, 0.9) - 0.324).abs() < 1e-6);
+        assert_eq!(candidate_score(0.5, -0.8, 0.9, 1.0, 1.0), 0.0);
+    }
+
+    #[test]
+    fn trend_boost_table() {
+        let p = RankingParams::default();
+        let cases = [(10.0, 10.0, 0.15), (5.0, 10.0, 0.075), (1.0, 0.0, 0.0), (f32::NAN, 1.0, 0.0)];
+        for (score, max, want) in cases {
+            assert!((trend_boost(score, max, &p) - want).abs() < 1e-6, "{score} {max}");
+        }
+    }
+
+    #[test]
+    fn retention_prefers_recent_successes() {
+        assert!(retention(0.9, 1.0) > retention(0.1, 1.0));
+        assert!(retention(0.9, 1.0) > retention(0.9, 0.5));
+        assert!(retention(0.0, 1.0) > retention(1.0, 0.1));
+    }
+
+    fn rec(id: &str, score: f32, source: Source) -> Recommendation {
+        Recommendation { content_id: id.into(), score, reason: String::new(), source }
+    }
+
+    #[test]
+    fn merge_keeps_best_per_content_excludes_watched_and_orders() {
+        let exclude = |id: &str| id == "watched";
+        let got = merge(
+            vec![
+                rec("a", 0.5, Source::Catalogue),
+                rec("b", 0.7, Source::Global),
+                rec("a", 0.9, Source::Global),
+                rec("watched", 5.0, Source::Catalogue),
+                rec("c", 0.7, Source::Trending),
+                rec("nan", f32::NAN, Source::Catalogue),
+            ],
+            exclude,
+            3,
+        );
+        let ids: Vec<(&str, Source)> =
+            got.iter().map(|r| (r.content_id.as_str(), r.source)).collect();
+        assert_eq!(
+            ids,
+            vec![("a", Source::Global), ("b", Source::Global), ("c", Source::Trending)]
+        );
+        assert!(merge(vec![rec("a", 1.0, Source::Catalogue)], exclude, 0).is_empty());
+    }
+
+    #[test]
+    fn texts_table() {
+        let g = vec!["crime".to_string(), "drama".to_string()];
+        assert_eq!(
+            pattern_text(TimeSlot::Evening, DayType::Weekend, ContentType::Movie, "Heat", &g),
+            "evening weekend movie: Heat. crime, drama"
+        );
+        assert_eq!(
+            pattern_text(
+                TimeSlot::Unspecified,
+                DayType::Unspecified,
+                ContentType::Unspecified,
+                "Heat",
+                &[]
+            ),
+            "Heat"
+        );
+        assert_eq!(item_text(ContentType::Series, "Dark", &[]), "series: Dark");
+        assert_eq!(
+            context_text(TimeSlot::Night, DayType::Weekday, Some(ContentType::News), &g),
+            "night weekday news crime drama"
+        );
+        assert_eq!(context_text(TimeSlot::Unspecified, DayType::Unspecified, None, &[]), "");
+    }
+}

@@ -1,0 +1,523 @@
+//! The brain's SQLite file: patterns, sync versions, the unacknowledged delta, global patterns.
+//!
+//! WAL journal, every change in one transaction, `PRAGMA user_version` = [`SCHEMA_VERSION`].
+//! Opening never rewrites a file it does not understand: a corrupt file, or one written by a
+//! newer library, is an error and the file stays as it is. Embeddings are stored int8 (384
+//! bytes + a scale), as they travel.
+
+use crate::error::{DeviceError, Result};
+use omega_protocol::vector::{EMBEDDING_DIM, QuantizedVector};
+use omega_protocol::{ContentType, DayType, TimeSlot};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use std::path::Path;
+use uuid::Uuid;
+
+/// Schema version this library writes and reads.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE patterns (
+    id BLOB PRIMARY KEY,
+    content_id TEXT NOT NULL,
+    title TEXT NOT NULL,
+    time_slot INTEGER NOT NULL,
+    day_type INTEGER NOT NULL,
+    content_type INTEGER NOT NULL,
+    genres TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    scale REAL NOT NULL,
+    success_rate REAL NOT NULL,
+    sample_count INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    synced INTEGER NOT NULL,
+    pending_samples INTEGER NOT NULL,
+    dirty INTEGER NOT NULL,
+    UNIQUE (content_id, time_slot, day_type)
+);
+CREATE TABLE removed (id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE outbox (local_version INTEGER PRIMARY KEY, delta BLOB NOT NULL);
+CREATE TABLE watched (content_id TEXT PRIMARY KEY, last_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE global_patterns (
+    id BLOB PRIMARY KEY,
+    content_id TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    scale REAL NOT NULL,
+    success_rate REAL NOT NULL,
+    sample_count INTEGER NOT NULL,
+    time_slot INTEGER NOT NULL,
+    day_type INTEGER NOT NULL,
+    content_type INTEGER NOT NULL,
+    genres TEXT NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE catalogue_embeddings (text TEXT PRIMARY KEY, embedding BLOB NOT NULL, scale REAL NOT NULL) WITHOUT ROWID;
+";
+
+/// A pattern this TV learned, as stored (its embedding travels beside it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPattern {
+    /// UUID v7.
+    pub id: Uuid,
+    /// Content.
+    pub content_id: String,
+    /// Title (stays on the device; used for reasons).
+    pub title: String,
+    /// Part of the day.
+    pub time_slot: TimeSlot,
+    /// Weekday or weekend.
+    pub day_type: DayType,
+    /// Kind of content.
+    pub content_type: ContentType,
+    /// Genres.
+    pub genres: Vec<String>,
+    /// Smoothed watch fraction.
+    pub success_rate: f32,
+    /// Observations.
+    pub sample_count: u32,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// Unix ms.
+    pub updated_at_ms: i64,
+    /// Already part of a delta (the server knows it, or will at the next retry).
+    pub synced: bool,
+    /// Observations since the last delta.
+    pub pending_samples: u32,
+    /// Changed since the last delta.
+    pub dirty: bool,
+}
+
+/// A pattern pulled from the shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredGlobal {
+    /// Id on the shard.
+    pub id: Uuid,
+    /// Content (may be empty for a cross-content aggregate).
+    pub content_id: String,
+    /// Success rate / quality.
+    pub success_rate: f32,
+    /// Observations behind it.
+    pub sample_count: u32,
+    /// Part of the day.
+    pub time_slot: TimeSlot,
+    /// Weekday or weekend.
+    pub day_type: DayType,
+    /// Kind of content.
+    pub content_type: ContentType,
+    /// Genres.
+    pub genres: Vec<String>,
+    /// Unix ms.
+    pub updated_at_ms: i64,
+}
+
+/// The SQLite file (or an in-memory database).
+pub struct Store {
+    conn: Connection,
+    path: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn enum_i(v: impl Into<omega_protocol::pb::TimeSlot>) -> i32 {
+    v.into() as i32
+}
+
+impl Store {
+    /// Opens (creating if absent) the database at `path`, or an in-memory one for `None`.
+    /// `durable` = `synchronous=FULL` (every commit reaches the disk); otherwise `NORMAL`
+    /// (still consistent after a crash, may lose the last commits on power loss).
+    pub fn open(path: Option<&Path>, durable: bool) -> Result<Store> {
+        let name = path.map_or_else(|| ":memory:".to_string(), |p| p.display().to_string());
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = match path {
+            Some(p) => Connection::open_with_flags(p, flags),
+            None => Connection::open_in_memory(),
+        }
+        .map_err(|e| DeviceError::db(&name, e))?;
+        let mut store = Store { conn, path: name };
+        store.init(durable)?;
+        Ok(store)
+    }
+
+    /// Path shown in errors.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> DeviceError {
+        DeviceError::db(&self.path, e)
+    }
+
+    fn init(&mut self, durable: bool) -> Result<()> {
+        // Reading the header first: a corrupt or foreign file fails here, before any write.
+        let version: i64 =
+            self.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| {
+                self.err(format!("not a readable Omega database ({e}); left untouched"))
+            })?;
+        if version > SCHEMA_VERSION {
+            return Err(DeviceError::SchemaTooNew {
+                path: self.path.clone(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let check: String = self
+            .conn
+            .pragma_query_value(None, "quick_check", |r| r.get(0))
+            .map_err(|e| self.err(format!("integrity check failed ({e}); left untouched")))?;
+        if check != "ok" {
+            return Err(self.err(format!("database is corrupt ({check}); left untouched")));
+        }
+        if version == 0 {
+            let tables: i64 = self
+                .conn
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .map_err(|e| self.err(e))?;
+            if tables != 0 {
+                return Err(self.err(
+                    "schema version 0 but tables exist: not an Omega database; left untouched",
+                ));
+            }
+        }
+        let pragmas = format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; PRAGMA foreign_keys = ON;",
+            if durable { "FULL" } else { "NORMAL" }
+        );
+        self.conn.execute_batch(&pragmas).map_err(|e| self.err(e))?;
+        if version == 0 {
+            let tx = self.conn.transaction().map_err(|e| DeviceError::db(&self.path, e))?;
+            tx.execute_batch(SCHEMA).map_err(|e| DeviceError::db(&self.path, e))?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(|e| DeviceError::db(&self.path, e))?;
+            tx.commit().map_err(|e| DeviceError::db(&self.path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` in one transaction: all of it is written, or nothing.
+    pub fn write<T>(&mut self, f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>) -> Result<T> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| DeviceError::db(&path, e))?;
+        let out = f(&Tx(&tx)).map_err(|e| DeviceError::db(&path, e))?;
+        tx.commit().map_err(|e| DeviceError::db(&path, e))?;
+        Ok(out)
+    }
+
+    /// Checkpoints the WAL into the main file and closes the connection.
+    pub fn close(self) -> Result<()> {
+        let path = self.path.clone();
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(|e| DeviceError::db(&path, e))?;
+        self.conn.close().map_err(|(_, e)| DeviceError::db(&path, e))
+    }
+
+    /// A meta value.
+    pub fn meta<T: rusqlite::types::FromSql>(&self, key: &str) -> Result<Option<T>> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every local pattern with its embedding.
+    pub fn patterns(&self) -> Result<Vec<(StoredPattern, QuantizedVector)>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, content_id, title, time_slot, day_type, content_type, genres, \
+                 embedding, scale, success_rate, sample_count, created_at_ms, updated_at_ms, \
+                 synced, pending_samples, dirty FROM patterns ORDER BY created_at_ms, id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                let p = StoredPattern {
+                    id: uuid_col(r, 0)?,
+                    content_id: r.get(1)?,
+                    title: r.get(2)?,
+                    time_slot: time_slot(r.get(3)?),
+                    day_type: day_type(r.get(4)?),
+                    content_type: content_type(r.get(5)?),
+                    genres: genres_col(r, 6)?,
+                    success_rate: r.get(9)?,
+                    sample_count: r.get(10)?,
+                    created_at_ms: r.get(11)?,
+                    updated_at_ms: r.get(12)?,
+                    synced: r.get(13)?,
+                    pending_samples: r.get(14)?,
+                    dirty: r.get(15)?,
+                };
+                Ok((p, vector_col(r, 7, 8)?))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
+    }
+
+    /// Pattern ids removed locally that the shard has not been told about.
+    pub fn removed(&self) -> Result<Vec<Uuid>> {
+        let mut st =
+            self.conn.prepare("SELECT id FROM removed ORDER BY id").map_err(|e| self.err(e))?;
+        let rows = st.query_map([], |r| uuid_col(r, 0)).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
+    }
+
+    /// The unacknowledged delta, encoded, if any.
+    pub fn outbox(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        self.conn
+            .query_row(
+                "SELECT local_version, delta FROM outbox ORDER BY local_version LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Content ids watched, with when.
+    pub fn watched(&self) -> Result<Vec<(String, i64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT content_id, last_ms FROM watched")
+            .map_err(|e| self.err(e))?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
+    }
+
+    /// Global patterns with their embeddings.
+    pub fn globals(&self) -> Result<Vec<(StoredGlobal, QuantizedVector)>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, content_id, embedding, scale, success_rate, sample_count, time_slot, \
+                 day_type, content_type, genres, updated_at_ms FROM global_patterns ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                let g = StoredGlobal {
+                    id: uuid_col(r, 0)?,
+                    content_id: r.get(1)?,
+                    success_rate: r.get(4)?,
+                    sample_count: r.get(5)?,
+                    time_slot: time_slot(r.get(6)?),
+                    day_type: day_type(r.get(7)?),
+                    content_type: content_type(r.get(8)?),
+                    genres: genres_col(r, 9)?,
+                    updated_at_ms: r.get(10)?,
+                };
+                Ok((g, vector_col(r, 2, 3)?))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
+    }
+
+    /// A cached catalogue embedding for `text`.
+    pub fn catalogue_embedding(&self, text: &str) -> Result<Option<QuantizedVector>> {
+        self.conn
+            .query_row(
+                "SELECT embedding, scale FROM catalogue_embeddings WHERE text = ?1",
+                [text],
+                |r| vector_col(r, 0, 1),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// The writes of one transaction.
+pub struct Tx<'a>(&'a Transaction<'a>);
+
+impl Tx<'_> {
+    /// Sets a meta value.
+    pub fn set_meta(&self, key: &str, value: impl rusqlite::ToSql) -> rusqlite::Result<()> {
+        self.0
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map(|_| ())
+    }
+
+    /// Inserts or replaces a local pattern.
+    pub fn put_pattern(&self, p: &StoredPattern, v: &QuantizedVector) -> rusqlite::Result<()> {
+        self.0
+            .execute(
+                "INSERT OR REPLACE INTO patterns (id, content_id, title, time_slot, day_type, \
+                 content_type, genres, embedding, scale, success_rate, sample_count, \
+                 created_at_ms, updated_at_ms, synced, pending_samples, dirty) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                params![
+                    p.id.as_bytes().as_slice(),
+                    p.content_id,
+                    p.title,
+                    enum_i(p.time_slot),
+                    omega_protocol::pb::DayType::from(p.day_type) as i32,
+                    omega_protocol::pb::ContentType::from(p.content_type) as i32,
+                    genres_json(&p.genres),
+                    v.to_bytes(),
+                    v.scale,
+                    p.success_rate,
+                    p.sample_count,
+                    p.created_at_ms,
+                    p.updated_at_ms,
+                    p.synced,
+                    p.pending_samples,
+                    p.dirty,
+                ],
+            )
+            .map(|_| ())
+    }
+
+    /// Marks a pattern as part of a delta.
+    pub fn mark_sent(&self, id: Uuid) -> rusqlite::Result<()> {
+        self.0
+            .execute(
+                "UPDATE patterns SET synced = 1, pending_samples = 0, dirty = 0 WHERE id = ?1",
+                [id.as_bytes().as_slice()],
+            )
+            .map(|_| ())
+    }
+
+    /// Deletes a local pattern; remembers its id for the shard when the shard knows it.
+    pub fn delete_pattern(&self, id: Uuid, tell_shard: bool) -> rusqlite::Result<()> {
+        self.0.execute("DELETE FROM patterns WHERE id = ?1", [id.as_bytes().as_slice()])?;
+        if tell_shard {
+            self.0.execute(
+                "INSERT OR IGNORE INTO removed (id) VALUES (?1)",
+                [id.as_bytes().as_slice()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Forgets removals that went out in a delta.
+    pub fn clear_removed(&self, ids: &[Uuid]) -> rusqlite::Result<()> {
+        for id in ids {
+            self.0.execute("DELETE FROM removed WHERE id = ?1", [id.as_bytes().as_slice()])?;
+        }
+        Ok(())
+    }
+
+    /// Stores the delta awaiting acknowledgement.
+    pub fn put_outbox(&self, version: u64, encoded: &[u8]) -> rusqlite::Result<()> {
+        self.0
+            .execute(
+                "INSERT OR REPLACE INTO outbox (local_version, delta) VALUES (?1, ?2)",
+                params![version as i64, encoded],
+            )
+            .map(|_| ())
+    }
+
+    /// Drops acknowledged deltas.
+    pub fn clear_outbox(&self, up_to: u64) -> rusqlite::Result<()> {
+        self.0.execute("DELETE FROM outbox WHERE local_version <= ?1", [up_to as i64]).map(|_| ())
+    }
+
+    /// Records a watched content.
+    pub fn put_watched(&self, content_id: &str, at_ms: i64) -> rusqlite::Result<()> {
+        self.0
+            .execute(
+                "INSERT INTO watched (content_id, last_ms) VALUES (?1, ?2) \
+                 ON CONFLICT (content_id) DO UPDATE SET last_ms = max(last_ms, excluded.last_ms)",
+                params![content_id, at_ms],
+            )
+            .map(|_| ())
+    }
+
+    /// Forgets a watched content.
+    pub fn delete_watched(&self, content_id: &str) -> rusqlite::Result<()> {
+        self.0.execute("DELETE FROM watched WHERE content_id = ?1", [content_id]).map(|_| ())
+    }
+
+    /// Inserts or replaces a global pattern.
+    pub fn put_global(&self, g: &StoredGlobal, v: &QuantizedVector) -> rusqlite::Result<()> {
+        self.0
+            .execute(
+                "INSERT OR REPLACE INTO global_patterns (id, content_id, embedding, scale, \
+                 success_rate, sample_count, time_slot, day_type, content_type, genres, \
+                 updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    g.id.as_bytes().as_slice(),
+                    g.content_id,
+                    v.to_bytes(),
+                    v.scale,
+                    g.success_rate,
+                    g.sample_count,
+                    enum_i(g.time_slot),
+                    omega_protocol::pb::DayType::from(g.day_type) as i32,
+                    omega_protocol::pb::ContentType::from(g.content_type) as i32,
+                    genres_json(&g.genres),
+                    g.updated_at_ms,
+                ],
+            )
+            .map(|_| ())
+    }
+
+    /// Deletes a global pattern.
+    pub fn delete_global(&self, id: Uuid) -> rusqlite::Result<()> {
+        self.0
+            .execute("DELETE FROM global_patterns WHERE id = ?1", [id.as_bytes().as_slice()])
+            .map(|_| ())
+    }
+
+    /// Caches a catalogue embedding.
+    pub fn put_catalogue_embedding(&self, text: &str, v: &QuantizedVector) -> rusqlite::Result<()> {
+        self.0
+            .execute(
+                "INSERT OR REPLACE INTO catalogue_embeddings (text, embedding, scale) VALUES (?1, ?2, ?3)",
+                params![text, v.to_bytes(), v.scale],
+            )
+            .map(|_| ())
+    }
+}
+
+fn genres_json(g: &[String]) -> String {
+    serde_json::to_string(g).unwrap_or_else(|_| "[]".into())
+}
+
+fn conversion_err(col: usize, msg: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        col,
+        rusqlite::types::Type::Blob,
+        Box::new(std::io::Error::new(std::io::ErrorKind::InvalidData, msg)),
+    )
+}
+
+fn uuid_col(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Uuid> {
+    let b: Vec<u8> = r.get(i)?;
+    Uuid::from_slice(&b).map_err(|e| conversion_err(i, e.to_string()))
+}
+
+fn genres_col(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Vec<String>> {
+    let s: String = r.get(i)?;
+    serde_json::from_str(&s).map_err(|e| conversion_err(i, e.to_string()))
+}
+
+fn vector_col(r: &rusqlite::Row<'_>, vi: usize, si: usize) -> rusqlite::Result<QuantizedVector> {
+    let b: Vec<u8> = r.get(vi)?;
+    let scale: f32 = r.get(si)?;
+    if b.len() != EMBEDDING_DIM || !scale.is_finite() {
+        return Err(conversion_err(vi, format!("embedding of {} bytes, scale {scale}", b.len())));
+    }
+    Ok(QuantizedVector::from_bytes(&b, scale))
+}
+
+fn time_slot(v: i32) -> TimeSlot {
+    TimeSlot::from_wire("time_slot", v).unwrap_or_default()
+}
+
+fn day_type(v: i32) -> DayType {
+    DayType::from_wire("day_type", v).unwrap_or_default()
+}
+
+fn content_type(v: i32) -> ContentType {
+    ContentType::from_wire("content_type", v).unwrap_or_default()
+}

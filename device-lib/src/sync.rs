@@ -1,0 +1,415 @@
+//! The client side of `Constellation`: register, then trade deltas for global patterns.
+//!
+//! Every call is zstd-compressed both ways, carries a deadline, and is retried with
+//! exponential backoff and full jitter (a random wait in `[0, min(max, base · 2^attempt)]`, so
+//! a fleet that lost its shard does not come back in lockstep) on `UNAVAILABLE`,
+//! `DEADLINE_EXCEEDED` and `RESOURCE_EXHAUSTED`. Other errors are final. The channel connects
+//! lazily: a TV that boots offline still gets a client, and its deltas wait in the brain's
+//! outbox until a sync goes through. TLS (rustls) needs the `tls` cargo feature and an
+//! `https://` endpoint.
+
+use crate::brain::Brain;
+use crate::error::{DeviceError, Result};
+use omega_protocol::pb::constellation_client::ConstellationClient;
+use omega_protocol::{GlobalPatterns, pb, wire};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tonic::codec::CompressionEncoding;
+use tonic::transport::{Channel, Endpoint};
+
+/// Version sent at registration.
+pub const CLIENT_VERSION: &str = concat!("omega-device/", env!("CARGO_PKG_VERSION"));
+
+/// Where and how to sync. Every field has a default; as JSON unknown fields are refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    /// `http://host:50051`, or `https://…` with the `tls` feature.
+    pub endpoint: String,
+    /// Bearer token from an earlier registration; [`SyncClient::register`] sets it.
+    pub token: Option<String>,
+    /// Region sent at registration.
+    pub region: String,
+    /// Deadline of one call, ms.
+    pub timeout_ms: u64,
+    /// Deadline of connecting, ms.
+    pub connect_timeout_ms: u64,
+    /// Attempts per call (1 = no retry).
+    pub max_attempts: u32,
+    /// First backoff ceiling, ms.
+    pub backoff_base_ms: u64,
+    /// Largest backoff ceiling, ms.
+    pub backoff_max_ms: u64,
+    /// PEM file of the CA that signed the shard's certificate (`tls` feature; default: the
+    /// webpki roots).
+    pub ca_cert_path: Option<std::path::PathBuf>,
+    /// Shortest pause between syncs, s (the shard's registration answer overrides it).
+    pub min_interval_secs: u64,
+    /// Longest pause between syncs, s.
+    pub max_interval_secs: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            endpoint: "http://127.0.0.1:50051".into(),
+            token: None,
+            region: String::new(),
+            timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            max_attempts: 4,
+            backoff_base_ms: 250,
+            backoff_max_ms: 30_000,
+            ca_cert_path: None,
+            min_interval_secs: 300,
+            max_interval_secs: 900,
+        }
+    }
+}
+
+/// What the shard answered at registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    /// Bearer token for every sync.
+    pub device_token: String,
+    /// The shard.
+    pub shard_id: u32,
+    /// Its region.
+    pub region: String,
+    /// Its model; a device with another model must not sync.
+    pub model_id: String,
+    /// Shortest pause between syncs, s.
+    pub sync_interval_min_secs: u32,
+    /// Longest pause between syncs, s.
+    pub sync_interval_max_secs: u32,
+}
+
+/// What one [`SyncClient::sync`] did.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SyncReport {
+    /// `local_version` of the delta pushed, if one was.
+    pub local_version: Option<u64>,
+    /// Patterns added / updated / removed in that delta.
+    pub pushed_added: usize,
+    /// See `pushed_added`.
+    pub pushed_updated: usize,
+    /// See `pushed_added`.
+    pub pushed_removed: usize,
+    /// The shard stored the delta (now out of the brain's outbox).
+    pub acknowledged: bool,
+    /// The shard had already applied this `local_version` (a retry).
+    pub replayed: bool,
+    /// Patterns the shard stored.
+    pub patterns_accepted: u32,
+    /// Patterns below the shard's quality threshold.
+    pub patterns_filtered: u32,
+    /// Global version now held.
+    pub global_version: u64,
+    /// Similar patterns received.
+    pub similar_received: usize,
+    /// Trend signals received.
+    pub trends_received: usize,
+    /// Request bytes on the wire (gRPC frame, zstd), for the attempt that succeeded.
+    pub bytes_up: usize,
+    /// Response bytes on the wire (gRPC frame, zstd).
+    pub bytes_down: usize,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Wall time, ms.
+    pub elapsed_ms: u64,
+}
+
+/// True for the gRPC codes worth retrying.
+pub fn is_retryable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted
+    )
+}
+
+/// Wait before retry number `attempt` (0-based): uniform in `[0, min(max, base · 2^attempt)]`.
+pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, rng: &mut impl Rng) -> Duration {
+    let ceiling =
+        base.saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX)).min(max);
+    let ms = ceiling.as_millis() as u64;
+    Duration::from_millis(if ms == 0 { 0 } else { rng.random_range(0..=ms) })
+}
+
+/// Pause before the next sync: uniform in `[min, max]` (5-15 minutes by default), so a
+/// fleet's syncs spread out.
+pub fn next_sync_delay(min: Duration, max: Duration, rng: &mut impl Rng) -> Duration {
+    let (lo, hi) = (min.as_millis() as u64, max.as_millis() as u64);
+    let (lo, hi) = if lo <= hi { (lo, hi) } else { (hi, lo) };
+    Duration::from_millis(rng.random_range(lo..=hi))
+}
+
+/// A `Constellation` client.
+#[derive(Debug, Clone)]
+pub struct SyncClient {
+    client: ConstellationClient<Channel>,
+    cfg: SyncConfig,
+}
+
+impl SyncClient {
+    /// Prepares a client. The connection is made at the first call (and re-made after
+    /// failures), so this succeeds offline; a malformed endpoint is an error.
+    pub async fn connect(cfg: SyncConfig) -> Result<SyncClient> {
+        let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
+            .map_err(|e| DeviceError::SyncConfig(format!("endpoint {:?}: {e}", cfg.endpoint)))?
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms.max(1)))
+            .timeout(Duration::from_millis(cfg.timeout_ms.max(1)));
+        if cfg.endpoint.starts_with("https://") {
+            endpoint = tls(endpoint, &cfg)?;
+        }
+        if let Some(t) = &cfg.token {
+            bearer(t)?;
+        }
+        let client = ConstellationClient::new(endpoint.connect_lazy())
+            .send_compressed(CompressionEncoding::Zstd)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .max_decoding_message_size(omega_protocol::validate::MAX_MESSAGE_BYTES);
+        Ok(SyncClient { client, cfg })
+    }
+
+    /// The configuration (with the token once registered).
+    pub fn config(&self) -> &SyncConfig {
+        &self.cfg
+    }
+
+    /// Registers the device (idempotent on the shard) and keeps the token for syncs.
+    pub async fn register(
+        &mut self,
+        device_id: &str,
+        region: &str,
+        model_id: &str,
+    ) -> Result<Registration> {
+        let req = pb::RegisterRequest {
+            device_id: device_id.into(),
+            region: region.into(),
+            model_id: model_id.into(),
+            client_version: CLIENT_VERSION.into(),
+        };
+        omega_protocol::validate::check_register(&req)?;
+        let (resp, _) = self
+            .call(|mut c, deadline| {
+                let req = req.clone();
+                async move {
+                    let mut r = tonic::Request::new(req);
+                    r.set_timeout(deadline);
+                    c.register(r).await
+                }
+            })
+            .await?;
+        if !resp.model_id.is_empty() && resp.model_id != model_id {
+            return Err(DeviceError::ModelMismatch {
+                expected: model_id.into(),
+                got: resp.model_id,
+            });
+        }
+        bearer(&resp.device_token)?;
+        self.cfg.token = Some(resp.device_token.clone());
+        if resp.sync_interval_min_secs > 0
+            && resp.sync_interval_max_secs >= resp.sync_interval_min_secs
+        {
+            self.cfg.min_interval_secs = u64::from(resp.sync_interval_min_secs);
+            self.cfg.max_interval_secs = u64::from(resp.sync_interval_max_secs);
+        }
+        Ok(Registration {
+            device_token: resp.device_token,
+            shard_id: resp.shard_id,
+            region: resp.region,
+            model_id: resp.model_id,
+            sync_interval_min_secs: resp.sync_interval_min_secs,
+            sync_interval_max_secs: resp.sync_interval_max_secs,
+        })
+    }
+
+    /// Pushes the brain's pending delta (if any) and takes in the global patterns. On
+    /// failure the delta stays in the brain's outbox, to be sent again, same version.
+    pub async fn sync(&mut self, brain: &mut Brain) -> Result<SyncReport> {
+        let started = Instant::now();
+        let token = self.cfg.token.clone().ok_or_else(|| {
+            DeviceError::State("not registered: call register first or set a token".into())
+        })?;
+        let delta = brain.prepare_delta()?;
+        let req = pb::SyncRequest {
+            device_id: brain.device_id().into(),
+            delta: delta.as_ref().map(|d| d.to_wire()),
+            known_global_version: brain.global_version(),
+        };
+        let bytes_up = wire::grpc_zstd_size(&req);
+        let auth = bearer(&token)?;
+        let (resp, attempts) = self
+            .call(|mut c, deadline| {
+                let req = req.clone();
+                let auth = auth.clone();
+                async move {
+                    let mut r = tonic::Request::new(req);
+                    r.set_timeout(deadline);
+                    r.metadata_mut().insert("authorization", auth);
+                    c.sync(r).await
+                }
+            })
+            .await?;
+        let bytes_down = wire::grpc_zstd_size(&resp);
+        let mut report = SyncReport {
+            local_version: delta.as_ref().map(|d| d.local_version),
+            pushed_added: delta.as_ref().map_or(0, |d| d.added.len()),
+            pushed_updated: delta.as_ref().map_or(0, |d| d.updated.len()),
+            pushed_removed: delta.as_ref().map_or(0, |d| d.removed.len()),
+            replayed: resp.replayed,
+            patterns_accepted: resp.patterns_accepted,
+            patterns_filtered: resp.patterns_filtered,
+            bytes_up,
+            bytes_down,
+            attempts,
+            ..SyncReport::default()
+        };
+        if let Some(d) = &delta
+            && resp.acknowledged_version >= d.local_version
+        {
+            brain.acknowledge(d.local_version)?;
+            report.acknowledged = true;
+        }
+        if let Some(g) = resp.global {
+            let global = GlobalPatterns::from_wire(g)?;
+            report.similar_received = global.similar.len();
+            report.trends_received = global.trending.len();
+            brain.apply_global(global)?;
+        }
+        report.global_version = brain.global_version();
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+
+    /// Pause before the next sync, random within the shard's (or configured) interval.
+    pub fn next_sync_delay(&self) -> Duration {
+        next_sync_delay(
+            Duration::from_secs(self.cfg.min_interval_secs),
+            Duration::from_secs(self.cfg.max_interval_secs),
+            &mut rand::rng(),
+        )
+    }
+
+    /// Runs one call with deadline and retries; returns the answer and the attempts made.
+    async fn call<T, F, Fut>(&self, mut f: F) -> Result<(T, u32)>
+    where
+        F: FnMut(ConstellationClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Duration::from_millis(self.cfg.timeout_ms.max(1));
+        let attempts = self.cfg.max_attempts.max(1);
+        let mut last = String::new();
+        for attempt in 0..attempts {
+            let outcome = tokio::time::timeout(deadline, f(self.client.clone(), deadline)).await;
+            let status = match outcome {
+                Ok(Ok(resp)) => return Ok((resp.into_inner(), attempt + 1)),
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    tonic::Status::deadline_exceeded(format!("no answer within {deadline:?}"))
+                }
+            };
+            if !is_retryable(status.code()) {
+                return Err(DeviceError::Rejected {
+                    code: status.code(),
+                    message: status.message().into(),
+                });
+            }
+            last = format!("{:?}: {}", status.code(), status.message());
+            if attempt + 1 < attempts {
+                let wait = backoff_delay(
+                    attempt,
+                    Duration::from_millis(self.cfg.backoff_base_ms),
+                    Duration::from_millis(self.cfg.backoff_max_ms),
+                    &mut rand::rng(),
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+        Err(DeviceError::Unavailable { attempts, message: last })
+    }
+}
+
+fn bearer(token: &str) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| DeviceError::SyncConfig("token is not valid header text".into()))
+}
+
+#[cfg(feature = "tls")]
+fn tls(endpoint: Endpoint, cfg: &SyncConfig) -> Result<Endpoint> {
+    use tonic::transport::{Certificate, ClientTlsConfig};
+    let mut tls = ClientTlsConfig::new().with_webpki_roots();
+    if let Some(path) = &cfg.ca_cert_path {
+        let pem = std::fs::read(path).map_err(|e| {
+            DeviceError::SyncConfig(format!("CA certificate {}: {e}", path.display()))
+        })?;
+        tls = tls.ca_certificate(Certificate::from_pem(pem));
+    }
+    endpoint.tls_config(tls).map_err(|e| DeviceError::SyncConfig(format!("TLS: {e}")))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls(_endpoint: Endpoint, cfg: &SyncConfig) -> Result<Endpoint> {
+    Err(DeviceError::SyncConfig(format!(
+        "{} needs TLS: build omega-device with the `tls` feature",
+        cfg.endpoint
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    #[test]
+    fn retryable_codes_table() {
+        use tonic::Code::*;
+        let cases = [
+            (Unavailable, true),
+            (DeadlineExceeded, true),
+            (ResourceExhausted, true),
+            (InvalidArgument, false),
+            (Unauthenticated, false),
+            (PermissionDenied, false),
+            (Internal, false),
+            (FailedPrecondition, false),
+        ];
+        for (code, want) in cases {
+            assert_eq!(is_retryable(code), want, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_is_bounded_by_the_growing_ceiling() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let base = Duration::from_millis(100);
+        let max = Duration::from_millis(1_000);
+        for (attempt, ceiling) in [(0, 100), (1, 200), (2, 400), (3, 800), (4, 1_000), (40, 1_000)]
+        {
+            let mut seen_max = Duration::ZERO;
+            for _ in 0..200 {
+                let d = backoff_delay(attempt, base, max, &mut rng);
+                assert!(d <= Duration::from_millis(ceiling), "attempt {attempt}: {d:?}");
+                seen_max = seen_max.max(d);
+            }
+            // Full jitter spreads over the whole range.
+            assert!(seen_max > Duration::from_millis(ceiling / 2), "attempt {attempt}");
+        }
+        assert_eq!(backoff_delay(3, Duration::ZERO, max, &mut rng), Duration::ZERO);
+    }
+
+    #[test]
+    fn next_sync_is_between_five_and_fifteen_minutes_and_spread() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let (lo, hi) = (Duration::from_secs(300), Duration::from_secs(900));
+        let ds: Vec<Duration> = (0..500).map(|_| next_sync_delay(lo, hi, &mut rng)).collect();
+        assert!(ds.iter().all(|d| *d >= lo && *d <= hi));
+        assert!(ds.iter().any(|d| *d < Duration::from_secs(400)));
+        assert!(ds.iter().any(|d| *d > Duration::from_secs(800)));
+        assert_eq!(next_sync_delay(hi, hi, &mut rng), hi);
+    }
+}
