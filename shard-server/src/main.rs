@@ -24,6 +24,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the database schema (also done by `serve` at start) and exit.
     Migrate(StoreArgs),
+    /// Run one federation round over the shards' admin endpoints and print its JSON summary.
+    Federate(Box<omega_shard::federation::FederateArgs>),
 }
 
 fn init_logs(format: LogFormat) {
@@ -46,6 +48,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate(args) => {
             let kind = omega_shard::server::migrate(&args).await.context("migration failed")?;
             tracing::info!(store = kind, "schema is current");
+        }
+        Command::Federate(args) => {
+            let code = omega_shard::federation::main(*args).await;
+            if code != 0 {
+                std::process::exit(code);
+            }
         }
     }
     Ok(())
