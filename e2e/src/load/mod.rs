@@ -86,10 +86,9 @@ const GENRES: &[&str] = &[
     "sports",
 ];
 
-/// A random unit embedding (sum of uniforms per component: roughly Gaussian).
+/// A random unit embedding (uniform components, normalised).
 pub fn random_embedding(rng: &mut StdRng) -> Vec<f32> {
-    let mut v: Vec<f32> =
-        (0..EMBEDDING_DIM).map(|_| (0..3).map(|_| rng.random_range(-1.0f32..1.0)).sum()).collect();
+    let mut v: Vec<f32> = (0..EMBEDDING_DIM).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     l2_normalize(&mut v);
     v
 }

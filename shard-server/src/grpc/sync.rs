@@ -158,8 +158,8 @@ impl Constellation for ConstellationService {
             patterns_filtered: if applied.applied { prepared.filtered } else { 0 },
             replayed: !applied.applied,
         };
-        logic::fit(&mut resp, similar.as_ref().clone(), trends, DOWN_BUDGET_BYTES);
-        st.metrics.observe_bytes("down", grpc_zstd_size(&resp));
+        let fitted = logic::fit(&mut resp, similar.as_ref().clone(), trends, DOWN_BUDGET_BYTES);
+        st.metrics.observe_bytes("down", fitted.wire_bytes);
         st.count_sync();
         let mut out = Response::new(resp);
         out.extensions_mut().insert(SyncOutcome(if applied.applied { "ok" } else { "replayed" }));
