@@ -47,10 +47,10 @@ pub struct StoreArgs {
     #[arg(long, env = "MERGE_BATCH", default_value_t = 500)]
     pub merge_batch: u32,
     /// Embedded ANN: number of inverted lists.
-    #[arg(long, env = "ANN_LISTS", default_value_t = 1024)]
+    #[arg(long, env = "ANN_LISTS", default_value_t = 256)]
     pub ann_lists: u32,
     /// Embedded ANN: lists scanned per query (at least).
-    #[arg(long, env = "ANN_PROBES", default_value_t = 16)]
+    #[arg(long, env = "ANN_PROBES", default_value_t = 8)]
     pub ann_probes: u32,
     /// Embedded store: compact the write-ahead log into a snapshot past this size.
     #[arg(long, env = "WAL_COMPACT_MB", default_value_t = 256)]

@@ -293,8 +293,8 @@ impl StoreOptions {
             hnsw_ef_search: 100,
             merge_interval: std::time::Duration::from_millis(1000),
             merge_batch: 500,
-            ann_lists: 1024,
-            ann_probes: 16,
+            ann_lists: 256,
+            ann_probes: 8,
             wal_compact_bytes: 256 << 20,
         }
     }
