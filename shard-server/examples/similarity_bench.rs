@@ -9,9 +9,9 @@
 //! Loads `--patterns` random unit embeddings (success rates uniform in [0.7, 1]) owned by
 //! `--devices` devices, then times `--queries` similarity queries through the store's own
 //! `similar` (32 nearest, success >= 0.8, excluding the asking device), and prints one JSON
-//! line. Postgres is loaded straight into `patterns` with the HNSW index dropped, then the
-//! index is built (the time is reported): that is how a large shard is bulk-loaded, and the
-//! sync path's intake table is not what this measures.
+//! line. Postgres is loaded straight into `patterns` and `pattern_vectors` with the HNSW index
+//! dropped, then the index is built (the time is reported): that is how a large shard is
+//! bulk-loaded; the sync path (intake, merge, indexer) is not what this measures.
 
 use clap::Parser;
 use omega_protocol::pb;
@@ -109,7 +109,7 @@ async fn load_embedded(store: &dyn Store, args: &Args, rng: &mut StdRng) -> anyh
 async fn load_postgres(url: &str, args: &Args, rng: &mut StdRng) -> anyhow::Result<f64> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await?;
-    sqlx::query("DROP INDEX IF EXISTS patterns_embedding_hnsw").execute(&mut conn).await?;
+    sqlx::query("DROP INDEX IF EXISTS pattern_vectors_embedding_hnsw").execute(&mut conn).await?;
     let ids: Vec<String> = (0..args.devices).map(|d| format!("dev-{d}")).collect();
     sqlx::query("INSERT INTO devices (device_id, region) SELECT unnest($1::text[]), 'local' ON CONFLICT DO NOTHING")
         .bind(&ids)
@@ -134,10 +134,14 @@ async fn load_postgres(url: &str, args: &Args, rng: &mut StdRng) -> anyhow::Resu
             rate.push(p.success_rate);
         }
         sqlx::query(
-            "INSERT INTO patterns (id, device_id, content_id, embedding, success_rate, sample_count,
-                 time_slot, day_type, content_type, genres, created_at_ms, updated_at_ms)
-             SELECT id, d, 'content-' || (random() * 100000)::int, e, r, 3, 3, 1, 1, ARRAY['drama'], 0, 0
-             FROM unnest($1::uuid[], $2::text[], $3::vector[], $4::real[]) AS x(id, d, e, r)",
+            "WITH x AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::vector[], $4::real[])
+                          AS x(id, d, e, r)),
+                  v AS (INSERT INTO pattern_vectors (id, device_id, success_rate, embedding)
+                        SELECT id, d, r, e FROM x WHERE r >= 0.8)
+             INSERT INTO patterns (id, device_id, content_id, embedding, success_rate, sample_count,
+                 time_slot, day_type, content_type, genres, created_at_ms, updated_at_ms, index_seq)
+             SELECT id, d, 'content-' || (random() * 100000)::int, e, r, 3, 3, 1, 1, ARRAY['drama'], 0, 0, 0
+             FROM x",
         )
         .bind(&pid)
         .bind(&dev)
@@ -158,12 +162,15 @@ async fn load_postgres(url: &str, args: &Args, rng: &mut StdRng) -> anyhow::Resu
     sqlx::query("SET maintenance_work_mem = '8GB'").execute(&mut conn).await?;
     sqlx::query("SET max_parallel_maintenance_workers = 1").execute(&mut conn).await?;
     sqlx::query(&format!(
-        "CREATE INDEX patterns_embedding_hnsw ON patterns USING hnsw (embedding vector_cosine_ops) WITH (m = {}, ef_construction = {})",
+        "CREATE INDEX pattern_vectors_embedding_hnsw ON pattern_vectors USING hnsw (embedding vector_cosine_ops) WITH (m = {}, ef_construction = {})",
         args.m, args.ef_construction
     ))
     .execute(&mut conn)
     .await?;
     sqlx::query("ANALYZE patterns").execute(&mut conn).await?;
+    sqlx::query("ANALYZE pattern_vectors").execute(&mut conn).await?;
+    // The rows were loaded indexed already: move the indexer's cursor past them.
+    sqlx::query("UPDATE indexer_state SET last_seq = 1").execute(&mut conn).await?;
     Ok(t.elapsed().as_secs_f64())
 }
 

@@ -60,7 +60,11 @@ impl ConstellationService {
                         .map(|s| logic::anonymize(s.pattern, &st.keys, s.aggregate))
                         .collect(),
                 );
-                st.similar.put(device_id, version, now, served.clone());
+                // An empty answer is not cached: on a young shard (or before the Postgres
+                // merge has indexed anything) the next sync should look again.
+                if !served.is_empty() {
+                    st.similar.put(device_id, version, now, served.clone());
+                }
                 served
             }
             Err(e) => {
