@@ -6,7 +6,8 @@
 //!     --database-url postgres://omega@127.0.0.1:PORT/omega --patterns 1000000
 //! ```
 //!
-//! Loads `--patterns` random unit embeddings (success rates uniform in [0.7, 1]) owned by
+//! Loads `--patterns` random unit embeddings (success rates uniform in [0.8, 1], so every one
+//! is shareable and in the search index) owned by
 //! `--devices` devices, then times `--queries` similarity queries through the store's own
 //! `similar` (32 nearest, success >= 0.8, excluding the asking device), and prints one JSON
 //! line. Postgres is loaded straight into `patterns` and `pattern_vectors` with the HNSW index
@@ -66,7 +67,7 @@ fn pattern(rng: &mut StdRng) -> pb::Pattern {
         id: Uuid::now_v7().as_bytes().to_vec(),
         content_id: format!("content-{}", rng.random_range(0..100_000)),
         embedding: Some(pb::Embedding { values: q.to_bytes(), scale: q.scale }),
-        success_rate: rng.random_range(0.7f32..=1.0),
+        success_rate: rng.random_range(0.8f32..=1.0),
         sample_count: 3,
         context: Some(pb::PatternContext {
             time_slot: 3,
