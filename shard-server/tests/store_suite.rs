@@ -327,3 +327,36 @@ async fn embedded_state_survives_reopen() {
         .applied
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_reads_go_to_the_read_replicas() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    let url = common::fresh_db().await;
+    let primary = PostgresStore::open(&StoreOptions::postgres(&url)).await.expect("open");
+    register_all(&primary, &["a", "b"]).await;
+    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    primary.apply_sync(write("a", 1, vec![p.clone()])).await.expect("sync");
+    primary.settle().await.expect("settle");
+    // A "replica" that is the same database: reads work through it.
+    let mut opts = StoreOptions::postgres(&url);
+    opts.read_urls = vec![url.clone(), url.clone()];
+    let s = PostgresStore::open(&opts).await.expect("open with replicas");
+    for _ in 0..3 {
+        let found = s
+            .similar(SimilarQuery {
+                device_id: "b".into(),
+                interest: unit_near(0, 2),
+                limit: 5,
+                min_quality: 0.8,
+            })
+            .await
+            .expect("similar via a replica");
+        assert_eq!(found.len(), 1);
+    }
+    // A replica that cannot be reached fails reads with UNAVAILABLE, not a panic or a hang.
+    let mut opts = StoreOptions::postgres(&url);
+    opts.read_urls = vec![format!("postgres://omega@127.0.0.1:{}/x", common::free_port())];
+    let s = PostgresStore::open(&opts).await.expect("open");
+    let r = s.export(Some(Uuid::nil()), 10, 0.0).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+}
