@@ -4,7 +4,8 @@
 //! ~150 rows/s per session while appending to an unindexed one runs at tens of thousands, so
 //! the index is kept off every path that must be fast. Three tables, three stages:
 //!
-//! 1. **Sync** (one transaction per batch of concurrent syncs, one writer task): bump
+//! 1. **Sync** (one transaction per batch of concurrent syncs, two writer tasks that split
+//!    the devices between them): bump
 //!    `devices.local_version` only when the new version is higher (the idempotency check and
 //!    the row lock in one statement), then append the delta's operations to the unindexed
 //!    `pattern_intake`.
@@ -59,6 +60,7 @@ const OP_REMOVE: i16 = 3;
 const MERGE_LOCK: i64 = 0x6f6d_6567_616d; // "omegam"
 const INDEX_LOCK: i64 = 0x6f6d_6567_6169; // "omegai"
 const MAX_BATCH: usize = 512;
+const WRITERS: usize = 2;
 const GLOBAL_TTL: Duration = Duration::from_secs(1);
 
 /// Maps a database error to the store's error, separating "unreachable" from the rest.
@@ -89,7 +91,7 @@ pub struct PostgresStore {
     primary: PgPool,
     readers: Vec<PgPool>,
     next_reader: AtomicUsize,
-    jobs: mpsc::Sender<Job>,
+    jobs: Vec<mpsc::Sender<Job>>,
     global: Mutex<Option<(Instant, GlobalState)>>,
     latest_migration: i64,
     merge_batch: i64,
@@ -185,8 +187,15 @@ impl PostgresStore {
                 Err(e) => return Err(e),
             }
         }
-        let (tx, rx) = mpsc::channel(4096);
-        let mut tasks = vec![tokio::spawn(writer(primary.clone(), rx))];
+        // Devices are split between the writers by hash, so two batches never lock the same
+        // device row (no deadlocks) while one batch's commit overlaps the next one's work.
+        let mut jobs = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..WRITERS {
+            let (tx, rx) = mpsc::channel(4096);
+            jobs.push(tx);
+            tasks.push(tokio::spawn(writer(primary.clone(), rx)));
+        }
         tasks.push(tokio::spawn(merger(
             primary.clone(),
             opts.merge_interval,
@@ -201,7 +210,7 @@ impl PostgresStore {
             primary,
             readers,
             next_reader: AtomicUsize::new(0),
-            jobs: tx,
+            jobs,
             global: Mutex::new(None),
             latest_migration: MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0),
             merge_batch: i64::from(opts.merge_batch),
@@ -857,7 +866,9 @@ impl Store for PostgresStore {
 
     async fn apply_sync(&self, write: SyncWrite) -> Result<SyncApplied, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.jobs
+        let h =
+            write.device_id.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+        self.jobs[h % self.jobs.len()]
             .send(Job { write, reply })
             .await
             .map_err(|_| StoreError::Unavailable("the database writer stopped".into()))?;
