@@ -1,5 +1,11 @@
--- omega-shard schema. The HNSW index on patterns.embedding is created by the server after the
--- migrations (its m / ef_construction come from HNSW_M / HNSW_EF_CONSTRUCTION).
+-- omega-shard schema. The HNSW index on pattern_vectors.embedding is created by the server
+-- after the migrations (its m / ef_construction come from HNSW_M / HNSW_EF_CONSTRUCTION).
+--
+-- Three stages, each cheap where it has to be:
+--   pattern_intake   append-only, unindexed: written by the sync transaction
+--   patterns         the truth (btree indexes only): the merge applies intake rows here
+--   pattern_vectors  shareable patterns (success >= 0.8) under the HNSW index, fed by the
+--                    indexer; similarity queries search it
 CREATE EXTENSION IF NOT EXISTS vector;
 
 CREATE TABLE devices (
@@ -44,9 +50,29 @@ CREATE TABLE patterns (
     content_type  smallint NOT NULL,
     genres        text[] NOT NULL,
     created_at_ms bigint NOT NULL,
-    updated_at_ms bigint NOT NULL
+    updated_at_ms bigint NOT NULL,
+    -- merge generation that last wrote this row; the indexer follows (index_seq, id)
+    index_seq     bigint NOT NULL
 );
 CREATE INDEX patterns_device_id ON patterns (device_id);
+CREATE INDEX patterns_index_seq ON patterns (index_seq, id);
+-- one value per merge transaction; merges are serialised, so values grow in commit order
+CREATE SEQUENCE pattern_index_gen;
+
+CREATE TABLE pattern_vectors (
+    id           uuid PRIMARY KEY,
+    device_id    text NOT NULL,
+    success_rate real NOT NULL,
+    embedding    vector(384) NOT NULL
+);
+
+-- how far the indexer has read patterns, as a (index_seq, id) cursor
+CREATE TABLE indexer_state (
+    id       smallint PRIMARY KEY CHECK (id = 1),
+    last_seq bigint NOT NULL,
+    last_id  uuid NOT NULL
+);
+INSERT INTO indexer_state VALUES (1, 0, '00000000-0000-0000-0000-000000000000');
 
 CREATE TABLE global_state (
     id             smallint PRIMARY KEY CHECK (id = 1),

@@ -40,17 +40,23 @@ pub struct StoreArgs {
     /// HNSW `ef_search` for similarity queries (at least the 100 results a sync asks for).
     #[arg(long, env = "HNSW_EF_SEARCH", default_value_t = 100)]
     pub hnsw_ef_search: u32,
-    /// How often the background merge moves intake rows into the indexed table.
+    /// How often the background merge moves intake rows into `patterns`.
     #[arg(long, env = "MERGE_INTERVAL_MS", default_value_t = 1000)]
     pub merge_interval_ms: u64,
     /// Most intake rows one merge transaction moves.
-    #[arg(long, env = "MERGE_BATCH", default_value_t = 500)]
+    #[arg(long, env = "MERGE_BATCH", default_value_t = 5000)]
     pub merge_batch: u32,
+    /// Pause between two batches of the vector indexer (bounds its CPU share).
+    #[arg(long, env = "INDEX_INTERVAL_MS", default_value_t = 1000)]
+    pub index_interval_ms: u64,
+    /// Patterns the vector indexer inserts into the HNSW index per batch.
+    #[arg(long, env = "INDEX_BATCH", default_value_t = 100)]
+    pub index_batch: u32,
     /// Embedded ANN: number of inverted lists.
-    #[arg(long, env = "ANN_LISTS", default_value_t = 1024)]
+    #[arg(long, env = "ANN_LISTS", default_value_t = 256)]
     pub ann_lists: u32,
     /// Embedded ANN: lists scanned per query (at least).
-    #[arg(long, env = "ANN_PROBES", default_value_t = 16)]
+    #[arg(long, env = "ANN_PROBES", default_value_t = 8)]
     pub ann_probes: u32,
     /// Embedded store: compact the write-ahead log into a snapshot past this size.
     #[arg(long, env = "WAL_COMPACT_MB", default_value_t = 256)]
@@ -86,6 +92,8 @@ impl StoreArgs {
         range("HNSW_EF_SEARCH", self.hnsw_ef_search.into(), 1, 1000)?;
         range("MERGE_INTERVAL_MS", self.merge_interval_ms, 10, 3_600_000)?;
         range("MERGE_BATCH", self.merge_batch.into(), 1, 1_000_000)?;
+        range("INDEX_INTERVAL_MS", self.index_interval_ms, 0, 3_600_000)?;
+        range("INDEX_BATCH", self.index_batch.into(), 1, 1_000_000)?;
         range("ANN_LISTS", self.ann_lists.into(), 1, 65_536)?;
         range("ANN_PROBES", self.ann_probes.into(), 1, self.ann_lists.into())?;
         range("WAL_COMPACT_MB", self.wal_compact_mb, 1, 1 << 20)?;

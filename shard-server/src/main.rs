@@ -37,10 +37,7 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    init_logs(cli.log_format);
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => omega_shard::server::serve(*args, Default::default())
             .await
@@ -57,4 +54,16 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    if let Err(e) = run(cli).await {
+        // One line: the context chain, outermost first ("serve failed: invalid configuration:
+        // OMEGA_DEVICE_SECRET: …").
+        tracing::error!(error = format!("{e:#}"), "omega-shard stopped");
+        std::process::exit(1);
+    }
 }

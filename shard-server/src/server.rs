@@ -32,13 +32,13 @@ pub const ADMIN_MAX_MESSAGE_BYTES: usize = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// A setting is invalid.
-    #[error("configuration: {0}")]
+    #[error("invalid configuration")]
     Config(#[from] crate::config::ConfigError),
     /// The store could not be opened.
-    #[error("store: {0}")]
+    #[error("cannot open the store")]
     Store(#[from] StoreError),
     /// A listener could not be bound.
-    #[error("cannot listen on {var} {addr}: {source}")]
+    #[error("cannot listen on {var} {addr}")]
     Bind {
         /// Variable naming the address.
         var: &'static str,
@@ -48,8 +48,8 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The device secret could not be read or created.
-    #[error("device secret under DATA_DIR: {0}")]
-    Secret(std::io::Error),
+    #[error("cannot read or create the device secret under DATA_DIR")]
+    Secret(#[source] std::io::Error),
     /// A server failed while running.
     #[error("{0}")]
     Transport(String),

@@ -295,3 +295,113 @@ async fn postgres_acknowledged_syncs_survive_sigkill() {
     );
     acknowledged_syncs_survive_sigkill(shard).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_exports_in_resumable_batches_and_publishes_once() {
+    use omega_protocol::pb::shard_admin_client::ShardAdminClient;
+    let dir = tempfile::tempdir().expect("tmp");
+    let shard = Shard::start(dir.path(), None, &[("SHARD_ID", "7")]);
+    let mut c = shard.client().await;
+    for (d, n) in [("tv-a", 4u64), ("tv-b", 3)] {
+        let t = register(&mut c, d).await;
+        let added = (0..n).map(|i| pattern(i + n * 100, 0.9)).collect();
+        c.sync(sync_request(d, Some(&t), delta(1, added))).await.expect("sync");
+    }
+    let mut admin =
+        ShardAdminClient::new(common::channel(&format!("http://127.0.0.1:{}", shard.admin)).await)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Zstd);
+    let export = |after: Vec<u8>| pb::ExportPatternsRequest {
+        min_quality: 0.8,
+        round_id: "r1".into(),
+        batch_size: 3,
+        after,
+    };
+    let mut stream = admin.export_patterns(export(vec![])).await.expect("export").into_inner();
+    let mut batches = Vec::new();
+    while let Some(b) = stream.message().await.expect("batch") {
+        batches.push(b);
+    }
+    assert_eq!(batches.iter().map(|b| b.patterns.len()).collect::<Vec<_>>(), vec![3, 3, 1]);
+    assert!(batches.last().expect("last").last);
+    assert!(
+        batches.iter().all(|b| b.shard_id == 7 && b.model_id == omega_protocol::DEFAULT_MODEL_ID)
+    );
+    let sources: std::collections::HashSet<Vec<u8>> =
+        batches.iter().flat_map(|b| b.patterns.iter().map(|p| p.source.clone())).collect();
+    assert_eq!(sources.len(), 2, "one pseudonym per device");
+    assert!(
+        sources
+            .iter()
+            .all(|s| s.len() == 16 && !s.windows(4).any(|w| w == b"tv-a" || w == b"tv-b"))
+    );
+    // Resume after the first batch: the rest, nothing repeated.
+    let mut resumed = admin
+        .export_patterns(export(batches[0].cursor.clone()))
+        .await
+        .expect("resume")
+        .into_inner();
+    let mut rest = 0;
+    while let Some(b) = resumed.message().await.expect("batch") {
+        rest += b.patterns.len();
+    }
+    assert_eq!(rest, 4);
+    let bad_cursor = admin.export_patterns(export(vec![1, 2, 3])).await.expect_err("bad cursor");
+    assert_eq!(bad_cursor.code(), Code::InvalidArgument);
+
+    let publish = |model: &str| pb::PublishGlobalRequest {
+        round_id: "round-1".into(),
+        global_version: 4,
+        patterns: vec![],
+        trends: vec![pb::TrendSignal {
+            target: Some(pb::trend_signal::Target::ContentId("hit".into())),
+            score: 3.0,
+            region: "eu".into(),
+        }],
+        model_id: model.into(),
+    };
+    let wrong = admin.publish_global(publish("other")).await.expect_err("model");
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    let first = admin
+        .publish_global(publish(omega_protocol::DEFAULT_MODEL_ID))
+        .await
+        .expect("publish")
+        .into_inner();
+    assert_eq!((first.applied, first.global_version), (true, 4));
+    let again = admin
+        .publish_global(publish(omega_protocol::DEFAULT_MODEL_ID))
+        .await
+        .expect("again")
+        .into_inner();
+    assert_eq!((again.applied, again.global_version), (false, 4));
+    // Devices in the round's region receive the trend and the new version.
+    let t = register(&mut c, "tv-c").await;
+    let resp =
+        c.sync(sync_request("tv-c", Some(&t), delta(1, vec![]))).await.expect("sync").into_inner();
+    let g = resp.global.expect("global");
+    assert_eq!(g.global_version, 4);
+    assert_eq!(g.trending.len(), 1);
+    let stats = admin.stats(pb::StatsRequest {}).await.expect("stats").into_inner();
+    assert_eq!(
+        (stats.shard_id, stats.devices_total, stats.patterns, stats.global_version),
+        (7, 3, 7, 4)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_over_its_rate_limit_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shard = Shard::start(
+        dir.path(),
+        None,
+        &[("RATE_LIMIT_BURST", "2"), ("RATE_LIMIT_PER_MINUTE", "1")],
+    );
+    let mut c = shard.client().await;
+    let t = register(&mut c, "tv").await;
+    for v in 1..=2 {
+        c.sync(sync_request("tv", Some(&t), delta(v, vec![]))).await.expect("within burst");
+    }
+    let err = c.sync(sync_request("tv", Some(&t), delta(3, vec![]))).await.expect_err("limited");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(shard.metric(&status_series("resource_exhausted")), 1.0);
+}

@@ -134,6 +134,33 @@ async fn similar_excludes_own_and_low_quality_patterns(s: &dyn Store) {
     assert_eq!(ids, vec![b_own.id.as_slice(), c_far.id.as_slice()]);
 }
 
+async fn quality_changes_move_patterns_in_and_out_of_similar(s: &dyn Store) {
+    register_all(s, &["a", "b"]).await;
+    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    let q = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.75);
+    s.apply_sync(write("a", 1, vec![p.clone(), q.clone()])).await.expect("a1");
+    let query = || SimilarQuery {
+        device_id: "b".into(),
+        interest: unit_near(0, 9),
+        limit: 10,
+        min_quality: 0.8,
+    };
+    let ids = |v: Vec<omega_shard::store::SimilarPattern>| -> Vec<Vec<u8>> {
+        v.into_iter().map(|s| s.pattern.id).collect()
+    };
+    s.settle().await.expect("settle");
+    assert_eq!(ids(s.similar(query()).await.expect("similar")), vec![p.id.clone()]);
+    let mut w = write("a", 2, vec![]);
+    w.updated = vec![
+        pb::PatternUpdate { id: p.id.clone(), success_rate: 0.75, extra_samples: 1 },
+        pb::PatternUpdate { id: q.id.clone(), success_rate: 0.95, extra_samples: 1 },
+    ];
+    s.apply_sync(w).await.expect("a2");
+    s.settle().await.expect("settle");
+    assert_eq!(ids(s.similar(query()).await.expect("similar")), vec![q.id.clone()]);
+    assert_eq!(ids_of(s, 0.0).await.len(), 2, "both still stored");
+}
+
 async fn export_pages_in_id_order_with_a_cursor(s: &dyn Store) {
     register_all(s, &["a", "b"]).await;
     for v in 1..=5u64 {
@@ -262,6 +289,7 @@ suite!(
     unknown_devices_are_refused,
     updates_and_removals_touch_only_own_patterns,
     similar_excludes_own_and_low_quality_patterns,
+    quality_changes_move_patterns_in_and_out_of_similar,
     export_pages_in_id_order_with_a_cursor,
     publish_is_idempotent_and_serves_aggregates_and_trends,
 );
@@ -298,4 +326,37 @@ async fn embedded_state_survives_reopen() {
         .expect("again")
         .applied
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_reads_go_to_the_read_replicas() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    let url = common::fresh_db().await;
+    let primary = PostgresStore::open(&StoreOptions::postgres(&url)).await.expect("open");
+    register_all(&primary, &["a", "b"]).await;
+    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    primary.apply_sync(write("a", 1, vec![p.clone()])).await.expect("sync");
+    primary.settle().await.expect("settle");
+    // A "replica" that is the same database: reads work through it.
+    let mut opts = StoreOptions::postgres(&url);
+    opts.read_urls = vec![url.clone(), url.clone()];
+    let s = PostgresStore::open(&opts).await.expect("open with replicas");
+    for _ in 0..3 {
+        let found = s
+            .similar(SimilarQuery {
+                device_id: "b".into(),
+                interest: unit_near(0, 2),
+                limit: 5,
+                min_quality: 0.8,
+            })
+            .await
+            .expect("similar via a replica");
+        assert_eq!(found.len(), 1);
+    }
+    // A replica that cannot be reached fails reads with UNAVAILABLE, not a panic or a hang.
+    let mut opts = StoreOptions::postgres(&url);
+    opts.read_urls = vec![format!("postgres://omega@127.0.0.1:{}/x", common::free_port())];
+    let s = PostgresStore::open(&opts).await.expect("open");
+    let r = s.export(Some(Uuid::nil()), 10, 0.0).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
 }

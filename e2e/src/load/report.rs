@@ -9,9 +9,9 @@ use std::time::Duration;
 pub struct Sample {
     /// Client-side latency.
     pub latency_us: u32,
-    /// Request bytes on the wire (zstd + frame prefix).
+    /// Request bytes on the wire (zstd + frame prefix); 0 when not measured.
     pub up: u32,
-    /// Response bytes on the wire.
+    /// Response bytes on the wire; 0 when not measured.
     pub down: u32,
     /// Similar patterns received.
     pub similar: u16,
@@ -70,8 +70,9 @@ impl Report {
         concurrency: usize,
     ) -> Self {
         let mut lat: Vec<u32> = samples.iter().map(|s| s.latency_us).collect();
-        let mut up: Vec<u32> = samples.iter().map(|s| s.up).collect();
-        let mut down: Vec<u32> = samples.iter().map(|s| s.down).collect();
+        // Sizes are sampled (0 = not measured).
+        let mut up: Vec<u32> = samples.iter().map(|s| s.up).filter(|&b| b > 0).collect();
+        let mut down: Vec<u32> = samples.iter().map(|s| s.down).filter(|&b| b > 0).collect();
         let mut sim: Vec<u16> = samples.iter().map(|s| s.similar).collect();
         lat.sort_unstable();
         up.sort_unstable();

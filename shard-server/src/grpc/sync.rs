@@ -60,7 +60,11 @@ impl ConstellationService {
                         .map(|s| logic::anonymize(s.pattern, &st.keys, s.aggregate))
                         .collect(),
                 );
-                st.similar.put(device_id, version, now, served.clone());
+                // An empty answer is not cached: on a young shard (or before the Postgres
+                // merge has indexed anything) the next sync should look again.
+                if !served.is_empty() {
+                    st.similar.put(device_id, version, now, served.clone());
+                }
                 served
             }
             Err(e) => {
@@ -158,8 +162,8 @@ impl Constellation for ConstellationService {
             patterns_filtered: if applied.applied { prepared.filtered } else { 0 },
             replayed: !applied.applied,
         };
-        logic::fit(&mut resp, similar.as_ref().clone(), trends, DOWN_BUDGET_BYTES);
-        st.metrics.observe_bytes("down", grpc_zstd_size(&resp));
+        let fitted = logic::fit(&mut resp, similar.as_ref().clone(), trends, DOWN_BUDGET_BYTES);
+        st.metrics.observe_bytes("down", fitted.wire_bytes);
         st.count_sync();
         let mut out = Response::new(resp);
         out.extensions_mut().insert(SyncOutcome(if applied.applied { "ok" } else { "replayed" }));

@@ -253,6 +253,10 @@ pub struct StoreOptions {
     pub merge_interval: std::time::Duration,
     /// Merge batch.
     pub merge_batch: u32,
+    /// Pause between indexer batches.
+    pub index_interval: std::time::Duration,
+    /// Rows per indexer batch.
+    pub index_batch: u32,
     /// Embedded ANN lists.
     pub ann_lists: usize,
     /// Embedded ANN probes.
@@ -273,6 +277,8 @@ impl From<&crate::config::StoreArgs> for StoreOptions {
             hnsw_ef_search: a.hnsw_ef_search,
             merge_interval: std::time::Duration::from_millis(a.merge_interval_ms),
             merge_batch: a.merge_batch,
+            index_interval: std::time::Duration::from_millis(a.index_interval_ms),
+            index_batch: a.index_batch,
             ann_lists: a.ann_lists as usize,
             ann_probes: a.ann_probes as usize,
             wal_compact_bytes: a.wal_compact_mb << 20,
@@ -292,9 +298,11 @@ impl StoreOptions {
             hnsw_ef_construction: 64,
             hnsw_ef_search: 100,
             merge_interval: std::time::Duration::from_millis(1000),
-            merge_batch: 500,
-            ann_lists: 1024,
-            ann_probes: 16,
+            merge_batch: 5000,
+            index_interval: std::time::Duration::from_millis(1000),
+            index_batch: 100,
+            ann_lists: 256,
+            ann_probes: 8,
             wal_compact_bytes: 256 << 20,
         }
     }

@@ -1,19 +1,28 @@
 //! The Postgres + pgvector store.
 //!
-//! Write path (per sync, one transaction, batched across concurrent syncs by one writer
-//! task): bump `devices.local_version` only when the new version is higher (the idempotency
-//! check and the row lock in one statement), then append the delta's operations to the
-//! unindexed `pattern_intake` table. Measured here, inserting into a table that carries an
-//! HNSW index runs at ~150 rows/s per session, appending to an unindexed one at tens of
-//! thousands, so the HNSW index stays off this path.
+//! Measured here on 384-dim rows, inserting into a table that carries an HNSW index runs at
+//! ~150 rows/s per session while appending to an unindexed one runs at tens of thousands, so
+//! the index is kept off every path that must be fast. Three tables, three stages:
 //!
-//! A background merge (one shard replica at a time, via an advisory lock) moves intake rows
-//! into `patterns` every `MERGE_INTERVAL_MS`, at most `MERGE_BATCH` rows per transaction,
-//! collapsing the operations on each pattern first. Freshness: a pattern is visible to
-//! similarity queries after the merge that takes it, i.e. within one interval while the merge
-//! keeps up with the intake, and after the backlog drains when it does not (the backlog is the
-//! `constellation_intake_backlog` gauge). A federation export merges everything first, so a
-//! round always sees every acknowledged sync.
+//! 1. **Sync** (one transaction per batch of concurrent syncs, two writer tasks that split
+//!    the devices between them): bump
+//!    `devices.local_version` only when the new version is higher (the idempotency check and
+//!    the row lock in one statement), then append the delta's operations to the unindexed
+//!    `pattern_intake`.
+//! 2. **Merge** (background, every `MERGE_INTERVAL_MS`, up to `MERGE_BATCH` rows per
+//!    transaction, one replica at a time via an advisory lock): collapse the operations per
+//!    pattern and apply them to `patterns`, which has only btree indexes, so it keeps up with
+//!    the intake. Removals and quality drops are also applied to `pattern_vectors` here (cheap
+//!    deletes). Exports merge first, so a federation round sees every acknowledged sync.
+//! 3. **Index** (background, `INDEX_BATCH` rows then a pause of `INDEX_INTERVAL_MS`): copy
+//!    shareable patterns (success >= 0.8) written since its cursor into `pattern_vectors`,
+//!    the HNSW-indexed table similarity queries search. This is the slow step; the pause
+//!    bounds the CPU it takes from syncs.
+//!
+//! Freshness: a pattern is in `patterns` (and exports) within one merge interval, and in other
+//! devices' `similar` answers once the indexer reaches it: immediately while the indexer keeps
+//! up, after `backlog / index rate` when it does not (`constellation_intake_backlog` counts
+//! intake rows plus rows waiting for the indexer).
 //!
 //! Reads (similarity, export) go to the `DATABASE_READ_URLS` replicas when configured.
 //! Connections that break (a database restart) are dropped by the pool and re-opened on the
@@ -26,7 +35,7 @@ use super::{
 };
 use async_trait::async_trait;
 use omega_protocol::pb;
-use omega_protocol::validate::MIN_STORED_QUALITY;
+use omega_protocol::validate::{MIN_SHARED_QUALITY, MIN_STORED_QUALITY};
 use omega_protocol::vector::{QuantizedVector, quantize};
 use pgvector::Vector;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
@@ -43,13 +52,15 @@ use uuid::Uuid;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Name of the HNSW index on `patterns.embedding`.
-pub const HNSW_INDEX: &str = "patterns_embedding_hnsw";
+pub const HNSW_INDEX: &str = "pattern_vectors_embedding_hnsw";
 
 const OP_PUT: i16 = 1;
 const OP_UPDATE: i16 = 2;
 const OP_REMOVE: i16 = 3;
 const MERGE_LOCK: i64 = 0x6f6d_6567_616d; // "omegam"
+const INDEX_LOCK: i64 = 0x6f6d_6567_6169; // "omegai"
 const MAX_BATCH: usize = 512;
+const WRITERS: usize = 2;
 const GLOBAL_TTL: Duration = Duration::from_secs(1);
 
 /// Maps a database error to the store's error, separating "unreachable" from the rest.
@@ -80,7 +91,7 @@ pub struct PostgresStore {
     primary: PgPool,
     readers: Vec<PgPool>,
     next_reader: AtomicUsize,
-    jobs: mpsc::Sender<Job>,
+    jobs: Vec<mpsc::Sender<Job>>,
     global: Mutex<Option<(Instant, GlobalState)>>,
     latest_migration: i64,
     merge_batch: i64,
@@ -131,7 +142,7 @@ pub async fn migrate(pool: &PgPool, m: u32, ef_construction: u32) -> Result<(), 
             // Created on an empty table at first start: cheap. The values are validated
             // integers, so formatting them into DDL is safe.
             let ddl = format!(
-                "CREATE INDEX IF NOT EXISTS {HNSW_INDEX} ON patterns USING hnsw \
+                "CREATE INDEX IF NOT EXISTS {HNSW_INDEX} ON pattern_vectors USING hnsw \
                  (embedding vector_cosine_ops) WITH (m = {m}, ef_construction = {ef_construction})"
             );
             pool.execute(ddl.as_str()).await.map_err(db_err)?;
@@ -176,18 +187,30 @@ impl PostgresStore {
                 Err(e) => return Err(e),
             }
         }
-        let (tx, rx) = mpsc::channel(4096);
-        let mut tasks = vec![tokio::spawn(writer(primary.clone(), rx))];
+        // Devices are split between the writers by hash, so two batches never lock the same
+        // device row (no deadlocks) while one batch's commit overlaps the next one's work.
+        let mut jobs = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..WRITERS {
+            let (tx, rx) = mpsc::channel(4096);
+            jobs.push(tx);
+            tasks.push(tokio::spawn(writer(primary.clone(), rx)));
+        }
         tasks.push(tokio::spawn(merger(
             primary.clone(),
             opts.merge_interval,
             i64::from(opts.merge_batch),
         )));
+        tasks.push(tokio::spawn(indexer(
+            primary.clone(),
+            opts.index_interval,
+            i64::from(opts.index_batch),
+        )));
         Ok(PostgresStore {
             primary,
             readers,
             next_reader: AtomicUsize::new(0),
-            jobs: tx,
+            jobs,
             global: Mutex::new(None),
             latest_migration: MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0),
             merge_batch: i64::from(opts.merge_batch),
@@ -206,6 +229,29 @@ impl PostgresStore {
     /// The primary pool (tools and tests).
     pub fn pool(&self) -> &PgPool {
         &self.primary
+    }
+
+    /// Applies the whole intake backlog to `patterns` (fast: no vector index there).
+    async fn merge_all(&self) -> Result<(), StoreError> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let n = merge_once(&self.primary, self.merge_batch.max(5000)).await?;
+            if n == 0 {
+                let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pattern_intake")
+                    .fetch_one(&self.primary)
+                    .await
+                    .map_err(db_err)?;
+                if left == 0 {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(StoreError::Unavailable(format!(
+                        "{left} intake rows still unmerged"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     fn invalidate_global(&self) {
@@ -516,6 +562,10 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
     if rows.is_empty() {
         return Ok(0);
     }
+    let generation: i64 = sqlx::query_scalar("SELECT nextval('pattern_index_gen')")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
     let mut order: Vec<Uuid> = Vec::new();
     let mut fin: HashMap<Uuid, Final> = HashMap::new();
     let mut max_seq = 0i64;
@@ -559,6 +609,7 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
     let (mut rm_id, mut rm_dev) = (Vec::new(), Vec::new());
     let (mut put_seq, mut put_rate, mut put_n, mut put_upd) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut put_id = Vec::new();
     let (mut up_id, mut up_dev, mut up_rate, mut up_extra, mut up_upd) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for id in order {
@@ -568,6 +619,7 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
                 rm_dev.push(device);
             }
             Some(Final::Put { seq, rate, samples, updated, .. }) => {
+                put_id.push(id);
                 put_seq.push(seq);
                 put_rate.push(rate);
                 put_n.push(samples);
@@ -584,26 +636,29 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         }
     }
     if !rm_id.is_empty() {
-        sqlx::query(
-            "DELETE FROM patterns p USING unnest($1::uuid[], $2::text[]) AS x(id, d)
-             WHERE p.id = x.id AND p.device_id = x.d",
-        )
-        .bind(&rm_id)
-        .bind(&rm_dev)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        for table in ["patterns", "pattern_vectors"] {
+            sqlx::query(&format!(
+                "DELETE FROM {table} p USING unnest($1::uuid[], $2::text[]) AS x(id, d)
+                 WHERE p.id = x.id AND p.device_id = x.d"
+            ))
+            .bind(&rm_id)
+            .bind(&rm_dev)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
     }
     if !put_seq.is_empty() {
         sqlx::query(
             "INSERT INTO patterns (id, device_id, content_id, embedding, success_rate,
                  sample_count, time_slot, day_type, content_type, genres, created_at_ms,
-                 updated_at_ms)
+                 updated_at_ms, index_seq)
              SELECT i.pattern_id, i.device_id, i.content_id, i.embedding, x.rate, x.n,
-                    i.time_slot, i.day_type, i.content_type, i.genres, i.created_at_ms, x.upd
+                    i.time_slot, i.day_type, i.content_type, i.genres, i.created_at_ms, x.upd, $5
              FROM unnest($1::int8[], $2::real[], $3::int8[], $4::int8[]) AS x(seq, rate, n, upd)
              JOIN pattern_intake i ON i.seq = x.seq
-             ON CONFLICT (id) DO UPDATE SET content_id = EXCLUDED.content_id,
+             ON CONFLICT (id) DO UPDATE SET index_seq = EXCLUDED.index_seq,
+                 content_id = EXCLUDED.content_id,
                  embedding = EXCLUDED.embedding, success_rate = EXCLUDED.success_rate,
                  sample_count = EXCLUDED.sample_count, time_slot = EXCLUDED.time_slot,
                  day_type = EXCLUDED.day_type, content_type = EXCLUDED.content_type,
@@ -614,14 +669,21 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         .bind(&put_rate)
         .bind(&put_n)
         .bind(&put_upd)
+        .bind(generation)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        // A re-put id may carry a new embedding: the indexer adds it back.
+        sqlx::query("DELETE FROM pattern_vectors WHERE id = ANY($1)")
+            .bind(&put_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
     }
     if !up_id.is_empty() {
         sqlx::query(
             "UPDATE patterns p SET success_rate = x.rate, sample_count = p.sample_count + x.extra,
-                 updated_at_ms = x.upd
+                 updated_at_ms = x.upd, index_seq = $6
              FROM unnest($1::uuid[], $2::text[], $3::real[], $4::int8[], $5::int8[])
                   AS x(id, d, rate, extra, upd)
              WHERE p.id = x.id AND p.device_id = x.d",
@@ -631,6 +693,19 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         .bind(&up_rate)
         .bind(&up_extra)
         .bind(&up_upd)
+        .bind(generation)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        // No longer shareable: out of the search now; still shareable: the indexer refreshes
+        // the rate (the rows were re-queued through index_seq).
+        sqlx::query(
+            "DELETE FROM pattern_vectors v USING unnest($1::uuid[], $2::real[]) AS x(id, rate)
+             WHERE v.id = x.id AND x.rate < $3",
+        )
+        .bind(&up_id)
+        .bind(&up_rate)
+        .bind(MIN_SHARED_QUALITY)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -650,6 +725,64 @@ async fn merger(pool: PgPool, interval: Duration, batch: i64) {
             Ok(n) if n as i64 >= batch => continue, // backlog: keep going
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "intake merge failed; will retry"),
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Copies up to `batch` patterns written since the indexer's cursor into `pattern_vectors`
+/// (the shareable ones); returns how many rows it read, `None` when another indexer runs.
+async fn index_once(pool: &PgPool, batch: i64) -> Result<Option<usize>, StoreError> {
+    let mut tx = pool.begin().await.map_err(db_err)?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(INDEX_LOCK)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    if !locked {
+        return Ok(None);
+    }
+    let rows = sqlx::query(
+        "WITH cur AS (SELECT last_seq, last_id FROM indexer_state WHERE id = 1)
+         SELECT p.id, p.index_seq FROM patterns p, cur
+         WHERE (p.index_seq, p.id) > (cur.last_seq, cur.last_id)
+         ORDER BY p.index_seq, p.id LIMIT $1",
+    )
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    let Some(last) = rows.last() else { return Ok(Some(0)) };
+    let (last_id, last_seq): (Uuid, i64) =
+        (last.try_get("id").map_err(db_err)?, last.try_get("index_seq").map_err(db_err)?);
+    let ids =
+        rows.iter().map(|r| r.try_get("id")).collect::<Result<Vec<Uuid>, _>>().map_err(db_err)?;
+    sqlx::query(
+        "INSERT INTO pattern_vectors (id, device_id, success_rate, embedding)
+         SELECT id, device_id, success_rate, embedding FROM patterns
+         WHERE id = ANY($1) AND success_rate >= $2
+         ON CONFLICT (id) DO UPDATE SET success_rate = EXCLUDED.success_rate",
+    )
+    .bind(&ids)
+    .bind(MIN_SHARED_QUALITY)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    sqlx::query("UPDATE indexer_state SET last_seq = $1, last_id = $2 WHERE id = 1")
+        .bind(last_seq)
+        .bind(last_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    Ok(Some(rows.len()))
+}
+
+/// Duty-cycled: one batch, then a pause, so HNSW inserts never take a whole core from syncs.
+async fn indexer(pool: PgPool, interval: Duration, batch: i64) {
+    loop {
+        if let Err(e) = index_once(&pool, batch).await {
+            tracing::warn!(error = %e, "vector indexing failed; will retry");
         }
         tokio::time::sleep(interval).await;
     }
@@ -733,7 +866,9 @@ impl Store for PostgresStore {
 
     async fn apply_sync(&self, write: SyncWrite) -> Result<SyncApplied, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.jobs
+        let h =
+            write.device_id.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+        self.jobs[h % self.jobs.len()]
             .send(Job { write, reply })
             .await
             .map_err(|_| StoreError::Unavailable("the database writer stopped".into()))?;
@@ -747,11 +882,14 @@ impl Store for PostgresStore {
         let query = Vector::from(q.interest.clone());
         let rows = sqlx::query(
             "SELECT * FROM (
-               (SELECT id, content_id, embedding, success_rate, sample_count, time_slot,
-                       day_type, content_type, genres, created_at_ms, updated_at_ms,
-                       false AS aggregate, embedding <=> $1 AS distance
-                FROM patterns WHERE device_id <> $2 AND success_rate >= $3
-                ORDER BY embedding <=> $1 LIMIT $4)
+               (SELECT p.id, p.content_id, p.embedding, p.success_rate, p.sample_count,
+                       p.time_slot, p.day_type, p.content_type, p.genres, p.created_at_ms,
+                       p.updated_at_ms, false AS aggregate, v.distance
+                FROM (SELECT id, embedding <=> $1 AS distance FROM pattern_vectors
+                      WHERE device_id <> $2 AND success_rate >= $3
+                      ORDER BY embedding <=> $1 LIMIT $4) v
+                JOIN patterns p ON p.id = v.id
+                WHERE p.success_rate >= $3)
                UNION ALL
                (SELECT g.id, g.content_id, g.embedding, g.quality AS success_rate,
                        LEAST(g.total_samples, 4294967295) AS sample_count, g.time_slot,
@@ -785,23 +923,13 @@ impl Store for PostgresStore {
     }
 
     async fn settle(&self) -> Result<(), StoreError> {
-        let deadline = Instant::now() + Duration::from_secs(600);
+        self.merge_all().await?;
         loop {
-            let n = merge_once(&self.primary, self.merge_batch.max(1000)).await?;
-            if n == 0 {
-                let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pattern_intake")
-                    .fetch_one(&self.primary)
-                    .await
-                    .map_err(db_err)?;
-                if left == 0 {
-                    return Ok(());
-                }
-                if Instant::now() > deadline {
-                    return Err(StoreError::Unavailable(format!(
-                        "{left} intake rows still unmerged"
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            match index_once(&self.primary, 10_000).await? {
+                Some(0) => return Ok(()),
+                Some(_) => {}
+                // The background indexer holds the lock: wait for its batch to commit.
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
     }
@@ -843,7 +971,7 @@ impl Store for PostgresStore {
         min_quality: f32,
     ) -> Result<ExportPage, StoreError> {
         if after.is_none() {
-            self.settle().await?;
+            self.merge_all().await?;
         }
         let rows = sqlx::query(
             "SELECT p.id, p.device_id, d.region, p.content_id, p.embedding, p.success_rate,
@@ -1008,7 +1136,10 @@ impl Store for PostgresStore {
                     (SELECT count(*) FROM devices
                       WHERE last_sync_at >= to_timestamp($1::float8 / 1000)) AS active,
                     (SELECT count(*) FROM patterns) AS merged,
-                    (SELECT count(*) FROM pattern_intake) AS backlog,
+                    (SELECT count(*) FROM pattern_intake)
+                      + (SELECT count(*) FROM patterns p, indexer_state i
+                          WHERE i.id = 1 AND (p.index_seq, p.id) > (i.last_seq, i.last_id))
+                      AS backlog,
                     (SELECT count(*) FROM pattern_intake WHERE op = 1) AS pending
              FROM global_state s WHERE s.id = 1",
         )

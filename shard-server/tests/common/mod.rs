@@ -40,7 +40,23 @@ pub fn pg_base_url() -> String {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| match std::env::var("OMEGA_TEST_DATABASE_URL") {
         Ok(u) if !u.is_empty() => u,
-        _ => pg_sh(&["start", "/tmp/omega-pg-shard-tests"]),
+        _ => {
+            // Test runners that use one process per test (nextest) start it concurrently:
+            // serialise with flock when it is there.
+            let dir = "/tmp/omega-pg-shard-tests";
+            let script = repo_root().join("scripts/pg.sh");
+            let locked = Command::new("flock")
+                .arg(format!("{dir}.lock"))
+                .arg(&script)
+                .args(["start", dir])
+                .output();
+            match locked {
+                Ok(out) if out.status.success() => {
+                    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+                }
+                _ => pg_sh(&["start", dir]),
+            }
+        }
     })
     .clone()
 }
