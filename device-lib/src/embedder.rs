@@ -83,10 +83,6 @@ static ORT_ENV: Mutex<Option<ort::environment::Environment>> = Mutex::new(None);
 /// The process's ONNX Runtime environment, loading the library on first use. A failed load
 /// leaves nothing behind, so a later call with a correct path still works.
 fn ort_environment(dylib: &Path) -> Result<ort::environment::Environment> {
-    let mut env = ORT_ENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(e) = env.as_ref() {
-        return Ok(e.clone());
-    }
     let asset = |reason: String| DeviceError::Asset {
         what: "ONNX Runtime library",
         path: dylib.to_path_buf(),
@@ -94,6 +90,10 @@ fn ort_environment(dylib: &Path) -> Result<ort::environment::Environment> {
     };
     if !dylib.is_file() {
         return Err(asset("no such file".into()));
+    }
+    let mut env = ORT_ENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(e) = env.as_ref() {
+        return Ok(e.clone());
     }
     let built = ort::init_from(dylib)
         .map_err(|e| asset(e.to_string()))?
