@@ -47,6 +47,9 @@ pub struct EmbedderConfig {
     pub max_tokens: usize,
     /// Identifier of the model, put on every delta.
     pub model_id: String,
+    /// Memory-lean session: no CPU arena, no memory-pattern planning, no weight prepacking
+    /// (`omega-device-bench` measures both settings).
+    pub lean_memory: bool,
 }
 
 impl Default for EmbedderConfig {
@@ -59,6 +62,7 @@ impl Default for EmbedderConfig {
             cache_capacity: 1024,
             max_tokens: 128,
             model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+            lean_memory: true,
         }
     }
 }
@@ -129,7 +133,8 @@ impl Embedder {
             reason: e.to_string(),
         };
         let opt = |e: ort::Error<ort::session::builder::SessionBuilder>| model_err(e.into());
-        let cpu = ort::ep::CPU::default().with_arena_allocator(false).build();
+        let lean = config.lean_memory;
+        let cpu = ort::ep::CPU::default().with_arena_allocator(!lean).build();
         let session = Session::builder(&env)
             .map_err(model_err)?
             .with_execution_providers([cpu])
@@ -138,11 +143,11 @@ impl Embedder {
             .map_err(opt)?
             .with_inter_threads(1)
             .map_err(opt)?
-            .with_memory_pattern(false)
+            .with_memory_pattern(!lean)
             .map_err(opt)?
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(opt)?
-            .with_config_entry("session.disable_prepacking", "1")
+            .with_config_entry("session.disable_prepacking", if lean { "1" } else { "0" })
             .map_err(opt)?
             .commit_from_file(&model_path)
             .map_err(model_err)?;

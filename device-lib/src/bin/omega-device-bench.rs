@@ -51,6 +51,9 @@ struct Args {
     /// Internal: run the device measurements on this database (child process).
     #[arg(long, hide = true)]
     child_db: Option<PathBuf>,
+    /// Internal: load the embedder alone, lean (`lean`) or with ONNX Runtime's defaults.
+    #[arg(long, hide = true)]
+    child_embedder: Option<String>,
 }
 
 const ADJECTIVES: &[&str] = &[
@@ -415,8 +418,40 @@ fn deltas(embedder: &Arc<Embedder>) -> Result<Vec<f64>> {
     Ok(sizes)
 }
 
+/// Child process: the embedder alone, to compare session settings (RSS, speed).
+fn child_embedder(lean: bool) -> Result<Value> {
+    let started = Instant::now();
+    let e = Embedder::new(EmbedderConfig { lean_memory: lean, ..Default::default() })?;
+    let load_ms = ms(started.elapsed());
+    let mut times = Vec::new();
+    for i in 0..200 {
+        let t = Instant::now();
+        e.embed_uncached(&format!("evening weekend movie: The Silent River {i}. crime, drama"))?;
+        times.push(ms(t.elapsed()));
+    }
+    Ok(
+        json!({"lean_memory": lean, "load_ms": load_ms, "embed_p50_ms": percentile(&mut times, 0.5), "rss_mb": peak_rss_mb()}),
+    )
+}
+
+fn run_child(args: &[&str]) -> Result<Value> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running a measurement child process")?;
+    if !out.status.success() {
+        bail!("measurement child failed: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    serde_json::from_slice(&out.stdout).context("child output")
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(mode) = &args.child_embedder {
+        println!("{}", child_embedder(mode == "lean")?);
+        return Ok(());
+    }
     if let Some(db) = &args.child_db {
         let catalogue = db.with_file_name("catalogue.json");
         println!("{}", child(db, &catalogue, args.queries)?);
@@ -429,16 +464,16 @@ fn main() -> Result<()> {
     let (db, _catalogue, vectors) = build_db(&args, dir, &embedder)?;
     let setup_s = t.elapsed().as_secs_f64();
 
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args(["--child-db", &db.display().to_string(), "--queries", &args.queries.to_string()])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running the device measurements")?;
-    if !out.status.success() {
-        bail!("device measurements failed: {}", String::from_utf8_lossy(&out.stdout));
-    }
-    let device: Value = serde_json::from_slice(&out.stdout).context("child output")?;
-
+    let device = run_child(&[
+        "--child-db",
+        &db.display().to_string(),
+        "--queries",
+        &args.queries.to_string(),
+    ])?;
+    let session_settings = vec![
+        run_child(&["--child-embedder", "lean"])?,
+        run_child(&["--child-embedder", "default"])?,
+    ];
     let mut rng = StdRng::seed_from_u64(9);
     let queries: Vec<QuantizedVector> = (0..200)
         .map(|i| -> Result<QuantizedVector> {
@@ -478,6 +513,7 @@ fn main() -> Result<()> {
         "ann_crossover": crossover,
         "delta_bytes_p50": percentile(&mut delta_sizes, 0.5),
         "delta_bytes_p90": percentile(&mut delta_sizes, 0.9),
+        "embedder_session_settings": session_settings,
         "setup_s": setup_s,
         "threads": 1,
     });

@@ -294,3 +294,24 @@ fn stats_report_sizes_and_budget() {
     assert_eq!(s.model_id, omega_protocol::DEFAULT_MODEL_ID);
     assert_eq!(s.unsynced_changes, 1);
 }
+
+#[test]
+fn the_catalogue_searches_real_embeddings() {
+    let cat = catalogue();
+    let b = brain();
+    assert_eq!(b.catalogue().map(|c| c.len()), Some(cat.len()));
+    assert!(!cat.is_empty() && !cat.index().is_hnsw());
+    assert_eq!(cat.model_id(), embedder().model_id());
+    assert_eq!(cat.items().len(), 18);
+    assert!(cat.heap_bytes() > 18 * 384);
+    let q = omega_protocol::vector::quantize(
+        &embedder().embed("kids: an animated film for children").expect("embed"),
+    );
+    let top: Vec<&str> =
+        cat.search(&q, 4).iter().map(|(i, _)| cat.item(*i as usize).content_id.as_str()).collect();
+    let kids = ["toystory", "lionking", "frozen", "nemo"];
+    assert!(top.iter().filter(|c| kids.contains(c)).count() >= 3, "{top:?}");
+    let pos = cat.position("nemo").expect("nemo");
+    assert_eq!(cat.get("nemo").map(|i| i.title.as_str()), Some("Finding Nemo"));
+    assert!((cat.similarity(pos, &cat.embedding(pos)) - 1.0).abs() < 0.01);
+}
