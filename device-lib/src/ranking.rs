@@ -38,6 +38,8 @@ pub struct RankingParams {
     pub cold_start_weight: f32,
     /// Samples after which the success rate becomes an exponential moving average.
     pub success_window: u32,
+    /// Weight of the genre hints, together, against the slot/day/type part of a context.
+    pub genre_hint_weight: f32,
 }
 
 impl Default for RankingParams {
@@ -52,6 +54,7 @@ impl Default for RankingParams {
             trend_weight: 0.15,
             cold_start_weight: 0.5,
             success_window: 20,
+            genre_hint_weight: 0.5,
         }
     }
 }
@@ -131,6 +134,22 @@ pub fn trend_boost(score: f32, max_score: f32, p: &RankingParams) -> f32 {
 /// Recent and successful patterns stay; a fresh failure outlives a stale success only briefly.
 pub fn retention(success: f32, freshness: f32) -> f32 {
     (0.25 + success) * freshness
+}
+
+/// The context vector: the slot/day/type embedding plus the mean of the genre-hint
+/// embeddings weighted by `hint_weight`, re-normalised. Without hints, the base itself.
+pub fn compose_context(base: &[f32], hints: &[&[f32]], hint_weight: f32) -> Vec<f32> {
+    let mut v = base.to_vec();
+    if !hints.is_empty() {
+        let w = hint_weight / hints.len() as f32;
+        for h in hints {
+            v.iter_mut().zip(h.iter()).for_each(|(a, x)| *a += w * x);
+        }
+        if !omega_protocol::vector::l2_normalize(&mut v) {
+            return base.to_vec();
+        }
+    }
+    v
 }
 
 /// Keeps the best candidate per content, drops excluded contents, returns the `k` best
@@ -297,6 +316,18 @@ mod tests {
             vec![("a", Source::Global), ("b", Source::Global), ("c", Source::Trending)]
         );
         assert!(merge(vec![rec("a", 1.0, Source::Catalogue)], exclude, 0).is_empty());
+    }
+
+    #[test]
+    fn compose_context_table() {
+        let base = [1.0f32, 0.0, 0.0];
+        let (x, y) = ([0.0f32, 1.0, 0.0], [0.0f32, 0.0, 1.0]);
+        let r = |v: Vec<f32>| v.iter().map(|c| (c * 1000.0).round() / 1000.0).collect::<Vec<_>>();
+        assert_eq!(r(compose_context(&base, &[], 0.5)), vec![1.0, 0.0, 0.0]);
+        assert_eq!(r(compose_context(&base, &[&x], 1.0)), vec![0.707, 0.707, 0.0]);
+        assert_eq!(r(compose_context(&base, &[&x, &y], 0.5)), vec![0.943, 0.236, 0.236]);
+        let neg = [-1.0f32, 0.0, 0.0];
+        assert_eq!(r(compose_context(&base, &[&neg], 1.0)), vec![1.0, 0.0, 0.0], "vanishing sum");
     }
 
     #[test]

@@ -326,6 +326,7 @@ impl SyncClient {
                     Duration::from_millis(self.cfg.backoff_max_ms),
                     &mut rand::rng(),
                 );
+                tracing::debug!(attempt = attempt + 1, error = %last, ?wait, "shard call failed; retrying");
                 tokio::time::sleep(wait).await;
             }
         }

@@ -180,7 +180,11 @@ async fn register_then_sync_pushes_the_delta_and_pulls_global_patterns() {
     assert!(delay >= Duration::from_secs(300) && delay <= Duration::from_secs(900));
 
     let delta = b.prepare_delta().expect("delta").expect("some");
-    let report = client.sync(&mut b).await.expect("sync");
+    fn assert_send<T: Send>(t: T) -> T {
+        t
+    }
+    // The sync future is Send: it can run on a multi-threaded runtime (tokio::spawn).
+    let report = assert_send(client.sync(&mut b)).await.expect("sync");
     assert_eq!(report.local_version, Some(1));
     assert_eq!((report.pushed_added, report.acknowledged, report.attempts), (2, true, 1));
     assert_eq!((report.similar_received, report.trends_received, report.global_version), (1, 1, 4));
