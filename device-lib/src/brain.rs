@@ -319,6 +319,11 @@ impl Brain {
         embedder: Arc<Embedder>,
         catalogue: Option<Arc<Catalogue>>,
     ) -> Result<Brain> {
+        let genres = catalogue
+            .iter()
+            .flat_map(|c| c.items())
+            .flat_map(|i| i.genres.iter().map(String::as_str));
+        embedder.prewarm_in_background(ranking::context_vocabulary(genres));
         let model = embedder.model_id().to_owned();
         let stored_device: Option<String> = store.meta(META_DEVICE)?;
         let device_id = match (&cfg.device_id, stored_device) {

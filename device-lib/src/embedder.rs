@@ -74,6 +74,8 @@ pub struct Embedder {
     wants_token_types: bool,
     cache: Mutex<LruCache<String, Arc<[f32]>>>,
     model_id: String,
+    warming: std::sync::atomic::AtomicBool,
+    warmed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -169,6 +171,8 @@ impl Embedder {
             wants_token_types,
             cache: Mutex::new(LruCache::new(capacity)),
             model_id: config.model_id,
+            warming: std::sync::atomic::AtomicBool::new(false),
+            warmed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -191,6 +195,30 @@ impl Embedder {
         let v: Arc<[f32]> = self.run(text)?.into();
         lock(&self.cache)?.put(text.to_owned(), v.clone());
         Ok(v)
+    }
+
+    /// Embeds `texts` into the cache on a background thread, once per embedder (later calls
+    /// do nothing), so the first recommendations in each context do not wait for the model.
+    /// Failures are ignored: the texts are simply embedded on first use.
+    pub fn prewarm_in_background(self: &Arc<Self>, texts: Vec<String>) {
+        if self.warming.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("omega-prewarm".into()).spawn(move || {
+            for t in texts {
+                let _ = me.embed_shared(&t);
+            }
+            me.warmed.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            self.warming.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// True once a background pre-warm has finished.
+    pub fn is_warm(&self) -> bool {
+        self.warmed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Embeds without the cache (for one-off texts such as catalogue items).

@@ -194,6 +194,38 @@ pub fn context_text(
     join_words(words)
 }
 
+/// Every slot/day/type context text, the likeliest first (evenings, then the rest), plus the
+/// given genre words: what a brain pre-embeds so recommendations hit the cache.
+pub fn context_vocabulary<'a>(genres: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    use ContentType::*;
+    let slots = [TimeSlot::Evening, TimeSlot::Night, TimeSlot::Afternoon, TimeSlot::Morning];
+    let days = [DayType::Weekday, DayType::Weekend];
+    let types = [
+        None,
+        Some(Movie),
+        Some(Series),
+        Some(Documentary),
+        Some(Sports),
+        Some(News),
+        Some(Kids),
+        Some(Music),
+        Some(Live),
+        Some(Other),
+    ];
+    let mut out = Vec::new();
+    for t in types {
+        for s in slots {
+            for d in days {
+                out.push(context_text(s, d, t, &[]));
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    // Bounded: a catalogue with free-form genre tags must not queue thousands of texts.
+    out.extend(genres.into_iter().filter(|g| seen.insert(*g)).take(256).map(str::to_owned));
+    out
+}
+
 /// The text a content is embedded from, e.g. `"movie: Heat. crime, drama"`.
 pub fn item_text(content_type: ContentType, title: &str, genres: &[String]) -> String {
     let head = join_words([content_type.as_str()]);
@@ -328,6 +360,15 @@ mod tests {
         assert_eq!(r(compose_context(&base, &[&x, &y], 0.5)), vec![0.943, 0.236, 0.236]);
         let neg = [-1.0f32, 0.0, 0.0];
         assert_eq!(r(compose_context(&base, &[&neg], 1.0)), vec![1.0, 0.0, 0.0], "vanishing sum");
+    }
+
+    #[test]
+    fn context_vocabulary_covers_every_slot_day_and_type_once() {
+        let v = context_vocabulary(["crime", "drama", "crime"]);
+        assert_eq!(v.len(), 4 * 2 * 10 + 2);
+        assert_eq!(v[0], "evening weekday");
+        assert!(v.contains(&"morning weekend kids".to_string()));
+        assert_eq!(&v[v.len() - 2..], ["crime", "drama"]);
     }
 
     #[test]

@@ -140,3 +140,17 @@ fn missing_or_broken_assets_give_clear_errors() {
     assert!(assets::model_path().is_file());
     assert!(embedder().embed("still fine").is_ok());
 }
+
+#[test]
+fn prewarm_fills_the_cache_once_in_the_background() {
+    let e = Arc::new(Embedder::new(EmbedderConfig::default()).expect("embedder"));
+    assert!(!e.is_warm());
+    e.prewarm_in_background(vec!["evening weekend".into(), "crime".into()]);
+    e.prewarm_in_background(vec!["ignored: already warming".into()]);
+    let started = std::time::Instant::now();
+    while !e.is_warm() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "prewarm never finished");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(e.embed("crime").expect("cached").len(), EMBEDDING_DIM);
+}
