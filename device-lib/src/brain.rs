@@ -319,11 +319,6 @@ impl Brain {
         embedder: Arc<Embedder>,
         catalogue: Option<Arc<Catalogue>>,
     ) -> Result<Brain> {
-        let genres = catalogue
-            .iter()
-            .flat_map(|c| c.items())
-            .flat_map(|i| i.genres.iter().map(String::as_str));
-        embedder.prewarm_in_background(ranking::context_vocabulary(genres));
         let model = embedder.model_id().to_owned();
         let stored_device: Option<String> = store.meta(META_DEVICE)?;
         let device_id = match (&cfg.device_id, stored_device) {
@@ -371,6 +366,12 @@ impl Brain {
         };
         let version =
             |key: &str| -> Result<u64> { Ok(store.meta::<i64>(key)?.unwrap_or(0) as u64) };
+        // Last, so the background warm-up does not compete with loading the file.
+        let genres = catalogue
+            .iter()
+            .flat_map(|c| c.items())
+            .flat_map(|i| i.genres.iter().map(String::as_str));
+        embedder.prewarm_in_background(ranking::context_vocabulary(genres));
         let brain = Brain {
             max_patterns: cfg.effective_max_patterns(),
             local_version: version(META_LOCAL_VERSION)?,
