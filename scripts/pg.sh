@@ -58,7 +58,13 @@ start() {
   if [ -f "$dir/port" ] && as_owner "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
     url; return
   fi
-  port=$(free_port)
+  # Restarting an existing DIR keeps its port while it is free, so clients configured with
+  # the old URL (a server under a fault test) reconnect without being told a new one.
+  if [ -f "$dir/port" ] && python3 -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' "$(cat "$dir/port")" 2>/dev/null; then
+    port=$(cat "$dir/port")
+  else
+    port=$(free_port)
+  fi
   echo "$port" >"$dir/port"
   [ "$(id -u)" = 0 ] && chown postgres "$dir/port"
   as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \

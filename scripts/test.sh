@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 scripts/assets.py fetch all >/dev/null
+# The Helm chart is linted and rendered through Helm's Go SDK (no helm binary needed).
+python3 -m pip install --quiet --disable-pip-version-check helm-python-sdk==0.2.2
 eval "$(python3 scripts/assets.py env)"
 
 OMEGA_PG_DIR=$(mktemp -d /tmp/omega-pg-test.XXXXXX)

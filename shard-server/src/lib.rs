@@ -1,1 +1,23 @@
-//! Omega shard server.
+//! Omega shard server: the device-facing sync service (`Constellation`), the internal
+//! `ShardAdmin` service, the REST admin API, Prometheus metrics, and the stores behind them.
+//!
+//! Layers, outermost first:
+//! - [`server`] wires listeners, background tasks and graceful shutdown for `omega-shard serve`;
+//! - [`grpc`] and [`rest`] are the transports, each converting errors to its own status codes;
+//! - [`sync`] holds the transport-free sync decisions (quality filter, interest vector,
+//!   anonymisation, the 5 KB response budget);
+//! - [`store`] is the storage trait with its `postgres` and `embedded` implementations.
+
+pub mod auth;
+pub mod config;
+pub mod grpc;
+pub mod metrics;
+pub mod ratelimit;
+pub mod rest;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod sync;
+
+pub use config::{ConfigError, ServeArgs, StoreArgs};
+pub use store::{Store, StoreError};

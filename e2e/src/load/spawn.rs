@@ -1,0 +1,90 @@
+//! Starting a throwaway `omega-shard` for a one-command load run.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `omega-shard serve`, killed on drop.
+#[derive(Debug)]
+pub struct SpawnedShard {
+    child: Child,
+    /// `http://127.0.0.1:PORT` of `Constellation`.
+    pub grpc_url: String,
+    /// `127.0.0.1:PORT` of the REST API.
+    pub rest_addr: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for SpawnedShard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound and released; good enough for tests and tools).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `omega-shard` next to the running executable (`target/<profile>/`), if present.
+pub fn sibling_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("omega-shard"), dir.join("../omega-shard")].into_iter().find(|p| p.is_file())
+}
+
+/// Starts `bin serve` on free loopback ports with a fresh data directory, the given
+/// database (or the embedded store), no effective rate limit, and waits until it answers.
+pub fn spawn(bin: &Path, database_url: Option<&str>) -> std::io::Result<SpawnedShard> {
+    let data = tempfile::tempdir()?;
+    let (g, a, r, m) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .env("GRPC_ADDR", format!("127.0.0.1:{g}"))
+        .env("ADMIN_GRPC_ADDR", format!("127.0.0.1:{a}"))
+        .env("REST_ADDR", format!("127.0.0.1:{r}"))
+        .env("METRICS_ADDR", format!("127.0.0.1:{m}"))
+        .env("DATA_DIR", data.path())
+        .env("RATE_LIMIT_PER_MINUTE", "1000000")
+        .env("RATE_LIMIT_BURST", "1000000")
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    cmd.env_remove("DATABASE_URL").env_remove("POSTGRES_URL");
+    if let Some(url) = database_url {
+        cmd.env("DATABASE_URL", url).env("OMEGA_DEVICE_SECRET", "omega-load-secret-0123456789");
+    }
+    let child = cmd.spawn()?;
+    let shard = SpawnedShard {
+        child,
+        grpc_url: format!("http://127.0.0.1:{g}"),
+        rest_addr: format!("127.0.0.1:{r}"),
+        _data: data,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if http_get(&shard.rest_addr, "/ready").is_ok_and(|(code, _)| code == 200) {
+            return Ok(shard);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "omega-shard did not become ready in 60 s",
+    ))
+}
+
+/// A minimal HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((code, body))
+}

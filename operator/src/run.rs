@@ -1,0 +1,201 @@
+//! The `run` command: HTTP endpoints, leader election, both controllers, graceful shutdown.
+
+use crate::context::{Context, Settings};
+use crate::leader::{LeaseConfig, LeaseLock};
+use crate::metrics::Metrics;
+use crate::{Error, Result, round, shard};
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// Options of `omega-operator run`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Reconciler settings.
+    pub settings: Settings,
+    /// Leader election on a Lease; off runs the controllers at once (single replica, tests).
+    pub leader_election: Option<LeaseOptions>,
+    /// Address of `/metrics`, `/health` and `/ready`.
+    pub listen: SocketAddr,
+    /// Identity in Events and the Lease.
+    pub identity: String,
+}
+
+/// Where the leader Lease lives.
+#[derive(Debug, Clone)]
+pub struct LeaseOptions {
+    /// Namespace of the Lease (the operator's own).
+    pub namespace: String,
+    /// Lease settings.
+    pub lease: LeaseConfig,
+}
+
+#[derive(Clone)]
+struct Http {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn metrics_handler(State(h): State<Http>) -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], h.metrics.render())
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+async fn ready_handler(State(h): State<Http>) -> impl IntoResponse {
+    if h.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+/// Resolves when SIGTERM or Ctrl-C arrives.
+async fn signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(error = %e, "no SIGTERM handler");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A future that resolves once `rx` sees `true`.
+fn stopped(
+    mut rx: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+    let (tx, done) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+        let _ = tx.send(());
+    });
+    async move {
+        let _ = done.await;
+    }
+}
+
+/// Runs the operator until a signal (Ok) or a lost Lease (Err).
+pub async fn run(client: Client, opts: Options) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/health", get(health))
+        .route("/ready", get(ready_handler))
+        .with_state(Http { metrics: metrics.clone(), ready: ready.clone() });
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| Error::Runtime(format!("cannot listen on {}: {e}", opts.listen)))?;
+    info!(addr = %opts.listen, "serving /metrics, /health and /ready");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            error!(error = %e, "http server stopped");
+        }
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let signal_tx = stop_tx.clone();
+    tokio::spawn(async move {
+        signal().await;
+        info!("shutting down");
+        let _ = signal_tx.send(true);
+    });
+
+    let lock = opts.leader_election.as_ref().map(|l| {
+        LeaseLock::new(Api::<Lease>::namespaced(client.clone(), &l.namespace), l.lease.clone())
+    });
+    if let Some(lock) = &lock {
+        info!(lease = %lock.config().name, identity = %lock.config().identity, "waiting for leadership");
+        loop {
+            if *stop_rx.borrow() {
+                return Ok(());
+            }
+            match lock.try_acquire().await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "leader election"),
+            }
+            let mut rx = stop_rx.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(lock.config().renew_every) => {}
+                _ = rx.wait_for(|s| *s) => {}
+            }
+        }
+        info!("acquired leadership");
+    }
+    metrics.leader.set(1);
+    ready.store(true, Ordering::Relaxed);
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        opts.settings.clone(),
+        Some(opts.identity.clone()),
+    ));
+    let shards = tokio::spawn(shard::run(ctx.clone(), stopped(stop_rx.clone())));
+    let rounds = tokio::spawn(round::run(ctx, stopped(stop_rx.clone())));
+
+    let mut lost = false;
+    if let Some(lock) = &lock {
+        // Renew until told to stop; give up after a full lease duration without renewal.
+        let mut last_renewal = tokio::time::Instant::now();
+        let mut rx = stop_rx.clone();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(lock.config().renew_every) => {}
+                _ = rx.wait_for(|s| *s) => break,
+            }
+            match lock.try_acquire().await {
+                Ok(true) => last_renewal = tokio::time::Instant::now(),
+                Ok(false) => {
+                    error!("lost the leader Lease to another replica");
+                    lost = true;
+                }
+                Err(e) => warn!(error = %e, "renewing the leader Lease"),
+            }
+            if last_renewal.elapsed() >= lock.config().lease_duration {
+                error!("could not renew the leader Lease in time");
+                lost = true;
+            }
+            if lost {
+                let _ = stop_tx.send(true);
+                break;
+            }
+        }
+    }
+    let _ = shards.await;
+    let _ = rounds.await;
+    metrics.leader.set(0);
+    if let Some(lock) = &lock
+        && !lost
+        && let Err(e) = lock.release().await
+    {
+        warn!(error = %e, "releasing the leader Lease");
+    }
+    if lost { Err(Error::Runtime("lost the leader Lease".into())) } else { Ok(()) }
+}

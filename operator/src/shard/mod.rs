@@ -1,0 +1,369 @@
+//! The Shard controller: database, constellation StatefulSet, Services, PDB, NetworkPolicies,
+//! Secrets and ServiceMonitor from a `Shard`, plus status, Events, autoscaling and ordered
+//! deletion behind a finalizer.
+
+pub mod autoscale;
+mod cleanup;
+pub mod postgres;
+pub mod resources;
+pub mod stats;
+pub mod status;
+
+use crate::apply::{apply, apply_finalizers, apply_status, apply_value, dynamic_api, served};
+use crate::conditions;
+use crate::context::Context;
+use crate::crd::{PostgresMode, Shard, ShardEndpoints, ShardPhase, ShardStatus};
+use crate::{Error, Result, SHARD_FINALIZER};
+use autoscale::PodLoad;
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use resources::Ctx;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Controller name in metrics.
+pub const CONTROLLER: &str = "shard";
+const TOKEN_KEY: &str = "OMEGA_DEVICE_SECRET";
+
+/// Runs the Shard controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (shards, sets): (Api<Shard>, Api<StatefulSet>) = match &ctx.settings.namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    Controller::new(shards, watcher::Config::default().any_semantic())
+        .owns(
+            sets,
+            watcher::Config::default()
+                .labels("app.kubernetes.io/managed-by=omega-operator")
+                .any_semantic(),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "shard controller");
+            }
+        })
+        .await;
+}
+
+fn key(shard: &Shard) -> String {
+    format!("shard/{}/{}", shard.namespace().unwrap_or_default(), shard.name_any())
+}
+
+/// Backoff after a failed reconcile, counted per object.
+pub fn error_policy(shard: Arc<Shard>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failure(CONTROLLER, error);
+    let delay = ctx.backoff(&key(&shard));
+    warn!(shard = %key(&shard), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// One reconcile of one Shard.
+pub async fn reconcile(shard: Arc<Shard>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile(CONTROLLER);
+    let ns = shard.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let shards: Api<Shard> = Api::namespaced(ctx.client.clone(), &ns);
+    if shard.meta().deletion_timestamp.is_some() {
+        return cleanup::run(&shard, &ctx).await;
+    }
+    if !shard.finalizers().iter().any(|f| f == SHARD_FINALIZER) {
+        apply_finalizers(&shards, &shard.name_any(), &[SHARD_FINALIZER]).await?;
+    }
+    converge(&shard, &ctx, &ns).await
+}
+
+/// Applies everything and writes status; returns when to look again.
+async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
+    let client = &ctx.client;
+    let cx = Ctx::of(shard)?;
+    let now = Timestamp::now();
+    let reference = shard.object_ref(&());
+    let previous = shard.status.clone().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+
+    // Secrets whose values must survive reconciles: keep what exists, generate once.
+    let token = existing_or_new(&secrets, &cx.names.device_token, TOKEN_KEY).await?;
+    apply(
+        &secrets,
+        &resources::secret(
+            &cx,
+            &cx.names.device_token,
+            BTreeMap::from([(TOKEN_KEY.into(), token)]),
+            true,
+        ),
+    )
+    .await?;
+
+    let (blocked, database_ready, note) = database(shard, ctx, &cx, ns, &secrets).await?;
+
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let existing = sets.get_opt(&cx.names.shard).await?;
+    let current = existing
+        .as_ref()
+        .and_then(|s| s.spec.as_ref()?.replicas)
+        .unwrap_or(shard.spec.replicas.min);
+    let server_pods =
+        pods.list(&ListParams::default().labels(&cx.selector_string("constellation"))).await?.items;
+
+    // Load is read every `stats_interval`; reconciles in between (watch events) reuse it.
+    let state = previous.autoscaler.clone().unwrap_or_default();
+    let due = state.last_evaluated.as_ref().is_none_or(|t| {
+        now.duration_since(t.0)
+            >= SignedDuration::try_from(ctx.settings.stats_interval).unwrap_or_default()
+    });
+    let (mut syncs, mut active_devices) = (previous.syncs_per_second, previous.active_devices);
+    let (replicas, autoscaler) = if blocked.is_some() {
+        (current, state)
+    } else if due {
+        let (stats, errors) = stats::collect(ctx, &server_pods).await;
+        for e in &errors {
+            warn!(shard = %key(shard), error = %e, "stats");
+        }
+        syncs = stats.iter().map(|s| s.syncs_per_second).sum();
+        active_devices =
+            i64::try_from(stats.iter().map(|s| s.devices_active).sum::<u64>()).unwrap_or(i64::MAX);
+        let loads: Vec<PodLoad> = stats
+            .iter()
+            .map(|s| PodLoad {
+                syncs_per_second: s.syncs_per_second,
+                connections: s.grpc_connections,
+            })
+            .collect();
+        let d = autoscale::decide(
+            now,
+            current,
+            Some(&loads),
+            &shard.spec.replicas,
+            &shard.spec.autoscaling,
+            &state,
+        );
+        if d.replicas != current && existing.is_some() {
+            info!(shard = %key(shard), from = current, to = d.replicas, "{}", d.message);
+            ctx.event(&reference, false, d.reason.as_str(), "Scale", d.message.clone()).await;
+        }
+        (d.replicas, d.state)
+    } else {
+        (
+            current.clamp(
+                shard.spec.replicas.min,
+                shard.spec.replicas.max.max(shard.spec.replicas.min),
+            ),
+            state,
+        )
+    };
+
+    if blocked.is_none() {
+        let db = postgres::database(shard, &cx);
+        let sts = resources::constellation(shard, &cx, replicas, &db, &cx.names.device_token);
+        apply(&sets, &sts).await?;
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        for svc in resources::services(shard, &cx) {
+            apply(&services, &svc).await?;
+        }
+        apply(
+            &Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+            &resources::disruption_budget(&cx),
+        )
+        .await?;
+        let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+        for p in resources::network_policies(shard, &cx) {
+            apply(&policies, &p).await?;
+        }
+        if shard.spec.service_monitor
+            && served(client, "monitoring.coreos.com/v1", "servicemonitors").await?
+        {
+            let api = dynamic_api(
+                client,
+                ns,
+                "monitoring.coreos.com",
+                "v1",
+                "ServiceMonitor",
+                "servicemonitors",
+            );
+            apply_value(&api, &resources::service_monitor(&cx)).await?;
+        }
+    }
+
+    let ready = existing.as_ref().and_then(|s| s.status.as_ref()?.ready_replicas).unwrap_or(0);
+    let facts = status::Facts {
+        blocked: blocked.clone(),
+        stuck: stats::stuck_reason(&server_pods),
+        database_ready,
+        wanted: replicas,
+        ready: ready.min(replicas),
+        note,
+    };
+    let (phase, wants) = status::assess(&facts);
+    let generation = shard.meta().generation.unwrap_or(0);
+    let next = ShardStatus {
+        phase: Some(phase),
+        conditions: conditions::merge(&previous.conditions, &wants, generation, &Time(now)),
+        observed_generation: Some(generation),
+        replicas,
+        ready_replicas: facts.ready,
+        active_devices,
+        syncs_per_second: (syncs * 100.0).round() / 100.0,
+        endpoints: Some(ShardEndpoints {
+            grpc: cx.grpc_endpoint(),
+            admin: cx.admin_endpoint(),
+            rest: cx.rest_endpoint(),
+        }),
+        selector: Some(cx.selector_string("constellation")),
+        autoscaler: Some(autoscaler),
+    };
+    publish_transitions(ctx, &reference, &previous, &next).await;
+    if next != previous {
+        apply_status(&Api::<Shard>::namespaced(client.clone(), ns), &shard.name_any(), &next)
+            .await?;
+    }
+
+    if let Some((reason, message)) = blocked.or(facts.stuck) {
+        let delay = ctx.backoff(&key(shard));
+        warn!(shard = %key(shard), reason, message, retry_in = ?delay, "shard degraded");
+        return Ok(Action::requeue(delay));
+    }
+    ctx.reset_backoff(&key(shard));
+    let wait = if phase == ShardPhase::Running {
+        ctx.settings.stats_interval
+    } else {
+        Duration::from_secs(5)
+    };
+    Ok(Action::requeue(wait.min(ctx.settings.stats_interval)))
+}
+
+/// Events for condition changes (one per transition, not per reconcile).
+async fn publish_transitions(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    previous: &ShardStatus,
+    next: &ShardStatus,
+) {
+    for c in &next.conditions {
+        let before = conditions::find(&previous.conditions, &c.type_);
+        let changed = before.is_none_or(|b| b.status != c.status || b.reason != c.reason);
+        let interesting = match c.type_.as_str() {
+            conditions::DEGRADED => c.status == "True",
+            conditions::READY => true,
+            _ => false,
+        };
+        if changed
+            && interesting
+            && !(c.type_ == conditions::READY && before.is_none() && c.status == "False")
+        {
+            let warning = c.type_ == conditions::DEGRADED
+                || (c.type_ == conditions::READY && c.status == "False");
+            let note = if c.message.is_empty() { c.reason.clone() } else { c.message.clone() };
+            ctx.event(reference, warning, &c.reason, "Reconcile", note).await;
+        }
+    }
+}
+
+/// Ensures the database of the spec's mode. Returns (blocked reason, ready, note).
+async fn database(
+    shard: &Shard,
+    ctx: &Context,
+    cx: &Ctx,
+    ns: &str,
+    secrets: &Api<Secret>,
+) -> Result<(Option<(String, String)>, bool, Option<String>)> {
+    let client = &ctx.client;
+    let pg = &shard.spec.postgres;
+    match pg.mode {
+        PostgresMode::Managed => {
+            let existing = secrets.get_opt(&cx.names.postgres_secret).await?;
+            let password = existing
+                .as_ref()
+                .and_then(|s| s.data.as_ref()?.get("password").cloned())
+                .and_then(|b| String::from_utf8(b.0).ok())
+                .unwrap_or_else(|| random(32));
+            apply(
+                secrets,
+                &resources::secret(
+                    cx,
+                    &cx.names.postgres_secret,
+                    postgres::postgres_secret_data(cx, &password),
+                    true,
+                ),
+            )
+            .await?;
+            apply(&Api::<Service>::namespaced(client.clone(), ns), &postgres::postgres_service(cx))
+                .await?;
+            let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+            let sts = apply(&sets, &postgres::postgres_statefulset(shard, cx)).await?;
+            let ready = sts.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) >= 1;
+            let note = (pg.instances > 1).then(|| {
+                format!("managed Postgres runs 1 instance ({} requested: use mode cloudnativepg for replicas)", pg.instances)
+            });
+            Ok((None, ready, note))
+        }
+        PostgresMode::Cloudnativepg => {
+            if !served(client, "postgresql.cnpg.io/v1", "clusters").await? {
+                return Ok((
+                    Some((
+                        "CloudNativePGNotInstalled".into(),
+                        "postgres.mode is cloudnativepg but the postgresql.cnpg.io/v1 Cluster CRD is not installed".into(),
+                    )),
+                    false,
+                    None,
+                ));
+            }
+            let api = dynamic_api(client, ns, "postgresql.cnpg.io", "v1", "Cluster", "clusters");
+            let cluster = apply_value(&api, &postgres::cnpg_cluster(shard, cx)).await?;
+            let ready = cluster.data["status"]["readyInstances"].as_i64().unwrap_or(0) >= 1;
+            Ok((None, ready, None))
+        }
+        PostgresMode::External => {
+            let Some(r) = &pg.external_secret_ref else {
+                return Ok((
+                    Some(("SecretNotFound".into(), "postgres.externalSecretRef is not set".into())),
+                    false,
+                    None,
+                ));
+            };
+            let blocked = match secrets.get_opt(&r.name).await? {
+                None => Some((
+                    "SecretNotFound".to_string(),
+                    format!("Secret {ns}/{} not found", r.name),
+                )),
+                Some(s) if !s.data.as_ref().is_some_and(|d| d.contains_key(&r.key)) => Some((
+                    "SecretKeyNotFound".to_string(),
+                    format!("Secret {ns}/{} has no key {:?}", r.name, r.key),
+                )),
+                Some(_) => None,
+            };
+            let ready = blocked.is_none();
+            Ok((blocked, ready, None))
+        }
+    }
+}
+
+/// The value under `key` of an existing Secret, or a fresh random one.
+async fn existing_or_new(secrets: &Api<Secret>, name: &str, key: &str) -> Result<ByteString> {
+    let existing = secrets.get_opt(name).await?.and_then(|s| s.data?.get(key).cloned());
+    Ok(existing.unwrap_or_else(|| ByteString(random(48).into_bytes())))
+}
+
+fn random(len: usize) -> String {
+    rand::rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+}

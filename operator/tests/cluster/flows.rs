@@ -1,0 +1,605 @@
+//! The operator's real controllers, in process, against the fake API server.
+
+use crate::fake::Fake;
+use crate::support::*;
+use kube::api::{Api, DeleteParams, PostParams};
+use omega_operator::crd::{FederationRound, Shard};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+fn shard(name: &str, shard_id: i64, extra: Value) -> Shard {
+    let mut spec = json!({
+        "shardId": shard_id,
+        "region": "eu-test",
+        "replicas": {"min": 1, "max": 6},
+        "autoscaling": {"scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 0},
+        "image": "omega-shard:test",
+    });
+    json_patch::merge(&mut spec, &extra);
+    serde_json::from_value(json!({
+        "apiVersion": "omega.exogenesis.io/v1alpha1", "kind": "Shard",
+        "metadata": {"name": name, "labels": {"tier": "prod"}}, "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn phase(fake: &Fake, group: &str, plural: &str, ns: &str, name: &str) -> Option<String> {
+    fake.get(group, plural, ns, name)?["status"]["phase"].as_str().map(String::from)
+}
+
+async fn running(fake: &Fake, ns: &str, name: &str) -> Value {
+    fake.wait_for(30, &format!("shard {name} Running and Ready"), |f| {
+        let s = f.get("omega.exogenesis.io", "shards", ns, name)?;
+        (s["status"]["phase"] == json!("Running")
+            && condition(&s, "Ready")?["status"] == json!("True"))
+        .then_some(s)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn shard_lifecycle_create_ready_scale_delete() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    namespace(&fake, "tv");
+    let stats = Stats::start(&fake).await;
+    foreign_crd(&fake, "monitoring.coreos.com", "ServiceMonitor", "servicemonitors");
+    let op = start_operator(&fake, None, "op-a");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "tv");
+    shards.create(&PostParams::default(), &shard("eu1", 1, json!({}))).await.unwrap();
+
+    // Resources created, pods ready, status Ready.
+    let s = running(&fake, "tv", "eu1").await;
+    assert_eq!(s["status"]["endpoints"]["admin"], json!("http://eu1-admin.tv.svc:50052"));
+    assert_eq!(s["metadata"]["finalizers"], json!(["omega.exogenesis.io/ordered-cleanup"]));
+    for (group, plural, name) in [
+        ("apps", "statefulsets", "eu1"),
+        ("apps", "statefulsets", "eu1-postgres"),
+        ("", "services", "eu1"),
+        ("", "services", "eu1-admin"),
+        ("", "services", "eu1-headless"),
+        ("", "services", "eu1-postgres"),
+        ("", "secrets", "eu1-postgres"),
+        ("", "secrets", "eu1-device-token"),
+        ("policy", "poddisruptionbudgets", "eu1"),
+        ("networking.k8s.io", "networkpolicies", "eu1"),
+        ("networking.k8s.io", "networkpolicies", "eu1-postgres"),
+    ] {
+        let o = fake
+            .get(group, plural, "tv", name)
+            .unwrap_or_else(|| panic!("{plural}/{name} missing"));
+        assert_eq!(o["metadata"]["ownerReferences"][0]["kind"], json!("Shard"), "{plural}/{name}");
+    }
+    let monitor =
+        fake.get("monitoring.coreos.com", "servicemonitors", "tv", "eu1").expect("ServiceMonitor");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], json!("metrics"));
+    let password =
+        fake.get("", "secrets", "tv", "eu1-postgres").unwrap()["data"]["password"].clone();
+    // Stats are read from the pods: 1 pod × 40 active devices.
+    fake.wait_for(10, "activeDevices from pod stats", |f| {
+        (f.get("omega.exogenesis.io", "shards", "tv", "eu1")?["status"]["activeDevices"]
+            == json!(40))
+        .then_some(())
+    })
+    .await;
+
+    // Load rises: 250 syncs/s on one server with a target of 100 → 3 servers.
+    stats.set(250.0, 100);
+    fake.wait_for(20, "scale up to 3", |f| {
+        let s = f.get("omega.exogenesis.io", "shards", "tv", "eu1")?;
+        (s["status"]["replicas"] == json!(3) && s["status"]["readyReplicas"] == json!(3))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        fake.get("apps", "statefulsets", "tv", "eu1").unwrap()["spec"]["replicas"],
+        json!(3)
+    );
+    assert!(events_for(&fake, "tv", "eu1").iter().any(|(t, r)| t == "Normal" && r == "ScaledUp"));
+
+    // Load falls: back to one server (down at most max(50 %, 2 pods) per minute).
+    stats.set(20.0, 100);
+    fake.wait_for(20, "scale down to 1", |f| {
+        (f.get("omega.exogenesis.io", "shards", "tv", "eu1")?["status"]["replicas"] == json!(1))
+            .then_some(())
+    })
+    .await;
+    assert!(events_for(&fake, "tv", "eu1").iter().any(|(_, r)| r == "ScaledDown"));
+    assert_eq!(
+        fake.get("", "secrets", "tv", "eu1-postgres").unwrap()["data"]["password"],
+        password,
+        "password is stable"
+    );
+
+    // Every write of the operator to objects it manages is a server-side apply by one manager.
+    for w in fake.writes() {
+        let by_test = w.verb == "POST" && w.plural == "shards";
+        if by_test || w.plural == "events" || w.plural == "leases" || w.verb == "DELETE" {
+            continue;
+        }
+        assert!(w.content_type.starts_with("application/apply-patch"), "{w:?}");
+        assert_eq!(w.field_manager.as_deref(), Some("omega-operator"), "{w:?}");
+    }
+
+    assert!(
+        fake.writes().iter().any(|w| w.plural == "shards" && w.subresource == "status"),
+        "status goes through the status subresource"
+    );
+
+    // Delete: finalizer orders the teardown, then everything owned is collected.
+    shards.delete("eu1", &DeleteParams::default()).await.unwrap();
+    fake.wait_for(30, "shard gone", |f| {
+        f.get("omega.exogenesis.io", "shards", "tv", "eu1").is_none().then_some(())
+    })
+    .await;
+    let deletes: Vec<String> = fake
+        .writes()
+        .into_iter()
+        .filter(|w| w.verb == "DELETE" && w.plural == "statefulsets")
+        .map(|w| w.name)
+        .collect();
+    let first = |n: &str| deletes.iter().position(|d| d == n).unwrap();
+    assert!(
+        first("eu1") < first("eu1-postgres"),
+        "servers are stopped before the database: {deletes:?}"
+    );
+    for (group, plural) in [
+        ("apps", "statefulsets"),
+        ("", "pods"),
+        ("", "services"),
+        ("policy", "poddisruptionbudgets"),
+        ("networking.k8s.io", "networkpolicies"),
+    ] {
+        assert!(fake.list(group, plural, "tv").is_empty(), "{plural} left behind");
+    }
+    // volumePolicy Retain: the volume and the Secrets its data needs stay, orphaned.
+    assert_eq!(fake.list("", "persistentvolumeclaims", "tv").len(), 1);
+    let secret = fake.get("", "secrets", "tv", "eu1-postgres").expect("password Secret retained");
+    assert!(secret["metadata"]["ownerReferences"].as_array().is_none_or(|o| o.is_empty()));
+    assert!(fake.get("", "secrets", "tv", "eu1-device-token").is_some());
+    op.abort();
+}
+
+#[tokio::test]
+async fn delete_policy_removes_volumes_and_secrets() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, Some("default"), "op-b");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    shards
+        .create(
+            &PostParams::default(),
+            &shard("d1", 2, json!({"postgres": {"volumePolicy": "Delete"}})),
+        )
+        .await
+        .unwrap();
+    running(&fake, "default", "d1").await;
+    assert_eq!(fake.list("", "persistentvolumeclaims", "default").len(), 1);
+    shards.delete("d1", &DeleteParams::default()).await.unwrap();
+    fake.wait_for(30, "everything gone", |f| {
+        (f.get("omega.exogenesis.io", "shards", "default", "d1").is_none()
+            && f.list("", "persistentvolumeclaims", "default").is_empty()
+            && f.list("", "secrets", "default").is_empty())
+        .then_some(())
+    })
+    .await;
+    op.abort();
+}
+
+#[tokio::test]
+async fn unsatisfiable_specs_degrade_with_backoff_and_recover() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, None, "op-c");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    shards
+        .create(
+            &PostParams::default(),
+            &shard(
+                "ext",
+                3,
+                json!({"postgres": {"mode": "external", "externalSecretRef": {"name": "db-url"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    shards
+        .create(
+            &PostParams::default(),
+            &shard("cnpg", 4, json!({"postgres": {"mode": "cloudnativepg"}})),
+        )
+        .await
+        .unwrap();
+    shards
+        .create(
+            &PostParams::default(),
+            &shard("badimg", 5, json!({"image": "registry.invalid/does-not-exist:1"})),
+        )
+        .await
+        .unwrap();
+
+    for (name, reason) in [
+        ("ext", "SecretNotFound"),
+        ("cnpg", "CloudNativePGNotInstalled"),
+        ("badimg", "ImagePullBackOff"),
+    ] {
+        let s = fake
+            .wait_for(20, &format!("{name} Degraded/{reason}"), |f| {
+                let s = f.get("omega.exogenesis.io", "shards", "default", name)?;
+                (condition(&s, "Degraded")?["reason"] == json!(reason)).then_some(s)
+            })
+            .await;
+        assert_eq!(s["status"]["phase"], json!("Degraded"), "{name}");
+        assert_eq!(condition(&s, "Degraded").unwrap()["status"], json!("True"));
+        assert_eq!(condition(&s, "Ready").unwrap()["status"], json!("False"));
+        assert!(
+            events_for(&fake, "default", name).iter().any(|(t, r)| t == "Warning" && r == reason),
+            "{name}: event"
+        );
+    }
+    assert!(
+        fake.get("apps", "statefulsets", "default", "ext").is_none(),
+        "no servers without a database"
+    );
+
+    // No hot loop: over 3 s the blocked shard is retried with backoff, a handful of times.
+    let count =
+        |f: &Fake| f.writes().iter().filter(|w| w.name == "ext" && w.plural == "shards").count();
+    let before = count(&fake);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = count(&fake) - before;
+    assert!(during <= 3, "{during} writes to a blocked shard in 3 s");
+
+    // Fix the causes: the Secret appears, CNPG gets installed.
+    fake.create(
+        "",
+        "secrets",
+        "default",
+        json!({"metadata": {"name": "db-url"}, "data": {"uri": "cG9zdGdyZXM6Ly94"}}),
+    );
+    foreign_crd(&fake, "postgresql.cnpg.io", "Cluster", "clusters");
+    running(&fake, "default", "ext").await;
+    running(&fake, "default", "cnpg").await;
+    let cluster = fake
+        .get("postgresql.cnpg.io", "clusters", "default", "cnpg-postgres")
+        .expect("CNPG Cluster");
+    assert_eq!(cluster["spec"]["instances"], json!(3));
+    let sts = fake.get("apps", "statefulsets", "default", "cnpg").unwrap();
+    let env = &sts["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(env.as_array().unwrap().iter().any(|e| e["name"] == json!("DATABASE_READ_URLS")));
+    op.abort();
+}
+
+#[tokio::test]
+async fn federation_round_runs_to_succeeded_then_ttl_deletes_it() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, None, "op-d");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    shards.create(&PostParams::default(), &shard("a", 10, json!({}))).await.unwrap();
+    shards.create(&PostParams::default(), &shard("b", 11, json!({}))).await.unwrap();
+    let rounds: Api<FederationRound> = Api::namespaced(fake.client(), "default");
+    let fr: FederationRound = serde_json::from_value(json!({
+        "apiVersion": "omega.exogenesis.io/v1alpha1", "kind": "FederationRound",
+        "metadata": {"name": "r1"},
+        "spec": {"shardSelector": {"matchLabels": {"tier": "prod"}}, "minSources": 5, "ttlSecondsAfterFinished": 3,
+                 "privacy": {"epsilon": 2.0, "delta": 0.00001}},
+    }))
+    .unwrap();
+    rounds.create(&PostParams::default(), &fr).await.unwrap();
+
+    let done = fake
+        .wait_for(40, "round Succeeded", |f| {
+            let r = f.get("omega.exogenesis.io", "federationrounds", "default", "r1")?;
+            (r["status"]["phase"] == json!("Succeeded")).then_some(r)
+        })
+        .await;
+    let st = &done["status"];
+    assert_eq!(
+        (
+            st["patternsAggregated"].clone(),
+            st["trendsDetected"].clone(),
+            st["shardsCompleted"].clone()
+        ),
+        (json!(17), json!(4), json!(2))
+    );
+    assert!(st["message"].as_str().unwrap().starts_with("succeeded: 17 pattern(s)"), "{st}");
+    assert!(st["startedAt"].is_string() && st["finishedAt"].is_string());
+    let job = fake.get("batch", "jobs", "default", "r1-federate").expect("job");
+    let args: Vec<String> =
+        serde_json::from_value(job["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+            .unwrap();
+    let joined = args.join(" ");
+    assert!(
+        joined
+            .contains("--shards http://a-admin.default.svc:50052,http://b-admin.default.svc:50052"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("--min-sources 5") && joined.contains("--epsilon 2 --delta 0.00001"),
+        "{joined}"
+    );
+    assert!(joined.ends_with("--summary-file /dev/termination-log"), "{joined}");
+    assert!(events_for(&fake, "default", "r1").iter().any(|(_, r)| r == "RoundSucceeded"));
+
+    // TTL: the round and (by owner reference) its Job go away.
+    fake.wait_for(20, "round deleted after TTL", |f| {
+        (f.get("omega.exogenesis.io", "federationrounds", "default", "r1").is_none()
+            && f.get("batch", "jobs", "default", "r1-federate").is_none())
+        .then_some(())
+    })
+    .await;
+    op.abort();
+}
+
+#[tokio::test]
+async fn failed_round_is_reported_and_never_blocks_shards() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let _stats = Stats::start(&fake).await;
+    fake.behaviour.lock().unwrap().job = Box::new(|_| {
+        crate::fake::controllers::JobRun {
+        exit_code: 1,
+        message: r#"{"round_id":"x","outcome":"failed","shards_total":1,"shards_completed":0,"shards_failed":[{"endpoint":"http://f1-admin.default.svc:50052","error":"unavailable"}],"patterns_in":0,"groups":0,"patterns_aggregated":0,"groups_suppressed":0,"trends_detected":0,"global_version":0,"privacy":null,"already_published":false,"duration_ms":3,"message":"no shard reachable"}"#.into(),
+    }
+    });
+    let op = start_operator(&fake, None, "op-e");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    shards.create(&PostParams::default(), &shard("f1", 20, json!({}))).await.unwrap();
+    let rounds: Api<FederationRound> = Api::namespaced(fake.client(), "default");
+    let fr: FederationRound = serde_json::from_value(json!({
+        "apiVersion": "omega.exogenesis.io/v1alpha1", "kind": "FederationRound", "metadata": {"name": "bad"}, "spec": {},
+    }))
+    .unwrap();
+    rounds.create(&PostParams::default(), &fr).await.unwrap();
+    let r = fake
+        .wait_for(30, "round Failed", |f| {
+            let r = f.get("omega.exogenesis.io", "federationrounds", "default", "bad")?;
+            (r["status"]["phase"] == json!("Failed")).then_some(r)
+        })
+        .await;
+    let msg = r["status"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("no shard reachable")
+            && msg.contains("f1-admin.default.svc:50052: unavailable"),
+        "{msg}"
+    );
+    assert_eq!(condition(&r, "Degraded").unwrap()["status"], json!("True"));
+    assert!(
+        events_for(&fake, "default", "bad")
+            .iter()
+            .any(|(t, r)| t == "Warning" && r == "RoundFailed")
+    );
+
+    // The shard still reconciles: a spec change (more replicas) goes through.
+    let mut s = shards.get("f1").await.unwrap();
+    s.spec.replicas.min = 2;
+    s.metadata.managed_fields = None;
+    shards.replace("f1", &PostParams::default(), &s).await.unwrap();
+    fake.wait_for(20, "shard scaled to new min", |f| {
+        (f.get("apps", "statefulsets", "default", "f1")?["spec"]["replicas"] == json!(2))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        phase(&fake, "omega.exogenesis.io", "federationrounds", "default", "bad").as_deref(),
+        Some("Failed")
+    );
+    op.abort();
+}
+
+#[tokio::test]
+async fn leader_election_lets_one_replica_work() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let a = start_operator(&fake, None, "op-1");
+    let lease = fake
+        .wait_for(10, "lease", |f| {
+            f.get("coordination.k8s.io", "leases", "default", "omega-operator")
+        })
+        .await;
+    let first = lease["spec"]["holderIdentity"].as_str().unwrap().to_string();
+    assert_eq!(first, "op-1");
+    let b = start_operator(&fake, None, "op-2");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let holder = fake.get("coordination.k8s.io", "leases", "default", "omega-operator").unwrap()["spec"]["holderIdentity"].clone();
+    assert_eq!(holder, json!("op-1"), "the standby does not steal a live lease");
+    // The leader dies without releasing: the standby takes over after the lease expires.
+    a.abort();
+    fake.wait_for(15, "standby takes over", |f| {
+        let l = f.get("coordination.k8s.io", "leases", "default", "omega-operator")?;
+        (l["spec"]["holderIdentity"] == json!("op-2") && l["spec"]["leaseTransitions"] == json!(1))
+            .then_some(())
+    })
+    .await;
+    b.abort();
+}
+
+#[tokio::test]
+async fn scheduled_round_spawns_children_and_keeps_history() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, None, "op-f");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    shards.create(&PostParams::default(), &shard("s1", 30, json!({}))).await.unwrap();
+    running(&fake, "default", "s1").await;
+    // Created (as far as the schedule knows) ten minutes ago: a run is due now.
+    let created = (chrono::Utc::now() - chrono::Duration::minutes(10))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let rounds: Api<FederationRound> = Api::namespaced(fake.client(), "default");
+    let fr: FederationRound = serde_json::from_value(json!({
+        "apiVersion": "omega.exogenesis.io/v1alpha1", "kind": "FederationRound",
+        "metadata": {"name": "every-minute", "annotations": {crate::fake::store::BACKDATE: created}},
+        "spec": {"schedule": "* * * * *", "historyLimit": 1},
+    }))
+    .unwrap();
+    rounds.create(&PostParams::default(), &fr).await.unwrap();
+
+    let parent = fake
+        .wait_for(20, "parent Scheduled with a child", |f| {
+            let p = f.get("omega.exogenesis.io", "federationrounds", "default", "every-minute")?;
+            (p["status"]["phase"] == json!("Scheduled")
+                && p["status"]["lastScheduleTime"].is_string())
+            .then_some(p)
+        })
+        .await;
+    assert!(parent["status"]["nextScheduleTime"].is_string());
+    let children: Vec<Value> = fake
+        .list("omega.exogenesis.io", "federationrounds", "default")
+        .into_iter()
+        .filter(|r| r["metadata"]["labels"]["omega.exogenesis.io/parent"] == json!("every-minute"))
+        .collect();
+    assert_eq!(children.len(), 1, "only the latest missed run is made");
+    let child = &children[0];
+    assert_eq!(child["metadata"]["ownerReferences"][0]["name"], json!("every-minute"));
+    assert!(child["spec"]["schedule"].is_null(), "children do not schedule");
+    let name = child["metadata"]["name"].as_str().unwrap().to_string();
+    fake.wait_for(30, "child Succeeded", |f| {
+        (f.get("omega.exogenesis.io", "federationrounds", "default", &name)?["status"]["phase"]
+            == json!("Succeeded"))
+        .then_some(())
+    })
+    .await;
+    assert!(events_for(&fake, "default", "every-minute").iter().any(|(_, r)| r == "RoundSpawned"));
+    // Deleting the parent collects its children (owner references).
+    rounds.delete("every-minute", &DeleteParams::default()).await.unwrap();
+    fake.wait_for(10, "children collected", |f| {
+        f.list("omega.exogenesis.io", "federationrounds", "default").is_empty().then_some(())
+    })
+    .await;
+    op.abort();
+}
+
+#[tokio::test]
+async fn fake_api_server_semantics() {
+    use futures::{StreamExt, TryStreamExt};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
+    let fake = Fake::start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(fake.client(), "default");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "a"}, "data": {"k": "1"}})).unwrap();
+    let created = cms.create(&PostParams::default(), &cm).await.unwrap();
+    let rv0 = created.metadata.resource_version.clone().unwrap();
+
+    // Watch from the create's resourceVersion sees later writes.
+    let mut events = cms.watch(&WatchParams::default(), &rv0).await.unwrap().boxed();
+
+    // resourceVersion moves on every write; a stale replace is a 409.
+    let mut updated = created.clone();
+    updated.data = Some([("k".to_string(), "2".to_string())].into());
+    let after = cms.replace("a", &PostParams::default(), &updated).await.unwrap();
+    assert_ne!(after.metadata.resource_version, created.metadata.resource_version);
+    match cms.replace("a", &PostParams::default(), &updated).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 409),
+        other => panic!("stale replace: {other:?}"),
+    }
+    // Creating twice is a 409 too; a missing object a 404.
+    assert!(
+        matches!(cms.create(&PostParams::default(), &cm).await, Err(kube::Error::Api(s)) if s.code == 409)
+    );
+    assert!(matches!(cms.get("nope").await, Err(kube::Error::Api(s)) if s.code == 404));
+
+    // Server-side apply merges with what other managers set; re-applying the same is a no-op.
+    let pp = PatchParams::apply("me").force();
+    let applied = cms
+        .patch(
+            "a",
+            &pp,
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"x": "y"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.data.as_ref().unwrap().get("k").map(String::as_str), Some("2"));
+    let again = cms
+        .patch(
+            "a",
+            &pp,
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"x": "y"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.metadata.resource_version, applied.metadata.resource_version);
+
+    let first = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first, WatchEvent::Modified(_)), "{first:?}");
+
+    // Owner-reference garbage collection.
+    let owner_uid = after.metadata.uid.clone().unwrap();
+    let dep: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "b", "ownerReferences": [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "a", "uid": owner_uid}]}}))
+        .unwrap();
+    cms.create(&PostParams::default(), &dep).await.unwrap();
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    assert!(
+        matches!(cms.get("b").await, Err(kube::Error::Api(s)) if s.code == 404),
+        "dependent collected"
+    );
+
+    // Finalizers hold deletion until removed.
+    let held: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "c", "finalizers": ["x/y"]}})).unwrap();
+    cms.create(&PostParams::default(), &held).await.unwrap();
+    cms.delete("c", &DeleteParams::default()).await.unwrap();
+    assert!(cms.get("c").await.unwrap().metadata.deletion_timestamp.is_some());
+    cms.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(cms.get("c").await, Err(kube::Error::Api(s)) if s.code == 404));
+}
+
+#[tokio::test]
+async fn autoscaler_memory_survives_an_operator_restart() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let stats = Stats::start(&fake).await;
+    let first = start_operator(&fake, None, "op-g");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    let spec = json!({"autoscaling": {"scaleUpStabilizationSeconds": 120, "scaleDownStabilizationSeconds": 300}});
+    shards.create(&PostParams::default(), &shard("mem", 40, spec)).await.unwrap();
+    running(&fake, "default", "mem").await;
+    fake.wait_for(20, "recommendation of 1 recorded", |f| {
+        let s = f.get("omega.exogenesis.io", "shards", "default", "mem")?;
+        (s["status"]["autoscaler"]["recommendations"][0]["replicas"] == json!(1)).then_some(())
+    })
+    .await;
+
+    // Load rises: 3 servers recommended, but the 120 s window holds the scale-up.
+    stats.set(300.0, 100);
+    let history = fake
+        .wait_for(20, "recommendation of 3 recorded", |f| {
+            let s = f.get("omega.exogenesis.io", "shards", "default", "mem")?;
+            let recs = s["status"]["autoscaler"]["recommendations"].as_array()?.clone();
+            (recs.last()?["replicas"] == json!(3)).then_some(recs)
+        })
+        .await;
+    assert_eq!(history[0]["replicas"], json!(1), "the older recommendation is kept: {history:?}");
+
+    // A new leader reads the same memory and keeps holding.
+    first.abort();
+    fake.store.lock().unwrap().objects.retain(|k, _| k.plural != "leases");
+    let second = start_operator(&fake, None, "op-h");
+    fake.wait_for(20, "new leader", |f| {
+        let l = f.get("coordination.k8s.io", "leases", "default", "omega-operator")?;
+        (l["spec"]["holderIdentity"] == json!("op-h")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = fake.get("omega.exogenesis.io", "shards", "default", "mem").unwrap();
+    assert_eq!(s["status"]["replicas"], json!(1), "still stabilising after the restart");
+    assert_eq!(s["status"]["autoscaler"]["recommendations"][0], history[0]);
+    second.abort();
+}

@@ -1,0 +1,274 @@
+//! Configuration: every setting is an environment variable and a CLI flag (DESIGN.md's names
+//! and defaults), checked once at start-up so a bad value stops the process with a message
+//! that names the variable.
+
+use clap::{Args, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Log output format (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (for log collectors).
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Where data lives: Postgres when `DATABASE_URL` (or `POSTGRES_URL`) is set, else the
+/// embedded store under `DATA_DIR`.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Postgres URL (`postgres://…`); also read from `POSTGRES_URL`. Unset: embedded store.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Read replicas for similarity queries and exports, comma-separated.
+    #[arg(long, env = "DATABASE_READ_URLS", value_delimiter = ',', hide_env_values = true)]
+    pub database_read_urls: Vec<String>,
+    /// Directory of the embedded store (and of its generated device secret).
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Connections in the primary pool.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: u32,
+    /// HNSW `m` of the pattern index (pgvector: 2..=100).
+    #[arg(long, env = "HNSW_M", default_value_t = 16)]
+    pub hnsw_m: u32,
+    /// HNSW `ef_construction` (pgvector: 4..=1000, at least 2·m).
+    #[arg(long, env = "HNSW_EF_CONSTRUCTION", default_value_t = 64)]
+    pub hnsw_ef_construction: u32,
+    /// HNSW `ef_search` for similarity queries (at least the 100 results a sync asks for).
+    #[arg(long, env = "HNSW_EF_SEARCH", default_value_t = 100)]
+    pub hnsw_ef_search: u32,
+    /// How often the background merge moves intake rows into the indexed table.
+    #[arg(long, env = "MERGE_INTERVAL_MS", default_value_t = 1000)]
+    pub merge_interval_ms: u64,
+    /// Most intake rows one merge transaction moves.
+    #[arg(long, env = "MERGE_BATCH", default_value_t = 500)]
+    pub merge_batch: u32,
+    /// Embedded ANN: number of inverted lists.
+    #[arg(long, env = "ANN_LISTS", default_value_t = 1024)]
+    pub ann_lists: u32,
+    /// Embedded ANN: lists scanned per query (at least).
+    #[arg(long, env = "ANN_PROBES", default_value_t = 16)]
+    pub ann_probes: u32,
+    /// Embedded store: compact the write-ahead log into a snapshot past this size.
+    #[arg(long, env = "WAL_COMPACT_MB", default_value_t = 256)]
+    pub wal_compact_mb: u64,
+}
+
+impl StoreArgs {
+    /// The Postgres URL from `DATABASE_URL`, else `POSTGRES_URL`.
+    pub fn postgres_url(&self) -> Option<String> {
+        self.database_url
+            .clone()
+            .or_else(|| std::env::var("POSTGRES_URL").ok())
+            .filter(|u| !u.trim().is_empty())
+    }
+
+    /// Checks ranges and URL schemes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = self.postgres_url() {
+            check_pg_url("DATABASE_URL", &url)?;
+        }
+        for u in &self.database_read_urls {
+            check_pg_url("DATABASE_READ_URLS", u)?;
+        }
+        range("DB_POOL_SIZE", self.db_pool_size.into(), 2, 1000)?;
+        range("HNSW_M", self.hnsw_m.into(), 2, 100)?;
+        range("HNSW_EF_CONSTRUCTION", self.hnsw_ef_construction.into(), 4, 1000)?;
+        if self.hnsw_ef_construction < 2 * self.hnsw_m {
+            return Err(ConfigError::Invalid {
+                var: "HNSW_EF_CONSTRUCTION",
+                msg: format!("must be at least 2 x HNSW_M ({})", 2 * self.hnsw_m),
+            });
+        }
+        range("HNSW_EF_SEARCH", self.hnsw_ef_search.into(), 1, 1000)?;
+        range("MERGE_INTERVAL_MS", self.merge_interval_ms, 10, 3_600_000)?;
+        range("MERGE_BATCH", self.merge_batch.into(), 1, 1_000_000)?;
+        range("ANN_LISTS", self.ann_lists.into(), 1, 65_536)?;
+        range("ANN_PROBES", self.ann_probes.into(), 1, self.ann_lists.into())?;
+        range("WAL_COMPACT_MB", self.wal_compact_mb, 1, 1 << 20)?;
+        Ok(())
+    }
+}
+
+/// `omega-shard serve` settings.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// This shard's number.
+    #[arg(long, env = "SHARD_ID", default_value_t = 1)]
+    pub shard_id: u32,
+    /// Region of the devices this shard serves (trends are per region).
+    #[arg(long, env = "REGION", default_value = "local")]
+    pub region: String,
+    /// Most devices this shard registers; a new device beyond it gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MAX_DEVICES", default_value_t = 4_000_000)]
+    pub max_devices: u64,
+    /// Store settings.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Device-facing gRPC (`Constellation`).
+    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Internal gRPC (`ShardAdmin`); never expose it to devices.
+    #[arg(long, env = "ADMIN_GRPC_ADDR", default_value = "0.0.0.0:50052")]
+    pub admin_grpc_addr: SocketAddr,
+    /// REST: /health, /ready, /live, /api/v1/stats.
+    #[arg(long, env = "REST_ADDR", default_value = "0.0.0.0:8080")]
+    pub rest_addr: SocketAddr,
+    /// Prometheus /metrics.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Key of the device tokens. Required with Postgres; generated under DATA_DIR otherwise.
+    #[arg(long, env = "OMEGA_DEVICE_SECRET", hide_env_values = true)]
+    pub device_secret: Option<String>,
+    /// Embedding model this shard accepts; deltas of another model are refused.
+    #[arg(long, env = "MODEL_ID", default_value = omega_protocol::DEFAULT_MODEL_ID)]
+    pub model_id: String,
+    /// Sustained syncs per minute one device may make.
+    #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value_t = 120)]
+    pub rate_limit_per_minute: u32,
+    /// Syncs a device may make back to back before the per-minute rate applies.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20)]
+    pub rate_limit_burst: u32,
+    /// Seconds a device's `similar` answer is reused (0 = recompute on every sync); dropped
+    /// early when the global version changes.
+    #[arg(long, env = "SIMILAR_CACHE_SECS", default_value_t = 30)]
+    pub similar_cache_secs: u64,
+    /// Seconds to wait for in-flight requests after SIGTERM.
+    #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 20)]
+    pub drain_timeout_secs: u64,
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value outside what the server supports.
+    #[error("{var}: {msg}")]
+    Invalid {
+        /// The environment variable (the flag is its lowercase, dashed twin).
+        var: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+fn range(var: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if v < min || v > max {
+        return Err(ConfigError::Invalid { var, msg: format!("{v} is outside {min}..={max}") });
+    }
+    Ok(())
+}
+
+fn check_pg_url(var: &'static str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid { var, msg: "must be a postgres:// or postgresql:// URL".into() })
+    }
+}
+
+impl ServeArgs {
+    /// Checks every setting; the first problem is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.store.validate()?;
+        if self.region.is_empty() || self.region.len() > omega_protocol::validate::MAX_STRING_BYTES
+        {
+            return Err(ConfigError::Invalid {
+                var: "REGION",
+                msg: "must be 1 to 256 bytes".into(),
+            });
+        }
+        if self.model_id.is_empty() {
+            return Err(ConfigError::Invalid { var: "MODEL_ID", msg: "must not be empty".into() });
+        }
+        range("MAX_DEVICES", self.max_devices, 1, u64::from(u32::MAX))?;
+        range("RATE_LIMIT_PER_MINUTE", self.rate_limit_per_minute.into(), 1, 1_000_000)?;
+        range("RATE_LIMIT_BURST", self.rate_limit_burst.into(), 1, 1_000_000)?;
+        range("DRAIN_TIMEOUT_SECS", self.drain_timeout_secs, 0, 3600)?;
+        match &self.device_secret {
+            Some(s) if s.len() < crate::auth::MIN_SECRET_BYTES => {
+                return Err(ConfigError::Invalid {
+                    var: "OMEGA_DEVICE_SECRET",
+                    msg: format!("must be at least {} bytes", crate::auth::MIN_SECRET_BYTES),
+                });
+            }
+            None if self.store.postgres_url().is_some() => {
+                return Err(ConfigError::Invalid {
+                    var: "OMEGA_DEVICE_SECRET",
+                    msg: "is required with DATABASE_URL (every replica must share it)".into(),
+                });
+            }
+            _ => {}
+        }
+        let addrs = [
+            ("GRPC_ADDR", self.grpc_addr),
+            ("ADMIN_GRPC_ADDR", self.admin_grpc_addr),
+            ("REST_ADDR", self.rest_addr),
+            ("METRICS_ADDR", self.metrics_addr),
+        ];
+        for (i, (var, a)) in addrs.iter().enumerate() {
+            if a.port() != 0 && addrs[..i].iter().any(|(_, b)| b == a) {
+                return Err(ConfigError::Invalid {
+                    var,
+                    msg: format!("{a} is already used by another listener"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        let mut v = vec!["omega-shard"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).expect("parse").serve
+    }
+
+    #[test]
+    fn defaults_match_design() {
+        let s = parse(&[]);
+        assert_eq!(s.shard_id, 1);
+        assert_eq!(s.region, "local");
+        assert_eq!(s.max_devices, 4_000_000);
+        assert_eq!(s.grpc_addr.port(), 50051);
+        assert_eq!(s.admin_grpc_addr.port(), 50052);
+        assert_eq!(s.rest_addr.port(), 8080);
+        assert_eq!(s.metrics_addr.port(), 9090);
+        assert_eq!(s.model_id, omega_protocol::DEFAULT_MODEL_ID);
+        assert_eq!(s.store.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn bad_settings_name_their_variable() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--database-url", "mysql://x"], "DATABASE_URL"),
+            (&["--database-url", "postgres://x/y"], "OMEGA_DEVICE_SECRET: is required"),
+            (&["--device-secret", "short"], "OMEGA_DEVICE_SECRET: must be at least"),
+            (&["--hnsw-m", "1"], "HNSW_M"),
+            (&["--hnsw-m", "40", "--hnsw-ef-construction", "64"], "at least 2 x HNSW_M"),
+            (&["--region", ""], "REGION"),
+            (&["--max-devices", "0"], "MAX_DEVICES"),
+            (&["--rest-addr", "0.0.0.0:50051"], "REST_ADDR"),
+            (&["--ann-probes", "2000"], "ANN_PROBES"),
+        ];
+        for (args, want) in cases {
+            let err = parse(args).validate().expect_err(want).to_string();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+        let ok = parse(&["--database-url", "postgres://x/y", "--device-secret", &"s".repeat(16)]);
+        assert!(ok.validate().is_ok());
+    }
+}

@@ -1,0 +1,168 @@
+//! `Constellation`: device registration and sync.
+//!
+//! A sync is checked in this order, cheapest first, so bad requests cost little: draining,
+//! bearer token (HMAC, constant time), rate limit, delta validation (`omega-protocol`), then
+//! the store write. The response is assembled by [`crate::sync`].
+
+use super::{SyncOutcome, invalid, store_status};
+use crate::auth;
+use crate::state::AppState;
+use crate::store::SimilarQuery;
+use crate::sync::{self as logic, DOWN_BUDGET_BYTES, SIMILAR_CANDIDATES};
+use omega_protocol::pb;
+use omega_protocol::pb::constellation_server::Constellation;
+use omega_protocol::validate::{self, MIN_SHARED_QUALITY};
+use omega_protocol::wire::grpc_zstd_size;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tonic::{Request, Response, Status};
+
+/// Default sync interval bounds handed to devices at registration.
+pub const SYNC_INTERVAL_SECS: (u32, u32) = (300, 900);
+
+/// The device-facing service.
+#[derive(Debug, Clone)]
+pub struct ConstellationService {
+    state: Arc<AppState>,
+}
+
+impl ConstellationService {
+    /// A service over `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        ConstellationService { state }
+    }
+
+    async fn similar(
+        &self,
+        device_id: &str,
+        interest: Option<Vec<f32>>,
+        version: u64,
+    ) -> Arc<Vec<pb::Pattern>> {
+        let st = &self.state;
+        let now = Instant::now();
+        if let Some(hit) = st.similar.get(device_id, version, now) {
+            st.metrics.similar_cache_hits.inc();
+            return hit;
+        }
+        let Some(interest) = interest else { return Arc::default() };
+        let q = SimilarQuery {
+            device_id: device_id.to_owned(),
+            interest,
+            limit: SIMILAR_CANDIDATES,
+            min_quality: MIN_SHARED_QUALITY,
+        };
+        match st.store.similar(q).await {
+            Ok(found) => {
+                let served: Arc<Vec<pb::Pattern>> = Arc::new(
+                    found
+                        .into_iter()
+                        .map(|s| logic::anonymize(s.pattern, &st.keys, s.aggregate))
+                        .collect(),
+                );
+                st.similar.put(device_id, version, now, served.clone());
+                served
+            }
+            Err(e) => {
+                // The write is durable already; an answer without `similar` beats a retry.
+                tracing::warn!(error = %e, "similarity query failed; answering without similar");
+                Arc::default()
+            }
+        }
+    }
+}
+
+fn check_draining(st: &AppState) -> Result<(), Status> {
+    if st.draining.load(Ordering::Acquire) {
+        return Err(Status::unavailable("shard is shutting down; retry on another replica"));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Constellation for ConstellationService {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let st = &self.state;
+        check_draining(st)?;
+        let r = req.into_inner();
+        validate::check_register(&r).map_err(invalid)?;
+        let region = if r.region.is_empty() { st.settings.region.clone() } else { r.region };
+        let reg = st
+            .store
+            .register(&r.device_id, &region, st.settings.max_devices, crate::server::now_ms())
+            .await
+            .map_err(store_status)?;
+        if reg.created {
+            tracing::debug!(region = %reg.region, "device registered");
+        }
+        Ok(Response::new(pb::RegisterResponse {
+            device_token: st.keys.token(&r.device_id),
+            shard_id: st.settings.shard_id,
+            region: reg.region,
+            model_id: st.settings.model_id.clone(),
+            sync_interval_min_secs: SYNC_INTERVAL_SECS.0,
+            sync_interval_max_secs: SYNC_INTERVAL_SECS.1,
+        }))
+    }
+
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncResponse>, Status> {
+        let st = &self.state;
+        check_draining(st)?;
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer)
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?
+            .to_owned();
+        let msg = req.into_inner();
+        if !st.keys.verify(&msg.device_id, &token) {
+            return Err(Status::unauthenticated("the device token does not match device_id"));
+        }
+        st.metrics.observe_bytes("up", grpc_zstd_size(&msg));
+        if !st.limiter.allow(&msg.device_id, Instant::now()) {
+            return Err(Status::resource_exhausted("per-device sync rate limit exceeded"));
+        }
+        let delta = msg.delta.ok_or_else(|| Status::invalid_argument("delta is required"))?;
+        let now_ms = crate::server::now_ms();
+        let prepared = logic::prepare(&msg.device_id, delta, &st.settings.model_id, now_ms)
+            .map_err(invalid)?;
+        let added = prepared.write.added.len() as u64;
+        let applied = st.store.apply_sync(prepared.write).await.map_err(store_status)?;
+        if applied.applied {
+            st.metrics.patterns_stored.inc_by(added);
+            st.metrics.patterns_filtered.inc_by(u64::from(prepared.filtered));
+        }
+        let global = st.store.global().await.map_err(store_status)?;
+        let similar = self.similar(&msg.device_id, applied.interest, global.version).await;
+        let trends: Vec<pb::TrendSignal> = global
+            .trends
+            .into_iter()
+            .filter(|t| t.region.is_empty() || t.region == applied.region)
+            .collect();
+        let mut resp = pb::SyncResponse {
+            global: Some(pb::GlobalPatterns {
+                similar: Vec::new(),
+                trending: Vec::new(),
+                global_version: global.version,
+                model_id: st.settings.model_id.clone(),
+            }),
+            acknowledged_version: applied.acknowledged_version,
+            patterns_accepted: if applied.applied { prepared.accepted } else { 0 },
+            patterns_filtered: if applied.applied { prepared.filtered } else { 0 },
+            replayed: !applied.applied,
+        };
+        logic::fit(&mut resp, similar.as_ref().clone(), trends, DOWN_BUDGET_BYTES);
+        st.metrics.observe_bytes("down", grpc_zstd_size(&resp));
+        st.count_sync();
+        let mut out = Response::new(resp);
+        out.extensions_mut().insert(SyncOutcome(if applied.applied { "ok" } else { "replayed" }));
+        Ok(out)
+    }
+}

@@ -1,0 +1,61 @@
+//! REST admin API (`REST_ADDR`) and the Prometheus endpoint (`METRICS_ADDR`).
+//!
+//! - `GET /health`: the process is up (always 200).
+//! - `GET /live`: the process is not wedged (always 200 while it answers).
+//! - `GET /ready`: 200 when the store is reachable and migrated and the shard is not
+//!   draining, 503 otherwise; the body says which.
+//! - `GET /api/v1/stats`: [`omega_protocol::admin::ShardStats`] as JSON.
+//! - `GET /metrics`: Prometheus text format.
+
+use crate::state::AppState;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Routes of `REST_ADDR`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/live", get(health))
+        .route("/ready", get(ready))
+        .route("/api/v1/stats", get(stats))
+        .with_state(state)
+}
+
+/// Routes of `METRICS_ADDR`.
+pub fn metrics_router(registry: Arc<Registry>) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(registry)
+}
+
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn ready(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    let draining = st.draining.load(Ordering::Acquire);
+    let store = st.store_ready.load(Ordering::Acquire);
+    let code = if store && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        code,
+        Json(
+            serde_json::json!({ "ready": store && !draining, "store": store, "draining": draining }),
+        ),
+    )
+}
+
+async fn stats(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    st.refresh_counts().await;
+    Json(st.stats())
+}
+
+async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        crate::metrics::render(&registry),
+    )
+}

@@ -1,0 +1,217 @@
+//! `omega-shard serve`: builds the state, binds the four listeners, runs background probes,
+//! and shuts down gracefully.
+//!
+//! Shutdown (SIGTERM or SIGINT): `/ready` turns false and new syncs get `UNAVAILABLE` at
+//! once; the gRPC servers stop accepting connections and wait for in-flight requests (at
+//! most `DRAIN_TIMEOUT_SECS`); then the store is flushed and the process exits 0.
+
+use crate::auth::{DeviceKeys, load_or_create_secret};
+use crate::config::ServeArgs;
+use crate::grpc::{self, SyncMetricsLayer, admin::AdminService, sync::ConstellationService};
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
+use crate::rest;
+use crate::state::{AppState, Settings};
+use crate::store::{self, StoreError, StoreOptions};
+use omega_protocol::pb::constellation_server::ConstellationServer;
+use omega_protocol::pb::shard_admin_server::ShardAdminServer;
+use omega_protocol::validate::MAX_MESSAGE_BYTES;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::codec::CompressionEncoding;
+
+/// Largest `ShardAdmin` message (a round's aggregates).
+pub const ADMIN_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A setting is invalid.
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {var} {addr}: {source}")]
+    Bind {
+        /// Variable naming the address.
+        var: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The device secret could not be read or created.
+    #[error("device secret under DATA_DIR: {0}")]
+    Secret(std::io::Error),
+    /// A server failed while running.
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn bind(var: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { var, addr, source })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Runs the server until SIGTERM. `registry` may already hold other metrics.
+pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), ServerError> {
+    args.validate()?;
+    let opts = StoreOptions::from(&args.store);
+    let secret = match &args.device_secret {
+        Some(s) => s.as_bytes().to_vec(),
+        None => load_or_create_secret(&opts.data_dir).map_err(ServerError::Secret)?,
+    };
+    let store = store::open(&opts).await?;
+    let metrics = Arc::new(Metrics::register(&mut registry, args.shard_id));
+    let registry = Arc::new(registry);
+    let state = Arc::new(AppState::new(
+        store.clone(),
+        DeviceKeys::new(&secret),
+        metrics.clone(),
+        RateLimiter::new(args.rate_limit_per_minute, args.rate_limit_burst),
+        Settings {
+            shard_id: args.shard_id,
+            region: args.region.clone(),
+            max_devices: args.max_devices,
+            model_id: args.model_id.clone(),
+            similar_cache: Duration::from_secs(args.similar_cache_secs),
+        },
+    ));
+    state.refresh().await;
+
+    let grpc_l = bind("GRPC_ADDR", args.grpc_addr).await?;
+    let admin_l = bind("ADMIN_GRPC_ADDR", args.admin_grpc_addr).await?;
+    let rest_l = bind("REST_ADDR", args.rest_addr).await?;
+    let metrics_l = bind("METRICS_ADDR", args.metrics_addr).await?;
+    tracing::info!(
+        shard_id = args.shard_id,
+        region = %args.region,
+        store = store.kind(),
+        grpc = %local(&grpc_l),
+        admin = %local(&admin_l),
+        rest = %local(&rest_l),
+        metrics = %local(&metrics_l),
+        "omega-shard serving"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested: draining");
+            state.draining.store(true, Ordering::Release);
+            let _ = stop_tx.send(true);
+        });
+    }
+    {
+        let state = state.clone();
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => state.refresh().await,
+                    _ = stopped(stop.clone()) => return,
+                }
+            }
+        });
+    }
+
+    let device = ConstellationServer::new(ConstellationService::new(state.clone()))
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let device_srv = tonic::transport::Server::builder()
+        .layer(SyncMetricsLayer::new(metrics.clone()))
+        .add_service(device)
+        .serve_with_incoming_shutdown(
+            grpc::counted_incoming(grpc_l, metrics.grpc_connections.clone()),
+            stopped(stop_rx.clone()),
+        );
+    let admin = ShardAdminServer::new(AdminService::new(state.clone()))
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES);
+    let admin_srv = tonic::transport::Server::builder()
+        .add_service(admin)
+        .serve_with_incoming_shutdown(grpc::incoming(admin_l), stopped(stop_rx.clone()));
+    let rest_srv = axum::serve(rest_l, rest::router(state.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let metrics_srv = axum::serve(metrics_l, rest::metrics_router(registry))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+
+    let all = async {
+        let (d, a, r, m) = tokio::join!(device_srv, admin_srv, rest_srv, metrics_srv);
+        d.map_err(|e| ServerError::Transport(format!("device gRPC: {e}")))?;
+        a.map_err(|e| ServerError::Transport(format!("admin gRPC: {e}")))?;
+        r.map_err(|e| ServerError::Transport(format!("REST: {e}")))?;
+        m.map_err(|e| ServerError::Transport(format!("metrics: {e}")))?;
+        Ok::<(), ServerError>(())
+    };
+    let drain = Duration::from_secs(args.drain_timeout_secs);
+    let deadline = async {
+        stopped(stop_rx.clone()).await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        r = all => r?,
+        _ = deadline => tracing::warn!("drain timeout reached; closing remaining connections"),
+    }
+    store.flush().await?;
+    tracing::info!("omega-shard stopped");
+    Ok(())
+}
+
+fn local(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+/// `omega-shard migrate`: applies the schema (Postgres) or replays and checks the log
+/// (embedded), then exits.
+pub async fn migrate(args: &crate::config::StoreArgs) -> Result<&'static str, ServerError> {
+    args.validate()?;
+    let opts = StoreOptions::from(args);
+    let store = store::open(&opts).await?;
+    store.check_ready().await?;
+    store.flush().await?;
+    Ok(store.kind())
+}

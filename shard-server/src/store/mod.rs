@@ -1,0 +1,320 @@
+//! Storage behind one trait, with two implementations:
+//!
+//! - [`postgres::PostgresStore`]: Postgres + pgvector, for production shards;
+//! - [`embedded::EmbeddedStore`]: a write-ahead log + snapshot under `DATA_DIR` with an
+//!   in-memory ANN index, the default when no `DATABASE_URL` is set.
+//!
+//! Both pass the same test suite (`tests/store_suite.rs`). The service layer decides *what*
+//! to store (validation, quality filter, interest vector); a store only makes it durable and
+//! atomic: a [`SyncWrite`] is applied whole or not at all, exactly once per
+//! `(device_id, local_version)`.
+
+use async_trait::async_trait;
+use omega_protocol::pb;
+use std::sync::Arc;
+use uuid::Uuid;
+
+pub mod embedded;
+pub mod postgres;
+
+/// Why a store operation failed. Converted to a gRPC status at the transport boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backing database cannot be reached (clients should retry).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// `MAX_DEVICES` devices are registered already.
+    #[error("this shard is full: {max} devices registered")]
+    Capacity {
+        /// The limit.
+        max: u64,
+    },
+    /// A sync from a device that never registered here.
+    #[error("device is not registered on this shard; call Register first")]
+    UnknownDevice,
+    /// Stored data that cannot be decoded.
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+    /// A database error that is not about reachability.
+    #[error("database error: {0}")]
+    Database(String),
+    /// Local file I/O (embedded store).
+    #[error("store I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    /// The region the device is served in (the one it first registered with).
+    pub region: String,
+    /// True when this call created the device.
+    pub created: bool,
+}
+
+/// One sync, already validated and quality-filtered by the service.
+#[derive(Debug, Clone, Default)]
+pub struct SyncWrite {
+    /// Device id (authenticated).
+    pub device_id: String,
+    /// The delta's `local_version`; applied only when above the stored one.
+    pub local_version: u64,
+    /// New patterns (all at or above the stored-quality threshold), wire form.
+    pub added: Vec<pb::Pattern>,
+    /// Changes to this device's patterns. A pattern whose rate falls below the stored-quality
+    /// threshold is removed.
+    pub updated: Vec<pb::PatternUpdate>,
+    /// This device's patterns to delete.
+    pub removed: Vec<Uuid>,
+    /// Addition to the device's interest vector (success-weighted sum of the added
+    /// embeddings); `None` when nothing was added.
+    pub interest_add: Option<Vec<f32>>,
+    /// Server time, unix ms.
+    pub now_ms: i64,
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncApplied {
+    /// False when `local_version` was not above the stored one: nothing changed.
+    pub applied: bool,
+    /// The `local_version` stored for the device after this call.
+    pub acknowledged_version: u64,
+    /// The device's region.
+    pub region: String,
+    /// The device's interest vector after this call (unnormalised), if it has one.
+    pub interest: Option<Vec<f32>>,
+}
+
+/// A pattern offered to a device, with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimilarPattern {
+    /// Wire form, with the owner's id (the service re-keys it).
+    pub pattern: pb::Pattern,
+    /// True for a federated aggregate, false for another device's pattern.
+    pub aggregate: bool,
+    /// Cosine similarity to the query.
+    pub score: f32,
+}
+
+/// A similarity query.
+#[derive(Debug, Clone)]
+pub struct SimilarQuery {
+    /// Patterns of this device are excluded.
+    pub device_id: String,
+    /// Interest vector (any length > 0; cosine is scale-free).
+    pub interest: Vec<f32>,
+    /// Most results.
+    pub limit: usize,
+    /// Lowest success rate (quality for aggregates).
+    pub min_quality: f32,
+}
+
+/// The state a federation round published last.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GlobalState {
+    /// Version devices compare with `known_global_version`.
+    pub version: u64,
+    /// The round that produced it ("" before the first round).
+    pub round_id: String,
+    /// Trend signals of that round, highest score first.
+    pub trends: Vec<pb::TrendSignal>,
+}
+
+/// A published round.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// Idempotency key.
+    pub round_id: String,
+    /// Version the round asks for; the stored version becomes `max(this, current + 1)`.
+    pub global_version: u64,
+    /// Aggregates (validated against k by the caller).
+    pub patterns: Vec<pb::AggregatedPattern>,
+    /// Trends.
+    pub trends: Vec<pb::TrendSignal>,
+}
+
+/// Result of a publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    /// False when this round was published before (nothing changed).
+    pub applied: bool,
+    /// Version served now.
+    pub global_version: u64,
+}
+
+/// One exported pattern with its owner (the service turns the owner into a pseudonym).
+#[derive(Debug, Clone)]
+pub struct ExportItem {
+    /// Wire form.
+    pub pattern: pb::Pattern,
+    /// Owner device id; never leaves the shard.
+    pub device_id: String,
+    /// Owner's region.
+    pub region: String,
+}
+
+/// A page of exported patterns, ordered by pattern id.
+#[derive(Debug, Clone, Default)]
+pub struct ExportPage {
+    /// Patterns with id greater than the cursor.
+    pub items: Vec<ExportItem>,
+    /// True when no pattern follows this page.
+    pub last: bool,
+}
+
+/// Counters for stats and gauges.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counts {
+    /// Devices registered.
+    pub devices_total: u64,
+    /// Devices that synced since the given time.
+    pub devices_active: u64,
+    /// Patterns stored (for Postgres: merged plus pending intake rows).
+    pub patterns: u64,
+    /// Intake rows not yet merged (Postgres only).
+    pub backlog: u64,
+    /// Global version served.
+    pub global_version: u64,
+}
+
+/// The storage contract of a shard.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `embedded` or `postgres`.
+    fn kind(&self) -> &'static str;
+
+    /// Ok when the store is reachable and its schema is current.
+    async fn check_ready(&self) -> Result<(), StoreError>;
+
+    /// Registers a device (idempotent). A new device beyond `max_devices` is refused with
+    /// [`StoreError::Capacity`].
+    async fn register(
+        &self,
+        device_id: &str,
+        region: &str,
+        max_devices: u64,
+        now_ms: i64,
+    ) -> Result<Registered, StoreError>;
+
+    /// Applies a sync atomically and durably: when this returns Ok, the write survives a
+    /// crash of the process.
+    async fn apply_sync(&self, write: SyncWrite) -> Result<SyncApplied, StoreError>;
+
+    /// Nearest shareable patterns of other devices and federated aggregates.
+    async fn similar(&self, query: SimilarQuery) -> Result<Vec<SimilarPattern>, StoreError>;
+
+    /// Makes every applied sync visible to [`Store::similar`] and [`Store::export`] now
+    /// (Postgres: merges the intake backlog; embedded: nothing to do).
+    async fn settle(&self) -> Result<(), StoreError>;
+
+    /// The latest published round (may be cached for about a second).
+    async fn global(&self) -> Result<GlobalState, StoreError>;
+
+    /// Patterns with success rate `>= min_quality` and id `> after`, in id order.
+    async fn export(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+        min_quality: f32,
+    ) -> Result<ExportPage, StoreError>;
+
+    /// Installs a round's aggregates and trends atomically; idempotent on `round_id`.
+    async fn publish(&self, publish: Publish) -> Result<Published, StoreError>;
+
+    /// Counters; `active_since_ms` bounds "active".
+    async fn counts(&self, active_since_ms: i64) -> Result<Counts, StoreError>;
+
+    /// Makes everything acknowledged durable and stops background work (shutdown).
+    async fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// A shared store.
+pub type SharedStore = Arc<dyn Store>;
+
+/// Options of the stores, from [`crate::config::StoreArgs`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Postgres URL, or `None` for the embedded store.
+    pub postgres_url: Option<String>,
+    /// Read replicas.
+    pub read_urls: Vec<String>,
+    /// Embedded store directory.
+    pub data_dir: std::path::PathBuf,
+    /// Primary pool size.
+    pub pool_size: u32,
+    /// HNSW `m`.
+    pub hnsw_m: u32,
+    /// HNSW `ef_construction`.
+    pub hnsw_ef_construction: u32,
+    /// HNSW `ef_search`.
+    pub hnsw_ef_search: u32,
+    /// Merge period.
+    pub merge_interval: std::time::Duration,
+    /// Merge batch.
+    pub merge_batch: u32,
+    /// Embedded ANN lists.
+    pub ann_lists: usize,
+    /// Embedded ANN probes.
+    pub ann_probes: usize,
+    /// Embedded WAL compaction threshold.
+    pub wal_compact_bytes: u64,
+}
+
+impl From<&crate::config::StoreArgs> for StoreOptions {
+    fn from(a: &crate::config::StoreArgs) -> Self {
+        StoreOptions {
+            postgres_url: a.postgres_url(),
+            read_urls: a.database_read_urls.clone(),
+            data_dir: a.data_dir.clone(),
+            pool_size: a.db_pool_size,
+            hnsw_m: a.hnsw_m,
+            hnsw_ef_construction: a.hnsw_ef_construction,
+            hnsw_ef_search: a.hnsw_ef_search,
+            merge_interval: std::time::Duration::from_millis(a.merge_interval_ms),
+            merge_batch: a.merge_batch,
+            ann_lists: a.ann_lists as usize,
+            ann_probes: a.ann_probes as usize,
+            wal_compact_bytes: a.wal_compact_mb << 20,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Defaults for the embedded store in `dir` (tests, tools).
+    pub fn embedded(dir: impl Into<std::path::PathBuf>) -> Self {
+        StoreOptions {
+            postgres_url: None,
+            read_urls: Vec::new(),
+            data_dir: dir.into(),
+            pool_size: 16,
+            hnsw_m: 16,
+            hnsw_ef_construction: 64,
+            hnsw_ef_search: 100,
+            merge_interval: std::time::Duration::from_millis(1000),
+            merge_batch: 500,
+            ann_lists: 1024,
+            ann_probes: 16,
+            wal_compact_bytes: 256 << 20,
+        }
+    }
+
+    /// Defaults for Postgres at `url`.
+    pub fn postgres(url: &str) -> Self {
+        StoreOptions { postgres_url: Some(url.into()), ..StoreOptions::embedded("./data") }
+    }
+}
+
+/// Opens the store the options select (running migrations for Postgres).
+pub async fn open(opts: &StoreOptions) -> Result<SharedStore, StoreError> {
+    match &opts.postgres_url {
+        Some(_) => Ok(Arc::new(postgres::PostgresStore::open(opts).await?)),
+        None => Ok(Arc::new(embedded::EmbeddedStore::open(opts)?)),
+    }
+}
+
+/// Unit-normalised copy of `v`, or `None` for a zero or non-finite vector.
+pub fn unit(v: &[f32]) -> Option<Vec<f32>> {
+    let mut u = v.to_vec();
+    omega_protocol::vector::l2_normalize(&mut u).then_some(u)
+}

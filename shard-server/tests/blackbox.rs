@@ -1,0 +1,297 @@
+//! Black-box tests of the built `omega-shard` binary (embedded store): bad input of every
+//! kind, a normal exchange between two devices, graceful shutdown, and SIGKILL durability.
+
+mod common;
+
+use bytes::{Buf, BufMut};
+use common::{Shard, delta, pattern, register, sync_request};
+use omega_protocol::pb;
+use std::time::Duration;
+use tonic::Code;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use uuid::Uuid;
+
+/// Sends raw bytes as a `Sync` request body (to test what tonic refuses before decoding).
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+#[derive(Debug, Clone, Default)]
+struct RawEncoder;
+#[derive(Debug, Clone, Default)]
+struct RawDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let out = src.chunk().to_vec();
+        src.advance(out.len());
+        Ok(Some(out))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+async fn raw_sync(shard: &Shard, token: &str, body: Vec<u8>, zstd: bool) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(common::channel(&shard.url()).await);
+    if zstd {
+        grpc = grpc.send_compressed(CompressionEncoding::Zstd);
+    }
+    grpc.ready().await.expect("ready");
+    let mut req = tonic::Request::new(body);
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("hdr"));
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/omega.v1.Constellation/Sync");
+    grpc.unary(req, path, RawCodec).await.expect_err("refused")
+}
+
+fn status_series(status: &str) -> String {
+    format!("constellation_sync_requests_total{{shard_id=\"1\",status=\"{status}\"}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shard = Shard::start(dir.path(), None, &[]);
+    let mut c = shard.client().await;
+    let token = register(&mut c, "tv-1").await;
+    let other = register(&mut c, "tv-2").await;
+
+    // One good sync, so "nothing stored" below means "still exactly this".
+    let good = c
+        .sync(sync_request("tv-1", Some(&token), delta(1, vec![pattern(1, 0.9)])))
+        .await
+        .expect("good sync")
+        .into_inner();
+    assert_eq!((good.acknowledged_version, good.patterns_accepted), (1, 1));
+
+    type Mutate = fn(&mut pb::PatternDelta);
+    let invalid: Vec<(&str, Mutate, &str)> = vec![
+        (
+            "wrong dimension",
+            |d| d.added[0].embedding.as_mut().expect("e").values.truncate(100),
+            "delta.added[0].embedding.values has dimension 100",
+        ),
+        (
+            "NaN",
+            |d| d.added[0].embedding.as_mut().expect("e").scale = f32::NAN,
+            "delta.added[0].embedding.scale must be finite",
+        ),
+        ("success_rate 2.0", |d| d.added[0].success_rate = 2.0, "success_rate = 2 is outside"),
+        (
+            "10,000 patterns",
+            |d| {
+                d.removed =
+                    (0..10_000u128).map(|i| Uuid::from_u128(i + 1).as_bytes().to_vec()).collect()
+            },
+            "10001 entries, at most 256",
+        ),
+        ("another model", |d| d.model_id = "other-model".into(), "does not match"),
+    ];
+    for (i, (name, mutate, want)) in invalid.iter().enumerate() {
+        let mut d = delta(2, vec![pattern(100 + i as u64, 0.9)]);
+        mutate(&mut d);
+        let err = c.sync(sync_request("tv-1", Some(&token), d)).await.expect_err(name);
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+        assert!(err.message().contains(want), "{name}: {}", err.message());
+    }
+
+    // 10,000 full patterns: ~4.5 MB of incompressible embeddings, over the 1 MiB limit.
+    let huge = delta(2, (0..10_000).map(|i| pattern(1000 + i, 0.9)).collect());
+    let err = c.sync(sync_request("tv-1", Some(&token), huge)).await.expect_err("huge");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // Refused before decoding: a 5 MB message, a zstd bomb, garbage bytes.
+    let five_mb = vec![0x0a; 5 << 20];
+    assert_eq!(raw_sync(&shard, &token, five_mb, false).await.code(), Code::ResourceExhausted);
+    let mut bomb = vec![0x0a, 0x80, 0x80, 0x80, 0x02]; // field 1, length 4 MiB...
+    bomb.resize(4 << 20, b'a'); // ...of one byte repeated: a few hundred bytes compressed
+    let status = raw_sync(&shard, &token, bomb, true).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let garbage: Vec<u8> =
+        (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let status = raw_sync(&shard, &token, garbage, false).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // Tokens: missing, forged, another device's.
+    let d = || delta(2, vec![pattern(7, 0.9)]);
+    let forged = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    for (name, tok) in
+        [("missing", None), ("forged", Some(forged)), ("other", Some(other.as_str()))]
+    {
+        let err = c.sync(sync_request("tv-1", tok, d())).await.expect_err(name);
+        assert_eq!(err.code(), Code::Unauthenticated, "{name}");
+    }
+
+    // Replayed local_version: OK, flagged, and nothing changes.
+    let replay = c
+        .sync(sync_request("tv-1", Some(&token), delta(1, vec![pattern(9, 0.9), pattern(10, 0.9)])))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert!(replay.replayed);
+    assert_eq!((replay.acknowledged_version, replay.patterns_accepted), (1, 0));
+
+    let stats = shard.stats();
+    assert_eq!(stats["patterns"], 1, "{stats}");
+    assert_eq!(stats["devices_total"], 2);
+    assert_eq!(shard.metric(&status_series("ok")), 1.0);
+    assert_eq!(shard.metric(&status_series("invalid_argument")), 6.0);
+    assert_eq!(shard.metric(&status_series("resource_exhausted")), 3.0);
+    assert_eq!(shard.metric(&status_series("unauthenticated")), 3.0);
+    assert_eq!(shard.metric(&status_series("replayed")), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_receive_each_others_patterns_anonymised_within_budget() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shard = Shard::start(dir.path(), None, &[("SIMILAR_CACHE_SECS", "0")]);
+    let mut c = shard.client().await;
+    let ta = register(&mut c, "tv-a").await;
+    let tb = register(&mut c, "tv-b").await;
+    let mine: Vec<_> = (0..40).map(|i| pattern(i, 0.9)).collect();
+    let mine_ids: Vec<Vec<u8>> = mine.iter().map(|p| p.id.clone()).collect();
+    c.sync(sync_request("tv-a", Some(&ta), delta(1, mine))).await.expect("a");
+    let resp = c
+        .sync(sync_request("tv-b", Some(&tb), delta(1, vec![pattern(7, 0.9)])))
+        .await
+        .expect("b")
+        .into_inner();
+    let g = resp.global.as_ref().expect("global");
+    assert!(g.similar.len() >= 8, "{} similar", g.similar.len());
+    assert!(g.similar.iter().all(|p| !mine_ids.contains(&p.id)), "ids are re-keyed");
+    assert!(g.similar.iter().all(|p| p.created_at_ms % 3_600_000 == 0));
+    assert!(omega_protocol::validate::check_global("global", g).is_ok());
+    let size = omega_protocol::wire::grpc_zstd_size(&resp);
+    assert!(size <= 5 * 1024, "{size} bytes");
+    for path in ["/health", "/live", "/ready"] {
+        assert_eq!(shard.get(path).expect("get").0, 200, "{path}");
+    }
+    let stats = shard.stats();
+    assert_eq!(stats["store"], "embedded");
+    assert_eq!(stats["syncs_total"], 2);
+    assert_eq!(stats["ready"], true);
+    assert!(shard.metric("constellation_grpc_connections") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut shard = Shard::start(dir.path(), None, &[]);
+    let mut c = shard.client().await;
+    let t = register(&mut c, "tv").await;
+    c.sync(sync_request("tv", Some(&t), delta(1, vec![pattern(1, 0.9)]))).await.expect("sync");
+    shard.signal("-TERM");
+    let mut child = shard.child.take().expect("child");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+/// Shared by the embedded and Postgres SIGKILL tests.
+pub async fn acknowledged_syncs_survive_sigkill(mut shard: Shard) {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let devices: Vec<String> = (0..16).map(|i| format!("kill-{i}")).collect();
+    let mut tokens = HashMap::new();
+    let mut c = shard.client().await;
+    for d in &devices {
+        tokens.insert(d.clone(), register(&mut c, d).await);
+    }
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for d in devices.clone() {
+        let url = shard.url();
+        let token = tokens[&d].clone();
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = common::client(&url).await;
+            for v in 1..=10_000u64 {
+                let r =
+                    c.sync(sync_request(&d, Some(&token), delta(v, vec![pattern(v, 0.9)]))).await;
+                match r {
+                    Ok(r) => {
+                        acked
+                            .lock()
+                            .expect("lock")
+                            .insert(d.clone(), r.into_inner().acknowledged_version);
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    shard.kill9();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked = acked.lock().expect("lock").clone();
+    let total: u64 = acked.values().sum();
+    assert!(total > 50, "too few syncs before the kill: {total}");
+    shard.spawn(&[]);
+    let mut c = shard.client().await;
+    for d in &devices {
+        let Some(&v) = acked.get(d) else { continue };
+        let r = c
+            .sync(sync_request(d, Some(&tokens[d]), delta(v, vec![pattern(1, 0.9)])))
+            .await
+            .expect("replay after restart")
+            .into_inner();
+        assert!(r.replayed, "{d} v{v} must be a replay after restart");
+        assert!(
+            r.acknowledged_version >= v,
+            "{d}: acknowledged {v}, stored {}",
+            r.acknowledged_version
+        );
+    }
+    let stats = shard.stats();
+    assert!(stats["patterns"].as_u64().expect("patterns") >= total, "{stats} < {total}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_acknowledged_syncs_survive_sigkill() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shard = Shard::start(
+        dir.path(),
+        None,
+        &[("RATE_LIMIT_PER_MINUTE", "1000000"), ("RATE_LIMIT_BURST", "1000000")],
+    );
+    acknowledged_syncs_survive_sigkill(shard).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_acknowledged_syncs_survive_sigkill() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = common::fresh_db().await;
+    let shard = Shard::start(
+        dir.path(),
+        Some(&url),
+        &[("RATE_LIMIT_PER_MINUTE", "1000000"), ("RATE_LIMIT_BURST", "1000000")],
+    );
+    acknowledged_syncs_survive_sigkill(shard).await;
+}

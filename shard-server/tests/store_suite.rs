@@ -1,0 +1,301 @@
+//! One test suite, run against both stores: the embedded store in a temporary directory and
+//! Postgres + pgvector (a fresh database per test on the test server).
+
+mod common;
+
+use common::{pattern, pattern_with, unit_near};
+use omega_protocol::pb;
+use omega_shard::store::{Publish, SimilarQuery, Store, StoreError, SyncWrite};
+use uuid::Uuid;
+
+fn write(device: &str, version: u64, added: Vec<pb::Pattern>) -> SyncWrite {
+    let interest = added.first().and_then(|p| {
+        let e = p.embedding.as_ref()?;
+        Some(omega_protocol::vector::QuantizedVector::from_bytes(&e.values, e.scale).dequantize())
+    });
+    SyncWrite {
+        device_id: device.into(),
+        local_version: version,
+        added,
+        interest_add: interest,
+        now_ms: 1_700_000_000_000,
+        ..Default::default()
+    }
+}
+
+async fn register_all(s: &dyn Store, ids: &[&str]) {
+    for id in ids {
+        s.register(id, "eu", 100, 1).await.expect("register");
+    }
+}
+
+async fn ids_of(s: &dyn Store, min_quality: f32) -> Vec<(Uuid, String, f32, u32)> {
+    s.settle().await.expect("settle");
+    let page = s.export(None, 10_000, min_quality).await.expect("export");
+    page.items
+        .iter()
+        .map(|i| {
+            (
+                Uuid::from_slice(&i.pattern.id).expect("id"),
+                i.device_id.clone(),
+                i.pattern.success_rate,
+                i.pattern.sample_count,
+            )
+        })
+        .collect()
+}
+
+async fn register_is_idempotent_and_capacity_is_enforced(s: &dyn Store) {
+    let r = s.register("a", "eu", 2, 1).await.expect("a");
+    assert!(r.created);
+    let again = s.register("a", "us", 2, 1).await.expect("a again");
+    assert_eq!((again.created, again.region.as_str()), (false, "eu"));
+    s.register("b", "eu", 2, 1).await.expect("b");
+    assert!(matches!(s.register("c", "eu", 2, 1).await, Err(StoreError::Capacity { max: 2 })));
+    assert!(!s.register("b", "eu", 2, 1).await.expect("existing").created);
+    assert_eq!(s.counts(0).await.expect("counts").devices_total, 2);
+}
+
+async fn sync_applies_once_per_local_version(s: &dyn Store) {
+    register_all(s, &["a"]).await;
+    let first = s.apply_sync(write("a", 1, vec![pattern(1, 0.9), pattern(2, 0.9)])).await;
+    let first = first.expect("v1");
+    assert!(first.applied);
+    assert_eq!(first.acknowledged_version, 1);
+    assert!(first.interest.is_some());
+    let replay = s.apply_sync(write("a", 1, vec![pattern(3, 0.9)])).await.expect("replay");
+    assert!(!replay.applied);
+    assert_eq!(replay.acknowledged_version, 1);
+    assert_eq!(ids_of(s, 0.0).await.len(), 2, "a replay stores nothing");
+    let jump = s.apply_sync(write("a", 5, vec![])).await.expect("v5");
+    assert_eq!((jump.applied, jump.acknowledged_version), (true, 5));
+    let stale = s.apply_sync(write("a", 4, vec![pattern(4, 0.9)])).await.expect("v4");
+    assert_eq!((stale.applied, stale.acknowledged_version), (false, 5));
+    assert_eq!(s.counts(0).await.expect("counts").patterns, 2);
+}
+
+async fn unknown_devices_are_refused(s: &dyn Store) {
+    let r = s.apply_sync(write("ghost", 1, vec![pattern(1, 0.9)])).await;
+    assert!(matches!(r, Err(StoreError::UnknownDevice)), "{r:?}");
+}
+
+async fn updates_and_removals_touch_only_own_patterns(s: &dyn Store) {
+    register_all(s, &["a", "b"]).await;
+    let (p1, p2, p3) = (pattern(1, 0.9), pattern(2, 0.9), pattern(3, 0.9));
+    let id = |p: &pb::Pattern| Uuid::from_slice(&p.id).expect("id");
+    s.apply_sync(write("a", 1, vec![p1.clone(), p2.clone(), p3.clone()])).await.expect("a1");
+    let mut hostile = write("b", 1, vec![]);
+    hostile.removed = vec![id(&p1)];
+    hostile.updated =
+        vec![pb::PatternUpdate { id: p2.id.clone(), success_rate: 0.1, extra_samples: 9 }];
+    s.apply_sync(hostile).await.expect("b1");
+    let mut own = write("a", 2, vec![]);
+    own.removed = vec![id(&p1)];
+    own.updated = vec![
+        pb::PatternUpdate { id: p2.id.clone(), success_rate: 0.5, extra_samples: 1 },
+        pb::PatternUpdate { id: p3.id.clone(), success_rate: 0.95, extra_samples: 2 },
+    ];
+    s.apply_sync(own).await.expect("a2");
+    let left = ids_of(s, 0.0).await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, id(&p3));
+    assert_eq!(left[0].1, "a");
+    assert!((left[0].2 - 0.95).abs() < 1e-6);
+    assert_eq!(left[0].3, 3);
+}
+
+async fn similar_excludes_own_and_low_quality_patterns(s: &dyn Store) {
+    register_all(s, &["a", "b", "c"]).await;
+    let a_good = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    let a_low = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.75);
+    let b_own = pattern_with(Uuid::now_v7(), &unit_near(0, 3), 0.9);
+    let c_far = pattern_with(Uuid::now_v7(), &unit_near(7, 4), 0.95);
+    s.apply_sync(write("a", 1, vec![a_good.clone(), a_low.clone()])).await.expect("a");
+    s.apply_sync(write("b", 1, vec![b_own.clone()])).await.expect("b");
+    s.apply_sync(write("c", 1, vec![c_far.clone()])).await.expect("c");
+    s.settle().await.expect("settle");
+    let q = |device: &str| SimilarQuery {
+        device_id: device.into(),
+        interest: unit_near(0, 9),
+        limit: 10,
+        min_quality: 0.8,
+    };
+    let for_b = s.similar(q("b")).await.expect("similar");
+    let ids: Vec<&[u8]> = for_b.iter().map(|p| p.pattern.id.as_slice()).collect();
+    assert_eq!(
+        ids,
+        vec![a_good.id.as_slice(), c_far.id.as_slice()],
+        "nearest first, no own, no low"
+    );
+    assert!(for_b[0].score > 0.9 && for_b[0].score > for_b[1].score, "{for_b:?}");
+    assert!(for_b.iter().all(|p| !p.aggregate));
+    let for_a = s.similar(q("a")).await.expect("similar");
+    let ids: Vec<&[u8]> = for_a.iter().map(|p| p.pattern.id.as_slice()).collect();
+    assert_eq!(ids, vec![b_own.id.as_slice(), c_far.id.as_slice()]);
+}
+
+async fn export_pages_in_id_order_with_a_cursor(s: &dyn Store) {
+    register_all(s, &["a", "b"]).await;
+    for v in 1..=5u64 {
+        let added: Vec<_> =
+            (0..6).map(|i| pattern(v * 10 + i, if i == 0 { 0.75 } else { 0.9 })).collect();
+        let device = if v % 2 == 0 { "a" } else { "b" };
+        s.apply_sync(write(device, v, added)).await.expect("sync");
+    }
+    s.settle().await.expect("settle");
+    let mut cursor = None;
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = s.export(cursor, 10, 0.8).await.expect("export");
+        pages += 1;
+        for i in &page.items {
+            assert!(i.pattern.success_rate >= 0.8);
+            assert_eq!(i.region, "eu");
+            assert!(i.device_id == "a" || i.device_id == "b");
+            seen.push(Uuid::from_slice(&i.pattern.id).expect("id"));
+        }
+        cursor = seen.last().copied();
+        if page.last {
+            break;
+        }
+        assert!(pages < 10, "export does not end");
+    }
+    assert_eq!(seen.len(), 25);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "strictly increasing ids");
+    assert_eq!(s.export(None, 100, 0.0).await.expect("all").items.len(), 30);
+}
+
+fn aggregate(axis: usize, content: &str) -> pb::AggregatedPattern {
+    pb::AggregatedPattern {
+        id: Uuid::now_v7().as_bytes().to_vec(),
+        content_id: content.into(),
+        embedding: Some(common::embedding(&unit_near(axis, 5))),
+        quality: 0.92,
+        source_devices: 4,
+        total_samples: 40,
+        context: Some(pb::PatternContext {
+            time_slot: 3,
+            genres: vec!["drama".into()],
+            ..Default::default()
+        }),
+        region: "eu".into(),
+    }
+}
+
+async fn publish_is_idempotent_and_serves_aggregates_and_trends(s: &dyn Store) {
+    assert_eq!(s.global().await.expect("global").version, 0);
+    let trends = vec![
+        pb::TrendSignal {
+            target: Some(pb::trend_signal::Target::Centroid(common::embedding(&unit_near(3, 1)))),
+            score: 1.0,
+            region: String::new(),
+        },
+        pb::TrendSignal {
+            target: Some(pb::trend_signal::Target::ContentId("hit".into())),
+            score: 2.0,
+            region: "eu".into(),
+        },
+    ];
+    let publish = |round: &str, version: u64| Publish {
+        round_id: round.into(),
+        global_version: version,
+        patterns: vec![aggregate(0, "agg-content"), aggregate(5, "")],
+        trends: trends.clone(),
+    };
+    let p = s.publish(publish("r1", 5)).await.expect("r1");
+    assert_eq!((p.applied, p.global_version), (true, 5));
+    let again = s.publish(publish("r1", 9)).await.expect("r1 again");
+    assert_eq!((again.applied, again.global_version), (false, 5));
+    let p2 = s.publish(publish("r2", 0)).await.expect("r2");
+    assert_eq!((p2.applied, p2.global_version), (true, 6));
+    let g = s.global().await.expect("global");
+    assert_eq!((g.version, g.round_id.as_str()), (6, "r2"));
+    assert_eq!(g.trends.len(), 2);
+    assert_eq!(g.trends[0].score, 2.0, "highest first");
+    register_all(s, &["a"]).await;
+    let found = s
+        .similar(SimilarQuery {
+            device_id: "a".into(),
+            interest: unit_near(0, 8),
+            limit: 5,
+            min_quality: 0.8,
+        })
+        .await
+        .expect("similar");
+    assert_eq!(found.len(), 1, "only the aggregate with a content id is servable: {found:?}");
+    assert!(found[0].aggregate);
+    assert_eq!(found[0].pattern.content_id, "agg-content");
+    assert!(omega_protocol::validate::check_pattern("p", &found[0].pattern).is_ok());
+}
+
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            use omega_shard::store::{StoreOptions, embedded::EmbeddedStore};
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let dir = tempfile::tempdir().expect("tmp");
+                    let s = EmbeddedStore::open(&StoreOptions::embedded(dir.path())).expect("open");
+                    super::$case(&s).await;
+                }
+            )*
+        }
+        mod postgres {
+            use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let url = super::common::fresh_db().await;
+                    let s = PostgresStore::open(&StoreOptions::postgres(&url)).await.expect("open");
+                    super::$case(&s).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    register_is_idempotent_and_capacity_is_enforced,
+    sync_applies_once_per_local_version,
+    unknown_devices_are_refused,
+    updates_and_removals_touch_only_own_patterns,
+    similar_excludes_own_and_low_quality_patterns,
+    export_pages_in_id_order_with_a_cursor,
+    publish_is_idempotent_and_serves_aggregates_and_trends,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_state_survives_reopen() {
+    use omega_shard::store::{StoreOptions, embedded::EmbeddedStore};
+    let dir = tempfile::tempdir().expect("tmp");
+    let opts = StoreOptions::embedded(dir.path());
+    {
+        let s = EmbeddedStore::open(&opts).expect("open");
+        register_all(&s, &["a"]).await;
+        s.apply_sync(write("a", 1, vec![pattern(1, 0.9)])).await.expect("sync");
+        s.publish(Publish {
+            round_id: "r".into(),
+            global_version: 3,
+            patterns: vec![],
+            trends: vec![],
+        })
+        .await
+        .expect("publish");
+    }
+    let s = EmbeddedStore::open(&opts).expect("reopen");
+    assert_eq!(s.counts(0).await.expect("counts").patterns, 1);
+    assert_eq!(s.global().await.expect("global").version, 3);
+    assert!(
+        !s.publish(Publish {
+            round_id: "r".into(),
+            global_version: 9,
+            patterns: vec![],
+            trends: vec![]
+        })
+        .await
+        .expect("again")
+        .applied
+    );
+}
