@@ -122,6 +122,7 @@ impl BrainConfig {
             ("ranking.global_weight", r.global_weight),
             ("ranking.trend_weight", r.trend_weight),
             ("ranking.cold_start_weight", r.cold_start_weight),
+            ("ranking.genre_hint_weight", r.genre_hint_weight),
         ] {
             validate::check_range(field, f64::from(v), 0.0, 1e6)?;
         }
@@ -365,6 +366,12 @@ impl Brain {
         };
         let version =
             |key: &str| -> Result<u64> { Ok(store.meta::<i64>(key)?.unwrap_or(0) as u64) };
+        // Last, so the background warm-up does not compete with loading the file.
+        let genres = catalogue
+            .iter()
+            .flat_map(|c| c.items())
+            .flat_map(|i| i.genres.iter().map(String::as_str));
+        embedder.prewarm_in_background(ranking::context_vocabulary(genres));
         let brain = Brain {
             max_patterns: cfg.effective_max_patterns(),
             local_version: version(META_LOCAL_VERSION)?,
@@ -574,9 +581,17 @@ impl Brain {
     /// The strongest local patterns for the context (or the context itself when none).
     fn seeds(&self, ctx: &RecommendContext) -> Result<(Vec<Seed>, i64)> {
         let (now, slot, day) = self.resolve_context(ctx);
-        let text = ranking::context_text(slot, day, ctx.content_type, &ctx.genres);
-        let q = quantize(&self.embedder.embed_shared(&text)?);
         let p = &self.cfg.ranking;
+        // The slot/day/type part has a few hundred possible texts and genre hints are single
+        // words: embedded separately, both stay in the embedder's cache, so a recommendation
+        // almost never waits for the model.
+        let base =
+            self.embedder.embed_shared(&ranking::context_text(slot, day, ctx.content_type, &[]))?;
+        let hints =
+            ctx.genres.iter().map(|g| self.embedder.embed_shared(g)).collect::<Result<Vec<_>>>()?;
+        let hint_refs: Vec<&[f32]> = hints.iter().map(|h| &h[..]).collect();
+        let q = quantize(&ranking::compose_context(&base, &hint_refs, p.genre_hint_weight));
+        let text = ranking::context_text(slot, day, ctx.content_type, &ctx.genres);
         let sims = self.local_vecs.scan(&q);
         let weights = self.local.iter().zip(&sims).enumerate().map(|(i, (pat, sim))| {
             let fresh = ranking::freshness(now - pat.updated_at_ms, p);

@@ -47,6 +47,9 @@ pub struct EmbedderConfig {
     pub max_tokens: usize,
     /// Identifier of the model, put on every delta.
     pub model_id: String,
+    /// Memory-lean session: no CPU arena, no memory-pattern planning, no weight prepacking
+    /// (`omega-device-bench` measures both settings).
+    pub lean_memory: bool,
 }
 
 impl Default for EmbedderConfig {
@@ -59,6 +62,7 @@ impl Default for EmbedderConfig {
             cache_capacity: 1024,
             max_tokens: 128,
             model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+            lean_memory: true,
         }
     }
 }
@@ -70,6 +74,8 @@ pub struct Embedder {
     wants_token_types: bool,
     cache: Mutex<LruCache<String, Arc<[f32]>>>,
     model_id: String,
+    warming: std::sync::atomic::AtomicBool,
+    warmed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -83,10 +89,6 @@ static ORT_ENV: Mutex<Option<ort::environment::Environment>> = Mutex::new(None);
 /// The process's ONNX Runtime environment, loading the library on first use. A failed load
 /// leaves nothing behind, so a later call with a correct path still works.
 fn ort_environment(dylib: &Path) -> Result<ort::environment::Environment> {
-    let mut env = ORT_ENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(e) = env.as_ref() {
-        return Ok(e.clone());
-    }
     let asset = |reason: String| DeviceError::Asset {
         what: "ONNX Runtime library",
         path: dylib.to_path_buf(),
@@ -94,6 +96,10 @@ fn ort_environment(dylib: &Path) -> Result<ort::environment::Environment> {
     };
     if !dylib.is_file() {
         return Err(asset("no such file".into()));
+    }
+    let mut env = ORT_ENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(e) = env.as_ref() {
+        return Ok(e.clone());
     }
     let built = ort::init_from(dylib)
         .map_err(|e| asset(e.to_string()))?
@@ -129,7 +135,8 @@ impl Embedder {
             reason: e.to_string(),
         };
         let opt = |e: ort::Error<ort::session::builder::SessionBuilder>| model_err(e.into());
-        let cpu = ort::ep::CPU::default().with_arena_allocator(false).build();
+        let lean = config.lean_memory;
+        let cpu = ort::ep::CPU::default().with_arena_allocator(!lean).build();
         let session = Session::builder(&env)
             .map_err(model_err)?
             .with_execution_providers([cpu])
@@ -138,11 +145,11 @@ impl Embedder {
             .map_err(opt)?
             .with_inter_threads(1)
             .map_err(opt)?
-            .with_memory_pattern(false)
+            .with_memory_pattern(!lean)
             .map_err(opt)?
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(opt)?
-            .with_config_entry("session.disable_prepacking", "1")
+            .with_config_entry("session.disable_prepacking", if lean { "1" } else { "0" })
             .map_err(opt)?
             .commit_from_file(&model_path)
             .map_err(model_err)?;
@@ -164,6 +171,8 @@ impl Embedder {
             wants_token_types,
             cache: Mutex::new(LruCache::new(capacity)),
             model_id: config.model_id,
+            warming: std::sync::atomic::AtomicBool::new(false),
+            warmed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -186,6 +195,30 @@ impl Embedder {
         let v: Arc<[f32]> = self.run(text)?.into();
         lock(&self.cache)?.put(text.to_owned(), v.clone());
         Ok(v)
+    }
+
+    /// Embeds `texts` into the cache on a background thread, once per embedder (later calls
+    /// do nothing), so the first recommendations in each context do not wait for the model.
+    /// Failures are ignored: the texts are simply embedded on first use.
+    pub fn prewarm_in_background(self: &Arc<Self>, texts: Vec<String>) {
+        if self.warming.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("omega-prewarm".into()).spawn(move || {
+            for t in texts {
+                let _ = me.embed_shared(&t);
+            }
+            me.warmed.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            self.warming.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// True once a background pre-warm has finished.
+    pub fn is_warm(&self) -> bool {
+        self.warmed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Embeds without the cache (for one-off texts such as catalogue items).

@@ -111,3 +111,47 @@ impl DeviceError {
         DeviceError::Database { path: path.into(), reason: e.to_string() }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_variant_has_its_own_c_code() {
+        let cases: Vec<(DeviceError, i32)> = vec![
+            (ValidationError::Missing { field: "f".into() }.into(), ffi::OMEGA_ERR_INVALID),
+            (serde_json::from_str::<u8>("x").expect_err("bad").into(), ffi::OMEGA_ERR_JSON),
+            (
+                DeviceError::Asset { what: "model", path: "m".into(), reason: "r".into() },
+                ffi::OMEGA_ERR_ASSET,
+            ),
+            (DeviceError::Embedding("e".into()), ffi::OMEGA_ERR_EMBEDDING),
+            (DeviceError::db("p", "r"), ffi::OMEGA_ERR_DATABASE),
+            (
+                DeviceError::SchemaTooNew { path: "p".into(), found: 2, supported: 1 },
+                ffi::OMEGA_ERR_SCHEMA_TOO_NEW,
+            ),
+            (
+                DeviceError::ModelMismatch { expected: "a".into(), got: "b".into() },
+                ffi::OMEGA_ERR_MODEL_MISMATCH,
+            ),
+            (DeviceError::State("s".into()), ffi::OMEGA_ERR_STATE),
+            (
+                DeviceError::Unavailable { attempts: 1, message: "m".into() },
+                ffi::OMEGA_ERR_UNAVAILABLE,
+            ),
+            (
+                DeviceError::Rejected { code: tonic::Code::Unauthenticated, message: "m".into() },
+                ffi::OMEGA_ERR_REJECTED,
+            ),
+            (DeviceError::SyncConfig("c".into()), ffi::OMEGA_ERR_SYNC_CONFIG),
+            (DeviceError::Internal("i".into()), ffi::OMEGA_ERR_INTERNAL),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for (err, code) in cases {
+            assert_eq!(err.code(), code, "{err}");
+            assert!(code < 0 && seen.insert(code), "codes are negative and distinct");
+            assert!(!err.to_string().is_empty());
+        }
+    }
+}

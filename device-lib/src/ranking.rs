@@ -38,6 +38,8 @@ pub struct RankingParams {
     pub cold_start_weight: f32,
     /// Samples after which the success rate becomes an exponential moving average.
     pub success_window: u32,
+    /// Weight of the genre hints, together, against the slot/day/type part of a context.
+    pub genre_hint_weight: f32,
 }
 
 impl Default for RankingParams {
@@ -52,6 +54,7 @@ impl Default for RankingParams {
             trend_weight: 0.15,
             cold_start_weight: 0.5,
             success_window: 20,
+            genre_hint_weight: 0.5,
         }
     }
 }
@@ -133,6 +136,22 @@ pub fn retention(success: f32, freshness: f32) -> f32 {
     (0.25 + success) * freshness
 }
 
+/// The context vector: the slot/day/type embedding plus the mean of the genre-hint
+/// embeddings weighted by `hint_weight`, re-normalised. Without hints, the base itself.
+pub fn compose_context(base: &[f32], hints: &[&[f32]], hint_weight: f32) -> Vec<f32> {
+    let mut v = base.to_vec();
+    if !hints.is_empty() {
+        let w = hint_weight / hints.len() as f32;
+        for h in hints {
+            v.iter_mut().zip(h.iter()).for_each(|(a, x)| *a += w * x);
+        }
+        if !omega_protocol::vector::l2_normalize(&mut v) {
+            return base.to_vec();
+        }
+    }
+    v
+}
+
 /// Keeps the best candidate per content, drops excluded contents, returns the `k` best
 /// (ties broken by content id, so results are deterministic).
 pub fn merge(
@@ -173,6 +192,38 @@ pub fn context_text(
     words.push(content_type.map_or("", ContentType::as_str));
     words.extend(genres.iter().map(String::as_str));
     join_words(words)
+}
+
+/// Every slot/day/type context text, the likeliest first (evenings, then the rest), plus the
+/// given genre words: what a brain pre-embeds so recommendations hit the cache.
+pub fn context_vocabulary<'a>(genres: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    use ContentType::*;
+    let slots = [TimeSlot::Evening, TimeSlot::Night, TimeSlot::Afternoon, TimeSlot::Morning];
+    let days = [DayType::Weekday, DayType::Weekend];
+    let types = [
+        None,
+        Some(Movie),
+        Some(Series),
+        Some(Documentary),
+        Some(Sports),
+        Some(News),
+        Some(Kids),
+        Some(Music),
+        Some(Live),
+        Some(Other),
+    ];
+    let mut out = Vec::new();
+    for t in types {
+        for s in slots {
+            for d in days {
+                out.push(context_text(s, d, t, &[]));
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    // Bounded: a catalogue with free-form genre tags must not queue thousands of texts.
+    out.extend(genres.into_iter().filter(|g| seen.insert(*g)).take(256).map(str::to_owned));
+    out
 }
 
 /// The text a content is embedded from, e.g. `"movie: Heat. crime, drama"`.
@@ -297,6 +348,27 @@ mod tests {
             vec![("a", Source::Global), ("b", Source::Global), ("c", Source::Trending)]
         );
         assert!(merge(vec![rec("a", 1.0, Source::Catalogue)], exclude, 0).is_empty());
+    }
+
+    #[test]
+    fn compose_context_table() {
+        let base = [1.0f32, 0.0, 0.0];
+        let (x, y) = ([0.0f32, 1.0, 0.0], [0.0f32, 0.0, 1.0]);
+        let r = |v: Vec<f32>| v.iter().map(|c| (c * 1000.0).round() / 1000.0).collect::<Vec<_>>();
+        assert_eq!(r(compose_context(&base, &[], 0.5)), vec![1.0, 0.0, 0.0]);
+        assert_eq!(r(compose_context(&base, &[&x], 1.0)), vec![0.707, 0.707, 0.0]);
+        assert_eq!(r(compose_context(&base, &[&x, &y], 0.5)), vec![0.943, 0.236, 0.236]);
+        let neg = [-1.0f32, 0.0, 0.0];
+        assert_eq!(r(compose_context(&base, &[&neg], 1.0)), vec![1.0, 0.0, 0.0], "vanishing sum");
+    }
+
+    #[test]
+    fn context_vocabulary_covers_every_slot_day_and_type_once() {
+        let v = context_vocabulary(["crime", "drama", "crime"]);
+        assert_eq!(v.len(), 4 * 2 * 10 + 2);
+        assert_eq!(v[0], "evening weekday");
+        assert!(v.contains(&"morning weekend kids".to_string()));
+        assert_eq!(&v[v.len() - 2..], ["crime", "drama"]);
     }
 
     #[test]

@@ -158,8 +158,9 @@ impl SyncClient {
     pub async fn connect(cfg: SyncConfig) -> Result<SyncClient> {
         let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
             .map_err(|e| DeviceError::SyncConfig(format!("endpoint {:?}: {e}", cfg.endpoint)))?
-            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms.max(1)))
-            .timeout(Duration::from_millis(cfg.timeout_ms.max(1)));
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms.max(1)));
+        // Each call carries `grpc-timeout` (the server stops working on it) and a local
+        // deadline.
         if cfg.endpoint.starts_with("https://") {
             endpoint = tls(endpoint, &cfg)?;
         }
@@ -306,7 +307,7 @@ impl SyncClient {
             let outcome = tokio::time::timeout(deadline, f(self.client.clone(), deadline)).await;
             let status = match outcome {
                 Ok(Ok(resp)) => return Ok((resp.into_inner(), attempt + 1)),
-                Ok(Err(status)) => status,
+                Ok(Err(status)) => deadline_as_such(status),
                 Err(_) => {
                     tonic::Status::deadline_exceeded(format!("no answer within {deadline:?}"))
                 }
@@ -325,10 +326,22 @@ impl SyncClient {
                     Duration::from_millis(self.cfg.backoff_max_ms),
                     &mut rand::rng(),
                 );
+                tracing::debug!(attempt = attempt + 1, error = %last, ?wait, "shard call failed; retrying");
                 tokio::time::sleep(wait).await;
             }
         }
         Err(DeviceError::Unavailable { attempts, message: last })
+    }
+}
+
+/// tonic reports the expiry of a call's `grpc-timeout` on the client side as CANCELLED
+/// ("Timeout expired"); it is a deadline, and retryable as one.
+fn deadline_as_such(status: tonic::Status) -> tonic::Status {
+    let expired = tonic::TimeoutExpired(()).to_string();
+    if status.code() == tonic::Code::Cancelled && status.message() == expired {
+        tonic::Status::deadline_exceeded(expired)
+    } else {
+        status
     }
 }
 

@@ -1,0 +1,103 @@
+/* Drives the C ABI end to end: bad assets, open, observe, recommend (with a buffer too
+ * small), score, stats, sync to a dead shard, bad JSON, close. Argument 1: a scratch folder;
+ * argument 2: a file that is not a shared library. Exit code 0 = all checks passed. */
+#include "omega.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures = 0;
+#define CHECK(cond, what)                                                        \
+    do {                                                                         \
+        if (!(cond)) {                                                           \
+            char msg[512];                                                       \
+            omega_last_error_message(msg, sizeof msg);                           \
+            fprintf(stderr, "FAIL %s (line %d): last error: %s\n", what, __LINE__, msg); \
+            failures++;                                                          \
+        }                                                                        \
+    } while (0)
+
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    char cfg[2048];
+    char buf[8192];
+    OmegaBrain *brain = NULL;
+
+    /* ONNX Runtime not loadable: a clear error, no crash (nothing loaded it yet here). */
+    snprintf(cfg, sizeof cfg, "{\"embedder\": {\"ort_dylib_path\": \"%s\"}}", argv[2]);
+    CHECK(omega_brain_open(cfg, &brain) == OMEGA_ERR_ASSET, "bad ORT library is an asset error");
+    CHECK(brain == NULL, "no handle on error");
+    CHECK(omega_last_error_message(buf, sizeof buf) > 0 && strstr(buf, "ONNX Runtime") != NULL,
+          "message names ONNX Runtime");
+
+    CHECK(omega_brain_open("{not json", &brain) == OMEGA_ERR_JSON, "malformed config");
+    CHECK(omega_brain_open("{\"max_patterns\": \"many\"}", &brain) == OMEGA_ERR_JSON, "wrong type");
+    CHECK(omega_brain_open(NULL, NULL) == OMEGA_ERR_NULL, "null out pointer");
+
+    snprintf(cfg, sizeof cfg, "{\"db_path\": \"%s/c.sqlite\", \"device_id\": \"tv-c\"}", argv[1]);
+    CHECK(omega_brain_open(cfg, &brain) == OMEGA_OK, "open");
+    if (brain == NULL) return 1;
+
+    const char *ev =
+        "{\"content_id\":\"heat\",\"title\":\"Heat\",\"genres\":[\"crime\",\"thriller\"],"
+        "\"content_type\":\"movie\",\"started_at_ms\":1704573000000,\"watch_fraction\":0.9}";
+    int64_t n = omega_brain_observe(brain, ev, buf, sizeof buf);
+    CHECK(n > 0 && n < (int64_t)sizeof buf && strstr(buf, "\"created\":true") != NULL, "observe");
+    CHECK(omega_brain_observe(brain, "{\"content_id\": 5}", buf, sizeof buf) == OMEGA_ERR_JSON,
+          "observe: wrong-typed field");
+    CHECK(omega_brain_observe(brain,
+                              "{\"content_id\":\"x\",\"started_at_ms\":1,\"watch_fraction\":2.5}",
+                              buf, sizeof buf) == OMEGA_ERR_INVALID,
+          "observe: out of range");
+    CHECK(omega_brain_observe(brain, NULL, buf, sizeof buf) == OMEGA_ERR_NULL, "observe: null");
+    CHECK(omega_brain_observe(NULL, ev, buf, sizeof buf) == OMEGA_ERR_NULL, "observe: null brain");
+
+    /* Global patterns: a trend, so that recommend has something to return. */
+    CHECK(omega_brain_apply_global(
+              brain, "{\"similar\":[],\"trending\":[{\"target\":{\"content_id\":\"worldcup\"},"
+                     "\"score\":2.0,\"region\":\"eu\"}],\"global_version\":3,\"model_id\":\"\"}") ==
+              OMEGA_OK,
+          "apply_global");
+
+    char small[8];
+    int64_t need = omega_brain_recommend(brain, "{\"time_slot\":\"evening\"}", 5, small, sizeof small);
+    CHECK(need >= (int64_t)sizeof small, "buffer too small returns the needed length");
+    char *big = malloc((size_t)need + 1);
+    CHECK(omega_brain_last_result(brain, big, (size_t)need + 1) == need, "last_result");
+    CHECK(strstr(big, "worldcup") != NULL && strstr(big, "\"source\":\"trending\"") != NULL,
+          "recommendation JSON");
+    free(big);
+    CHECK(omega_brain_recommend(brain, NULL, 5, NULL, 0) > 0, "length query with NULL buffer");
+
+    n = omega_brain_score(brain, NULL, "[\"worldcup\", \"unknown-id\"]", buf, sizeof buf);
+    CHECK(n > 0 && strstr(buf, "-1") != NULL, "score");
+    CHECK(omega_brain_score(brain, NULL, "{\"a\":1}", buf, sizeof buf) == OMEGA_ERR_JSON,
+          "score: not an array");
+
+    n = omega_brain_stats(brain, buf, sizeof buf);
+    CHECK(n > 0 && strstr(buf, "\"patterns\":1") != NULL && strstr(buf, "\"device_id\":\"tv-c\"") != NULL,
+          "stats");
+
+    n = omega_brain_sync(brain,
+                         "{\"endpoint\":\"http://127.0.0.1:9\",\"token\":\"t\",\"max_attempts\":1,"
+                         "\"timeout_ms\":500,\"connect_timeout_ms\":500}",
+                         buf, sizeof buf);
+    CHECK(n == OMEGA_ERR_UNAVAILABLE, "sync to a dead shard is unavailable");
+    CHECK(omega_brain_sync(brain, "{\"endpoint\": 3}", buf, sizeof buf) == OMEGA_ERR_JSON,
+          "sync: bad config");
+    n = omega_brain_stats(brain, buf, sizeof buf);
+    CHECK(strstr(buf, "\"delta_in_flight\":true") != NULL, "the delta waits for the next sync");
+
+    CHECK(strlen(omega_version()) > 0, "version");
+    CHECK(omega_brain_close(brain) == OMEGA_OK, "close");
+    CHECK(omega_brain_close(NULL) == OMEGA_OK, "close NULL");
+
+    /* Reopen: the pattern survived. */
+    CHECK(omega_brain_open(cfg, &brain) == OMEGA_OK, "reopen");
+    n = omega_brain_stats(brain, buf, sizeof buf);
+    CHECK(strstr(buf, "\"patterns\":1") != NULL, "pattern persisted");
+    CHECK(omega_brain_close(brain) == OMEGA_OK, "close again");
+
+    if (failures == 0) printf("c smoke: all checks passed\n");
+    return failures == 0 ? 0 : 1;
+}

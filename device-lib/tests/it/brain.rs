@@ -1,0 +1,317 @@
+//! The brain's behaviour: learning, recommending, scoring, deltas, global patterns, limits,
+//! bad input.
+
+use crate::common::{SAT_EVENING, catalogue, embedder, event};
+use omega_device::{Brain, BrainConfig, DeviceError, RecommendContext, Source, UNKNOWN_SCORE};
+use omega_protocol::{
+    DayType, GlobalPatterns, Pattern, PatternContext, TimeSlot, TrendSignal, TrendTarget,
+    ViewingEvent,
+};
+use uuid::Uuid;
+
+pub fn brain_with(cfg: BrainConfig) -> Brain {
+    Brain::open_shared(cfg, embedder(), Some(catalogue())).expect("brain opens")
+}
+
+pub fn brain() -> Brain {
+    brain_with(BrainConfig { device_id: Some("tv-test".into()), ..Default::default() })
+}
+
+pub fn evening() -> RecommendContext {
+    RecommendContext {
+        now_ms: Some(SAT_EVENING + 3_600_000),
+        time_slot: Some(TimeSlot::Evening),
+        day_type: Some(DayType::Weekend),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn observe_creates_then_smooths_a_pattern_per_content_and_context() {
+    let mut b = brain();
+    let first = b.observe(&event("heat", 0.9, 0)).expect("observe");
+    assert!(first.created);
+    assert_eq!((first.sample_count, first.success_rate), (1, 0.9));
+    let second = b.observe(&event("heat", 0.5, 60)).expect("observe");
+    assert!(!second.created);
+    assert_eq!(second.pattern_id, first.pattern_id);
+    assert_eq!(second.sample_count, 2);
+    assert!((second.success_rate - 0.7).abs() < 1e-6);
+    // Another context (derived from the clock: Monday 08:00 UTC) is another pattern.
+    let mut monday = event("heat", 1.0, 0);
+    monday.context = None;
+    monday.started_at_ms = 1_704_700_800_000 + 8 * 3_600_000;
+    let third = b.observe(&monday).expect("observe");
+    assert!(third.created);
+    assert_ne!(third.pattern_id, first.pattern_id);
+    let s = b.stats();
+    assert_eq!((s.patterns, s.watched), (2, 1));
+}
+
+#[test]
+fn recommend_follows_taste_excludes_watched_and_explains() {
+    let mut b = brain();
+    for (i, id) in ["godfather", "goodfellas"].iter().enumerate() {
+        b.observe(&event(id, 0.95, i as i64 * 150)).expect("observe");
+    }
+    b.observe(&event("frozen", 0.05, 400)).expect("observe");
+    let recs = b.recommend(&evening(), 5).expect("recommend");
+    assert_eq!(recs.len(), 5);
+    assert!(recs.windows(2).all(|w| w[0].score >= w[1].score));
+    for r in &recs {
+        assert!(!["godfather", "goodfellas", "frozen"].contains(&r.content_id.as_str()));
+        assert_eq!(r.source, Source::Catalogue);
+        assert!(r.reason.starts_with("because you watched"), "{}", r.reason);
+    }
+    let top3: Vec<&str> = recs.iter().take(3).map(|r| r.content_id.as_str()).collect();
+    let crime = ["casino", "scarface", "departed", "heat"];
+    assert!(top3.iter().all(|c| crime.contains(c)), "top 3 should be crime films: {top3:?}");
+    assert!(b.recommend(&evening(), 0).expect("k = 0").is_empty());
+    assert_eq!(b.recommend(&evening(), 1_000).expect("capped").len(), 15);
+}
+
+#[test]
+fn a_new_brain_still_recommends_from_the_context() {
+    let b = brain();
+    let recs = b.recommend(&RecommendContext::default(), 3).expect("cold start");
+    assert_eq!(recs.len(), 3);
+    assert!(recs.iter().all(|r| r.reason.starts_with("for")), "{recs:?}");
+}
+
+#[test]
+fn score_ranks_candidates_and_flags_unknown_ids() {
+    let mut b = brain();
+    b.observe(&event("godfather", 1.0, 0)).expect("observe");
+    let ids: Vec<String> = ["goodfellas", "nemo", "no-such-content", "godfather"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let scores = b.score(&evening(), &ids).expect("score");
+    assert_eq!(scores.len(), 4);
+    assert!(scores[0] > scores[1], "{scores:?}");
+    assert_eq!(scores[2], UNKNOWN_SCORE);
+    assert!(scores[3] >= 0.0);
+    assert!(b.score(&evening(), &[]).expect("empty").is_empty());
+    let too_many = vec!["x".to_string(); 10_001];
+    assert!(matches!(b.score(&evening(), &too_many), Err(DeviceError::Invalid(_))));
+}
+
+#[test]
+fn delta_is_stable_until_acknowledged_and_nothing_is_lost_meanwhile() {
+    let mut b = brain();
+    assert!(b.prepare_delta().expect("empty").is_none());
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+    b.observe(&event("nemo", 0.1, 10)).expect("observe"); // below share_min_success: kept local
+    let d1 = b.prepare_delta().expect("delta").expect("something to send");
+    assert_eq!(d1.local_version, 1);
+    assert_eq!(d1.added.len(), 1);
+    assert_eq!(d1.added[0].content_id, "heat");
+    assert_eq!(d1.model_id, omega_protocol::DEFAULT_MODEL_ID);
+    // Offline: more viewing while the delta is unacknowledged.
+    b.observe(&event("heat", 0.5, 100)).expect("observe");
+    b.observe(&event("casino", 0.8, 200)).expect("observe");
+    let retry = b.prepare_delta().expect("delta").expect("same delta");
+    assert_eq!(retry, d1, "a retry sends the very same delta");
+    assert!(b.stats().delta_in_flight);
+    assert!(matches!(b.acknowledge(7), Err(DeviceError::State(_))));
+    b.acknowledge(1).expect("ack");
+    b.acknowledge(1).expect("a repeated ack is a no-op");
+    let d2 = b.prepare_delta().expect("delta").expect("the changes made meanwhile");
+    assert_eq!(d2.local_version, 2);
+    assert_eq!(d2.added.iter().map(|p| p.content_id.as_str()).collect::<Vec<_>>(), vec!["casino"]);
+    assert_eq!(d2.updated.len(), 1);
+    assert_eq!(d2.updated[0].id, d1.added[0].id);
+    assert_eq!(d2.updated[0].extra_samples, 1);
+    assert!((d2.updated[0].success_rate - 0.7).abs() < 1e-6);
+    b.acknowledge(2).expect("ack");
+    assert!(b.prepare_delta().expect("nothing left").is_none());
+    let s = b.stats();
+    assert_eq!((s.local_version, s.acked_version, s.delta_in_flight), (2, 2, false));
+}
+
+#[test]
+fn capacity_evicts_the_least_valuable_pattern_and_tells_the_shard() {
+    let mut b = brain_with(BrainConfig { max_patterns: 3, ..Default::default() });
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+    b.observe(&event("nemo", 0.0, 1)).expect("observe"); // the worst
+    b.observe(&event("casino", 0.8, 2)).expect("observe");
+    let d = b.prepare_delta().expect("delta").expect("some");
+    b.acknowledge(d.local_version).expect("ack");
+    let out = b.observe(&event("planet", 0.9, 3)).expect("observe");
+    let s = b.stats();
+    assert_eq!((s.patterns, s.evictions), (3, 1));
+    assert!(out.evicted.is_some());
+    // nemo was never sent (below the share threshold): nothing to remove on the shard.
+    let d = b.prepare_delta().expect("delta").expect("planet");
+    assert!(d.removed.is_empty());
+    b.acknowledge(d.local_version).expect("ack");
+    // Now evict one the shard knows.
+    b.observe(&event("derby", 0.95, 10_000)).expect("observe");
+    let d = b.prepare_delta().expect("delta").expect("derby + removal");
+    assert_eq!(d.removed.len(), 1);
+}
+
+fn global_pattern(content_id: &str, text: &str, quality: f32) -> Pattern {
+    Pattern {
+        id: Uuid::now_v7(),
+        content_id: content_id.into(),
+        embedding: embedder().embed(text).expect("embed"),
+        model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+        success_rate: quality,
+        sample_count: 10,
+        context: PatternContext { time_slot: TimeSlot::Evening, ..Default::default() },
+        created_at_ms: SAT_EVENING,
+        updated_at_ms: SAT_EVENING,
+    }
+}
+
+pub fn global(version: u64) -> GlobalPatterns {
+    GlobalPatterns {
+        similar: vec![global_pattern(
+            "sopranos",
+            "evening weekend series: The Sopranos. crime, drama",
+            0.95,
+        )],
+        trending: vec![TrendSignal {
+            target: TrendTarget::ContentId("worldcup".into()),
+            score: 3.0,
+            region: "eu".into(),
+        }],
+        global_version: version,
+        model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+    }
+}
+
+#[test]
+fn global_patterns_and_trends_feed_recommendations() {
+    let mut b = brain();
+    b.observe(&event("godfather", 1.0, 0)).expect("observe");
+    b.apply_global(global(5)).expect("apply");
+    let s = b.stats();
+    assert_eq!((s.global_patterns, s.trends, s.global_version), (1, 1, 5));
+    let recs = b.recommend(&evening(), 17).expect("recommend");
+    let sopranos =
+        recs.iter().find(|r| r.content_id == "sopranos").expect("global pattern recommended");
+    assert_eq!(sopranos.source, Source::Global);
+    let trend = recs.iter().find(|r| r.content_id == "worldcup").expect("trend recommended");
+    assert_eq!(trend.source, Source::Trending);
+    assert_eq!(trend.reason, "trending in eu");
+    let scores = b.score(&evening(), &["sopranos".into(), "worldcup".into()]).expect("score");
+    assert!(scores.iter().all(|s| *s > 0.0), "{scores:?}");
+    // An older version arriving late changes nothing.
+    let mut old = global(3);
+    old.similar[0].content_id = "late".into();
+    b.apply_global(old).expect("stale is ignored");
+    assert_eq!(b.stats().global_patterns, 1);
+}
+
+#[test]
+fn bad_global_patterns_are_refused_whole() {
+    let mut b = brain();
+    b.apply_global(global(1)).expect("apply");
+    let mut other_model = global(2);
+    other_model.model_id = "another-model".into();
+    assert!(matches!(b.apply_global(other_model), Err(DeviceError::ModelMismatch { .. })));
+    let mut nan = global(2);
+    nan.similar[0].embedding[3] = f32::NAN;
+    assert!(matches!(b.apply_global(nan), Err(DeviceError::Invalid(_))));
+    let mut short = global(2);
+    short.similar[0].embedding.truncate(10);
+    assert!(matches!(b.apply_global(short), Err(DeviceError::Invalid(_))));
+    let mut rate = global(2);
+    rate.similar[0].success_rate = 1.5;
+    assert!(matches!(b.apply_global(rate), Err(DeviceError::Invalid(_))));
+    let s = b.stats();
+    assert_eq!((s.global_patterns, s.global_version), (1, 1), "nothing half-applied");
+}
+
+#[test]
+fn bad_events_are_refused_and_leave_patterns_intact() {
+    let mut b = brain();
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+    type Mutation = Box<dyn Fn(&mut ViewingEvent)>;
+    let bad: Vec<(&str, Mutation)> = vec![
+        ("NaN fraction", Box::new(|e| e.watch_fraction = f32::NAN)),
+        ("inf fraction", Box::new(|e| e.watch_fraction = f32::INFINITY)),
+        ("fraction 1.5", Box::new(|e| e.watch_fraction = 1.5)),
+        ("empty id", Box::new(|e| e.content_id.clear())),
+        ("oversized id", Box::new(|e| e.content_id = "x".repeat(257))),
+        ("oversized title", Box::new(|e| e.title = "t".repeat(10_000))),
+        ("17 genres", Box::new(|e| e.genres = vec!["g".into(); 17])),
+        ("negative time", Box::new(|e| e.started_at_ms = -1)),
+    ];
+    for (name, mutate) in bad {
+        let mut e = event("casino", 0.5, 1);
+        mutate(&mut e);
+        assert!(matches!(b.observe(&e), Err(DeviceError::Invalid(_))), "{name}");
+    }
+    for json in [
+        r#"{"content_id": 5, "started_at_ms": 1, "watch_fraction": 0.5}"#,
+        r#"{"content_id": "a", "started_at_ms": "soon", "watch_fraction": 0.5}"#,
+        r#"{"content_id": "a", "started_at_ms": 1, "watch_fraction": 0.5, "content_type": "opera"}"#,
+        r#"{"content_id": "a""#,
+    ] {
+        assert!(serde_json::from_str::<ViewingEvent>(json).is_err(), "{json}");
+    }
+    let bad_ctx = RecommendContext { genres: vec!["g".repeat(300)], ..evening() };
+    assert!(matches!(b.recommend(&bad_ctx, 3), Err(DeviceError::Invalid(_))));
+    let bad_ctx = RecommendContext { now_ms: Some(-5), ..evening() };
+    assert!(matches!(b.score(&bad_ctx, &["heat".into()]), Err(DeviceError::Invalid(_))));
+    assert_eq!(b.stats().patterns, 1);
+    assert_eq!(b.stats().watched, 1);
+}
+
+#[test]
+fn bad_configs_are_refused() {
+    let cases = [
+        BrainConfig { max_patterns: 0, ..Default::default() },
+        BrainConfig { share_min_success: f32::NAN, ..Default::default() },
+        BrainConfig { device_id: Some(String::new()), ..Default::default() },
+        BrainConfig { utc_offset_minutes: 100_000, ..Default::default() },
+    ];
+    for cfg in cases {
+        assert!(
+            matches!(
+                Brain::open_shared(cfg.clone(), embedder(), None),
+                Err(DeviceError::Invalid(_))
+            ),
+            "{cfg:?}"
+        );
+    }
+    assert!(serde_json::from_str::<BrainConfig>(r#"{"max_patterns": "many"}"#).is_err());
+    assert!(serde_json::from_str::<BrainConfig>(r#"{"no_such_option": 1}"#).is_err());
+}
+
+#[test]
+fn stats_report_sizes_and_budget() {
+    let mut b = brain_with(BrainConfig { memory_budget_bytes: 8 << 20, ..Default::default() });
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+    let s = b.stats();
+    assert!(!s.device_id.is_empty());
+    assert!(s.max_patterns < 10_000, "the budget lowers the capacity: {}", s.max_patterns);
+    assert!(s.memory_bytes > 384 && s.memory_bytes < s.memory_budget_bytes);
+    assert_eq!(s.catalogue_items, 18);
+    assert_eq!(s.model_id, omega_protocol::DEFAULT_MODEL_ID);
+    assert_eq!(s.unsynced_changes, 1);
+}
+
+#[test]
+fn the_catalogue_searches_real_embeddings() {
+    let cat = catalogue();
+    let b = brain();
+    assert_eq!(b.catalogue().map(|c| c.len()), Some(cat.len()));
+    assert!(!cat.is_empty() && !cat.index().is_hnsw());
+    assert_eq!(cat.model_id(), embedder().model_id());
+    assert_eq!(cat.items().len(), 18);
+    assert!(cat.heap_bytes() > 18 * 384);
+    let q = omega_protocol::vector::quantize(
+        &embedder().embed("kids: an animated film for children").expect("embed"),
+    );
+    let top: Vec<&str> =
+        cat.search(&q, 4).iter().map(|(i, _)| cat.item(*i as usize).content_id.as_str()).collect();
+    let kids = ["toystory", "lionking", "frozen", "nemo"];
+    assert!(top.iter().filter(|c| kids.contains(c)).count() >= 3, "{top:?}");
+    let pos = cat.position("nemo").expect("nemo");
+    assert_eq!(cat.get("nemo").map(|i| i.title.as_str()), Some("Finding Nemo"));
+    assert!((cat.similarity(pos, &cat.embedding(pos)) - 1.0).abs() < 0.01);
+}

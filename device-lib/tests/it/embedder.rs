@@ -1,0 +1,156 @@
+//! The embedder on the real model: shape, normalisation, semantics, cache, quantisation
+//! contract, bad assets.
+
+use crate::common::{embedder, require_assets};
+use omega_device::{DeviceError, Embedder, EmbedderConfig, assets};
+use omega_protocol::vector::{EMBEDDING_DIM, cosine, dot, norm, quantize};
+use std::sync::Arc;
+
+#[test]
+fn embeddings_are_unit_384_deterministic_and_cached() {
+    let e = embedder();
+    assert_eq!(e.model_id(), omega_protocol::DEFAULT_MODEL_ID);
+    let a = e.embed("evening weekend movie: Heat. crime, thriller").expect("embed");
+    assert_eq!(a.len(), EMBEDDING_DIM);
+    assert!((norm(&a) - 1.0).abs() < 1e-4);
+    let again = e.embed_uncached("evening weekend movie: Heat. crime, thriller").expect("embed");
+    assert!(cosine(&a, &again) > 0.9999);
+    let shared = e.embed_shared("evening weekend movie: Heat. crime, thriller").expect("cached");
+    assert_eq!(&shared[..], &a[..]);
+}
+
+#[test]
+fn similar_texts_are_closer_than_unrelated_ones() {
+    let e = embedder();
+    let crime = e.embed("movie: The Godfather. crime, drama").expect("embed");
+    let crime2 = e.embed("movie: Goodfellas. crime, drama").expect("embed");
+    let kids = e.embed("kids: Toy Story. animation, children, comedy").expect("embed");
+    assert!(dot(&crime, &crime2) > dot(&crime, &kids) + 0.1);
+}
+
+#[test]
+fn empty_and_oversized_texts_embed_without_error() {
+    let e = embedder();
+    assert_eq!(e.embed("").expect("empty").len(), EMBEDDING_DIM);
+    let long = "a very long title ".repeat(10_000);
+    let v = e.embed(&long).expect("truncated at 128 tokens");
+    assert!((norm(&v) - 1.0).abs() < 1e-4);
+    let odd = "😀 \u{0} \u{feff} ñ 中文 \t\n";
+    assert_eq!(e.embed(odd).expect("odd text").len(), EMBEDDING_DIM);
+}
+
+/// The wire contract on real MiniLM vectors: cosine(original, decoded) >= 0.99.
+#[test]
+fn quantisation_contract_holds_on_200_real_embeddings() {
+    let e = embedder();
+    let slots = ["morning", "afternoon", "evening", "night"];
+    let days = ["weekday", "weekend"];
+    let kinds = ["movie", "series", "documentary", "sports", "news", "kids", "music"];
+    let titles = [
+        "Heat",
+        "Toy Story",
+        "Planet Earth",
+        "MasterChef",
+        "The Wire",
+        "Champions League",
+        "Evening News",
+        "Jazz at Lincoln Center",
+        "Frozen",
+        "Breaking Bad",
+        "Cosmos",
+        "Le Mans 24h",
+        "Amélie",
+        "千と千尋の神隠し",
+        "Das Boot",
+    ];
+    let genres = ["crime, drama", "animation", "nature", "cooking", "football", "politics", "jazz"];
+    let mut worst = 1.0f32;
+    let mut n = 0;
+    for (i, title) in titles.iter().enumerate() {
+        for j in 0..14 {
+            let text = format!(
+                "{} {} {}: {title}. {}",
+                slots[(i + j) % 4],
+                days[j % 2],
+                kinds[(i * 3 + j) % kinds.len()],
+                genres[(i + 2 * j) % genres.len()]
+            );
+            let v = e.embed_uncached(&text).expect("embed");
+            worst = worst.min(cosine(&v, &quantize(&v).dequantize()));
+            n += 1;
+        }
+    }
+    assert!(n >= 200, "{n} texts");
+    assert!(worst >= 0.99, "worst cosine after quantisation {worst}");
+}
+
+#[test]
+fn one_embedder_serves_many_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Embedder>();
+    let e = embedder();
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let e = Arc::clone(&e);
+            std::thread::spawn(move || e.embed(&format!("thread {t} text")).map(|v| v.len()))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().expect("no panic").expect("embed"), EMBEDDING_DIM);
+    }
+}
+
+fn asset_error(cfg: EmbedderConfig) -> String {
+    match Embedder::new(cfg) {
+        Err(e @ DeviceError::Asset { .. }) => e.to_string(),
+        other => panic!("expected an asset error, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_or_broken_assets_give_clear_errors() {
+    require_assets();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let msg = asset_error(EmbedderConfig {
+        model_path: Some(dir.path().join("nope.onnx")),
+        ..Default::default()
+    });
+    assert!(
+        msg.contains("model") && msg.contains("nope.onnx") && msg.contains("assets.py fetch"),
+        "{msg}"
+    );
+    let msg = asset_error(EmbedderConfig {
+        tokenizer_path: Some(dir.path().join("nope.json")),
+        ..Default::default()
+    });
+    assert!(msg.contains("tokenizer"), "{msg}");
+    let msg = asset_error(EmbedderConfig {
+        ort_dylib_path: Some(dir.path().join("libonnxruntime.so")),
+        ..Default::default()
+    });
+    assert!(msg.contains("ONNX Runtime library") && msg.contains("no such file"), "{msg}");
+    // A file that is not a model, and one that is not a tokenizer.
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"not a model at all").expect("write");
+    let msg = asset_error(EmbedderConfig { model_path: Some(junk.clone()), ..Default::default() });
+    assert!(msg.contains("model"), "{msg}");
+    let msg = asset_error(EmbedderConfig { tokenizer_path: Some(junk), ..Default::default() });
+    assert!(msg.contains("tokenizer"), "{msg}");
+    // The real ones still load afterwards.
+    assert!(assets::model_path().is_file());
+    assert!(embedder().embed("still fine").is_ok());
+}
+
+#[test]
+fn prewarm_fills_the_cache_once_in_the_background() {
+    let e = Arc::new(Embedder::new(EmbedderConfig::default()).expect("embedder"));
+    assert!(!e.is_warm());
+    e.prewarm_in_background(vec!["evening weekend".into(), "crime".into()]);
+    e.prewarm_in_background(vec!["ignored: already warming".into()]);
+    let started = std::time::Instant::now();
+    while !e.is_warm() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "prewarm never finished");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(e.embed("crime").expect("cached").len(), EMBEDDING_DIM);
+}
