@@ -7,7 +7,8 @@
 #   scripts/pg.sh url   [DIR]   print the URL of a running server
 #   scripts/pg.sh destroy [DIR] stop and delete DIR
 #
-# DIR defaults to $OMEGA_PG_DIR or /tmp/omega-pg. The database `omega` has the `vector`
+# DIR defaults to $OMEGA_PG_DIR or /tmp/omega-pg; OMEGA_PG_SHARED_BUFFERS (default 256MB) sizes
+# the buffer cache for benchmarks with large indexes. The database `omega` has the `vector`
 # extension; the role `omega` is a superuser (tests create and drop their own databases).
 # As root the server runs as the `postgres` user, created if missing.
 set -euo pipefail
@@ -68,7 +69,7 @@ start() {
   echo "$port" >"$dir/port"
   [ "$(id -u)" = 0 ] && chown postgres "$dir/port"
   as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -c listen_addresses=127.0.0.1 -k $dir -c max_connections=300 -c shared_buffers=256MB -c maintenance_work_mem=512MB" \
+    -o "-p $port -c listen_addresses=127.0.0.1 -k $dir -c max_connections=300 -c shared_buffers=${OMEGA_PG_SHARED_BUFFERS:-256MB} -c maintenance_work_mem=512MB" \
     start >/dev/null || { tail -n 30 "$dir/server.log" >&2; die "postgres did not start"; }
   if ! "$bin/psql" -h 127.0.0.1 -p "$port" -U omega -d postgres -tAc "select 1 from pg_database where datname='omega'" | grep -q 1; then
     "$bin/createdb" -h 127.0.0.1 -p "$port" -U omega omega

@@ -9,7 +9,8 @@
 //! Loads `--patterns` random unit embeddings (success rates uniform in [0.8, 1], so every one
 //! is shareable and in the search index) owned by
 //! `--devices` devices, then times `--queries` similarity queries through the store's own
-//! `similar` (32 nearest, success >= 0.8, excluding the asking device), and prints one JSON
+//! `similar` (the 16 nearest a sync asks for, success >= 0.8, excluding the asking device),
+//! and prints one JSON
 //! line. Postgres is loaded straight into `patterns` and `pattern_vectors` with the HNSW index
 //! dropped, then the index is built (the time is reported): that is how a large shard is
 //! bulk-loaded; the sync path (intake, merge, indexer) is not what this measures.
@@ -49,6 +50,9 @@ struct Args {
     /// HNSW m.
     #[arg(long, default_value_t = 16)]
     m: u32,
+    /// HNSW ef_search.
+    #[arg(long, default_value_t = 40)]
+    ef_search: u32,
     /// Skip loading (the database already holds the patterns).
     #[arg(long)]
     no_load: bool,
@@ -188,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
     };
     opts.hnsw_m = args.m;
     opts.hnsw_ef_construction = args.ef_construction;
+    opts.hnsw_ef_search = args.ef_search;
     opts.wal_compact_bytes = u64::MAX;
     let store = omega_shard::store::open(&opts).await?;
     let t = Instant::now();
@@ -210,7 +215,7 @@ async fn main() -> anyhow::Result<()> {
         let query = SimilarQuery {
             device_id: format!("dev-{}", rng.random_range(0..args.devices)),
             interest: unit(&mut rng),
-            limit: 32,
+            limit: omega_shard::sync::SIMILAR_CANDIDATES,
             min_quality: 0.8,
         };
         let t = Instant::now();

@@ -37,8 +37,9 @@ pub struct StoreArgs {
     /// HNSW `ef_construction` (pgvector: 4..=1000, at least 2·m).
     #[arg(long, env = "HNSW_EF_CONSTRUCTION", default_value_t = 64)]
     pub hnsw_ef_construction: u32,
-    /// HNSW `ef_search` for similarity queries (at least the 100 results a sync asks for).
-    #[arg(long, env = "HNSW_EF_SEARCH", default_value_t = 100)]
+    /// HNSW `ef_search` for similarity queries (at least the 16 candidates a sync asks for;
+    /// each doubling roughly doubles query cost).
+    #[arg(long, env = "HNSW_EF_SEARCH", default_value_t = 40)]
     pub hnsw_ef_search: u32,
     /// How often the background merge moves intake rows into `patterns`.
     #[arg(long, env = "MERGE_INTERVAL_MS", default_value_t = 1000)]

@@ -296,7 +296,7 @@ impl StoreOptions {
             pool_size: 16,
             hnsw_m: 16,
             hnsw_ef_construction: 64,
-            hnsw_ef_search: 100,
+            hnsw_ef_search: 40,
             merge_interval: std::time::Duration::from_millis(1000),
             merge_batch: 5000,
             index_interval: std::time::Duration::from_millis(1000),
