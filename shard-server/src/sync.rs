@@ -50,6 +50,24 @@ pub struct Prepared {
     pub filtered: u32,
 }
 
+impl Prepared {
+    /// A pull-only sync (the device has nothing to push): a write of version 0, which every
+    /// store treats as "not above the stored version", so nothing changes and the device's
+    /// state (region, interest, acknowledged version) comes back for the answer.
+    pub fn pull(device_id: &str, now_ms: i64) -> Self {
+        Prepared {
+            write: SyncWrite {
+                device_id: device_id.to_owned(),
+                local_version: 0,
+                now_ms,
+                ..Default::default()
+            },
+            accepted: 0,
+            filtered: 0,
+        }
+    }
+}
+
 fn storable(p: &pb::Pattern) -> bool {
     p.success_rate >= MIN_STORED_QUALITY
         && p.embedding.as_ref().is_some_and(|e| e.scale > 0.0 && e.values.iter().any(|&b| b != 0))

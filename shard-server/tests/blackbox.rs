@@ -405,3 +405,33 @@ async fn a_device_over_its_rate_limit_is_refused() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(shard.metric(&status_series("resource_exhausted")), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_without_a_delta_pulls_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shard = Shard::start(dir.path(), None, &[("SIMILAR_CACHE_SECS", "0")]);
+    let mut c = shard.client().await;
+    let ta = register(&mut c, "tv-a").await;
+    let tb = register(&mut c, "tv-b").await;
+    c.sync(sync_request("tv-a", Some(&ta), delta(1, (0..20).map(|i| pattern(i, 0.9)).collect())))
+        .await
+        .expect("push");
+    c.sync(sync_request("tv-b", Some(&tb), delta(1, vec![pattern(99, 0.9)]))).await.expect("b");
+    let patterns_before = shard.stats()["patterns"].clone();
+
+    let mut pull = sync_request("tv-b", Some(&tb), delta(1, vec![]));
+    pull.get_mut().delta = None;
+    let resp = c.sync(pull).await.expect("pull").into_inner();
+    assert!(!resp.replayed, "a pull is not a replay");
+    assert_eq!(resp.acknowledged_version, 1, "the stored version comes back unchanged");
+    assert_eq!(resp.patterns_accepted, 0);
+    let g = resp.global.expect("global");
+    assert!(!g.similar.is_empty(), "a pull still gets similar patterns");
+    assert_eq!(shard.stats()["patterns"], patterns_before);
+    assert_eq!(shard.metric(&status_series("pull")), 1.0);
+
+    // A pull from an unknown device is refused like any sync of it.
+    let mut stranger = sync_request("tv-c", Some(&tb), delta(1, vec![]));
+    stranger.get_mut().delta = None;
+    assert_eq!(c.sync(stranger).await.expect_err("forged").code(), tonic::Code::Unauthenticated);
+}

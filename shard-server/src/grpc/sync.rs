@@ -133,10 +133,14 @@ impl Constellation for ConstellationService {
         if !st.limiter.allow(&msg.device_id, Instant::now()) {
             return Err(Status::resource_exhausted("per-device sync rate limit exceeded"));
         }
-        let delta = msg.delta.ok_or_else(|| Status::invalid_argument("delta is required"))?;
         let now_ms = crate::server::now_ms();
-        let prepared = logic::prepare(&msg.device_id, delta, &st.settings.model_id, now_ms)
-            .map_err(invalid)?;
+        // No delta: the device has nothing to push and only pulls global patterns.
+        let pull_only = msg.delta.is_none();
+        let prepared = match msg.delta {
+            Some(delta) => logic::prepare(&msg.device_id, delta, &st.settings.model_id, now_ms)
+                .map_err(invalid)?,
+            None => logic::Prepared::pull(&msg.device_id, now_ms),
+        };
         let added = prepared.write.added.len() as u64;
         let applied = st.store.apply_sync(prepared.write).await.map_err(store_status)?;
         if applied.applied {
@@ -160,13 +164,18 @@ impl Constellation for ConstellationService {
             acknowledged_version: applied.acknowledged_version,
             patterns_accepted: if applied.applied { prepared.accepted } else { 0 },
             patterns_filtered: if applied.applied { prepared.filtered } else { 0 },
-            replayed: !applied.applied,
+            replayed: !applied.applied && !pull_only,
         };
         let fitted = logic::fit(&mut resp, similar.as_ref().clone(), trends, DOWN_BUDGET_BYTES);
         st.metrics.observe_bytes("down", fitted.wire_bytes);
         st.count_sync();
         let mut out = Response::new(resp);
-        out.extensions_mut().insert(SyncOutcome(if applied.applied { "ok" } else { "replayed" }));
+        let outcome = match (pull_only, applied.applied) {
+            (true, _) => "pull",
+            (false, true) => "ok",
+            (false, false) => "replayed",
+        };
+        out.extensions_mut().insert(SyncOutcome(outcome));
         Ok(out)
     }
 }
