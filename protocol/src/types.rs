@@ -10,6 +10,7 @@ use crate::validate::{self, ValidationError};
 use crate::vector::{self, QuantizedVector};
 use chrono::{DateTime, Datelike, Timelike, Utc, Weekday};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 /// Part of the day, in the TV's local time.
@@ -523,6 +524,36 @@ impl GlobalPatterns {
     }
 }
 
+/// Id of a federated aggregate: deterministic, so a content's main group keeps the same id
+/// round after round (a TV replaces it rather than piling up copies); further groups of the
+/// content add their leader's int8 embedding to the key. Aggregate ids are UUID version 8
+/// (custom, SHA-256 based); device pattern ids are v7 and a shard re-keys other devices'
+/// patterns to v4, so [`is_aggregate_id`] tells them apart.
+pub fn aggregate_id(content_id: &str, leader: Option<&[i8]>) -> Uuid {
+    let mut h = Sha256::new();
+    h.update(b"omega/aggregate/v1\0");
+    h.update(content_id.as_bytes());
+    if let Some(l) = leader {
+        h.update([0u8]);
+        h.update(l.iter().map(|&x| x.to_ne_bytes()[0]).collect::<Vec<u8>>());
+    }
+    let digest = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(b).into_uuid()
+}
+
+/// The id of `content_id`'s main aggregate: the one carrying its collaborative item vector
+/// when the round computed them (see `docs/quality.md`).
+pub fn content_aggregate_id(content_id: &str) -> Uuid {
+    aggregate_id(content_id, None)
+}
+
+/// True for ids made by [`aggregate_id`] (UUID version 8).
+pub fn is_aggregate_id(id: &Uuid) -> bool {
+    id.get_version_num() == 8
+}
+
 /// A federated average over patterns from at least k distinct devices.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AggregatedPattern {
@@ -753,5 +784,21 @@ mod tests {
         bad = ok;
         bad.content_id.clear();
         assert!(bad.validate().is_err());
+    }
+}
+
+#[cfg(test)]
+mod aggregate_id_tests {
+    use super::*;
+
+    #[test]
+    fn aggregate_ids_are_stable_v8_and_distinct_from_device_ids() {
+        let a = content_aggregate_id("ml-item-1");
+        assert_eq!(a, aggregate_id("ml-item-1", None));
+        assert_ne!(a, content_aggregate_id("ml-item-2"));
+        assert_ne!(a, aggregate_id("ml-item-1", Some(&[1, 2, 3])));
+        assert!(is_aggregate_id(&a));
+        assert!(!is_aggregate_id(&Uuid::now_v7()));
+        assert!(!is_aggregate_id(&Uuid::from_bytes([7; 16])));
     }
 }
