@@ -94,6 +94,13 @@
 #define OMEGA_ERR_INTERNAL -99
 
 /**
+ * Offset that ranks every candidate with a collaborative score above every candidate scored
+ * by content similarity alone (those stay below `catalogue_weight + trend_weight`, ~1.2 by
+ * default), so federated knowledge decides wherever it exists.
+ */
+#define COLLABORATIVE_TIER 10.0
+
+/**
  * An open brain. Opaque to C.
  */
 typedef struct OmegaBrain OmegaBrain;

@@ -194,6 +194,8 @@ pub struct BrainStats {
     pub global_patterns: usize,
     /// True when global patterns are searched through HNSW.
     pub global_index_hnsw: bool,
+    /// Of the global patterns, contents' collaborative item vectors (main aggregates).
+    pub collaborative_vectors: usize,
     /// Trend signals held.
     pub trends: usize,
     /// Contents watched (excluded from recommendations).
@@ -249,6 +251,11 @@ pub struct Brain {
     watched: HashMap<String, i64>,
     globals: Vec<StoredGlobal>,
     global_index: VectorIndex,
+    /// Contents whose main federated aggregate is held (its collaborative item vector), by
+    /// position in `globals`.
+    collab: HashMap<String, usize>,
+    /// Global version at which each aggregate was last received (this session only).
+    received_in: HashMap<Uuid, u64>,
     global_version: u64,
     trends: Vec<TrendSignal>,
     evictions: u64,
@@ -387,6 +394,8 @@ impl Brain {
             local_vecs,
             local_by_key,
             outbox,
+            collab: collab_index(&globals, &HashMap::new(), None),
+            received_in: HashMap::new(),
             globals,
             global_index: VectorIndex::build(gm, IndexKind::Auto),
             trends,
@@ -634,6 +643,25 @@ impl Brain {
         (by_content, centroids)
     }
 
+    /// The collaborative profile: the sum of the item vectors of the watched contents this TV
+    /// holds one for, and how many those are. `None` without any (or when turned off).
+    fn collab_profile(&self) -> Option<(QuantizedVector, usize)> {
+        if self.collab.is_empty() || self.cfg.ranking.collaborative_weight <= 0.0 {
+            return None;
+        }
+        let m = self.global_index.matrix();
+        let mut sum = vec![0.0f32; omega_protocol::vector::EMBEDDING_DIM];
+        let mut support = 0;
+        for (content, &gi) in &self.collab {
+            if self.watched.contains_key(content) {
+                let v = m.get(gi).dequantize();
+                sum.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+                support += 1;
+            }
+        }
+        (support > 0).then(|| (quantize(&sum), support))
+    }
+
     /// Up to `k` contents to watch now, best first, never one already watched.
     pub fn recommend(&self, ctx: &RecommendContext, k: usize) -> Result<Vec<Recommendation>> {
         ctx.check()?;
@@ -684,6 +712,24 @@ impl Brain {
                         content_id: g.content_id.clone(),
                         score,
                         reason: "liked by viewers like you".into(),
+                        source: Source::Global,
+                    },
+                    None,
+                ));
+            }
+        }
+        if let Some((profile, support)) = self.collab_profile() {
+            let m = self.global_index.matrix();
+            for (content, &gi) in &self.collab {
+                if self.watched.contains_key(content) {
+                    continue;
+                }
+                let dot = m.get(gi).dot(&profile);
+                cands.push((
+                    Recommendation {
+                        content_id: content.clone(),
+                        score: ranking::collaborative_score(dot, support, p),
+                        reason: "watched by viewers who share your taste".into(),
                         source: Source::Global,
                     },
                     None,
@@ -783,13 +829,21 @@ impl Brain {
                 .map(|s| ranking::candidate_score(s.weight, s.vector.dot(v), success, fresh, w))
                 .fold(0.0f32, f32::max)
         };
+        let profile = self.collab_profile();
         let mut out = Vec::with_capacity(content_ids.len());
         for id in content_ids {
             validate::check_string("content_ids[]", id)?;
             let mut known = false;
             let mut score = 0.0f32;
             let mut vector = None;
-            if let Some(cat) = &self.catalogue
+            if let Some((q, support)) = &profile
+                && let Some(&gi) = self.collab.get(id.as_str())
+            {
+                let v = self.global_index.matrix().get(gi);
+                score = ranking::collaborative_score(v.dot(q), *support, p);
+                vector = Some(v);
+                known = true;
+            } else if let Some(cat) = &self.catalogue
                 && let Some(pos) = cat.position(id)
             {
                 let v = cat.embedding(pos);
@@ -1020,6 +1074,15 @@ impl Brain {
         all.iter().for_each(|(_, v)| matrix.push(v));
         self.globals = all.into_iter().map(|(g, _)| g).collect();
         self.global_index = VectorIndex::build(matrix, IndexKind::Auto);
+        for s in &global.similar {
+            self.received_in.insert(s.id, global.global_version);
+        }
+        for id in &dropped {
+            self.received_in.remove(id);
+        }
+        let current =
+            self.cfg.ranking.collaborative_current_round_only.then_some(global.global_version);
+        self.collab = collab_index(&self.globals, &self.received_in, current);
         if replace_trends {
             self.trends = global.trending;
         }
@@ -1045,6 +1108,7 @@ impl Brain {
             max_patterns: self.max_patterns,
             global_patterns: self.globals.len(),
             global_index_hnsw: self.global_index.is_hnsw(),
+            collaborative_vectors: self.collab.len(),
             trends: self.trends.len(),
             watched: self.watched.len(),
             catalogue_items: self.catalogue.as_ref().map_or(0, |c| c.len()),
@@ -1082,6 +1146,25 @@ impl Brain {
     pub fn close(self) -> Result<()> {
         self.store.close()
     }
+}
+
+/// Positions of the globals that are a content's main federated aggregate; with `current`,
+/// only those received at that global version (or loaded from the database: unknown).
+fn collab_index(
+    globals: &[StoredGlobal],
+    received_in: &HashMap<Uuid, u64>,
+    current: Option<u64>,
+) -> HashMap<String, usize> {
+    globals
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| {
+            !g.content_id.is_empty()
+                && g.id == omega_protocol::types::content_aggregate_id(&g.content_id)
+                && current.is_none_or(|v| received_in.get(&g.id).is_none_or(|&r| r == v))
+        })
+        .map(|(i, g)| (g.content_id.clone(), i))
+        .collect()
 }
 
 fn check_model(store: &Store, model: &str) -> Result<()> {

@@ -40,6 +40,14 @@ pub struct RankingParams {
     pub success_window: u32,
     /// Weight of the genre hints, together, against the slot/day/type part of a context.
     pub genre_hint_weight: f32,
+    /// Multiplier of collaborative scores (federated item vectors); 0 turns them off and
+    /// leaves content similarity alone.
+    pub collaborative_weight: f32,
+    /// Use only the collaborative vectors received for the global version held (each round's
+    /// vectors come out of their own eigendecomposition). Off by default: rounds are rotated
+    /// onto the same content anchors, and more vectors beat one consistent basis (measured
+    /// with `omega-sim`, `docs/quality.md`). Vectors loaded from the database count as current.
+    pub collaborative_current_round_only: bool,
 }
 
 impl Default for RankingParams {
@@ -55,6 +63,8 @@ impl Default for RankingParams {
             cold_start_weight: 0.5,
             success_window: 20,
             genre_hint_weight: 0.5,
+            collaborative_weight: 1.0,
+            collaborative_current_round_only: false,
         }
     }
 }
@@ -120,6 +130,24 @@ pub fn candidate_score(
     source_weight: f32,
 ) -> f32 {
     seed_weight * similarity.max(0.0) * success * freshness * source_weight
+}
+
+/// Offset that ranks every candidate with a collaborative score above every candidate scored
+/// by content similarity alone (those stay below `catalogue_weight + trend_weight`, ~1.2 by
+/// default), so federated knowledge decides wherever it exists.
+pub const COLLABORATIVE_TIER: f32 = 10.0;
+
+/// Score of a candidate whose collaborative item vector `a_i` the TV holds, for a TV whose
+/// profile `q` is the sum of the vectors of the `support` watched contents it holds one for:
+/// `COLLABORATIVE_TIER + weight × (a_i · q) / support`. Vectors are at most unit length, so the
+/// second term stays within `±weight`; dividing by `support` keeps scores of TVs with long and
+/// short histories on one scale without changing the order within one TV.
+pub fn collaborative_score(dot: f32, support: usize, p: &RankingParams) -> f32 {
+    if support == 0 || !dot.is_finite() {
+        return COLLABORATIVE_TIER;
+    }
+    let w = p.collaborative_weight.min(COLLABORATIVE_TIER / 2.0);
+    COLLABORATIVE_TIER + w * (dot / support as f32).clamp(-1.0, 1.0)
 }
 
 /// Boost of a trending content: proportional to its score among the current trends.
@@ -394,5 +422,21 @@ mod tests {
             "night weekday news crime drama"
         );
         assert_eq!(context_text(TimeSlot::Unspecified, DayType::Unspecified, None, &[]), "");
+    }
+
+    #[test]
+    fn collaborative_scores_outrank_content_scores_and_keep_order() {
+        let p = RankingParams::default();
+        let best_content = candidate_score(1.0, 1.0, 1.0, 1.0, p.catalogue_weight) + p.trend_weight;
+        // (dot, support) pairs in descending order of dot / support.
+        let cases = [(3.0, 3), (1.0, 2), (0.0, 5), (-2.0, 4), (-9.0, 3)];
+        let scores: Vec<f32> = cases.iter().map(|&(d, n)| collaborative_score(d, n, &p)).collect();
+        assert!(scores.iter().all(|&s| s > best_content), "{scores:?}");
+        assert!(scores.windows(2).all(|w| w[0] > w[1] || (w[0] - w[1]).abs() < 1e-6), "{scores:?}");
+        // Degenerate inputs do not escape the tier.
+        assert_eq!(collaborative_score(f32::NAN, 3, &p), COLLABORATIVE_TIER);
+        assert_eq!(collaborative_score(1.0, 0, &p), COLLABORATIVE_TIER);
+        let huge = RankingParams { collaborative_weight: 1e6, ..p };
+        assert!(collaborative_score(-1e9, 1, &huge) >= COLLABORATIVE_TIER / 2.0);
     }
 }

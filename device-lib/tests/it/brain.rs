@@ -315,3 +315,116 @@ fn the_catalogue_searches_real_embeddings() {
     assert_eq!(cat.get("nemo").map(|i| i.title.as_str()), Some("Finding Nemo"));
     assert!((cat.similarity(pos, &cat.embedding(pos)) - 1.0).abs() < 0.01);
 }
+
+/// A content's main federated aggregate carrying the collaborative item vector `v`.
+fn collaborative(content_id: &str, v: &[f32]) -> Pattern {
+    let mut embedding = vec![0.0f32; omega_protocol::vector::EMBEDDING_DIM];
+    embedding[..v.len()].copy_from_slice(v);
+    Pattern {
+        id: omega_protocol::types::content_aggregate_id(content_id),
+        content_id: content_id.into(),
+        embedding,
+        model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+        success_rate: 0.9,
+        sample_count: 30,
+        context: PatternContext::default(),
+        created_at_ms: SAT_EVENING,
+        updated_at_ms: SAT_EVENING,
+    }
+}
+
+fn collaborative_global(version: u64) -> GlobalPatterns {
+    GlobalPatterns {
+        similar: vec![
+            // Watched: the profile is (0.5, 0.5, 0, ...) + (0.5, 0.3, 0, ...).
+            collaborative("heat", &[0.5, 0.5]),
+            collaborative("godfather", &[0.5, 0.3]),
+            // Candidates, in the expected order: along the profile, orthogonal, against it.
+            collaborative("cand-good", &[0.6, 0.6]),
+            collaborative("cand-short", &[0.1, 0.1]),
+            collaborative("cand-orthogonal", &[0.0, 0.0, 0.9]),
+            collaborative("cand-bad", &[-0.7, -0.5]),
+        ],
+        trending: vec![],
+        global_version: version,
+        model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+    }
+}
+
+#[test]
+fn collaborative_vectors_rank_by_the_sum_of_what_was_watched() {
+    let mut b = brain();
+    b.observe(&event("heat", 1.0, 0)).expect("observe");
+    b.observe(&event("godfather", 0.9, 10)).expect("observe");
+    // A plain (v7) global pattern: content-scored, below every collaborative candidate.
+    let mut g = collaborative_global(4);
+    g.similar.extend(global(4).similar);
+    b.apply_global(g).expect("apply");
+    assert_eq!((b.stats().collaborative_vectors, b.stats().global_patterns), (6, 7));
+    let ids: Vec<String> =
+        ["cand-good", "cand-short", "cand-orthogonal", "cand-bad", "sopranos", "never-heard"]
+            .map(String::from)
+            .into();
+    let s = b.score(&evening(), &ids).expect("score");
+    assert!(s[0] > s[1] && s[1] > s[2] && s[2] > s[3], "collaborative order: {s:?}");
+    assert!(s[3] > s[4] && s[4] > 0.0, "content-only candidates rank below: {s:?}");
+    assert_eq!(s[5], UNKNOWN_SCORE);
+    // The score is a_i · profile / support: cand-good = 0.6 * 1.0 + 0.6 * 0.8 = 1.08, / 2.
+    let tier = omega_device::ranking::COLLABORATIVE_TIER;
+    assert!((s[0] - tier - 0.54).abs() < 0.02, "{}", s[0] - tier);
+    // recommend agrees and never offers what was watched.
+    let recs = b.recommend(&evening(), 3).expect("recommend");
+    assert_eq!(recs[0].content_id, "cand-good");
+    assert_eq!(recs[0].source, Source::Global);
+    assert!(recs.iter().all(|r| r.content_id != "heat" && r.content_id != "godfather"));
+    // A newer round replaces the vectors (same ids), it does not pile up copies.
+    let mut next = collaborative_global(5);
+    next.similar[2] = collaborative("cand-good", &[-0.9, -0.6]);
+    b.apply_global(next).expect("apply");
+    let s = b.score(&evening(), &ids).expect("score");
+    assert!(s[0] < s[3], "cand-good now points away: {s:?}");
+}
+
+#[test]
+fn collaborative_ranking_needs_a_profile_and_can_be_turned_off() {
+    // Nothing watched has a vector: content similarity alone (no tier).
+    let mut b = brain();
+    b.observe(&event("derby", 1.0, 0)).expect("observe");
+    b.apply_global(collaborative_global(1)).expect("apply");
+    let tier = omega_device::ranking::COLLABORATIVE_TIER;
+    let s = b.score(&evening(), &["cand-good".into()]).expect("score");
+    assert!(s[0] < tier, "{s:?}");
+    // Turned off: the same.
+    let mut cfg = BrainConfig { device_id: Some("tv-off".into()), ..Default::default() };
+    cfg.ranking.collaborative_weight = 0.0;
+    let mut off = brain_with(cfg);
+    off.observe(&event("heat", 1.0, 0)).expect("observe");
+    off.apply_global(collaborative_global(1)).expect("apply");
+    let s = off.score(&evening(), &["cand-good".into()]).expect("score");
+    assert!(s[0] < tier, "{s:?}");
+}
+
+#[test]
+fn vectors_of_an_older_round_are_not_mixed_into_collaborative_scores() {
+    let run = |current_round_only: bool| {
+        let mut cfg = BrainConfig { device_id: Some("tv-rounds".into()), ..Default::default() };
+        cfg.ranking.collaborative_current_round_only = current_round_only;
+        let mut b = brain_with(cfg);
+        b.observe(&event("heat", 1.0, 0)).expect("observe");
+        b.apply_global(collaborative_global(1)).expect("round 1");
+        assert_eq!(b.stats().collaborative_vectors, 6);
+        // Round 2: so far only the vectors of heat and cand-good have arrived.
+        let mut g2 = collaborative_global(2);
+        g2.similar.retain(|p| p.content_id == "heat" || p.content_id == "cand-good");
+        b.apply_global(g2).expect("round 2");
+        let s = b.score(&evening(), &["cand-good".into(), "cand-short".into()]).expect("score");
+        (b.stats(), s)
+    };
+    let tier = omega_device::ranking::COLLABORATIVE_TIER;
+    let (stats, s) = run(true);
+    assert_eq!((stats.global_patterns, stats.collaborative_vectors), (6, 2), "older kept, unused");
+    assert!(s[0] >= tier - 1.0 && s[1] < tier - 1.0, "only round 2 is collaborative: {s:?}");
+    let (stats, s) = run(false);
+    assert_eq!(stats.collaborative_vectors, 6);
+    assert!(s.iter().all(|x| *x >= tier - 1.0), "{s:?}");
+}
