@@ -145,6 +145,16 @@ pub struct ServeArgs {
     /// early when the global version changes.
     #[arg(long, env = "SIMILAR_CACHE_SECS", default_value_t = 30)]
     pub similar_cache_secs: u64,
+    /// Page collaborative item vectors (the device's watched contents and its best
+    /// candidates) into `similar` once a round published them; off: interest-based `similar`.
+    #[arg(
+        long,
+        env = "COLLAB_SERVING",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub collab_serving: bool,
     /// Seconds to wait for in-flight requests after SIGTERM.
     #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
@@ -258,6 +268,9 @@ mod tests {
         assert_eq!(s.metrics_addr.port(), 9090);
         assert_eq!(s.model_id, omega_protocol::DEFAULT_MODEL_ID);
         assert_eq!(s.store.data_dir, PathBuf::from("./data"));
+        assert!(s.collab_serving);
+        assert!(!parse(&["--collab-serving", "false"]).collab_serving);
+        assert!(!parse(&["--collab-serving", "off"]).collab_serving);
     }
 
     #[test]

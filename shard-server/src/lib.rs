@@ -4,11 +4,13 @@
 //! Layers, outermost first:
 //! - [`server`] wires listeners, background tasks and graceful shutdown for `omega-shard serve`;
 //! - [`grpc`] and [`rest`] are the transports, each converting errors to its own status codes;
+//! - [`collab`] pages collaborative item vectors to devices (catalog, ranking, cursors);
 //! - [`sync`] holds the transport-free sync decisions (quality filter, interest vector,
 //!   anonymisation, the 5 KB response budget);
 //! - [`store`] is the storage trait with its `postgres` and `embedded` implementations.
 
 pub mod auth;
+pub mod collab;
 pub mod config;
 pub mod federation;
 pub mod grpc;

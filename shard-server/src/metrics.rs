@@ -61,6 +61,8 @@ pub struct Metrics {
     pub similar_cache_hits: Counter,
     /// Rows waiting in the Postgres intake table (0 for the embedded store).
     pub intake_backlog: Gauge,
+    /// Patterns served through collaborative serving (`shard_collab_served_total`).
+    pub collab_served: Counter,
 }
 
 impl Metrics {
@@ -79,6 +81,7 @@ impl Metrics {
             patterns_filtered: Counter::default(),
             similar_cache_hits: Counter::default(),
             intake_backlog: Gauge::default(),
+            collab_served: Counter::default(),
         };
         registry.register(
             "constellation_sync_requests",
@@ -134,6 +137,11 @@ impl Metrics {
             "constellation_intake_backlog",
             "Postgres intake rows not yet merged into the indexed table",
             m.intake_backlog.clone(),
+        );
+        registry.register(
+            "shard_collab_served",
+            "Aggregates served through collaborative serving (watched contents and candidates)",
+            m.collab_served.clone(),
         );
         m
     }
@@ -214,6 +222,7 @@ mod tests {
             "constellation_grpc_connections 1",
             "constellation_sync_bytes_bucket{le=",
             "direction=\"up\"",
+            "shard_collab_served_total 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -114,6 +114,7 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
             max_devices: args.max_devices,
             model_id: args.model_id.clone(),
             similar_cache: Duration::from_secs(args.similar_cache_secs),
+            collab_serving: args.collab_serving,
         },
     ));
     state.refresh().await;

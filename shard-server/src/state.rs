@@ -1,7 +1,9 @@
 //! What every request handler shares: the store, keys, metrics, limits and the process's
-//! readiness, plus the per-device cache of `similar` answers and the cached counters.
+//! readiness, plus the per-device cache of `similar` answers, the collaborative-serving state
+//! and the cached counters.
 
 use crate::auth::DeviceKeys;
+use crate::collab::Collab;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::store::{Counts, SharedStore};
@@ -28,6 +30,8 @@ pub struct Settings {
     pub model_id: String,
     /// How long a device's `similar` answer is reused.
     pub similar_cache: Duration,
+    /// `COLLAB_SERVING`: page collaborative item vectors instead of interest-based `similar`.
+    pub collab_serving: bool,
 }
 
 const CACHE_SHARDS: usize = 16;
@@ -103,6 +107,8 @@ pub struct AppState {
     pub started: Instant,
     /// `similar` answers.
     pub similar: SimilarCache,
+    /// Collaborative serving: catalog of the current global version, per-device cursors.
+    pub collab: Collab,
     syncs_ok: AtomicU64,
     rate: Mutex<VecDeque<(Instant, u64)>>,
     counts: Mutex<Counts>,
@@ -132,6 +138,7 @@ impl AppState {
             metrics,
             limiter,
             similar: SimilarCache::new(settings.similar_cache),
+            collab: Collab::default(),
             settings,
             draining: AtomicBool::new(false),
             store_ready: AtomicBool::new(false),

@@ -256,6 +256,72 @@ async fn publish_is_idempotent_and_serves_aggregates_and_trends(s: &dyn Store) {
     assert!(omega_protocol::validate::check_pattern("p", &found[0].pattern).is_ok());
 }
 
+async fn device_contents_lists_each_content_once(s: &dyn Store) {
+    register_all(s, &["a", "b"]).await;
+    assert!(s.device_contents("a").await.expect("none yet").is_empty());
+    assert!(s.device_contents("ghost").await.expect("unknown device").is_empty());
+    let with = |seed: u64, content: &str| {
+        let mut p = pattern(seed, 0.9);
+        p.content_id = content.into();
+        p
+    };
+    let (x1, x2, y, gone) = (with(1, "x"), with(2, "x"), with(3, "y"), with(4, "gone"));
+    let gone_id = gone.id.clone();
+    s.apply_sync(write("a", 1, vec![x1, x2, y, gone])).await.expect("a");
+    s.apply_sync(write("b", 1, vec![with(5, "z")])).await.expect("b");
+    let removal = SyncWrite {
+        removed: vec![Uuid::from_slice(&gone_id).expect("id")],
+        ..write("a", 2, vec![])
+    };
+    s.apply_sync(removal).await.expect("remove");
+    s.settle().await.expect("settle");
+    let mut got = s.device_contents("a").await.expect("a");
+    got.sort();
+    assert_eq!(got, vec!["x".to_owned(), "y".to_owned()]);
+    assert_eq!(s.device_contents("b").await.expect("b"), vec!["z".to_owned()]);
+}
+
+async fn aggregates_are_what_the_last_publish_installed(s: &dyn Store) {
+    assert!(s.aggregates().await.expect("before any round").is_empty());
+    let first = vec![aggregate(0, "one"), aggregate(1, "two"), aggregate(2, "")];
+    s.publish(Publish {
+        round_id: "r1".into(),
+        global_version: 1,
+        patterns: first.clone(),
+        trends: vec![],
+    })
+    .await
+    .expect("r1");
+    let by_id = |mut v: Vec<pb::AggregatedPattern>| {
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    };
+    let got = by_id(s.aggregates().await.expect("r1 aggregates"));
+    let want = by_id(first);
+    assert_eq!(got.len(), 3, "an aggregate without a content id is still published");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!((&g.id, &g.content_id, g.quality), (&w.id, &w.content_id, w.quality));
+        assert_eq!((g.source_devices, g.total_samples), (w.source_devices, w.total_samples));
+        assert_eq!((&g.context, &g.region), (&w.context, &w.region));
+        let (ge, we) = (g.embedding.as_ref().expect("e"), w.embedding.as_ref().expect("e"));
+        let diff = ge.values.iter().zip(&we.values).map(|(a, b)| (*a as i8 - *b as i8).abs());
+        assert!(diff.max().unwrap_or(0) <= 1, "int8 values survive");
+        assert!((ge.scale - we.scale).abs() <= we.scale * 0.01);
+    }
+    let second = vec![aggregate(3, "three")];
+    s.publish(Publish {
+        round_id: "r2".into(),
+        global_version: 2,
+        patterns: second.clone(),
+        trends: vec![],
+    })
+    .await
+    .expect("r2");
+    let got = s.aggregates().await.expect("r2 aggregates");
+    assert_eq!(got.len(), 1, "a round replaces the previous aggregates");
+    assert_eq!(got[0].id, second[0].id);
+}
+
 macro_rules! suite {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -292,6 +358,8 @@ suite!(
     quality_changes_move_patterns_in_and_out_of_similar,
     export_pages_in_id_order_with_a_cursor,
     publish_is_idempotent_and_serves_aggregates_and_trends,
+    device_contents_lists_each_content_once,
+    aggregates_are_what_the_last_publish_installed,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,6 +382,7 @@ async fn embedded_state_survives_reopen() {
     }
     let s = EmbeddedStore::open(&opts).expect("reopen");
     assert_eq!(s.counts(0).await.expect("counts").patterns, 1);
+    assert_eq!(s.device_contents("a").await.expect("contents").len(), 1, "index rebuilt");
     assert_eq!(s.global().await.expect("global").version, 3);
     assert!(
         !s.publish(Publish {

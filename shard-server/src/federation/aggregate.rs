@@ -21,9 +21,7 @@ use super::privacy::{Calibration, gaussian};
 use omega_protocol::types::{AggregatedPattern, ContentType, DayType, PatternContext, TimeSlot};
 use omega_protocol::vector::{EMBEDDING_DIM, l2_normalize};
 use rand::{SeedableRng, rngs::StdRng};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use uuid::Uuid;
 
 /// Unit interest vector per source ([`Intake::sources`] order), centred on the fleet mean
 /// so that profiles differ in what is specific to an audience rather than in the part every
@@ -184,22 +182,7 @@ fn context(intake: &Intake, g: &Group) -> PatternContext {
     }
 }
 
-/// Deterministic id: the content's main group keeps the same id round after round (so a TV
-/// replaces it rather than piling up copies); further groups of the content add the leader's
-/// embedding to the key.
-pub fn aggregate_id(content_id: &str, leader: Option<&[i8]>) -> Uuid {
-    let mut h = Sha256::new();
-    h.update(b"omega/aggregate/v1\0");
-    h.update(content_id.as_bytes());
-    if let Some(l) = leader {
-        h.update([0u8]);
-        h.update(l.iter().map(|&x| x.to_ne_bytes()[0]).collect::<Vec<u8>>());
-    }
-    let digest = h.finalize();
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(b).into_uuid()
-}
+pub use omega_protocol::types::aggregate_id;
 
 /// Builds the published aggregates of a round (sorted by id) and counts.
 pub fn aggregate(

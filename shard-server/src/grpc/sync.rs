@@ -3,9 +3,15 @@
 //! A sync is checked in this order, cheapest first, so bad requests cost little: draining,
 //! bearer token (HMAC, constant time), rate limit, delta validation (`omega-protocol`), then
 //! the store write. The response is assembled by [`crate::sync`].
+//!
+//! `similar` comes from one of two paths. With `COLLAB_SERVING` on, a published catalog of
+//! collaborative item vectors, and at least one of the device's contents in it, the device
+//! gets the next page of its collaborative list ([`crate::collab`]); otherwise, the nearest
+//! patterns and aggregates to its interest vector (cached per device and global version).
 
 use super::{SyncOutcome, invalid, store_status};
 use crate::auth;
+use crate::collab::Page;
 use crate::state::AppState;
 use crate::store::SimilarQuery;
 use crate::sync::{self as logic, DOWN_BUDGET_BYTES, SIMILAR_CANDIDATES};
@@ -73,6 +79,42 @@ impl ConstellationService {
                 Arc::default()
             }
         }
+    }
+
+    /// The collaborative page for `device_id`, or `None` when that path does not apply
+    /// (switched off, nothing published, no content of the device in the catalog) or a store
+    /// read failed (logged; the interest-based path answers instead).
+    async fn collab_page(
+        &self,
+        device_id: &str,
+        pushed: Vec<String>,
+        version: u64,
+        now_ms: i64,
+    ) -> Option<Page> {
+        let st = &self.state;
+        if !st.settings.collab_serving {
+            return None;
+        }
+        let catalog = match st.collab.catalog(st.store.as_ref(), version, &st.keys, now_ms).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading aggregates failed; serving by interest");
+                return None;
+            }
+        };
+        if catalog.is_empty() {
+            return None;
+        }
+        let mut contents = match st.store.device_contents(device_id).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading device contents failed; serving by interest");
+                return None;
+            }
+        };
+        // This sync's own patterns count at once (Postgres shows them after the merge).
+        contents.extend(pushed);
+        st.collab.page(&catalog, device_id, &contents)
     }
 }
 
@@ -142,13 +184,28 @@ impl Constellation for ConstellationService {
             None => logic::Prepared::pull(&msg.device_id, now_ms),
         };
         let added = prepared.write.added.len() as u64;
+        let pushed: Vec<String> = prepared
+            .write
+            .added
+            .iter()
+            .filter(|p| !p.content_id.is_empty())
+            .map(|p| p.content_id.clone())
+            .collect();
         let applied = st.store.apply_sync(prepared.write).await.map_err(store_status)?;
         if applied.applied {
             st.metrics.patterns_stored.inc_by(added);
             st.metrics.patterns_filtered.inc_by(u64::from(prepared.filtered));
         }
         let global = st.store.global().await.map_err(store_status)?;
-        let similar = self.similar(&msg.device_id, applied.interest, global.version).await;
+        let page = self.collab_page(&msg.device_id, pushed, global.version, now_ms).await;
+        let similar = match &page {
+            Some(p) => p.patterns.clone(),
+            None => self
+                .similar(&msg.device_id, applied.interest, global.version)
+                .await
+                .as_ref()
+                .clone(),
+        };
         let trends: Vec<pb::TrendSignal> = global
             .trends
             .into_iter()
@@ -166,7 +223,18 @@ impl Constellation for ConstellationService {
             patterns_filtered: if applied.applied { prepared.filtered } else { 0 },
             replayed: !applied.applied && !pull_only,
         };
-        let fitted = logic::fit(&mut resp, similar.as_ref().clone(), trends, DOWN_BUDGET_BYTES);
+        let fitted = logic::fit(&mut resp, similar, trends, DOWN_BUDGET_BYTES);
+        if let Some(page) = &page {
+            // `fit` keeps a prefix of the candidates (it may add one later item when
+            // compression left room): the cursor moves past the prefix that was sent.
+            let (sent, prefix) = resp.global.as_ref().map_or((0, 0), |g| {
+                let prefix =
+                    g.similar.iter().zip(&page.patterns).take_while(|(a, b)| a == b).count();
+                (g.similar.len(), prefix)
+            });
+            st.collab.served(&msg.device_id, page, prefix);
+            st.metrics.collab_served.inc_by(sent as u64);
+        }
         st.metrics.observe_bytes("down", fitted.wire_bytes);
         st.count_sync();
         let mut out = Response::new(resp);

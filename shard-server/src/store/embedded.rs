@@ -18,8 +18,9 @@ pub mod ann;
 pub mod wal;
 
 use super::{
-    Counts, ExportItem, ExportPage, GlobalState, Publish, Published, Registered, SimilarPattern,
-    SimilarQuery, Store, StoreError, StoreOptions, SyncApplied, SyncWrite,
+    Counts, ExportItem, ExportPage, GlobalState, MAX_DEVICE_CONTENTS, Publish, Published,
+    Registered, SimilarPattern, SimilarQuery, Store, StoreError, StoreOptions, SyncApplied,
+    SyncWrite,
 };
 use ann::{Ann, NO_OWNER};
 use async_trait::async_trait;
@@ -56,6 +57,8 @@ pub struct State {
     devices: HashMap<String, Device>,
     names: Vec<String>,
     patterns: BTreeMap<Uuid, Stored>,
+    /// Pattern ids per owner, for [`Store::device_contents`] without a full scan.
+    owned: HashMap<u32, HashSet<Uuid>>,
     aggregates: HashMap<Uuid, pb::AggregatedPattern>,
     rounds: HashSet<String>,
     global: GlobalState,
@@ -73,6 +76,7 @@ impl State {
             devices: HashMap::new(),
             names: Vec::new(),
             patterns: BTreeMap::new(),
+            owned: HashMap::new(),
             aggregates: HashMap::new(),
             rounds: HashSet::new(),
             global: GlobalState::default(),
@@ -113,7 +117,19 @@ impl State {
             return; // another device's id: never overwritten
         }
         self.index(id, owner, &p);
+        self.owned.entry(owner).or_default().insert(id);
         self.patterns.insert(id, Stored { owner, pattern: p });
+    }
+
+    fn drop_pattern(&mut self, id: &Uuid, owner: u32) {
+        self.patterns.remove(id);
+        self.ann.remove(id);
+        if let Some(ids) = self.owned.get_mut(&owner) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.owned.remove(&owner);
+            }
+        }
     }
 
     /// Applies one record. Deterministic: live application and replay give the same state.
@@ -162,8 +178,7 @@ impl State {
                 continue;
             };
             if u.success_rate < MIN_STORED_QUALITY {
-                self.patterns.remove(&id);
-                self.ann.remove(&id);
+                self.drop_pattern(&id, owner);
                 continue;
             }
             st.pattern.success_rate = u.success_rate;
@@ -175,8 +190,7 @@ impl State {
         for r in &s.removed {
             let Some(id) = uuid(r) else { continue };
             if self.patterns.get(&id).is_some_and(|st| st.owner == owner) {
-                self.patterns.remove(&id);
-                self.ann.remove(&id);
+                self.drop_pattern(&id, owner);
             }
         }
     }
@@ -569,6 +583,29 @@ impl Store for EmbeddedStore {
         };
         durable(rx).await?;
         Ok(out)
+    }
+
+    async fn device_contents(&self, device_id: &str) -> Result<Vec<String>, StoreError> {
+        let st = self.read()?;
+        let Some(ids) = st.devices.get(device_id).and_then(|d| st.owned.get(&d.idx)) else {
+            return Ok(Vec::new());
+        };
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for s in ids.iter().filter_map(|id| st.patterns.get(id)) {
+            if out.len() == MAX_DEVICE_CONTENTS {
+                break;
+            }
+            let c = &s.pattern.content_id;
+            if !c.is_empty() && seen.insert(c.as_str()) {
+                out.push(c.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn aggregates(&self) -> Result<Vec<pb::AggregatedPattern>, StoreError> {
+        Ok(self.read()?.aggregates.values().cloned().collect())
     }
 
     async fn counts(&self, active_since_ms: i64) -> Result<Counts, StoreError> {

@@ -43,6 +43,9 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+/// Most content ids [`Store::device_contents`] returns.
+pub const MAX_DEVICE_CONTENTS: usize = 10_000;
+
 /// A registered device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registered {
@@ -221,6 +224,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Installs a round's aggregates and trends atomically; idempotent on `round_id`.
     async fn publish(&self, publish: Publish) -> Result<Published, StoreError>;
+
+    /// Distinct content ids of `device_id`'s stored patterns (at most
+    /// [`MAX_DEVICE_CONTENTS`], in no particular order; empty ids left out). An unknown device
+    /// has none: the answer is an empty list, not [`StoreError::UnknownDevice`]. Postgres
+    /// reads merged patterns, so a sync's patterns appear here within `MERGE_INTERVAL_MS`.
+    async fn device_contents(&self, device_id: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The aggregates the last [`Store::publish`] installed (every one of them, including
+    /// those without a content id), in no particular order; empty before the first round.
+    async fn aggregates(&self) -> Result<Vec<pb::AggregatedPattern>, StoreError>;
 
     /// Counters; `active_since_ms` bounds "active".
     async fn counts(&self, active_since_ms: i64) -> Result<Counts, StoreError>;

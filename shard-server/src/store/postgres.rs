@@ -30,8 +30,9 @@
 //! [`StoreError::Unavailable`].
 
 use super::{
-    Counts, ExportItem, ExportPage, GlobalState, Publish, Published, Registered, SimilarPattern,
-    SimilarQuery, Store, StoreError, StoreOptions, SyncApplied, SyncWrite,
+    Counts, ExportItem, ExportPage, GlobalState, MAX_DEVICE_CONTENTS, Publish, Published,
+    Registered, SimilarPattern, SimilarQuery, Store, StoreError, StoreOptions, SyncApplied,
+    SyncWrite,
 };
 use async_trait::async_trait;
 use omega_protocol::pb;
@@ -1128,6 +1129,54 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(db_err)?;
         self.invalidate_global();
         Ok(Published { applied: true, global_version: version as u64 })
+    }
+
+    async fn device_contents(&self, device_id: &str) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT content_id FROM patterns
+             WHERE device_id = $1 AND content_id <> '' LIMIT $2",
+        )
+        .bind(device_id)
+        .bind(MAX_DEVICE_CONTENTS as i64)
+        .fetch_all(self.reader())
+        .await
+        .map_err(db_err)
+    }
+
+    async fn aggregates(&self) -> Result<Vec<pb::AggregatedPattern>, StoreError> {
+        // The primary: the version that triggered this read may be newer than a replica.
+        let rows = sqlx::query(
+            "SELECT id, content_id, embedding, quality, source_devices, total_samples,
+                    time_slot, day_type, content_type, genres, region
+             FROM global_patterns",
+        )
+        .fetch_all(&self.primary)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let id: Uuid = r.try_get("id")?;
+                let emb: Vector = r.try_get("embedding")?;
+                let sources: i64 = r.try_get("source_devices")?;
+                let samples: i64 = r.try_get("total_samples")?;
+                Ok(pb::AggregatedPattern {
+                    id: id.as_bytes().to_vec(),
+                    content_id: r.try_get("content_id")?,
+                    embedding: Some(wire_embedding(&emb)),
+                    quality: r.try_get("quality")?,
+                    source_devices: u32::try_from(sources.max(0)).unwrap_or(u32::MAX),
+                    total_samples: samples.max(0) as u64,
+                    context: Some(pb::PatternContext {
+                        time_slot: i32::from(r.try_get::<i16, _>("time_slot")?),
+                        day_type: i32::from(r.try_get::<i16, _>("day_type")?),
+                        content_type: i32::from(r.try_get::<i16, _>("content_type")?),
+                        genres: r.try_get("genres")?,
+                    }),
+                    region: r.try_get("region")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db_err)
     }
 
     async fn counts(&self, active_since_ms: i64) -> Result<Counts, StoreError> {

@@ -112,6 +112,11 @@ pub fn embedding(v: &[f32]) -> pb::Embedding {
     pb::Embedding { values: q.to_bytes(), scale: q.scale }
 }
 
+/// The context test patterns carry: evening, weekday, a drama.
+pub fn evening_drama() -> pb::PatternContext {
+    pb::PatternContext { time_slot: 3, day_type: 1, content_type: 1, genres: vec!["drama".into()] }
+}
+
 pub fn pattern_with(id: Uuid, v: &[f32], rate: f32) -> pb::Pattern {
     pb::Pattern {
         id: id.as_bytes().to_vec(),
@@ -119,12 +124,7 @@ pub fn pattern_with(id: Uuid, v: &[f32], rate: f32) -> pb::Pattern {
         embedding: Some(embedding(v)),
         success_rate: rate,
         sample_count: 1,
-        context: Some(pb::PatternContext {
-            time_slot: 3,
-            day_type: 1,
-            content_type: 1,
-            genres: vec!["drama".into()],
-        }),
+        context: Some(evening_drama()),
         created_at_ms: 1_700_000_000_000,
         updated_at_ms: 1_700_000_000_000,
     }
