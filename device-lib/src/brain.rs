@@ -256,6 +256,9 @@ pub struct Brain {
     collab: HashMap<String, usize>,
     /// Global version at which each aggregate was last received (this session only).
     received_in: HashMap<Uuid, u64>,
+    /// The collaborative query over what was watched, kept current by
+    /// [`Brain::refresh_collab_query`]; `None` without any vector of a watched content.
+    collab_query: Option<QuantizedVector>,
     global_version: u64,
     trends: Vec<TrendSignal>,
     evictions: u64,
@@ -379,7 +382,7 @@ impl Brain {
             .flat_map(|c| c.items())
             .flat_map(|i| i.genres.iter().map(String::as_str));
         embedder.prewarm_in_background(ranking::context_vocabulary(genres));
-        let brain = Brain {
+        let mut brain = Brain {
             max_patterns: cfg.effective_max_patterns(),
             local_version: version(META_LOCAL_VERSION)?,
             acked_version: version(META_ACKED)?,
@@ -396,12 +399,14 @@ impl Brain {
             outbox,
             collab: collab_index(&globals, &HashMap::new(), None),
             received_in: HashMap::new(),
+            collab_query: None,
             globals,
             global_index: VectorIndex::build(gm, IndexKind::Auto),
             trends,
             evictions: 0,
             store,
         };
+        brain.refresh_collab_query();
         Ok(brain)
     }
 
@@ -526,6 +531,7 @@ impl Brain {
                 self.local.push(pattern);
             }
         }
+        self.refresh_collab_query();
         Ok(outcome)
     }
 
@@ -643,23 +649,28 @@ impl Brain {
         (by_content, centroids)
     }
 
-    /// The collaborative profile: the sum of the item vectors of the watched contents this TV
-    /// holds one for, and how many those are. `None` without any (or when turned off).
-    fn collab_profile(&self) -> Option<(QuantizedVector, usize)> {
+    /// Recomputes the collaborative query (`omega_protocol::collab::query`) over the watched
+    /// contents, newest first, with the item vectors this TV holds. Called whenever what was
+    /// watched or which vectors are held changes, so ranking never sorts the history.
+    fn refresh_collab_query(&mut self) {
+        self.collab_query = None;
         if self.collab.is_empty() || self.cfg.ranking.collaborative_weight <= 0.0 {
-            return None;
+            return;
         }
+        let mut order: Vec<(i64, &str)> =
+            self.watched.iter().map(|(c, &t)| (t, c.as_str())).collect();
+        // Newest first; equal times by content id, so the sum is the same on every run.
+        order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
         let m = self.global_index.matrix();
-        let mut sum = vec![0.0f32; omega_protocol::vector::EMBEDDING_DIM];
-        let mut support = 0;
-        for (content, &gi) in &self.collab {
-            if self.watched.contains_key(content) {
-                let v = m.get(gi).dequantize();
-                sum.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
-                support += 1;
-            }
-        }
-        (support > 0).then(|| (quantize(&sum), support))
+        let vectors: Vec<Option<Vec<f32>>> = order
+            .iter()
+            .map(|(_, c)| self.collab.get(*c).map(|&gi| m.get(gi).dequantize()))
+            .collect();
+        self.collab_query = omega_protocol::collab::query(
+            vectors.iter().map(Option::as_deref),
+            &self.cfg.ranking.collaborative_query,
+        )
+        .map(|q| quantize(&q));
     }
 
     /// Up to `k` contents to watch now, best first, never one already watched.
@@ -718,17 +729,17 @@ impl Brain {
                 ));
             }
         }
-        if let Some((profile, support)) = self.collab_profile() {
+        if let Some(profile) = &self.collab_query {
             let m = self.global_index.matrix();
             for (content, &gi) in &self.collab {
                 if self.watched.contains_key(content) {
                     continue;
                 }
-                let dot = m.get(gi).dot(&profile);
+                let dot = m.get(gi).dot(profile);
                 cands.push((
                     Recommendation {
                         content_id: content.clone(),
-                        score: ranking::collaborative_score(dot, support, p),
+                        score: ranking::collaborative_score(dot, p),
                         reason: "watched by viewers who share your taste".into(),
                         source: Source::Global,
                     },
@@ -829,18 +840,17 @@ impl Brain {
                 .map(|s| ranking::candidate_score(s.weight, s.vector.dot(v), success, fresh, w))
                 .fold(0.0f32, f32::max)
         };
-        let profile = self.collab_profile();
         let mut out = Vec::with_capacity(content_ids.len());
         for id in content_ids {
             validate::check_string("content_ids[]", id)?;
             let mut known = false;
             let mut score = 0.0f32;
             let mut vector = None;
-            if let Some((q, support)) = &profile
+            if let Some(q) = &self.collab_query
                 && let Some(&gi) = self.collab.get(id.as_str())
             {
                 let v = self.global_index.matrix().get(gi);
-                score = ranking::collaborative_score(v.dot(q), *support, p);
+                score = ranking::collaborative_score(v.dot(q), p);
                 vector = Some(v);
                 known = true;
             } else if let Some(cat) = &self.catalogue
@@ -1083,6 +1093,7 @@ impl Brain {
         let current =
             self.cfg.ranking.collaborative_current_round_only.then_some(global.global_version);
         self.collab = collab_index(&self.globals, &self.received_in, current);
+        self.refresh_collab_query();
         if replace_trends {
             self.trends = global.trending;
         }

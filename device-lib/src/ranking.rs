@@ -10,6 +10,7 @@
 //! a seed: `seed weight × similarity × success × freshness × source weight`. Trending content
 //! adds a boost. Content already watched is excluded; each content keeps its best candidate.
 
+use omega_protocol::collab::QueryParams;
 use omega_protocol::{ContentType, DayType, TimeSlot};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -43,11 +44,15 @@ pub struct RankingParams {
     /// Multiplier of collaborative scores (federated item vectors); 0 turns them off and
     /// leaves content similarity alone.
     pub collaborative_weight: f32,
-    /// Use only the collaborative vectors received for the global version held (each round's
-    /// vectors come out of their own eigendecomposition). Off by default: rounds are rotated
-    /// onto the same content anchors, and more vectors beat one consistent basis (measured
-    /// with `omega-sim`, `docs/quality.md`). Vectors loaded from the database count as current.
+    /// Use only the collaborative vectors received for the global version held, for the
+    /// query and the candidates alike: each round's vectors come out of their own
+    /// eigendecomposition, so an older round's vector sits on a slightly different scale and
+    /// basis. On by default: measured better with `omega-sim` (`docs/quality.md`). Vectors
+    /// loaded from the database count as current.
     pub collaborative_current_round_only: bool,
+    /// How watched contents become the collaborative query (recency half-life, whole-history
+    /// weight): the rule of `omega_protocol::collab`, shared with the shard's serving order.
+    pub collaborative_query: QueryParams,
 }
 
 impl Default for RankingParams {
@@ -64,7 +69,8 @@ impl Default for RankingParams {
             success_window: 20,
             genre_hint_weight: 0.5,
             collaborative_weight: 1.0,
-            collaborative_current_round_only: false,
+            collaborative_current_round_only: true,
+            collaborative_query: QueryParams::default(),
         }
     }
 }
@@ -137,17 +143,17 @@ pub fn candidate_score(
 /// default), so federated knowledge decides wherever it exists.
 pub const COLLABORATIVE_TIER: f32 = 10.0;
 
-/// Score of a candidate whose collaborative item vector `a_i` the TV holds, for a TV whose
-/// profile `q` is the sum of the vectors of the `support` watched contents it holds one for:
-/// `COLLABORATIVE_TIER + weight × (a_i · q) / support`. Vectors are at most unit length, so the
-/// second term stays within `±weight`; dividing by `support` keeps scores of TVs with long and
-/// short histories on one scale without changing the order within one TV.
-pub fn collaborative_score(dot: f32, support: usize, p: &RankingParams) -> f32 {
-    if support == 0 || !dot.is_finite() {
+/// Score of a candidate whose collaborative item vector `a_i` the TV holds, for the TV's
+/// collaborative query `q` (`omega_protocol::collab::query`): `COLLABORATIVE_TIER + weight ×
+/// (a_i · q)`. Vectors are at most unit length and `|q| <= 1 + mix`, so the second term stays
+/// within `±weight × (1 + mix)`; the weight is capped so it never leaves the tier.
+pub fn collaborative_score(dot: f32, p: &RankingParams) -> f32 {
+    if !dot.is_finite() {
         return COLLABORATIVE_TIER;
     }
-    let w = p.collaborative_weight.min(COLLABORATIVE_TIER / 2.0);
-    COLLABORATIVE_TIER + w * (dot / support as f32).clamp(-1.0, 1.0)
+    let bound = omega_protocol::collab::score_bound(&p.collaborative_query).max(1.0);
+    let w = p.collaborative_weight.clamp(0.0, COLLABORATIVE_TIER / 2.0);
+    COLLABORATIVE_TIER + w * dot.clamp(-bound, bound) / bound
 }
 
 /// Boost of a trending content: proportional to its score among the current trends.
@@ -428,15 +434,16 @@ mod tests {
     fn collaborative_scores_outrank_content_scores_and_keep_order() {
         let p = RankingParams::default();
         let best_content = candidate_score(1.0, 1.0, 1.0, 1.0, p.catalogue_weight) + p.trend_weight;
-        // (dot, support) pairs in descending order of dot / support.
-        let cases = [(3.0, 3), (1.0, 2), (0.0, 5), (-2.0, 4), (-9.0, 3)];
-        let scores: Vec<f32> = cases.iter().map(|&(d, n)| collaborative_score(d, n, &p)).collect();
+        let dots = [1.5, 0.7, 0.0, -0.4, -1.5];
+        let scores: Vec<f32> = dots.iter().map(|&d| collaborative_score(d, &p)).collect();
         assert!(scores.iter().all(|&s| s > best_content), "{scores:?}");
-        assert!(scores.windows(2).all(|w| w[0] > w[1] || (w[0] - w[1]).abs() < 1e-6), "{scores:?}");
+        assert!(scores.windows(2).all(|w| w[0] > w[1]), "{scores:?}");
         // Degenerate inputs do not escape the tier.
-        assert_eq!(collaborative_score(f32::NAN, 3, &p), COLLABORATIVE_TIER);
-        assert_eq!(collaborative_score(1.0, 0, &p), COLLABORATIVE_TIER);
-        let huge = RankingParams { collaborative_weight: 1e6, ..p };
-        assert!(collaborative_score(-1e9, 1, &huge) >= COLLABORATIVE_TIER / 2.0);
+        assert_eq!(collaborative_score(f32::NAN, &p), COLLABORATIVE_TIER);
+        let huge = RankingParams { collaborative_weight: 1e6, ..p.clone() };
+        assert!(collaborative_score(-1e9, &huge) >= COLLABORATIVE_TIER / 2.0);
+        assert!(collaborative_score(1e9, &huge) <= COLLABORATIVE_TIER * 1.5);
+        let negative = RankingParams { collaborative_weight: -3.0, ..p };
+        assert_eq!(collaborative_score(1.0, &negative), COLLABORATIVE_TIER);
     }
 }

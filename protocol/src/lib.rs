@@ -8,9 +8,12 @@
 //!   sides use to search embeddings.
 //! - [`validate`]: every hard limit of the contract, in one place.
 //! - [`wire`]: measuring what a message costs on the wire (encoded, zstd-compressed).
+//! - [`collab`]: the collaborative scoring rule (a viewer's query against federated item
+//!   vectors), shared by TVs, shards and the evaluation harness.
 //! - [`admin`]: JSON documents other programs read (shard stats, federation round summary).
 
 pub mod admin;
+pub mod collab;
 pub mod types;
 pub mod validate;
 pub mod vector;

@@ -8,10 +8,11 @@
 //! - [`Catalog`]: every published *main* aggregate (id `== content_aggregate_id(content_id)`,
 //!   non-empty content id, a non-zero embedding), content id -> (dequantised vector, served
 //!   pattern). Built once per global version; ~2 KB per content (20 MB for 10,000).
-//! - [`Catalog::ranked`]: with `q = Σ a_c` over the device's contents that have a vector, the
-//!   list interleaves 1:1 the device's own contents (longest vector first) and the other
-//!   contents by `a_i · q`, best first, at most [`OTHER_CANDIDATES`] of them. Recomputed on
-//!   every sync: O(aggregates × 384) multiply-adds (~4 M for 10,000 contents, a few ms).
+//! - [`Catalog::ranked`]: with `q` the collaborative query over the device's contents, newest
+//!   first (`omega_protocol::collab`, the rule the TV itself ranks with), the list interleaves
+//!   1:1 the device's own contents (newest first: they weigh most in the TV's query) and the
+//!   other contents by `a_i · q`, best first, at most [`OTHER_CANDIDATES`] of them. Recomputed
+//!   on every sync: O(aggregates × 384) multiply-adds (~4 M for 10,000 contents, a few ms).
 //! - [`Cursors`]: where each device is in its list, in memory and bounded; a sync serves
 //!   [`WINDOW`] items from the cursor, the budget fitter keeps a prefix of them, and the cursor
 //!   moves past what was sent, back to 0 at the end of the list (or when the global version
@@ -21,11 +22,12 @@ use crate::auth::DeviceKeys;
 use crate::store::embedded::aggregate_pattern;
 use crate::store::{Store, StoreError};
 use crate::sync::anonymize;
+use omega_protocol::collab::{QueryParams, query};
 use omega_protocol::pb;
 use omega_protocol::types::content_aggregate_id;
 use omega_protocol::vector::{EMBEDDING_DIM, QuantizedVector};
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use uuid::Uuid;
 
@@ -45,7 +47,6 @@ const CURSOR_SHARDS: usize = 16;
 struct Entry {
     content_id: String,
     vector: Vec<f32>,
-    norm: f32,
     pattern: pb::Pattern,
 }
 
@@ -83,7 +84,6 @@ impl Catalog {
                 (norm.is_finite() && norm > 0.0).then(|| Entry {
                     content_id: a.content_id.clone(),
                     vector,
-                    norm,
                     pattern: anonymize(aggregate_pattern(a, at_ms), keys, true),
                 })
             })
@@ -114,25 +114,28 @@ impl Catalog {
         self.index.get(content_id).map(|&i| &self.entries[i].pattern)
     }
 
-    /// The device's ranked list, as catalog positions: its own contents (longest vector
-    /// first) interleaved 1:1 with the best [`OTHER_CANDIDATES`] other contents by `a_i · q`,
-    /// `q` the sum of its own contents' vectors. Empty when none of `contents` has a vector.
+    /// The device's ranked list, as catalog positions: its own contents that have a vector,
+    /// newest first, interleaved 1:1 with the best [`OTHER_CANDIDATES`] other contents by
+    /// `a_i · q`, `q` the collaborative query over `contents` (given newest first, as
+    /// [`Store::device_contents`] returns them; `omega_protocol::collab`, the rule the TV
+    /// ranks with). Empty when none of `contents` has a vector.
     pub fn ranked(&self, contents: &[String]) -> Vec<usize> {
-        let mut own: Vec<usize> =
-            contents.iter().filter_map(|c| self.index.get(c)).copied().collect();
-        own.sort_unstable();
-        own.dedup();
-        if own.is_empty() {
-            return Vec::new();
-        }
         let mut mine = vec![false; self.entries.len()];
-        let mut q = vec![0.0f32; EMBEDDING_DIM];
-        for &i in &own {
-            mine[i] = true;
-            q.iter_mut().zip(&self.entries[i].vector).for_each(|(a, x)| *a += x);
+        let mut own = Vec::new();
+        let mut seen = HashSet::new();
+        let mut order = Vec::with_capacity(contents.len());
+        for c in contents.iter().filter(|c| seen.insert(c.as_str())) {
+            let pos = self.index.get(c).copied();
+            if let Some(i) = pos {
+                mine[i] = true;
+                own.push(i);
+            }
+            order.push(pos);
         }
-        // Ties break on catalog position, i.e. content id.
-        own.sort_by(|&a, &b| self.entries[b].norm.total_cmp(&self.entries[a].norm).then(a.cmp(&b)));
+        let vectors = order.iter().map(|pos| pos.map(|i| self.entries[i].vector.as_slice()));
+        let Some(q) = query(vectors, &QueryParams::default()) else {
+            return Vec::new();
+        };
         let mut others: Vec<(f32, usize)> = self
             .entries
             .iter()
@@ -140,6 +143,7 @@ impl Catalog {
             .filter(|(i, _)| !mine[*i])
             .map(|(i, e)| (dot(&e.vector, &q), i))
             .collect();
+        // Ties break on catalog position, i.e. content id.
         let best = |a: &(f32, usize), b: &(f32, usize)| -> Ordering {
             b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
         };
@@ -402,9 +406,26 @@ mod tests {
             main_aggregate("x-none", &vector(&[(2, 1.0)])),
         ];
         let c = Catalog::build(1, &aggs, &keys(), 0);
-        let r = c.ranked(&contents(&["B", "A", "unknown", "A"]));
-        // |B| = 0.707 > |A| = 0.6; q = (1.1, 0.5): x-best 1.04, x-second 0.64, x-third 0.25.
+        let r = c.ranked(&contents(&["B", "unknown", "A", "B"]));
+        // Own contents newest first (B, then A; the repeated B is older and ignored).
+        // q = unit(B + 2^(-2/3) A) + unit(B + A) ~ (1.78, 0.91): x-best 1.69,
+        // x-second 1.08, x-third 0.45, x-none 0.
         assert_eq!(names(&c, &r), ["B", "x-best", "A", "x-second", "x-third", "x-none"]);
+        // Recency decides: A last makes x-best (along A) lead by more, and A comes first.
+        let r = c.ranked(&contents(&["A", "B"]));
+        assert_eq!(names(&c, &r), ["A", "x-best", "B", "x-second", "x-third", "x-none"]);
+        // A device whose newest content leans to axis 1 gets x-third before x-best.
+        let aggs_1 = vec![
+            main_aggregate("C", &vector(&[(1, 1.0)])),
+            main_aggregate("D", &vector(&[(0, 1.0)])),
+            main_aggregate("y0", &vector(&[(0, 0.5)])),
+            main_aggregate("y1", &vector(&[(1, 0.5)])),
+        ];
+        let c1 = Catalog::build(1, &aggs_1, &keys(), 0);
+        let r1 = c1.ranked(&contents(&["C", "D"]));
+        assert_eq!(names(&c1, &r1), ["C", "y1", "D", "y0"]);
+        let r1 = c1.ranked(&contents(&["D", "C"]));
+        assert_eq!(names(&c1, &r1), ["D", "y0", "C", "y1"]);
         assert!(c.ranked(&contents(&["unknown"])).is_empty());
         assert!(c.ranked(&[]).is_empty());
         let w = c.window(&r, 4);

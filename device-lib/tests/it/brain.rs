@@ -352,7 +352,7 @@ fn collaborative_global(version: u64) -> GlobalPatterns {
 }
 
 #[test]
-fn collaborative_vectors_rank_by_the_sum_of_what_was_watched() {
+fn collaborative_vectors_rank_by_the_query_over_what_was_watched() {
     let mut b = brain();
     b.observe(&event("heat", 1.0, 0)).expect("observe");
     b.observe(&event("godfather", 0.9, 10)).expect("observe");
@@ -369,9 +369,10 @@ fn collaborative_vectors_rank_by_the_sum_of_what_was_watched() {
     assert!(s[0] > s[1] && s[1] > s[2] && s[2] > s[3], "collaborative order: {s:?}");
     assert!(s[3] > s[4] && s[4] > 0.0, "content-only candidates rank below: {s:?}");
     assert_eq!(s[5], UNKNOWN_SCORE);
-    // The score is a_i · profile / support: cand-good = 0.6 * 1.0 + 0.6 * 0.8 = 1.08, / 2.
+    // The score is tier + a_i · q / (1 + mix), q = unit(godfather + 2^(-1/3) heat) +
+    // unit(godfather + heat) = (1.571, 1.238): cand-good = 0.6 * 2.809 / 2 = 0.843.
     let tier = omega_device::ranking::COLLABORATIVE_TIER;
-    assert!((s[0] - tier - 0.54).abs() < 0.02, "{}", s[0] - tier);
+    assert!((s[0] - tier - 0.843).abs() < 0.02, "{}", s[0] - tier);
     // recommend agrees and never offers what was watched.
     let recs = b.recommend(&evening(), 3).expect("recommend");
     assert_eq!(recs[0].content_id, "cand-good");
@@ -383,6 +384,44 @@ fn collaborative_vectors_rank_by_the_sum_of_what_was_watched() {
     b.apply_global(next).expect("apply");
     let s = b.score(&evening(), &ids).expect("score");
     assert!(s[0] < s[3], "cand-good now points away: {s:?}");
+}
+
+#[test]
+fn what_was_watched_last_weighs_most_in_collaborative_scores() {
+    let g = GlobalPatterns {
+        similar: vec![
+            collaborative("long-ago", &[0.8, 0.0]),
+            collaborative("last-night", &[0.0, 0.8]),
+            collaborative("like-long-ago", &[0.9, 0.0]),
+            collaborative("like-last-night", &[0.0, 0.9]),
+        ],
+        trending: vec![],
+        global_version: 3,
+        model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+    };
+    let ids: Vec<String> = vec!["like-long-ago".into(), "like-last-night".into()];
+    let mut b = brain();
+    b.observe(&event("long-ago", 1.0, 0)).expect("observe");
+    b.observe(&event("last-night", 1.0, 600)).expect("observe");
+    b.apply_global(g.clone()).expect("apply");
+    let s = b.score(&evening(), &ids).expect("score");
+    // q = unit(last-night + 2^(-1/3) long-ago) + unit(both) = (1.329, 1.490): the two
+    // candidates score 1.196 and 1.341, halved by the bound 1 + mix.
+    assert!(s[1] > s[0] + 0.05, "the recent taste leads: {s:?}");
+    // Watching the old favourite again makes it the most recent: the order flips, without a
+    // new round (the query follows every observe).
+    b.observe(&event("long-ago", 1.0, 1200)).expect("observe");
+    let s = b.score(&evening(), &ids).expect("score");
+    assert!(s[0] > s[1] + 0.05, "rewatched: {s:?}");
+    // With an infinite half-life, history is all that counts: a tie.
+    let mut cfg = BrainConfig { device_id: Some("tv-no-recency".into()), ..Default::default() };
+    cfg.ranking.collaborative_query.half_life = f32::INFINITY;
+    let mut flat = brain_with(cfg);
+    flat.observe(&event("long-ago", 1.0, 0)).expect("observe");
+    flat.observe(&event("last-night", 1.0, 600)).expect("observe");
+    flat.apply_global(g).expect("apply");
+    let s = flat.score(&evening(), &ids).expect("score");
+    assert!((s[0] - s[1]).abs() < 0.01, "{s:?}");
 }
 
 #[test]

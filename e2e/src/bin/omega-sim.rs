@@ -59,9 +59,10 @@ struct Args {
     /// Print only the JSON report on stdout.
     #[arg(long)]
     json: bool,
-    /// TVs use only collaborative vectors of the round they hold (see docs/quality.md).
+    /// TVs also rank candidates whose collaborative vector came from an older round than the
+    /// one they hold (off by default; see docs/quality.md).
     #[arg(long)]
-    current_round_only: bool,
+    mix_rounds: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
         curve_users: args.curve_users,
         progress: true,
         ranking: omega_device::RankingParams {
-            collaborative_current_round_only: args.current_round_only,
+            collaborative_current_round_only: !args.mix_rounds,
             ..Default::default()
         },
     };

@@ -2,8 +2,8 @@
 //! quality patterns their TV would export, one federation round runs in-process
 //! (`omega_shard::federation::federate`, the same code `omega-shard federate` runs), the
 //! published aggregates go through the wire encoding (int8) and its validation, and each
-//! user ranks candidates the way a TV does with collaborative vectors:
-//! `score(i) = a_i · Σ_{j ∈ history} a_j`.
+//! user ranks candidates the way a TV does with collaborative vectors: `score(i) = a_i · q`,
+//! `q` the collaborative query over the history (`omega_protocol::collab`).
 //!
 //! No device, shard or transport limit is involved: this measures what the federation can
 //! teach, not what a TV receives within its 5 KB per sync (that is `omega-sim`'s job).
@@ -13,6 +13,7 @@
 //! the real model elsewhere.
 
 use super::{Scorer, Split, Stage};
+use omega_protocol::collab::{self, QueryParams};
 use omega_protocol::pb;
 use omega_protocol::types::{AggregatedPattern, embedding_to_wire};
 use omega_protocol::vector::{EMBEDDING_DIM, dot, l2_normalize};
@@ -101,12 +102,13 @@ pub struct FederatedScorer {
 
 impl FederatedScorer {
     /// Decodes `published` through the wire (int8, validation against `min_sources`) and
-    /// builds each user's query from the vectors of their history at `stage`.
+    /// builds each user's query from the vectors of their history at `stage` with `query`.
     pub fn new(
         split: &Split,
         stage: Stage,
         published: &[AggregatedPattern],
         min_sources: u32,
+        query: &QueryParams,
     ) -> Self {
         let by_content: HashMap<String, u32> =
             (0..split.n_items as u32).map(|i| (content_id(i), i)).collect();
@@ -121,17 +123,15 @@ impl FederatedScorer {
                 devices.insert(item, back.source_devices);
             }
         }
+        // The TV's rule (`omega_protocol::collab`): history newest first.
         let queries = split
             .users
             .iter()
             .map(|us| {
-                let mut q = vec![0.0f32; EMBEDDING_DIM];
-                for r in us.history(stage) {
-                    if let Some(v) = vectors.get(&r.item) {
-                        q.iter_mut().zip(v).for_each(|(a, b)| *a += b);
-                    }
-                }
-                q
+                let history = us.history(stage);
+                let newest_first = history.iter().rev().map(|r| vectors.get(&r.item));
+                collab::query(newest_first.map(|v| v.map(Vec::as_slice)), query)
+                    .unwrap_or_else(|| vec![0.0; EMBEDDING_DIM])
             })
             .collect();
         FederatedScorer { vectors, devices, queries, popularity_weight: 0.0 }

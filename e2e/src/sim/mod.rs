@@ -308,6 +308,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
         Stage::Test,
         &offline.patterns,
         cfg.min_sources,
+        &cfg.ranking.collaborative_query,
     );
     let federated_offline = eval::evaluate(&world.split, &mut offline_scorer, test);
     let pick = |f: fn(&Quality) -> f64| -> BTreeMap<String, f64> {

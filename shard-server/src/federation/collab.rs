@@ -37,7 +37,7 @@ pub struct CollabConfig {
 
 impl Default for CollabConfig {
     fn default() -> Self {
-        CollabConfig { dim: 32, lambda_rel: 0.5, iterations: 6 }
+        CollabConfig { dim: 32, lambda_rel: 4.0, iterations: 6 }
     }
 }
 

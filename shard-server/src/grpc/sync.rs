@@ -87,7 +87,7 @@ impl ConstellationService {
     async fn collab_page(
         &self,
         device_id: &str,
-        pushed: Vec<String>,
+        pushed: Vec<(i64, String)>,
         version: u64,
         now_ms: i64,
     ) -> Option<Page> {
@@ -105,15 +105,19 @@ impl ConstellationService {
         if catalog.is_empty() {
             return None;
         }
-        let mut contents = match st.store.device_contents(device_id).await {
+        let stored = match st.store.device_contents(device_id).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "reading device contents failed; serving by interest");
                 return None;
             }
         };
-        // This sync's own patterns count at once (Postgres shows them after the merge).
-        contents.extend(pushed);
+        // This sync's own patterns count at once (Postgres shows them after the merge), and
+        // they are the newest: they lead the order the query weighs contents in.
+        let mut pushed = pushed;
+        pushed.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let mut contents: Vec<String> = pushed.into_iter().map(|(_, c)| c).collect();
+        contents.extend(stored);
         st.collab.page(&catalog, device_id, &contents)
     }
 }
@@ -184,12 +188,12 @@ impl Constellation for ConstellationService {
             None => logic::Prepared::pull(&msg.device_id, now_ms),
         };
         let added = prepared.write.added.len() as u64;
-        let pushed: Vec<String> = prepared
+        let pushed: Vec<(i64, String)> = prepared
             .write
             .added
             .iter()
             .filter(|p| !p.content_id.is_empty())
-            .map(|p| p.content_id.clone())
+            .map(|p| (p.updated_at_ms, p.content_id.clone()))
             .collect();
         let applied = st.store.apply_sync(prepared.write).await.map_err(store_status)?;
         if applied.applied {

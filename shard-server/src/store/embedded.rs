@@ -590,18 +590,16 @@ impl Store for EmbeddedStore {
         let Some(ids) = st.devices.get(device_id).and_then(|d| st.owned.get(&d.idx)) else {
             return Ok(Vec::new());
         };
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for s in ids.iter().filter_map(|id| st.patterns.get(id)) {
-            if out.len() == MAX_DEVICE_CONTENTS {
-                break;
-            }
-            let c = &s.pattern.content_id;
-            if !c.is_empty() && seen.insert(c.as_str()) {
-                out.push(c.clone());
+        let mut latest: HashMap<&str, i64> = HashMap::new();
+        for p in ids.iter().filter_map(|id| st.patterns.get(id)).map(|s| &s.pattern) {
+            if !p.content_id.is_empty() {
+                let t = latest.entry(p.content_id.as_str()).or_insert(p.updated_at_ms);
+                *t = (*t).max(p.updated_at_ms);
             }
         }
-        Ok(out)
+        let mut order: Vec<(&str, i64)> = latest.into_iter().collect();
+        order.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        Ok(order.into_iter().take(MAX_DEVICE_CONTENTS).map(|(c, _)| c.to_owned()).collect())
     }
 
     async fn aggregates(&self) -> Result<Vec<pb::AggregatedPattern>, StoreError> {

@@ -225,8 +225,9 @@ pub trait Store: Send + Sync + 'static {
     /// Installs a round's aggregates and trends atomically; idempotent on `round_id`.
     async fn publish(&self, publish: Publish) -> Result<Published, StoreError>;
 
-    /// Distinct content ids of `device_id`'s stored patterns (at most
-    /// [`MAX_DEVICE_CONTENTS`], in no particular order; empty ids left out). An unknown device
+    /// Distinct content ids of `device_id`'s stored patterns, most recently updated first
+    /// (ties by content id), at most [`MAX_DEVICE_CONTENTS`], empty ids left out: the order
+    /// the collaborative query weighs them in (`omega_protocol::collab`). An unknown device
     /// has none: the answer is an empty list, not [`StoreError::UnknownDevice`]. Postgres
     /// reads merged patterns, so a sync's patterns appear here within `MERGE_INTERVAL_MS`.
     async fn device_contents(&self, device_id: &str) -> Result<Vec<String>, StoreError>;

@@ -1133,8 +1133,9 @@ impl Store for PostgresStore {
 
     async fn device_contents(&self, device_id: &str) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar(
-            "SELECT DISTINCT content_id FROM patterns
-             WHERE device_id = $1 AND content_id <> '' LIMIT $2",
+            "SELECT content_id FROM patterns
+             WHERE device_id = $1 AND content_id <> ''
+             GROUP BY content_id ORDER BY max(updated_at_ms) DESC, content_id LIMIT $2",
         )
         .bind(device_id)
         .bind(MAX_DEVICE_CONTENTS as i64)
