@@ -86,7 +86,8 @@ impl Context {
     pub fn evaluation_due(&self, key: &str) -> bool {
         let mut map = self.evaluated.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let due = map.get(key).is_none_or(|t| now.duration_since(*t) >= self.settings.stats_interval);
+        let due =
+            map.get(key).is_none_or(|t| now.duration_since(*t) >= self.settings.stats_interval);
         if due {
             map.insert(key.to_string(), now);
         }

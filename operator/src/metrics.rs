@@ -173,7 +173,9 @@ mod tests {
         );
         let text = m.render();
         assert!(
-            text.contains(r#"omega_operator_degraded{controller="shard",reason="SecretNotFound"} 2"#),
+            text.contains(
+                r#"omega_operator_degraded{controller="shard",reason="SecretNotFound"} 2"#
+            ),
             "{text}"
         );
         // One object recovered, the other is now refused by the API server.

@@ -76,7 +76,8 @@ pub struct FederationRoundSpec {
 
 /// CEL rule: five space-separated fields, or a nickname. Kept to the shape (croner parses the
 /// fields) so that the rule stays cheap for the API server's CEL cost limits.
-pub const CRON_SHAPE_RULE: &str = "self.matches('^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[^ ]+( +[^ ]+){4})$')";
+pub const CRON_SHAPE_RULE: &str =
+    "self.matches('^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[^ ]+( +[^ ]+){4})$')";
 
 /// Differential-privacy budget of one round.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -127,8 +127,11 @@ async fn degrade(fr: &FederationRound, ctx: &Context, reason: &str, message: &st
     next.observed_generation = Some(generation);
     next.message = Some(message.to_string());
     if next.phase.is_none() {
-        next.phase =
-            Some(if fr.spec.schedule.is_some() { RoundPhase::Scheduled } else { RoundPhase::Pending });
+        next.phase = Some(if fr.spec.schedule.is_some() {
+            RoundPhase::Scheduled
+        } else {
+            RoundPhase::Pending
+        });
     }
     let already = conditions::degraded_reason(&previous.conditions).as_deref() == Some(reason);
     if !already {

@@ -176,7 +176,8 @@ pub fn decide(
     let down_limit = down_start - (down_start * DOWN_MAX_PERCENT / 100).max(DOWN_MAX_PODS);
     target = clamp(target.min(up_limit).max(down_limit));
 
-    let unread = if missing > 0 { format!(" ({missing} more did not answer)") } else { String::new() };
+    let unread =
+        if missing > 0 { format!(" ({missing} more did not answer)") } else { String::new() };
     let load = format!(
         "{total_sps:.1} syncs/s and {total_conns} connections over {} servers{unread} ask for {recommendation}",
         loads.len()

@@ -51,7 +51,9 @@ pub async fn run(
     };
     let controller = Controller::new(shards, watcher::Config::default().any_semantic()).owns(
         sets,
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=omega-operator").any_semantic(),
+        watcher::Config::default()
+            .labels("app.kubernetes.io/managed-by=omega-operator")
+            .any_semantic(),
     );
     let cache = controller.store();
     ctx.metrics.watch_degraded(
@@ -121,7 +123,12 @@ async fn refused(shard: &Shard, ctx: &Context, shards: &Api<Shard>, message: &st
     let generation = shard.meta().generation.unwrap_or(0);
     let next = ShardStatus {
         phase: Some(phase),
-        conditions: conditions::merge(&previous.conditions, &wants, generation, &Time(Timestamp::now())),
+        conditions: conditions::merge(
+            &previous.conditions,
+            &wants,
+            generation,
+            &Time(Timestamp::now()),
+        ),
         observed_generation: Some(generation),
         ..previous.clone()
     };

@@ -159,7 +159,9 @@ async fn kubectl_applies_the_crds_and_every_example() {
         .await;
     assert!(err.contains("privacy.delta must be below 1"), "{err}");
     let round = |spec: &str| {
-        format!("apiVersion: omega.exogenesis.io/v1alpha1\nkind: FederationRound\nmetadata:\n  name: r\nspec:\n{spec}")
+        format!(
+            "apiVersion: omega.exogenesis.io/v1alpha1\nkind: FederationRound\nmetadata:\n  name: r\nspec:\n{spec}"
+        )
     };
     for (spec, message) in [
         ("  privacy: {epsilon: 1, delta: 0}\n", "privacy.delta must be below 1 and above 0"),
@@ -168,14 +170,15 @@ async fn kubectl_applies_the_crds_and_every_example() {
         let err = k.fails(&["apply", "-f", "-"], &round(spec)).await;
         assert!(err.contains(message), "{spec}: {err}");
     }
-    let err = k.fails(&["apply", "-f", "-"], &bad("  shardId: 2\n  postgres: {storage: ten gigs}\n")).await;
+    let err = k
+        .fails(&["apply", "-f", "-"], &bad("  shardId: 2\n  postgres: {storage: ten gigs}\n"))
+        .await;
     assert!(err.contains("spec.postgres.storage in body should match"), "{err}");
     // Switching the database mode would strand the old database: refused.
     let err = k.fails(&["apply", "-f", "-"], "apiVersion: omega.exogenesis.io/v1alpha1\nkind: Shard\nmetadata:\n  name: dev\nspec:\n  shardId: 1\n  replicas: {min: 1, max: 1}\n  postgres: {mode: external, externalSecretRef: {name: db}}\n").await;
     assert!(err.contains("postgres.mode is immutable"), "{err}");
     assert!(fake.get("omega.exogenesis.io", "shards", "default", "bad").is_none());
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_binary_reconciles_what_kubectl_applied() {
@@ -248,7 +251,9 @@ async fn the_operator_binary_reconciles_what_kubectl_applied() {
     let failures = metrics
         .lines()
         .find(|l| {
-            l.starts_with(r#"omega_operator_reconcile_failures_total{controller="shard",error="rejected"}"#)
+            l.starts_with(
+                r#"omega_operator_reconcile_failures_total{controller="shard",error="rejected"}"#,
+            )
         })
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .unwrap_or(0.0);
@@ -293,7 +298,8 @@ async fn kubectl_applies_the_rendered_chart() {
         .map(|m| m.as_str().unwrap().to_string())
         .filter(|m| !m.trim().is_empty())
         .collect();
-    let out = k.exec(&["apply", "-n", "omega-system", "-f", "-"], Some(manifests.join("\n---\n"))).await;
+    let out =
+        k.exec(&["apply", "-n", "omega-system", "-f", "-"], Some(manifests.join("\n---\n"))).await;
     let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     let stdout = text(&out.stdout);

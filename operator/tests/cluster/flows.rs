@@ -426,7 +426,9 @@ async fn api_rejections_and_bad_selectors_degrade_with_the_reason_and_back_off()
     let lists = fake
         .operator_requests()
         .iter()
-        .filter(|q| q.resource == "shards" && q.verb == "list" && q.at.elapsed() < Duration::from_secs(6))
+        .filter(|q| {
+            q.resource == "shards" && q.verb == "list" && q.at.elapsed() < Duration::from_secs(6)
+        })
         .count();
     assert_eq!(a.changes, 0, "{a:?}");
     assert!(lists <= 6, "{lists} shard lists in 6 s: no backoff");
@@ -447,7 +449,10 @@ async fn api_rejections_and_bad_selectors_degrade_with_the_reason_and_back_off()
 
     // A storage size the CRD's pattern refuses never reaches the operator.
     let err = shards
-        .create(&PostParams::default(), &shard("badpvc", 7, json!({"postgres": {"storage": "ten gigs"}})))
+        .create(
+            &PostParams::default(),
+            &shard("badpvc", 7, json!({"postgres": {"storage": "ten gigs"}})),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -532,7 +537,11 @@ async fn losing_the_lease_stops_reconciling() {
     assert!(fake.get("apps", "statefulsets", "default", "after").is_none());
     assert_eq!(fake.operator_requests().len(), seen, "no request after stepping down");
     let lease = fake.get("coordination.k8s.io", "leases", "default", "omega-operator").unwrap();
-    assert_eq!(lease["spec"]["holderIdentity"], json!("intruder"), "a deposed leader releases nothing");
+    assert_eq!(
+        lease["spec"]["holderIdentity"],
+        json!("intruder"),
+        "a deposed leader releases nothing"
+    );
 }
 
 #[tokio::test]
@@ -556,7 +565,9 @@ async fn a_namespaced_operator_leaves_other_namespaces_alone() {
     let s = fake.get("omega.exogenesis.io", "shards", "other", "outside").unwrap();
     assert!(s["metadata"]["finalizers"].is_null(), "{s}");
     assert!(s["status"].is_null(), "{s}");
-    for (group, plural) in [("apps", "statefulsets"), ("", "secrets"), ("", "services"), ("", "pods")] {
+    for (group, plural) in
+        [("apps", "statefulsets"), ("", "secrets"), ("", "services"), ("", "pods")]
+    {
         assert!(fake.list(group, plural, "other").is_empty(), "{plural} created in other");
     }
     assert!(
@@ -846,7 +857,10 @@ async fn a_run_due_while_the_child_still_runs_is_skipped() {
     }
     fake.changed.notify_waiters();
     fake.wait_for(20, "RunSkipped", |f| {
-        events_for(f, "default", "busy").iter().any(|(t, r)| t == "Warning" && r == "RunSkipped").then_some(())
+        events_for(f, "default", "busy")
+            .iter()
+            .any(|(t, r)| t == "Warning" && r == "RunSkipped")
+            .then_some(())
     })
     .await;
     assert_eq!(children_of(&fake, "busy").len(), 1, "never two children at once");
@@ -861,7 +875,10 @@ async fn a_schedule_keeps_only_its_history_limit_of_finished_children() {
     let rounds: Api<FederationRound> = Api::namespaced(fake.client(), "default");
     // Yearly: no run falls due during the test; only the history is handled.
     let parent = rounds
-        .create(&PostParams::default(), &round("yearly", json!({"schedule": "@yearly", "historyLimit": 2})))
+        .create(
+            &PostParams::default(),
+            &round("yearly", json!({"schedule": "@yearly", "historyLimit": 2})),
+        )
         .await
         .unwrap();
     let uid = parent.metadata.uid.clone().unwrap();
@@ -889,7 +906,9 @@ async fn a_schedule_keeps_only_its_history_limit_of_finished_children() {
                 "default",
                 &name,
                 "status",
-                crate::fake::store::Change::Merge(json!({"status": {"phase": "Succeeded", "message": format!("run {i}")}})),
+                crate::fake::store::Change::Merge(
+                    json!({"status": {"phase": "Succeeded", "message": format!("run {i}")}}),
+                ),
             )
             .unwrap();
     }
@@ -936,7 +955,9 @@ async fn an_invalid_schedule_is_refused_or_degrades() {
     assert!(children_of(&fake, "hour25").is_empty());
     let metrics = op.metrics().await;
     assert!(
-        metrics.contains(r#"omega_operator_degraded{controller="federationround",reason="InvalidSchedule"} 1"#),
+        metrics.contains(
+            r#"omega_operator_degraded{controller="federationround",reason="InvalidSchedule"} 1"#
+        ),
         "{metrics}"
     );
     op.abort();

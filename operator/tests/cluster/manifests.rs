@@ -36,7 +36,9 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn through<T: serde::Serialize + serde::de::DeserializeOwned>(doc: &Value) -> serde_json::Result<Value> {
+fn through<T: serde::Serialize + serde::de::DeserializeOwned>(
+    doc: &Value,
+) -> serde_json::Result<Value> {
     serde_json::to_value(serde_json::from_value::<T>(doc.clone())?)
 }
 
@@ -100,14 +102,16 @@ fn covers(a: &Value, b: &Value, path: &str) -> Result<(), String> {
                 match bm.get(k) {
                     Some(bv) => covers(av, bv, &p)?,
                     None if empty(av) => {}
-                    None => return Err(format!("{p}")),
+                    None => return Err(p),
                 }
             }
             Ok(())
         }
-        (Value::Array(aa), Value::Array(ba)) if aa.len() == ba.len() => {
-            aa.iter().zip(ba).enumerate().try_for_each(|(i, (x, y))| covers(x, y, &format!("{path}[{i}]")))
-        }
+        (Value::Array(aa), Value::Array(ba)) if aa.len() == ba.len() => aa
+            .iter()
+            .zip(ba)
+            .enumerate()
+            .try_for_each(|(i, (x, y))| covers(x, y, &format!("{path}[{i}]"))),
         (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => Ok(()),
         _ if a == b || (empty(a) && empty(b)) => Ok(()),
         _ => Err(format!("{path}: {a} vs {b}")),
@@ -121,7 +125,10 @@ fn parsing_catches_typos_and_lost_fields() {
     assert!(typed(&typo).unwrap_err().contains(".spec.replica"), "a typo in a built-in kind");
     let shard_typo = json!({"apiVersion": "omega.exogenesis.io/v1alpha1", "kind": "Shard",
         "metadata": {"name": "s"}, "spec": {"shardId": 1, "postgres": {"mod": "managed"}}});
-    assert!(typed(&shard_typo).unwrap_err().contains("postgres.mod"), "a typo in a custom resource");
+    assert!(
+        typed(&shard_typo).unwrap_err().contains("postgres.mod"),
+        "a typo in a custom resource"
+    );
     let ok = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "creationTimestamp": null}, "data": {"a": "b"}});
     assert_eq!(typed(&ok), Ok(()));
 }
@@ -307,7 +314,9 @@ fn invalid_specs_are_refused_with_clear_messages() {
     );
     // Transition rule: the database mode cannot change (the old database would be stranded).
     let managed = shard(json!({"shardId": 1, "postgres": {"mode": "managed"}}));
-    let external = shard(json!({"shardId": 1, "postgres": {"mode": "external", "externalSecretRef": {"name": "db"}}}));
+    let external = shard(
+        json!({"shardId": 1, "postgres": {"mode": "external", "externalSecretRef": {"name": "db"}}}),
+    );
     let errors = admit(&Shard::crd(), &external, Some(&managed));
     assert!(errors.iter().any(|e| e.contains("postgres.mode is immutable")), "{errors:?}");
     // …also from the default (mode unset means managed).
@@ -427,30 +436,37 @@ fn chart_lints_renders_and_grants_what_the_operator_uses() {
     let env = c.env.clone().unwrap_or_default();
     let pod_ns = env.iter().find(|e| e.name == "POD_NAMESPACE").expect("POD_NAMESPACE");
     assert_eq!(
-        pod_ns.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str()),
+        pod_ns
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
         Some("metadata.namespace")
     );
 
     // Least privilege: exactly what the flows saw the operator use (rbac::USED), plus the
     // justified extras; the Lease only in the operator's own namespace.
-    let expand = |rules: &[k8s_openapi::api::rbac::v1::PolicyRule]| -> BTreeSet<(String, String, String)> {
-        rules
-            .iter()
-            .flat_map(|r| {
-                let groups = r.api_groups.clone().unwrap_or_default();
-                let resources = r.resources.clone().unwrap_or_default();
-                let verbs = r.verbs.clone();
-                groups.into_iter().flat_map(move |g| {
-                    let verbs = verbs.clone();
-                    resources.clone().into_iter().flat_map(move |res| {
-                        let g = g.clone();
-                        verbs.clone().into_iter().map(move |v| (g.clone(), res.clone(), v))
+    let expand =
+        |rules: &[k8s_openapi::api::rbac::v1::PolicyRule]| -> BTreeSet<(String, String, String)> {
+            rules
+                .iter()
+                .flat_map(|r| {
+                    let groups = r.api_groups.clone().unwrap_or_default();
+                    let resources = r.resources.clone().unwrap_or_default();
+                    let verbs = r.verbs.clone();
+                    groups.into_iter().flat_map(move |g| {
+                        let verbs = verbs.clone();
+                        resources.clone().into_iter().flat_map(move |res| {
+                            let g = g.clone();
+                            verbs.clone().into_iter().map(move |v| (g.clone(), res.clone(), v))
+                        })
                     })
                 })
-            })
-            .collect()
-    };
-    let set = |entries: &[(&str, &str, &str, &str)], leases: bool| -> BTreeSet<(String, String, String)> {
+                .collect()
+        };
+    let set = |entries: &[(&str, &str, &str, &str)],
+               leases: bool|
+     -> BTreeSet<(String, String, String)> {
         entries
             .iter()
             .filter(|e| (e.1 == "leases") == leases)
@@ -477,7 +493,10 @@ fn chart_lints_renders_and_grants_what_the_operator_uses() {
     );
     let leader: Role = serde_json::from_value(
         docs.iter()
-            .find(|d| d["kind"] == json!("Role") && d["metadata"]["name"] == json!("omega-operator-leader-election"))
+            .find(|d| {
+                d["kind"] == json!("Role")
+                    && d["metadata"]["name"] == json!("omega-operator-leader-election")
+            })
             .unwrap()
             .clone(),
     )
@@ -498,7 +517,8 @@ fn chart_lints_renders_and_grants_what_the_operator_uses() {
     let docs_d = rendered_docs(&with_dashboard);
     let cm = docs_d.iter().find(|d| d["kind"] == json!("ConfigMap")).expect("dashboard ConfigMap");
     assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], json!("1"));
-    let dashboard: Value = serde_json::from_str(cm["data"]["omega.json"].as_str().unwrap()).unwrap();
+    let dashboard: Value =
+        serde_json::from_str(cm["data"]["omega.json"].as_str().unwrap()).unwrap();
     let known = [
         "constellation_sync_requests_total",
         "constellation_sync_latency_seconds_bucket",
@@ -525,7 +545,11 @@ fn chart_lints_renders_and_grants_what_the_operator_uses() {
             let expr = t["expr"].as_str().unwrap();
             let metrics: Vec<&str> = expr
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|w| ["constellation_", "federation_", "omega_operator_"].iter().any(|p| w.starts_with(p)))
+                .filter(|w| {
+                    ["constellation_", "federation_", "omega_operator_"]
+                        .iter()
+                        .any(|p| w.starts_with(p))
+                })
                 .collect();
             assert!(!metrics.is_empty(), "{expr}");
             for m in metrics {
@@ -541,7 +565,13 @@ fn chart_lints_renders_and_grants_what_the_operator_uses() {
     m.failure("shard", &omega_operator::Error::Unsatisfiable("x".into()));
     m.watch_degraded("shard", Box::new(|| vec!["SecretNotFound".to_string()]));
     let exported = m.render();
-    for m in ["omega_operator_reconciliations", "omega_operator_reconcile_failures", "omega_operator_reconcile_duration_seconds", "omega_operator_leader", "omega_operator_degraded"] {
+    for m in [
+        "omega_operator_reconciliations",
+        "omega_operator_reconcile_failures",
+        "omega_operator_reconcile_duration_seconds",
+        "omega_operator_leader",
+        "omega_operator_degraded",
+    ] {
         assert!(exported.contains(&format!("# TYPE {m} ")), "{m} not exported:\n{exported}");
     }
 

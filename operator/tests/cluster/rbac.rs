@@ -63,11 +63,8 @@ pub const JUSTIFIED: &[(&str, &str, &str, &str)] = &[];
 
 /// Asserts what `flow` made the operator do against [`USED`] (see the module docs).
 pub fn check(fake: &Fake, flow: &str) {
-    let observed: BTreeSet<(String, String, String)> = fake
-        .operator_requests()
-        .into_iter()
-        .map(|r| (r.group, r.resource, r.verb))
-        .collect();
+    let observed: BTreeSet<(String, String, String)> =
+        fake.operator_requests().into_iter().map(|r| (r.group, r.resource, r.verb)).collect();
     for (g, r, v) in &observed {
         assert!(
             USED.iter().any(|u| (u.0, u.1, u.2) == (g.as_str(), r.as_str(), v.as_str())),

@@ -558,7 +558,9 @@ fn record(
         .to_string();
     let named = target.name.is_some();
     let verb = match *method {
-        Method::GET if !named && matches!(q.get("watch").map(String::as_str), Some("true" | "1")) => {
+        Method::GET
+            if !named && matches!(q.get("watch").map(String::as_str), Some("true" | "1")) =>
+        {
             "watch"
         }
         Method::GET if named => "get",

@@ -125,7 +125,14 @@ impl Fake {
 
     /// Requests the operator made so far.
     pub fn operator_requests(&self) -> Vec<store::Request> {
-        self.store.lock().expect("store").requests.iter().filter(|r| r.user == OPERATOR).cloned().collect()
+        self.store
+            .lock()
+            .expect("store")
+            .requests
+            .iter()
+            .filter(|r| r.user == OPERATOR)
+            .cloned()
+            .collect()
     }
 
     /// Writes received so far.

@@ -233,7 +233,12 @@ fn quantities(v: &Value, out: &mut Vec<String>) {
             for (k, child) in map {
                 if k == "resources" {
                     for part in ["limits", "requests"] {
-                        for q in child.get(part).and_then(|q| q.as_object()).into_iter().flat_map(|q| q.values()) {
+                        for q in child
+                            .get(part)
+                            .and_then(|q| q.as_object())
+                            .into_iter()
+                            .flat_map(|q| q.values())
+                        {
                             let ok = q.is_number() || q.as_str().is_some_and(|s| re.is_match(s));
                             if !ok {
                                 out.push(format!(
