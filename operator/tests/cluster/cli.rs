@@ -239,25 +239,29 @@ async fn the_operator_binary_reconciles_what_kubectl_applied() {
     let bad = "apiVersion: omega.exogenesis.io/v1alpha1\nkind: Shard\nmetadata:\n  name: bad\nspec:\n  shardId: 77\n  resources: {limits: {cpu: lots}}\n  postgres: {volumePolicy: Delete}\n";
     let out = k.exec(&["apply", "-f", "-"], Some(bad.to_string())).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    let metrics = loop {
-        let m = http_get(port, "/metrics").await.unwrap_or_default();
-        if m.contains(r#"omega_operator_degraded{controller="shard",reason="ApplyFailed"} 1"#) {
-            break m;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no ApplyFailed in metrics:\n{m}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    let rejected = |m: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with(
+                    r#"omega_operator_reconcile_failures_total{controller="shard",error="rejected"}"#,
+                )
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
     };
-    let failures = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with(
-                r#"omega_operator_reconcile_failures_total{controller="shard",error="rejected"}"#,
-            )
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    assert!(failures >= 1.0, "{metrics}");
+    // The gauge (from the watch cache) and the failure counter (after the reconcile returns)
+    // move at slightly different moments: wait for both.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let m = http_get(port, "/metrics").await.unwrap_or_default();
+        if m.contains(r#"omega_operator_degraded{controller="shard",reason="ApplyFailed"} 1"#)
+            && rejected(&m) >= 1.0
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no counted ApplyFailed in metrics:\n{m}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     k.ok(&["delete", "shard", "bad", "--timeout=60s"]).await;
 
     // kubectl delete waits for the finalizer; volumePolicy Delete leaves nothing behind.
