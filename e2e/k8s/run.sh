@@ -4,9 +4,12 @@
 # FederationRound to Succeeded, deletes the Shard and checks that everything is gone.
 #
 # Needs: docker (or podman as docker), kind or k3d, kubectl, and helm or
-# `pip install helm-python-sdk==0.2.2`. Without them it says so and exits 0 (CI has no cluster).
-# KUBECONFIG pointing at an existing cluster skips cluster creation (images must be pullable
-# there: set OMEGA_OPERATOR_IMAGE / OMEGA_SHARD_IMAGE). KEEP=1 keeps the kind cluster.
+# `pip install helm-python-sdk==0.2.2`. Without them it says so and exits 0 (CI has no
+# cluster) — unless OMEGA_E2E_REQUIRE=1, which makes a missing tool a failure (the
+# `real_cluster_e2e` test sets it). The last line is `e2e/k8s: passed` only when every step ran.
+# OMEGA_E2E_EXISTING_CLUSTER=1 uses the cluster of the current kubectl context instead of
+# building images and creating one (the images must be pullable there: set
+# OMEGA_OPERATOR_IMAGE / OMEGA_SHARD_IMAGE). KEEP=1 keeps the kind/k3d cluster.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -15,7 +18,12 @@ NS=omega-system
 OP_IMAGE=${OMEGA_OPERATOR_IMAGE:-omega-operator:e2e}
 SHARD_IMAGE=${OMEGA_SHARD_IMAGE:-omega-shard:e2e}
 
-skip() { echo "e2e/k8s: SKIPPED — this test needs a Kubernetes cluster (kind or k3d) and a container engine: $*" >&2; exit 0; }
+skip() {
+  if [[ -n "${OMEGA_E2E_REQUIRE:-}" ]]; then
+    echo "e2e/k8s: FAILED — OMEGA_E2E_REQUIRE is set but: $*" >&2; exit 1
+  fi
+  echo "e2e/k8s: SKIPPED — this test needs a Kubernetes cluster (kind or k3d) and a container engine: $*" >&2; exit 0
+}
 
 have() { command -v "$1" >/dev/null 2>&1; }
 have kubectl || skip "kubectl not found"

@@ -71,6 +71,11 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
 }
 
+/// Reason of a true Degraded condition, if any (what `omega_operator_degraded` counts).
+pub fn degraded_reason(conditions: &[Condition]) -> Option<String> {
+    conditions.iter().find(|c| c.type_ == DEGRADED && c.status == "True").map(|c| c.reason.clone())
+}
+
 /// The condition of that type, if any.
 pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
@@ -97,6 +102,14 @@ mod tests {
         let flipped = merge(&same, &[Want::yes(READY, "AllReplicasReady", "2/2 ready")], 2, &t(30));
         assert_eq!(flipped[0].last_transition_time, t(30));
         assert!(is_true(&flipped, READY));
+    }
+
+    #[test]
+    fn degraded_reason_only_when_true() {
+        let ok = merge(&[], &[Want::no(DEGRADED, "AsExpected", "")], 1, &t(1));
+        assert_eq!(degraded_reason(&ok), None);
+        let bad = merge(&ok, &[Want::yes(DEGRADED, "ApplyFailed", "refused")], 1, &t(2));
+        assert_eq!(degraded_reason(&bad).as_deref(), Some("ApplyFailed"));
     }
 
     #[test]

@@ -11,13 +11,16 @@ use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Operator settings (from the command line).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Watch only this namespace; all namespaces when `None`.
     pub namespace: Option<String>,
+    /// Namespace the operator runs in (`POD_NAMESPACE`): the shards' NetworkPolicies admit the
+    /// operator's pods from this namespace only.
+    pub operator_namespace: String,
     /// How often a Shard's load is read and the autoscaler runs.
     pub stats_interval: Duration,
     /// Timeout of one `/api/v1/stats` request.
@@ -32,6 +35,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             namespace: None,
+            operator_namespace: "default".into(),
             stats_interval: Duration::from_secs(15),
             stats_timeout: Duration::from_secs(2),
             backoff_base: Duration::from_secs(5),
@@ -52,6 +56,9 @@ pub struct Context {
     pub settings: Settings,
     http: HttpClient<HttpConnector, Empty<Bytes>>,
     retries: Mutex<HashMap<String, u32>>,
+    // When each Shard's load was last read. Kept in memory, not in status: writing the time
+    // into status would rewrite every Shard every `stats_interval` even under steady load.
+    evaluated: Mutex<HashMap<String, Instant>>,
 }
 
 impl Context {
@@ -70,7 +77,27 @@ impl Context {
             settings,
             http: HttpClient::builder(TokioExecutor::new()).build_http(),
             retries: Mutex::new(HashMap::new()),
+            evaluated: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether `key`'s load is due to be read again (`stats_interval` after the last read);
+    /// when it is, records now as the last read.
+    pub fn evaluation_due(&self, key: &str) -> bool {
+        let mut map = self.evaluated.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let due =
+            map.get(key).is_none_or(|t| now.duration_since(*t) >= self.settings.stats_interval);
+        if due {
+            map.insert(key.to_string(), now);
+        }
+        due
+    }
+
+    /// Forgets per-object memory of `key` (its object is gone).
+    pub fn forget(&self, key: &str) {
+        self.retries.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        self.evaluated.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
 
     /// Next retry delay for `key` (exponential from `backoff_base`, capped), counting this try.

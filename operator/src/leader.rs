@@ -1,7 +1,9 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease.
 //!
 //! Every replica tries to acquire the Lease; the holder renews it every `renew_every`, the
-//! others take it over once it has not been renewed for `lease_duration`. Writes are
+//! others take it over once it has not been renewed for `lease_duration`. The holder gives up
+//! leading when it could not renew within `renew_deadline` (shorter than `lease_duration`, as
+//! client-go's leader election does), so it has stopped before anyone else may start. Writes are
 //! server-side applies carrying the observed `resourceVersion`, so two replicas racing for an
 //! expired Lease cannot both win: the API server answers the loser 409 Conflict.
 
@@ -23,6 +25,23 @@ pub struct LeaseConfig {
     pub lease_duration: Duration,
     /// How often the holder renews, and others retry.
     pub renew_every: Duration,
+    /// The holder stops leading when its last successful renewal is this old; must be
+    /// shorter than `lease_duration` (about two thirds of it) so two leaders never overlap.
+    pub renew_deadline: Duration,
+}
+
+impl LeaseConfig {
+    /// Settings for a Lease valid for `lease_duration`: renewed every fifth of it, given up
+    /// after two thirds of it without a renewal.
+    pub fn new(name: String, identity: String, lease_duration: Duration) -> Self {
+        LeaseConfig {
+            name,
+            identity,
+            lease_duration,
+            renew_every: lease_duration / 5,
+            renew_deadline: lease_duration * 2 / 3,
+        }
+    }
 }
 
 /// A Lease-based lock.

@@ -35,6 +35,11 @@ pub enum Error {
     /// A spec passed the schema but cannot be satisfied (missing Secret, missing CRD, bad cron).
     #[error("unsatisfiable spec: {0}")]
     Unsatisfiable(String),
+    /// The API server refused an object the operator generated (422/400: a bad quantity in
+    /// `resources`, a value the schema could not catch). Retrying unchanged cannot help, so the
+    /// object is marked Degraded/ApplyFailed with the server's message.
+    #[error("refused by the API server: {0}")]
+    Rejected(String),
     /// An object lacks a field the API server always sets (namespace, uid…).
     #[error("object is missing {0}")]
     MissingField(&'static str),
@@ -44,12 +49,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// The API server's message when it refused a request as invalid (400 Bad Request or
+    /// 422 Invalid), which no retry of the same object can fix.
+    pub fn rejection(&self) -> Option<String> {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
+                Some(s.message.clone())
+            }
+            Error::Rejected(m) => Some(m.clone()),
+            _ => None,
+        }
+    }
+
     /// Label value for metrics: stable, lowercase, one per variant.
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
             Error::Serde(_) => "serde",
             Error::Unsatisfiable(_) => "unsatisfiable",
+            Error::Rejected(_) => "rejected",
             Error::MissingField(_) => "missing_field",
             Error::Runtime(_) => "runtime",
         }
@@ -68,6 +86,7 @@ mod tests {
         let labels = [
             Error::Serde(serde_json::from_str::<u8>("x").unwrap_err()).metric_label(),
             Error::Unsatisfiable("x".into()).metric_label(),
+            Error::Rejected("x".into()).metric_label(),
             Error::MissingField("uid").metric_label(),
             Error::Runtime("x".into()).metric_label(),
         ];

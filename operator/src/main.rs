@@ -46,7 +46,8 @@ struct RunArgs {
     /// Name of the leader Lease.
     #[arg(long, env = "LEASE_NAME", default_value = "omega-operator")]
     lease_name: String,
-    /// Namespace of the leader Lease (the operator's own).
+    /// The operator's own namespace: where the leader Lease lives, and the only namespace
+    /// from which the shards' NetworkPolicies admit the operator's pods.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// Seconds a Lease stays valid without renewal.
@@ -98,6 +99,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         a.identity.clone().unwrap_or_else(|| format!("omega-operator-{}", std::process::id()));
     let settings = Settings {
         namespace: (!a.namespace.is_empty()).then(|| a.namespace.clone()),
+        operator_namespace: a.lease_namespace.clone(),
         stats_interval: Duration::from_secs(a.stats_interval_seconds.max(1)),
         backoff_base: Duration::from_secs(a.backoff_base_seconds.max(1)),
         ..Settings::default()
@@ -105,12 +107,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let lease_duration = Duration::from_secs(a.lease_duration_seconds.max(3));
     let leader_election = a.leader_elect.then(|| LeaseOptions {
         namespace: a.lease_namespace.clone(),
-        lease: LeaseConfig {
-            name: a.lease_name.clone(),
-            identity: identity.clone(),
-            lease_duration,
-            renew_every: lease_duration / 3,
-        },
+        lease: LeaseConfig::new(a.lease_name.clone(), identity.clone(), lease_duration),
     });
     let client = kube::Client::try_default()
         .await

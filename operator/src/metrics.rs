@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Labels of per-controller series.
@@ -24,12 +25,28 @@ pub struct FailureLabels {
     pub error: String,
 }
 
+/// Labels of `omega_operator_degraded`: controller and the Degraded condition's reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DegradedLabels {
+    /// `shard` or `federationround`.
+    pub controller: String,
+    /// Reason of the Degraded condition (`SecretNotFound`, `ApplyFailed`…).
+    pub reason: String,
+}
+
+/// Lists the Degraded reasons of the objects a controller currently knows (one per object).
+pub type DegradedSource = Box<dyn Fn() -> Vec<String> + Send + Sync>;
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<ControllerLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabels, Histogram>,
+    degraded: Family<DegradedLabels, Gauge>,
+    // Counted from the controllers' caches at scrape time, so an object deleted while
+    // Degraded stops being counted without the operator having to see its deletion.
+    degraded_sources: Mutex<Vec<(&'static str, DegradedSource)>>,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
 }
@@ -43,6 +60,7 @@ impl Default for Metrics {
             Histogram::new(exponential_buckets(0.005, 2.0, 12))
         });
         let leader = Gauge::default();
+        let degraded = Family::<DegradedLabels, Gauge>::default();
         registry.register("reconciliations", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -55,7 +73,20 @@ impl Default for Metrics {
             duration.clone(),
         );
         registry.register("leader", "1 while this replica leads", leader.clone());
-        Metrics { registry, reconciles, failures, duration, leader }
+        registry.register(
+            "degraded",
+            "Objects whose Degraded condition is true, by reason",
+            degraded.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            degraded,
+            degraded_sources: Mutex::new(vec![]),
+            leader,
+        }
     }
 }
 
@@ -87,8 +118,25 @@ impl Metrics {
         self.failures.get_or_create(&labels).inc();
     }
 
+    /// Counts, at every scrape, the Degraded reasons `source` lists for `controller`.
+    pub fn watch_degraded(&self, controller: &'static str, source: DegradedSource) {
+        self.degraded_sources.lock().unwrap_or_else(|p| p.into_inner()).push((controller, source));
+    }
+
+    fn refresh_degraded(&self) {
+        self.degraded.clear();
+        let sources = self.degraded_sources.lock().unwrap_or_else(|p| p.into_inner());
+        for (controller, source) in sources.iter() {
+            for reason in source() {
+                let labels = DegradedLabels { controller: (*controller).into(), reason };
+                self.degraded.get_or_create(&labels).inc();
+            }
+        }
+    }
+
     /// Text exposition format.
     pub fn render(&self) -> String {
+        self.refresh_degraded();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -112,5 +160,31 @@ mod tests {
         );
         assert!(text.contains(r#"omega_operator_reconcile_failures_total{controller="shard",error="unsatisfiable"} 1"#), "{text}");
         assert!(text.contains("omega_operator_reconcile_duration_seconds_count"), "{text}");
+    }
+
+    #[test]
+    fn degraded_objects_are_counted_by_reason_at_each_scrape() {
+        let m = Metrics::default();
+        let now = std::sync::Arc::new(Mutex::new(vec!["SecretNotFound", "SecretNotFound"]));
+        let seen = now.clone();
+        m.watch_degraded(
+            "shard",
+            Box::new(move || seen.lock().unwrap().iter().map(|r| r.to_string()).collect()),
+        );
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"omega_operator_degraded{controller="shard",reason="SecretNotFound"} 2"#
+            ),
+            "{text}"
+        );
+        // One object recovered, the other is now refused by the API server.
+        *now.lock().unwrap() = vec!["ApplyFailed"];
+        let text = m.render();
+        assert!(!text.contains("SecretNotFound"), "{text}");
+        assert!(
+            text.contains(r#"omega_operator_degraded{controller="shard",reason="ApplyFailed"} 1"#),
+            "{text}"
+        );
     }
 }

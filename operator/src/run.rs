@@ -99,6 +99,38 @@ fn stopped(
     }
 }
 
+/// Renews the Lease until told to stop (false) or until leadership is lost (true): another
+/// replica holds the Lease, or no renewal succeeded within `renew_deadline`. The deadline is
+/// checked before every sleep and bounds every renewal request, so a hung API call cannot
+/// keep a deposed leader running.
+async fn keep_leading(lock: &LeaseLock, mut stop: watch::Receiver<bool>) -> bool {
+    let cfg = lock.config();
+    let mut last_renewal = tokio::time::Instant::now();
+    loop {
+        let left = cfg.renew_deadline.saturating_sub(last_renewal.elapsed());
+        if left.is_zero() {
+            error!(deadline = ?cfg.renew_deadline, "could not renew the leader Lease in time");
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.renew_every.min(left)) => {}
+            _ = stop.wait_for(|s| *s) => return false,
+        }
+        // Counted from before the request: the Lease is valid from when it was written.
+        let attempt = tokio::time::Instant::now();
+        let left = cfg.renew_deadline.saturating_sub(last_renewal.elapsed());
+        match tokio::time::timeout(left, lock.try_acquire()).await {
+            Ok(Ok(true)) => last_renewal = attempt,
+            Ok(Ok(false)) => {
+                error!("lost the leader Lease to another replica");
+                return true;
+            }
+            Ok(Err(e)) => warn!(error = %e, "renewing the leader Lease"),
+            Err(_) => warn!("renewing the leader Lease timed out"),
+        }
+    }
+}
+
 /// Runs the operator until a signal (Ok) or a lost Lease (Err).
 pub async fn run(client: Client, opts: Options) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
@@ -160,33 +192,16 @@ pub async fn run(client: Client, opts: Options) -> Result<()> {
     let shards = tokio::spawn(shard::run(ctx.clone(), stopped(stop_rx.clone())));
     let rounds = tokio::spawn(round::run(ctx, stopped(stop_rx.clone())));
 
-    let mut lost = false;
-    if let Some(lock) = &lock {
-        // Renew until told to stop; give up after a full lease duration without renewal.
-        let mut last_renewal = tokio::time::Instant::now();
-        let mut rx = stop_rx.clone();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(lock.config().renew_every) => {}
-                _ = rx.wait_for(|s| *s) => break,
-            }
-            match lock.try_acquire().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
-                    error!("lost the leader Lease to another replica");
-                    lost = true;
-                }
-                Err(e) => warn!(error = %e, "renewing the leader Lease"),
-            }
-            if last_renewal.elapsed() >= lock.config().lease_duration {
-                error!("could not renew the leader Lease in time");
-                lost = true;
-            }
-            if lost {
-                let _ = stop_tx.send(true);
-                break;
-            }
-        }
+    let lost = match &lock {
+        Some(lock) => keep_leading(lock, stop_rx.clone()).await,
+        None => false,
+    };
+    if lost {
+        // Stop both controllers before anyone else can lead (the Lease is still valid for
+        // `lease_duration - renew_deadline`).
+        metrics.leader.set(0);
+        ready.store(false, Ordering::Relaxed);
+        let _ = stop_tx.send(true);
     }
     let _ = shards.await;
     let _ = rounds.await;

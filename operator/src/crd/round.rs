@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.privacy) || self.privacy.delta < 1.0").message("privacy.delta must be below 1"))]
+#[x_kube(validation = Rule::new("!has(self.privacy) || (self.privacy.delta > 0.0 && self.privacy.delta < 1.0)").message("privacy.delta must be below 1 and above 0"))]
 pub struct FederationRoundSpec {
     /// Shards (in this namespace) whose patterns are federated; empty selects all.
     #[serde(default)]
@@ -47,10 +47,12 @@ pub struct FederationRoundSpec {
     /// Differential privacy of the published means; none when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySpec>,
-    /// Cron expression (5 fields, UTC): the round becomes a parent that spawns child rounds,
-    /// never two at once.
+    /// Cron expression (5 fields, UTC, or `@hourly`-style): the round becomes a parent that
+    /// spawns child rounds, never two at once. The schema checks the shape; a field out of
+    /// range (`0 25 * * *`) is reported as Degraded/InvalidSchedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 9, max = 128))]
+    #[schemars(length(min = 6, max = 128))]
+    #[x_kube(validation = Rule::new(CRON_SHAPE_RULE).message("schedule must be a cron expression of 5 fields (minute hour day-of-month month day-of-week) or one of @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly"))]
     pub schedule: Option<String>,
     /// Delete the round this long after it finished; kept when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,13 +74,18 @@ pub struct FederationRoundSpec {
     pub timeout_seconds: i32,
 }
 
+/// CEL rule: five space-separated fields, or a nickname. Kept to the shape (croner parses the
+/// fields) so that the rule stays cheap for the API server's CEL cost limits.
+pub const CRON_SHAPE_RULE: &str =
+    "self.matches('^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[^ ]+( +[^ ]+){4})$')";
+
 /// Differential-privacy budget of one round.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct PrivacySpec {
     /// Epsilon (> 0).
     #[schemars(range(min = 0.001, max = 100.0))]
     pub epsilon: f64,
-    /// Delta (0 < delta < 1).
+    /// Delta (0 < delta < 1; the spec-level CEL rule excludes both ends).
     #[schemars(range(min = 0.0, max = 1.0))]
     pub delta: f64,
 }

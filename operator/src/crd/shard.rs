@@ -138,17 +138,19 @@ impl Default for AutoscalingSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.mode != 'external' || has(self.externalSecretRef)").message("postgres.externalSecretRef is required when mode is external"))]
 pub struct PostgresSpec {
-    /// `managed`, `cloudnativepg` or `external`.
+    /// `managed`, `cloudnativepg` or `external`; immutable: switching would strand the old
+    /// database's objects and data (delete and re-create the Shard to move a database).
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("postgres.mode is immutable: the old database would be stranded; delete and re-create the Shard to change it"))]
     pub mode: PostgresMode,
     /// Postgres instances; `cloudnativepg` runs this many (one primary, the rest replicas).
     /// `managed` always runs one primary and reports a larger value in its status message.
     #[serde(default = "default_instances")]
     #[schemars(range(min = 1, max = 9))]
     pub instances: i32,
-    /// Size of each instance's volume.
+    /// Size of each instance's volume: a positive Kubernetes quantity (`10Gi`, `500M`).
     #[serde(default = "default_storage")]
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(length(min = 1, max = 32), pattern(STORAGE_PATTERN))]
     pub storage: String,
     /// StorageClass of the volumes; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,6 +182,10 @@ impl Default for PostgresSpec {
         }
     }
 }
+
+/// A positive quantity in the forms volume sizes take (a number with an optional binary or
+/// decimal suffix); the API server would refuse anything else in the PVC the operator makes.
+pub const STORAGE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
 
 /// Database provisioning mode.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -330,9 +336,6 @@ pub struct AutoscalerState {
     /// Replica changes made, for the rate limits (oldest first).
     #[serde(default)]
     pub scale_events: Vec<TimedReplicas>,
-    /// When load was last read.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_evaluated: Option<Time>,
 }
 
 /// A replica count at a time (a recommendation, or a change of `delta` pods).

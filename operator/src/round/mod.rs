@@ -50,9 +50,22 @@ pub async fn run(
             ),
             None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
         };
-    Controller::new(rounds, watcher::Config::default().any_semantic())
+    let controller = Controller::new(rounds, watcher::Config::default().any_semantic())
         .owns(jobs, watcher::Config::default().labels(job::ROUND_LABEL).any_semantic())
-        .owns(children, watcher::Config::default().labels(PARENT_LABEL).any_semantic())
+        .owns(children, watcher::Config::default().labels(PARENT_LABEL).any_semantic());
+    let cache = controller.store();
+    ctx.metrics.watch_degraded(
+        CONTROLLER,
+        Box::new(move || {
+            cache
+                .state()
+                .iter()
+                .filter(|r| r.meta().deletion_timestamp.is_none())
+                .filter_map(|r| conditions::degraded_reason(&r.status.as_ref()?.conditions))
+                .collect()
+        }),
+    );
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
@@ -79,14 +92,55 @@ pub fn error_policy(fr: Arc<FederationRound>, error: &Error, ctx: Arc<Context>) 
 pub async fn reconcile(fr: Arc<FederationRound>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile(CONTROLLER);
     if fr.meta().deletion_timestamp.is_some() {
+        ctx.forget(&key(&fr));
         return Ok(Action::await_change());
     }
-    let action = match &fr.spec.schedule {
-        Some(cron) => scheduled(&fr, &ctx, cron).await?,
-        None => one_round(&fr, &ctx).await?,
+    let result = match &fr.spec.schedule {
+        Some(cron) => scheduled(&fr, &ctx, cron).await,
+        None => one_round(&fr, &ctx).await,
     };
-    ctx.reset_backoff(&key(&fr));
-    Ok(action)
+    match result.as_ref().err().and_then(Error::rejection) {
+        // The generated Job or child round was refused: only a spec change can help.
+        Some(message) => {
+            let note = format!("the API server refused a generated object: {message}");
+            degrade(&fr, &ctx, "ApplyFailed", &note).await?;
+            Err(Error::Rejected(message))
+        }
+        None => result,
+    }
+}
+
+/// Marks a round Degraded for `reason` (Warning Event on the transition); the caller backs off.
+async fn degrade(fr: &FederationRound, ctx: &Context, reason: &str, message: &str) -> Result<()> {
+    let ns = fr.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let rounds: Api<FederationRound> = Api::namespaced(ctx.client.clone(), &ns);
+    let previous = fr.status.clone().unwrap_or_default();
+    let generation = fr.meta().generation.unwrap_or(0);
+    let wants = [
+        Want::no(READY, reason, message),
+        Want::no(PROGRESSING, reason, message),
+        Want::yes(DEGRADED, reason, message),
+    ];
+    let mut next = previous.clone();
+    next.conditions =
+        conditions::merge(&previous.conditions, &wants, generation, &Time(Timestamp::now()));
+    next.observed_generation = Some(generation);
+    next.message = Some(message.to_string());
+    if next.phase.is_none() {
+        next.phase = Some(if fr.spec.schedule.is_some() {
+            RoundPhase::Scheduled
+        } else {
+            RoundPhase::Pending
+        });
+    }
+    let already = conditions::degraded_reason(&previous.conditions).as_deref() == Some(reason);
+    if !already {
+        ctx.event(&fr.object_ref(&()), true, reason, "Reconcile", message).await;
+    }
+    if next != previous {
+        apply_status(&rounds, &fr.name_any(), &next).await?;
+    }
+    Ok(())
 }
 
 fn to_std(d: SignedDuration) -> Duration {
@@ -116,8 +170,16 @@ async fn one_round(fr: &FederationRound, ctx: &Context) -> Result<Action> {
     let (selected, ready): (Vec<Shard>, Vec<Shard>) =
         if phase.is_none() || phase == Some(RoundPhase::Pending) {
             let shards: Api<Shard> = Api::namespaced(client.clone(), &ns);
-            let selector = Selector::try_from(fr.spec.shard_selector.clone())
-                .map_err(|e| Error::Unsatisfiable(format!("shardSelector: {e}")))?;
+            let selector = match Selector::try_from(fr.spec.shard_selector.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    // The schema cannot check operators and values; tell the user and back
+                    // off until the spec changes.
+                    let message = format!("shardSelector cannot be parsed: {e}");
+                    degrade(fr, ctx, "InvalidSelector", &message).await?;
+                    return Err(Error::Unsatisfiable(message));
+                }
+            };
             let mut selected = shards.list(&ListParams::default()).await?.items;
             selected.retain(|s| selector.matches(s.labels()));
             selected.sort_by_key(|s| s.name_any());
@@ -156,6 +218,7 @@ async fn one_round(fr: &FederationRound, ctx: &Context) -> Result<Action> {
             ctx.event(&reference, false, "TTLExpired", "Delete", "ttlSecondsAfterFinished expired")
                 .await;
             crate::apply::delete_if_present(&rounds, &fr.name_any()).await?;
+            ctx.forget(&key(fr));
             return Ok(Action::await_change());
         }
         state::Action::CreateJob => {
@@ -231,6 +294,11 @@ async fn one_round(fr: &FederationRound, ctx: &Context) -> Result<Action> {
     if next != previous {
         apply_status(&rounds, &fr.name_any(), &next).await?;
     }
+    if step.degraded.is_some() {
+        // Stuck (image pull, no shard selected): look again with backoff, not at a fixed rate.
+        return Ok(Action::requeue(ctx.backoff(&key(fr))));
+    }
+    ctx.reset_backoff(&key(fr));
     Ok(match step.requeue {
         Some(d) => Action::requeue(to_std(d)),
         None => Action::await_change(),
@@ -374,6 +442,7 @@ async fn scheduled(fr: &FederationRound, ctx: &Context, cron: &str) -> Result<Ac
     if next != previous {
         apply_status(&rounds, &fr.name_any(), &next).await?;
     }
+    ctx.reset_backoff(&key(fr));
     let wait = step.next.map_or(SignedDuration::from_secs(3600), |n| n.duration_since(now));
     Ok(Action::requeue(to_std(wait)))
 }

@@ -9,7 +9,10 @@
 //!   `scaleDownStabilizationSeconds`, so a brief spike or dip changes nothing;
 //! - rate limits: up by at most max(100 %, 4 pods) per 30 s, down by at most
 //!   max(50 %, 2 pods) per 60 s (HPA's `selectPolicy: Max`: the policy allowing more change wins);
-//! - the result always lies in `[min, max]`.
+//! - the result always lies in `[min, max]`;
+//! - servers that are ready but did not answer (stats timed out) count conservatively, as the
+//!   HPA counts pods with missing metrics: at the target when the others ask for fewer
+//!   servers, at zero load when they ask for more, so a slow pod never causes a scale-down.
 
 use crate::crd::{AutoscalerState, AutoscalingSpec, ReplicaRange, TimedReplicas};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -88,18 +91,18 @@ pub struct Decision {
 /// Decides the replica count.
 ///
 /// `loads` is `None` when no server could be read (nothing is recommended then, and the count
-/// only moves into the bounds).
+/// only moves into the bounds); `missing` counts ready servers whose load could not be read.
 pub fn decide(
     now: Timestamp,
     current: i32,
     loads: Option<&[PodLoad]>,
+    missing: usize,
     bounds: &ReplicaRange,
     spec: &AutoscalingSpec,
     previous: &AutoscalerState,
 ) -> Decision {
     let (min, max) = (bounds.min.max(1), bounds.max.max(bounds.min.max(1)));
     let mut state = previous.clone();
-    state.last_evaluated = Some(Time(now));
     let clamp = |r: i32| r.clamp(min, max);
     if !spec.enabled {
         return finish(
@@ -131,11 +134,25 @@ pub fn decide(
             (usage / target).ceil() as i32
         }
     };
-    let recommendation = clamp(
-        want(total_sps, spec.target_syncs_per_second_per_pod)
-            .max(want(total_conns as f64, spec.target_connections_per_pod))
-            .max(1),
-    );
+    let recommend = |sps: f64, conns: f64| {
+        clamp(
+            want(sps, spec.target_syncs_per_second_per_pod)
+                .max(want(conns, spec.target_connections_per_pod))
+                .max(1),
+        )
+    };
+    // Unread servers add nothing (zero load), which is conservative for a scale-up…
+    let mut recommendation = recommend(total_sps, total_conns as f64);
+    if recommendation < current && missing > 0 {
+        // …but not for a scale-down: assume they run at the target, and hold if that
+        // removes the reason to scale down.
+        let m = missing as f64;
+        let with_missing = recommend(
+            total_sps + m * f64::from(spec.target_syncs_per_second_per_pod),
+            total_conns as f64 + m * f64::from(spec.target_connections_per_pod),
+        );
+        recommendation = with_missing.min(current);
+    }
     record(&mut state.recommendations, now, recommendation);
 
     let up_window = SignedDuration::from_secs(i64::from(spec.scale_up_stabilization_seconds));
@@ -159,8 +176,10 @@ pub fn decide(
     let down_limit = down_start - (down_start * DOWN_MAX_PERCENT / 100).max(DOWN_MAX_PODS);
     target = clamp(target.min(up_limit).max(down_limit));
 
+    let unread =
+        if missing > 0 { format!(" ({missing} more did not answer)") } else { String::new() };
     let load = format!(
-        "{total_sps:.1} syncs/s and {total_conns} connections over {} servers ask for {recommendation}",
+        "{total_sps:.1} syncs/s and {total_conns} connections over {} servers{unread} ask for {recommendation}",
         loads.len()
     );
     let (reason, message) = match target.cmp(&current) {
@@ -264,6 +283,7 @@ mod tests {
         spec: AutoscalingSpec,
         recommendations: Vec<TimedReplicas>,
         scale_events: Vec<TimedReplicas>,
+        missing: usize,
         want: i32,
         reason: Reason,
     }
@@ -284,6 +304,7 @@ mod tests {
             spec: spec(0, 0),
             recommendations: vec![],
             scale_events: vec![],
+            missing: 0,
             want,
             reason,
         }
@@ -356,6 +377,37 @@ mod tests {
                     Reason::Stable,
                 )
             },
+            // Servers that did not answer (stats timed out), like the HPA's missing metrics.
+            Case {
+                missing: 2,
+                ..case(
+                    "unread servers count at target: no scale-down",
+                    4,
+                    Some(pods(2, 100.0, 0)),
+                    4,
+                    Reason::Stable,
+                )
+            },
+            Case {
+                missing: 3,
+                ..case(
+                    "unread servers at target limit the scale-down",
+                    4,
+                    Some(pods(1, 0.0, 0)),
+                    3,
+                    Reason::ScaledDown,
+                )
+            },
+            Case {
+                missing: 1,
+                ..case(
+                    "unread servers count as idle for a scale-up",
+                    3,
+                    Some(pods(2, 300.0, 0)),
+                    6,
+                    Reason::ScaledUp,
+                )
+            },
             // Stabilisation.
             Case {
                 spec: spec(60, 300),
@@ -410,10 +462,17 @@ mod tests {
             let state = AutoscalerState {
                 recommendations: c.recommendations.clone(),
                 scale_events: c.scale_events.clone(),
-                last_evaluated: None,
             };
             let bounds = ReplicaRange { min: c.bounds.0, max: c.bounds.1 };
-            let d = decide(at(c.now), c.current, c.loads.as_deref(), &bounds, &c.spec, &state);
+            let d = decide(
+                at(c.now),
+                c.current,
+                c.loads.as_deref(),
+                c.missing,
+                &bounds,
+                &c.spec,
+                &state,
+            );
             assert_eq!((d.replicas, d.reason), (c.want, c.reason), "{}: {}", c.name, d.message);
             assert!(d.replicas >= bounds.min && d.replicas <= bounds.max, "{}", c.name);
         }
@@ -424,8 +483,8 @@ mod tests {
         let bounds = ReplicaRange { min: 1, max: 10 };
         let s = spec(60, 300);
         let load = pods(2, 100.0, 0);
-        let first = decide(at(0), 2, Some(&load), &bounds, &s, &AutoscalerState::default());
-        let second = decide(at(15), 2, Some(&load), &bounds, &s, &first.state);
+        let first = decide(at(0), 2, Some(&load), 0, &bounds, &s, &AutoscalerState::default());
+        let second = decide(at(15), 2, Some(&load), 0, &bounds, &s, &first.state);
         assert_eq!(first.state.recommendations, second.state.recommendations);
         assert_eq!(second.state.recommendations.len(), 1);
         assert!(second.state.scale_events.is_empty());
@@ -436,7 +495,7 @@ mod tests {
         let bounds = ReplicaRange { min: 1, max: 10 };
         let s = spec(0, 0);
         let up =
-            decide(at(0), 1, Some(&pods(1, 400.0, 0)), &bounds, &s, &AutoscalerState::default());
+            decide(at(0), 1, Some(&pods(1, 400.0, 0)), 0, &bounds, &s, &AutoscalerState::default());
         assert_eq!(
             up.state.scale_events,
             vec![rec(-1000, 3)]
@@ -447,7 +506,7 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         );
-        let later = decide(at(120), 4, Some(&pods(4, 100.0, 0)), &bounds, &s, &up.state);
+        let later = decide(at(120), 4, Some(&pods(4, 100.0, 0)), 0, &bounds, &s, &up.state);
         assert!(later.state.scale_events.is_empty(), "events older than both periods are dropped");
     }
 
@@ -466,6 +525,7 @@ mod tests {
                 at(t),
                 replicas,
                 Some(&pods(replicas as usize, load / replicas as f64, 0)),
+                0,
                 &bounds,
                 &s,
                 &state,

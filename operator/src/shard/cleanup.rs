@@ -149,6 +149,6 @@ pub(super) async fn run(shard: &Shard, ctx: &Context) -> Result<Action> {
     // 4. Done: let the API server finish the deletion.
     apply_finalizers(&shards, &shard.name_any(), &[]).await?;
     info!(shard = %key(shard), controller = CONTROLLER, "cleanup finished");
-    ctx.reset_backoff(&key(shard));
+    ctx.forget(&key(shard));
     Ok(Action::await_change())
 }

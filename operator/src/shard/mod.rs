@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -49,13 +49,25 @@ pub async fn run(
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
         None => (Api::all(client.clone()), Api::all(client)),
     };
-    Controller::new(shards, watcher::Config::default().any_semantic())
-        .owns(
-            sets,
-            watcher::Config::default()
-                .labels("app.kubernetes.io/managed-by=omega-operator")
-                .any_semantic(),
-        )
+    let controller = Controller::new(shards, watcher::Config::default().any_semantic()).owns(
+        sets,
+        watcher::Config::default()
+            .labels("app.kubernetes.io/managed-by=omega-operator")
+            .any_semantic(),
+    );
+    let cache = controller.store();
+    ctx.metrics.watch_degraded(
+        CONTROLLER,
+        Box::new(move || {
+            cache
+                .state()
+                .iter()
+                .filter(|s| s.meta().deletion_timestamp.is_none())
+                .filter_map(|s| conditions::degraded_reason(&s.status.as_ref()?.conditions))
+                .collect()
+        }),
+    );
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
@@ -86,10 +98,45 @@ pub async fn reconcile(shard: Arc<Shard>, ctx: Arc<Context>) -> Result<Action> {
     if shard.meta().deletion_timestamp.is_some() {
         return cleanup::run(&shard, &ctx).await;
     }
-    if !shard.finalizers().iter().any(|f| f == SHARD_FINALIZER) {
-        apply_finalizers(&shards, &shard.name_any(), &[SHARD_FINALIZER]).await?;
+    let result = async {
+        if !shard.finalizers().iter().any(|f| f == SHARD_FINALIZER) {
+            apply_finalizers(&shards, &shard.name_any(), &[SHARD_FINALIZER]).await?;
+        }
+        converge(&shard, &ctx, &ns).await
     }
-    converge(&shard, &ctx, &ns).await
+    .await;
+    match result.as_ref().err().and_then(Error::rejection) {
+        // Retrying the same object cannot help: say so in status and an Event, and let the
+        // error policy back off until the spec changes.
+        Some(message) => {
+            refused(&shard, &ctx, &shards, &message).await?;
+            Err(Error::Rejected(message))
+        }
+        None => result,
+    }
+}
+
+/// Records that the API server refused an object generated from the spec.
+async fn refused(shard: &Shard, ctx: &Context, shards: &Api<Shard>, message: &str) -> Result<()> {
+    let previous = shard.status.clone().unwrap_or_default();
+    let (phase, wants) = status::refused(message);
+    let generation = shard.meta().generation.unwrap_or(0);
+    let next = ShardStatus {
+        phase: Some(phase),
+        conditions: conditions::merge(
+            &previous.conditions,
+            &wants,
+            generation,
+            &Time(Timestamp::now()),
+        ),
+        observed_generation: Some(generation),
+        ..previous.clone()
+    };
+    publish_transitions(ctx, &shard.object_ref(&()), &previous, &next).await;
+    if next != previous {
+        apply_status(shards, &shard.name_any(), &next).await?;
+    }
+    Ok(())
 }
 
 /// Applies everything and writes status; returns when to look again.
@@ -114,7 +161,8 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
     )
     .await?;
 
-    let (blocked, database_ready, note) = database(shard, ctx, &cx, ns, &secrets).await?;
+    let db = database(shard, ctx, &cx, ns, &secrets).await?;
+    let blocked = db.blocked.clone();
 
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -128,14 +176,10 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
 
     // Load is read every `stats_interval`; reconciles in between (watch events) reuse it.
     let state = previous.autoscaler.clone().unwrap_or_default();
-    let due = state.last_evaluated.as_ref().is_none_or(|t| {
-        now.duration_since(t.0)
-            >= SignedDuration::try_from(ctx.settings.stats_interval).unwrap_or_default()
-    });
     let (mut syncs, mut active_devices) = (previous.syncs_per_second, previous.active_devices);
     let (replicas, autoscaler) = if blocked.is_some() {
         (current, state)
-    } else if due {
+    } else if ctx.evaluation_due(&key(shard)) {
         let (stats, errors) = stats::collect(ctx, &server_pods).await;
         for e in &errors {
             warn!(shard = %key(shard), error = %e, "stats");
@@ -154,6 +198,7 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
             now,
             current,
             Some(&loads),
+            errors.len(),
             &shard.spec.replicas,
             &shard.spec.autoscaling,
             &state,
@@ -187,7 +232,7 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
         )
         .await?;
         let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
-        for p in resources::network_policies(shard, &cx) {
+        for p in resources::network_policies(shard, &cx, &ctx.settings.operator_namespace) {
             apply(&policies, &p).await?;
         }
         if shard.spec.service_monitor
@@ -208,11 +253,12 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
     let ready = existing.as_ref().and_then(|s| s.status.as_ref()?.ready_replicas).unwrap_or(0);
     let facts = status::Facts {
         blocked: blocked.clone(),
-        stuck: stats::stuck_reason(&server_pods),
-        database_ready,
+        // A database that cannot start is as stuck as servers that cannot.
+        stuck: db.stuck.clone().or_else(|| stats::stuck_reason(&server_pods)),
+        database_ready: db.ready,
         wanted: replicas,
         ready: ready.min(replicas),
-        note,
+        note: db.note.clone(),
     };
     let (phase, wants) = status::assess(&facts);
     let generation = shard.meta().generation.unwrap_or(0);
@@ -279,16 +325,36 @@ async fn publish_transitions(
     }
 }
 
-/// Ensures the database of the spec's mode. Returns (blocked reason, ready, note).
+/// What [`database`] found.
+#[derive(Debug, Default)]
+struct DbState {
+    /// The spec cannot be satisfied (reason, message): no servers are started.
+    blocked: Option<(String, String)>,
+    /// A database pod cannot start (reason, message): image pull failure, crash loop.
+    stuck: Option<(String, String)>,
+    /// The database reports ready.
+    ready: bool,
+    /// Extra note for the Ready condition.
+    note: Option<String>,
+}
+
+/// Why the database pods matching `selector` cannot start, if they cannot.
+async fn database_stuck(pods: &Api<Pod>, selector: &str) -> Result<Option<(String, String)>> {
+    let list = pods.list(&ListParams::default().labels(selector)).await?.items;
+    Ok(stats::stuck_reason(&list).map(|(reason, message)| (reason, format!("database: {message}"))))
+}
+
+/// Ensures the database of the spec's mode.
 async fn database(
     shard: &Shard,
     ctx: &Context,
     cx: &Ctx,
     ns: &str,
     secrets: &Api<Secret>,
-) -> Result<(Option<(String, String)>, bool, Option<String>)> {
+) -> Result<DbState> {
     let client = &ctx.client;
     let pg = &shard.spec.postgres;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     match pg.mode {
         PostgresMode::Managed => {
             let existing = secrets.get_opt(&cx.names.postgres_secret).await?;
@@ -315,31 +381,35 @@ async fn database(
             let note = (pg.instances > 1).then(|| {
                 format!("managed Postgres runs 1 instance ({} requested: use mode cloudnativepg for replicas)", pg.instances)
             });
-            Ok((None, ready, note))
+            let stuck = database_stuck(&pods, &cx.selector_string("postgres")).await?;
+            Ok(DbState { blocked: None, stuck, ready, note })
         }
         PostgresMode::Cloudnativepg => {
             if !served(client, "postgresql.cnpg.io/v1", "clusters").await? {
-                return Ok((
-                    Some((
+                return Ok(DbState {
+                    blocked: Some((
                         "CloudNativePGNotInstalled".into(),
                         "postgres.mode is cloudnativepg but the postgresql.cnpg.io/v1 Cluster CRD is not installed".into(),
                     )),
-                    false,
-                    None,
-                ));
+                    ..DbState::default()
+                });
             }
             let api = dynamic_api(client, ns, "postgresql.cnpg.io", "v1", "Cluster", "clusters");
             let cluster = apply_value(&api, &postgres::cnpg_cluster(shard, cx)).await?;
             let ready = cluster.data["status"]["readyInstances"].as_i64().unwrap_or(0) >= 1;
-            Ok((None, ready, None))
+            let stuck =
+                database_stuck(&pods, &format!("cnpg.io/cluster={}", cx.names.postgres)).await?;
+            Ok(DbState { blocked: None, stuck, ready, note: None })
         }
         PostgresMode::External => {
             let Some(r) = &pg.external_secret_ref else {
-                return Ok((
-                    Some(("SecretNotFound".into(), "postgres.externalSecretRef is not set".into())),
-                    false,
-                    None,
-                ));
+                return Ok(DbState {
+                    blocked: Some((
+                        "SecretNotFound".into(),
+                        "postgres.externalSecretRef is not set".into(),
+                    )),
+                    ..DbState::default()
+                });
             };
             let blocked = match secrets.get_opt(&r.name).await? {
                 None => Some((
@@ -353,7 +423,7 @@ async fn database(
                 Some(_) => None,
             };
             let ready = blocked.is_none();
-            Ok((blocked, ready, None))
+            Ok(DbState { blocked, stuck: None, ready, note: None })
         }
     }
 }

@@ -446,16 +446,23 @@ pub fn disruption_budget(cx: &Ctx) -> PodDisruptionBudget {
     }
 }
 
-/// Peers allowed to reach admin and database ports: the operator, this namespace's
-/// federation Jobs, and the shard's own servers.
-fn trusted_peers(cx: &Ctx) -> Vec<NetworkPolicyPeer> {
+/// Label every namespace carries with its own name (set by the API server since 1.21).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Peers allowed to reach admin and database ports: the operator (its pods in its own
+/// namespace only: a pod labelled like the operator elsewhere is not trusted), this
+/// namespace's federation Jobs, and the shard's own servers.
+fn trusted_peers(cx: &Ctx, operator_namespace: &str) -> Vec<NetworkPolicyPeer> {
     let pods = |labels: BTreeMap<String, String>| LabelSelector {
         match_labels: Some(labels),
         match_expressions: None,
     };
     vec![
         NetworkPolicyPeer {
-            namespace_selector: Some(LabelSelector::default()),
+            namespace_selector: Some(pods(BTreeMap::from([(
+                NAMESPACE_NAME_LABEL.to_string(),
+                operator_namespace.to_string(),
+            )]))),
             pod_selector: Some(pods(BTreeMap::from([(
                 OPERATOR_POD_LABEL.0.to_string(),
                 OPERATOR_POD_LABEL.1.to_string(),
@@ -485,8 +492,8 @@ fn tcp(port: i32) -> NetworkPolicyPort {
 }
 
 /// NetworkPolicies: device gRPC and metrics open; admin gRPC, REST and the database only from
-/// trusted peers.
-pub fn network_policies(shard: &Shard, cx: &Ctx) -> Vec<NetworkPolicy> {
+/// trusted peers (`operator_namespace` is where the operator's pods run).
+pub fn network_policies(shard: &Shard, cx: &Ctx, operator_namespace: &str) -> Vec<NetworkPolicy> {
     let servers = NetworkPolicy {
         metadata: cx.meta(&cx.names.shard, "constellation"),
         spec: Some(NetworkPolicySpec {
@@ -502,7 +509,7 @@ pub fn network_policies(shard: &Shard, cx: &Ctx) -> Vec<NetworkPolicy> {
                 },
                 NetworkPolicyIngressRule {
                     ports: Some(vec![tcp(ADMIN_PORT), tcp(REST_PORT)]),
-                    from: Some(trusted_peers(cx)),
+                    from: Some(trusted_peers(cx, operator_namespace)),
                 },
             ]),
             egress: None,
@@ -511,7 +518,7 @@ pub fn network_policies(shard: &Shard, cx: &Ctx) -> Vec<NetworkPolicy> {
     let mut out = vec![servers];
     let mut db_rules = vec![NetworkPolicyIngressRule {
         ports: Some(vec![tcp(PG_PORT)]),
-        from: Some(trusted_peers(cx)),
+        from: Some(trusted_peers(cx, operator_namespace)),
     }];
     let db_selector = match shard.spec.postgres.mode {
         PostgresMode::External => return out,
@@ -691,7 +698,7 @@ mod tests {
         let owners = |m: &ObjectMeta| m.owner_references.clone().unwrap_or_default();
         let mut metas: Vec<ObjectMeta> =
             services(&s, &cx).into_iter().map(|o| o.metadata).collect();
-        metas.extend(network_policies(&s, &cx).into_iter().map(|o| o.metadata));
+        metas.extend(network_policies(&s, &cx, "omega-system").into_iter().map(|o| o.metadata));
         metas.push(disruption_budget(&cx).metadata);
         metas.push(postgres_service(&cx).metadata);
         metas.push(postgres_statefulset(&s, &cx).metadata);
@@ -732,7 +739,7 @@ mod tests {
     fn network_policies_restrict_admin_and_database() {
         let s = shard(PostgresMode::Managed);
         let cx = Ctx::of(&s).unwrap();
-        let policies = network_policies(&s, &cx);
+        let policies = network_policies(&s, &cx, "omega-system");
         assert_eq!(policies.len(), 2);
         let rules = policies[0].spec.as_ref().unwrap().ingress.clone().unwrap();
         // Open rule: only device gRPC and metrics.
@@ -747,7 +754,20 @@ mod tests {
         assert_eq!(admin.from.as_ref().unwrap().len(), 3);
         let db = policies[1].spec.as_ref().unwrap().ingress.clone().unwrap();
         assert!(db.iter().all(|r| r.from.is_some()), "database has no open rule");
-        assert_eq!(network_policies(&shard(PostgresMode::External), &cx).len(), 1);
+        assert_eq!(network_policies(&shard(PostgresMode::External), &cx, "x").len(), 1);
+        // The operator is trusted in its own namespace only, never in any namespace.
+        for rule in admin.from.iter().chain(db.iter().flat_map(|r| r.from.iter())) {
+            for peer in rule {
+                let Some(ns) = &peer.namespace_selector else { continue };
+                let labels = ns.match_labels.clone().unwrap_or_default();
+                assert_eq!(
+                    labels.get(NAMESPACE_NAME_LABEL).map(String::as_str),
+                    Some("omega-system"),
+                    "{peer:?}"
+                );
+                assert!(ns.match_expressions.is_none());
+            }
+        }
     }
 
     #[test]
@@ -790,7 +810,7 @@ mod tests {
             round_trip(&disruption_budget(&cx));
             round_trip(&secret(&cx, "x", postgres_secret_data(&cx, "pw"), true));
             services(&s, &cx).iter().for_each(round_trip);
-            network_policies(&s, &cx).iter().for_each(round_trip);
+            network_policies(&s, &cx, "omega-system").iter().for_each(round_trip);
             for v in [cnpg_cluster(&s, &cx), service_monitor(&cx)] {
                 let d: DynamicObject = serde_json::from_value(v.clone()).unwrap();
                 assert_eq!(d.metadata.owner_references.unwrap()[0].uid, "uid-1");

@@ -75,6 +75,23 @@ pub fn assess(f: &Facts) -> (ShardPhase, Vec<Want>) {
     )
 }
 
+/// Reason of the Degraded condition when the API server refused a generated object.
+pub const APPLY_FAILED: &str = "ApplyFailed";
+
+/// Phase and conditions when the API server refused an object the operator generated from
+/// the spec: only a spec change can help, so the Shard is Degraded and not progressing.
+pub fn refused(message: &str) -> (ShardPhase, Vec<Want>) {
+    let message = format!("the API server refused a generated object: {message}");
+    (
+        ShardPhase::Degraded,
+        vec![
+            Want::no(READY, APPLY_FAILED, message.clone()),
+            Want::no(PROGRESSING, APPLY_FAILED, message.clone()),
+            Want::yes(DEGRADED, APPLY_FAILED, message),
+        ],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +156,15 @@ mod tests {
         }
         let (_, w) = assess(&Facts { blocked, ..base });
         assert!(!get(&w, PROGRESSING).status, "a blocked spec is not progressing");
+    }
+
+    #[test]
+    fn a_refused_object_degrades_with_the_servers_message() {
+        let (phase, w) = refused("spec.resources.limits[memory]: Invalid value: \"lots\"");
+        assert_eq!(phase, ShardPhase::Degraded);
+        let d = get(&w, DEGRADED);
+        assert!(d.status && d.reason == APPLY_FAILED, "{d:?}");
+        assert!(d.message.contains("Invalid value: \"lots\""), "{}", d.message);
+        assert!(!get(&w, READY).status && !get(&w, PROGRESSING).status);
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::fake::Fake;
 use crate::support::*;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use omega_operator::crd::{FederationRound, Shard};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -35,6 +35,79 @@ async fn running(fake: &Fake, ns: &str, name: &str) -> Value {
         .then_some(s)
     })
     .await
+}
+
+/// What the operator did about one object tree (`name` and its children `name-*`) over a
+/// window: its reconciles, its requests naming the tree, and how many of those changed
+/// something (a new resourceVersion).
+#[derive(Debug)]
+struct Activity {
+    reconciles: usize,
+    requests: usize,
+    changes: usize,
+}
+
+/// Watches the operator for `window` and reports its activity about `name`'s tree.
+/// `reconcile_marker` is the one request every reconcile of that object makes.
+async fn activity(
+    fake: &Fake,
+    ns: &str,
+    name: &str,
+    reconcile_marker: (&str, &str),
+    window: Duration,
+) -> Activity {
+    let in_tree = |n: &str| n == name || n.starts_with(&format!("{name}-"));
+    let start = std::time::Instant::now();
+    tokio::time::sleep(window).await;
+    let store = fake.store.lock().unwrap();
+    let requests: Vec<_> = store
+        .requests
+        .iter()
+        .filter(|r| r.user == crate::fake::OPERATOR && r.at >= start && r.namespace == ns)
+        .filter(|r| r.resource != "events" && in_tree(&r.name))
+        .collect();
+    let changes = requests.iter().filter(|r| r.changed).count();
+    Activity {
+        reconciles: requests
+            .iter()
+            .filter(|r| (r.verb.as_str(), r.name.as_str()) == reconcile_marker)
+            .count(),
+        requests: requests.len(),
+        changes,
+    }
+}
+
+/// Asserts that a Degraded object is retried with backoff and left alone in between: over 6 s
+/// (test backoff 0.5 s doubling to 4 s) a handful of reconciles, each a bounded number of
+/// requests, none of which changes anything. A hot loop (a write that changes the object
+/// every reconcile, or a requeue without backoff) fails every part of it.
+async fn assert_backs_off(fake: &Fake, ns: &str, name: &str, marker: (&str, &str)) {
+    let a = activity(fake, ns, name, marker, Duration::from_secs(6)).await;
+    assert!((1..=5).contains(&a.reconciles), "{name}: {a:?} in 6 s");
+    // +1: a reconcile may straddle the start of the window.
+    assert!(a.requests <= 20 * (a.reconciles + 1), "{name}: {a:?}");
+    assert_eq!(a.changes, 0, "{name}: a Degraded object is not rewritten: {a:?}");
+}
+
+fn round(name: &str, spec: Value) -> FederationRound {
+    serde_json::from_value(json!({
+        "apiVersion": "omega.exogenesis.io/v1alpha1", "kind": "FederationRound",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap()
+}
+
+async fn degraded(fake: &Fake, plural: &str, ns: &str, name: &str, reason: &str) -> Value {
+    fake.wait_for(30, &format!("{name} Degraded/{reason}"), |f| {
+        let o = f.get("omega.exogenesis.io", plural, ns, name)?;
+        let c = condition(&o, "Degraded")?;
+        (c["reason"] == json!(reason) && c["status"] == json!("True")).then_some(o)
+    })
+    .await
+}
+
+fn warned(fake: &Fake, ns: &str, name: &str, reason: &str) -> bool {
+    events_for(fake, ns, name).iter().any(|(t, r)| t == "Warning" && r == reason)
 }
 
 #[tokio::test]
@@ -82,6 +155,17 @@ async fn shard_lifecycle_create_ready_scale_delete() {
         .then_some(())
     })
     .await;
+
+    // Steady load: the load is read every 0.5 s, but status is not rewritten (nothing changed).
+    let window = Duration::from_secs(5);
+    let a = activity(&fake, "tv", "eu1", ("get", "eu1-device-token"), window).await;
+    assert!(a.reconciles >= 2, "the load is still read: {a:?}");
+    let status_writes = fake
+        .operator_requests()
+        .iter()
+        .filter(|r| r.resource == "shards/status" && r.at.elapsed() < window)
+        .count();
+    assert_eq!(status_writes, 0, "steady load rewrites no status");
 
     // Load rises: 250 syncs/s on one server with a target of 100 → 3 servers.
     stats.set(250.0, 100);
@@ -157,6 +241,7 @@ async fn shard_lifecycle_create_ready_scale_delete() {
     let secret = fake.get("", "secrets", "tv", "eu1-postgres").expect("password Secret retained");
     assert!(secret["metadata"]["ownerReferences"].as_array().is_none_or(|o| o.is_empty()));
     assert!(fake.get("", "secrets", "tv", "eu1-device-token").is_some());
+    crate::rbac::check(&fake, "lifecycle");
     op.abort();
 }
 
@@ -176,6 +261,17 @@ async fn delete_policy_removes_volumes_and_secrets() {
         .unwrap();
     running(&fake, "default", "d1").await;
     assert_eq!(fake.list("", "persistentvolumeclaims", "default").len(), 1);
+    // A volume the StatefulSet controller does not remove (made before the retention policy,
+    // or on a cluster without it): the finalizer deletes it by label.
+    let labels = fake.get("", "persistentvolumeclaims", "default", "data-d1-postgres-0").unwrap()
+        ["metadata"]["labels"]
+        .clone();
+    fake.create(
+        "",
+        "persistentvolumeclaims",
+        "default",
+        json!({"metadata": {"name": "data-d1-postgres-1", "labels": labels}, "spec": {}}),
+    );
     shards.delete("d1", &DeleteParams::default()).await.unwrap();
     fake.wait_for(30, "everything gone", |f| {
         (f.get("omega.exogenesis.io", "shards", "default", "d1").is_none()
@@ -184,6 +280,7 @@ async fn delete_policy_removes_volumes_and_secrets() {
         .then_some(())
     })
     .await;
+    crate::rbac::check(&fake, "delete_policy");
     op.abort();
 }
 
@@ -244,13 +341,17 @@ async fn unsatisfiable_specs_degrade_with_backoff_and_recover() {
         "no servers without a database"
     );
 
-    // No hot loop: over 3 s the blocked shard is retried with backoff, a handful of times.
-    let count =
-        |f: &Fake| f.writes().iter().filter(|w| w.name == "ext" && w.plural == "shards").count();
-    let before = count(&fake);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let during = count(&fake) - before;
-    assert!(during <= 3, "{during} writes to a blocked shard in 3 s");
+    // No hot loop: each Degraded shard is retried with backoff, and nothing is rewritten.
+    tokio::join!(
+        assert_backs_off(&fake, "default", "ext", ("get", "ext-device-token")),
+        assert_backs_off(&fake, "default", "cnpg", ("get", "cnpg-device-token")),
+        assert_backs_off(&fake, "default", "badimg", ("get", "badimg-device-token")),
+    );
+    let metrics = op.metrics().await;
+    for reason in ["SecretNotFound", "CloudNativePGNotInstalled", "ImagePullBackOff"] {
+        let line = format!("omega_operator_degraded{{controller=\"shard\",reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+    }
 
     // Fix the causes: the Secret appears, CNPG gets installed.
     fake.create(
@@ -269,6 +370,211 @@ async fn unsatisfiable_specs_degrade_with_backoff_and_recover() {
     let sts = fake.get("apps", "statefulsets", "default", "cnpg").unwrap();
     let env = &sts["spec"]["template"]["spec"]["containers"][0]["env"];
     assert!(env.as_array().unwrap().iter().any(|e| e["name"] == json!("DATABASE_READ_URLS")));
+    // Recovered shards are no longer counted as Degraded.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while op.metrics().await.contains("reason=\"SecretNotFound\"") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", op.metrics().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Deleting a cloudnativepg Shard deletes its Cluster (after the servers).
+    shards.delete("cnpg", &DeleteParams::default()).await.unwrap();
+    fake.wait_for(30, "cnpg shard and Cluster gone", |f| {
+        (f.get("omega.exogenesis.io", "shards", "default", "cnpg").is_none()
+            && f.get("postgresql.cnpg.io", "clusters", "default", "cnpg-postgres").is_none())
+        .then_some(())
+    })
+    .await;
+    crate::rbac::check(&fake, "unsatisfiable");
+    op.abort();
+}
+
+#[tokio::test]
+async fn api_rejections_and_bad_selectors_degrade_with_the_reason_and_back_off() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, None, "op-rej");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+
+    // The CRD cannot check a core ResourceRequirements' quantities; the API server refuses the
+    // StatefulSet generated from it, and the operator says so.
+    let bad = shard("badres", 6, json!({"resources": {"limits": {"memory": "lots"}}}));
+    shards.create(&PostParams::default(), &bad).await.unwrap();
+    let s = degraded(&fake, "shards", "default", "badres", "ApplyFailed").await;
+    assert_eq!(s["status"]["phase"], json!("Degraded"));
+    let message = condition(&s, "Degraded").unwrap()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("StatefulSet in version \"v1\" cannot be handled as a StatefulSet")
+            && message.contains("quantities must match the regular expression"),
+        "{message}"
+    );
+    assert_eq!(condition(&s, "Progressing").unwrap()["status"], json!("False"));
+    assert!(warned(&fake, "default", "badres", "ApplyFailed"));
+    assert_backs_off(&fake, "default", "badres", ("get", "badres-device-token")).await;
+
+    // A selector the schema lets through but that cannot be parsed.
+    let rounds: Api<FederationRound> = Api::namespaced(fake.client(), "default");
+    let sel = json!({"shardSelector": {"matchExpressions": [{"key": "tier", "operator": "Like", "values": ["prod"]}]}});
+    rounds.create(&PostParams::default(), &round("badsel", sel)).await.unwrap();
+    let r = degraded(&fake, "federationrounds", "default", "badsel", "InvalidSelector").await;
+    let message = condition(&r, "Degraded").unwrap()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("shardSelector cannot be parsed"), "{message}");
+    assert_eq!(r["status"]["phase"], json!("Pending"));
+    assert!(warned(&fake, "default", "badsel", "InvalidSelector"));
+    // Resolving shards is what a round does first: count its lists of Shards.
+    let a = activity(&fake, "default", "badsel", ("patch", "badsel"), Duration::from_secs(6)).await;
+    let lists = fake
+        .operator_requests()
+        .iter()
+        .filter(|q| {
+            q.resource == "shards" && q.verb == "list" && q.at.elapsed() < Duration::from_secs(6)
+        })
+        .count();
+    assert_eq!(a.changes, 0, "{a:?}");
+    assert!(lists <= 6, "{lists} shard lists in 6 s: no backoff");
+
+    // Failures are counted by kind, Degraded objects by reason.
+    let metrics = op.metrics().await;
+    for line in [
+        r#"omega_operator_degraded{controller="shard",reason="ApplyFailed"} 1"#,
+        r#"omega_operator_degraded{controller="federationround",reason="InvalidSelector"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    assert!(
+        metrics.contains(r#"omega_operator_reconcile_failures_total{controller="shard",error="rejected"}"#)
+            && metrics.contains(r#"omega_operator_reconcile_failures_total{controller="federationround",error="unsatisfiable"}"#),
+        "{metrics}"
+    );
+
+    // A storage size the CRD's pattern refuses never reaches the operator.
+    let err = shards
+        .create(
+            &PostParams::default(),
+            &shard("badpvc", 7, json!({"postgres": {"storage": "ten gigs"}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 422 && s.message.contains("spec.postgres.storage in body should match")),
+        "{err:?}"
+    );
+
+    // Fixing the spec recovers.
+    let patch = json!({"spec": {"resources": {"limits": {"memory": "512Mi"}}}});
+    shards.patch("badres", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    running(&fake, "default", "badres").await;
+    op.abort();
+}
+
+#[tokio::test]
+async fn a_database_that_cannot_pull_its_image_degrades_the_shard() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, None, "op-pg");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    let spec = json!({"postgres": {"image": "registry.invalid/pgvector-does-not-exist:16"}});
+    shards.create(&PostParams::default(), &shard("pgpull", 8, spec)).await.unwrap();
+    let s = degraded(&fake, "shards", "default", "pgpull", "ImagePullBackOff").await;
+    let message = condition(&s, "Degraded").unwrap()["message"].as_str().unwrap().to_string();
+    assert!(message.starts_with("database: "), "{message}");
+    assert_eq!(condition(&s, "Ready").unwrap()["status"], json!("False"));
+    assert!(warned(&fake, "default", "pgpull", "ImagePullBackOff"));
+    // The servers themselves start: once their readiness and load are in status, nothing
+    // changes any more while the database stays stuck.
+    fake.wait_for(30, "servers ready and read", |f| {
+        let s = f.get("omega.exogenesis.io", "shards", "default", "pgpull")?;
+        (s["status"]["readyReplicas"] == json!(1) && s["status"]["activeDevices"] == json!(40))
+            .then_some(())
+    })
+    .await;
+    assert_backs_off(&fake, "default", "pgpull", ("get", "pgpull-device-token")).await;
+    op.abort();
+}
+
+#[tokio::test]
+async fn losing_the_lease_stops_reconciling() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, None, "op-lost");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    shards.create(&PostParams::default(), &shard("before", 50, json!({}))).await.unwrap();
+    running(&fake, "default", "before").await;
+
+    // Another replica writes itself into the Lease (as after a network partition).
+    {
+        let mut store = fake.store.lock().unwrap();
+        let t = store.find("coordination.k8s.io", "leases").cloned().unwrap();
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        store
+            .update(
+                &t,
+                "default",
+                "omega-operator",
+                "",
+                crate::fake::store::Change::Merge(
+                    json!({"spec": {"holderIdentity": "intruder", "renewTime": now, "leaseDurationSeconds": 60}}),
+                ),
+            )
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !op.handle.is_finished() {
+        assert!(tokio::time::Instant::now() < deadline, "the deposed leader keeps running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let result = op.handle.await.unwrap();
+    assert!(matches!(result, Err(omega_operator::Error::Runtime(_))), "{result:?}");
+
+    // Nothing reconciles any more: a new Shard gets no finalizer, status or children.
+    let seen = fake.operator_requests().len();
+    shards.create(&PostParams::default(), &shard("after", 51, json!({}))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = fake.get("omega.exogenesis.io", "shards", "default", "after").unwrap();
+    assert!(s["metadata"]["finalizers"].is_null() && s["status"].is_null(), "{s}");
+    assert!(fake.get("apps", "statefulsets", "default", "after").is_none());
+    assert_eq!(fake.operator_requests().len(), seen, "no request after stepping down");
+    let lease = fake.get("coordination.k8s.io", "leases", "default", "omega-operator").unwrap();
+    assert_eq!(
+        lease["spec"]["holderIdentity"],
+        json!("intruder"),
+        "a deposed leader releases nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_namespaced_operator_leaves_other_namespaces_alone() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    namespace(&fake, "tv");
+    namespace(&fake, "other");
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, Some("tv"), "op-ns");
+    Api::<Shard>::namespaced(fake.client(), "other")
+        .create(&PostParams::default(), &shard("outside", 60, json!({})))
+        .await
+        .unwrap();
+    Api::<Shard>::namespaced(fake.client(), "tv")
+        .create(&PostParams::default(), &shard("inside", 61, json!({})))
+        .await
+        .unwrap();
+    running(&fake, "tv", "inside").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = fake.get("omega.exogenesis.io", "shards", "other", "outside").unwrap();
+    assert!(s["metadata"]["finalizers"].is_null(), "{s}");
+    assert!(s["status"].is_null(), "{s}");
+    for (group, plural) in
+        [("apps", "statefulsets"), ("", "secrets"), ("", "services"), ("", "pods")]
+    {
+        assert!(fake.list(group, plural, "other").is_empty(), "{plural} created in other");
+    }
+    assert!(
+        fake.operator_requests().iter().all(|r| r.namespace != "other"),
+        "the operator asked about a namespace it does not watch"
+    );
     op.abort();
 }
 
@@ -332,6 +638,7 @@ async fn federation_round_runs_to_succeeded_then_ttl_deletes_it() {
         .then_some(())
     })
     .await;
+    crate::rbac::check(&fake, "round");
     op.abort();
 }
 
@@ -471,6 +778,189 @@ async fn scheduled_round_spawns_children_and_keeps_history() {
         f.list("omega.exogenesis.io", "federationrounds", "default").is_empty().then_some(())
     })
     .await;
+    crate::rbac::check(&fake, "scheduled");
+    op.abort();
+}
+
+fn children_of(fake: &Fake, parent: &str) -> Vec<Value> {
+    fake.list("omega.exogenesis.io", "federationrounds", "default")
+        .into_iter()
+        .filter(|r| r["metadata"]["labels"]["omega.exogenesis.io/parent"] == json!(parent))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_run_due_while_the_child_still_runs_is_skipped() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, None, "op-skip");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    shards.create(&PostParams::default(), &shard("s2", 31, json!({}))).await.unwrap();
+    running(&fake, "default", "s2").await;
+    let created = (chrono::Utc::now() - chrono::Duration::minutes(10))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    // The federate image cannot be pulled: the child round stays Running.
+    let fr: FederationRound = serde_json::from_value(json!({
+        "apiVersion": "omega.exogenesis.io/v1alpha1", "kind": "FederationRound",
+        "metadata": {"name": "busy", "annotations": {crate::fake::store::BACKDATE: created}},
+        "spec": {"schedule": "* * * * *", "image": "registry.invalid/federate-does-not-exist:1"},
+    }))
+    .unwrap();
+    let rounds: Api<FederationRound> = Api::namespaced(fake.client(), "default");
+    rounds.create(&PostParams::default(), &fr).await.unwrap();
+    let child = fake
+        .wait_for(30, "a child", |f| {
+            children_of(f, "busy").first()?["metadata"]["name"].as_str().map(String::from)
+        })
+        .await;
+    let c = degraded(&fake, "federationrounds", "default", &child, "ImagePullBackOff").await;
+    assert_eq!(c["status"]["phase"], json!("Running"));
+
+    // The stuck Job is polled with growing gaps (backoff: 0.5 s doubling to 4 s in tests), not
+    // at a fixed rate. Gaps under 200 ms are reconciles triggered by watch events.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let job = format!("{child}-federate");
+    let polls: Vec<std::time::Instant> = fake
+        .operator_requests()
+        .iter()
+        .filter(|r| r.verb == "get" && r.resource == "jobs" && r.name == job)
+        .map(|r| r.at)
+        .collect();
+    let gaps: Vec<Duration> = polls
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .filter(|g| *g >= Duration::from_millis(200))
+        .collect();
+    assert!(gaps.len() >= 3, "{gaps:?}");
+    assert!(
+        gaps.windows(2).all(|g| g[1] + Duration::from_millis(300) >= g[0]),
+        "gaps shrink: {gaps:?}"
+    );
+    assert!(*gaps.last().unwrap() >= gaps[0] * 2, "gaps do not grow: {gaps:?}");
+
+    // The clock cannot be moved here; moving the last handled run back is the same to the
+    // parent as the next run falling due.
+    {
+        let mut store = fake.store.lock().unwrap();
+        let t = store.find("omega.exogenesis.io", "federationrounds").cloned().unwrap();
+        let earlier = (chrono::Utc::now() - chrono::Duration::minutes(5))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        store
+            .update(
+                &t,
+                "default",
+                "busy",
+                "status",
+                crate::fake::store::Change::Merge(json!({"status": {"lastScheduleTime": earlier}})),
+            )
+            .unwrap();
+    }
+    fake.changed.notify_waiters();
+    fake.wait_for(20, "RunSkipped", |f| {
+        events_for(f, "default", "busy")
+            .iter()
+            .any(|(t, r)| t == "Warning" && r == "RunSkipped")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(children_of(&fake, "busy").len(), 1, "never two children at once");
+    op.abort();
+}
+
+#[tokio::test]
+async fn a_schedule_keeps_only_its_history_limit_of_finished_children() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let op = start_operator(&fake, None, "op-hist");
+    let rounds: Api<FederationRound> = Api::namespaced(fake.client(), "default");
+    // Yearly: no run falls due during the test; only the history is handled.
+    let parent = rounds
+        .create(
+            &PostParams::default(),
+            &round("yearly", json!({"schedule": "@yearly", "historyLimit": 2})),
+        )
+        .await
+        .unwrap();
+    let uid = parent.metadata.uid.clone().unwrap();
+    // Three finished children of earlier runs, oldest first.
+    for (i, hours) in [3, 2, 1].into_iter().enumerate() {
+        let created = (chrono::Utc::now() - chrono::Duration::hours(hours))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let name = format!("yearly-old{i}");
+        fake.create(
+            "omega.exogenesis.io",
+            "federationrounds",
+            "default",
+            json!({"metadata": {"name": name,
+                "labels": {"omega.exogenesis.io/parent": "yearly"},
+                "annotations": {crate::fake::store::BACKDATE: created},
+                "ownerReferences": [{"apiVersion": "omega.exogenesis.io/v1alpha1", "kind": "FederationRound",
+                    "name": "yearly", "uid": uid, "controller": true}]},
+                "spec": {}}),
+        );
+        let mut store = fake.store.lock().unwrap();
+        let t = store.find("omega.exogenesis.io", "federationrounds").cloned().unwrap();
+        store
+            .update(
+                &t,
+                "default",
+                &name,
+                "status",
+                crate::fake::store::Change::Merge(
+                    json!({"status": {"phase": "Succeeded", "message": format!("run {i}")}}),
+                ),
+            )
+            .unwrap();
+    }
+    fake.changed.notify_waiters();
+    fake.wait_for(30, "history pruned to 2", |f| {
+        let names: Vec<String> = children_of(f, "yearly")
+            .iter()
+            .filter_map(|c| c["metadata"]["name"].as_str().map(String::from))
+            .collect();
+        (names == ["yearly-old1", "yearly-old2"]).then_some(())
+    })
+    .await;
+    let p = fake.get("omega.exogenesis.io", "federationrounds", "default", "yearly").unwrap();
+    assert_eq!(p["status"]["message"], json!("last round Succeeded: run 2"));
+    op.abort();
+}
+
+#[tokio::test]
+async fn an_invalid_schedule_is_refused_or_degrades() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    let op = start_operator(&fake, None, "op-cron");
+    let rounds: Api<FederationRound> = Api::namespaced(fake.client(), "default");
+    // Not the shape of a cron expression: the CRD's CEL rule refuses it.
+    let err = rounds
+        .create(&PostParams::default(), &round("words", json!({"schedule": "every hour"})))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 422 && s.message.contains("schedule must be a cron expression of 5 fields")),
+        "{err:?}"
+    );
+    // The right shape, but hour 25: Degraded/InvalidSchedule, a Warning, backoff, no child.
+    rounds
+        .create(&PostParams::default(), &round("hour25", json!({"schedule": "0 25 * * *"})))
+        .await
+        .unwrap();
+    let r = degraded(&fake, "federationrounds", "default", "hour25", "InvalidSchedule").await;
+    let message = condition(&r, "Degraded").unwrap()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("invalid schedule \"0 25 * * *\""), "{message}");
+    assert!(warned(&fake, "default", "hour25", "InvalidSchedule"));
+    let a = activity(&fake, "default", "hour25", ("list", ""), Duration::from_secs(4)).await;
+    assert_eq!(a.changes, 0, "{a:?}");
+    assert!(children_of(&fake, "hour25").is_empty());
+    let metrics = op.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"omega_operator_degraded{controller="federationround",reason="InvalidSchedule"} 1"#
+        ),
+        "{metrics}"
+    );
     op.abort();
 }
 

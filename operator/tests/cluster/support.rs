@@ -103,6 +103,7 @@ impl Stats {
 pub fn settings(namespace: Option<&str>) -> Settings {
     Settings {
         namespace: namespace.map(String::from),
+        operator_namespace: "omega-system".into(),
         stats_interval: Duration::from_millis(500),
         stats_timeout: Duration::from_secs(1),
         backoff_base: Duration::from_millis(500),
@@ -110,13 +111,46 @@ pub fn settings(namespace: Option<&str>) -> Settings {
     }
 }
 
-/// Runs the operator (leader election on, both controllers) in this process.
-pub fn start_operator(
-    fake: &Fake,
-    namespace: Option<&str>,
-    identity: &str,
-) -> tokio::task::JoinHandle<()> {
-    let client = fake.client();
+/// The operator running in this process.
+pub struct Operator {
+    pub handle: tokio::task::JoinHandle<omega_operator::Result<()>>,
+    /// Port of its `/metrics`, `/health` and `/ready`.
+    pub port: u16,
+}
+
+impl Operator {
+    pub fn abort(&self) {
+        self.handle.abort();
+    }
+
+    /// Its `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        http_get(self.port, "/metrics").await.unwrap_or_default()
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A plain HTTP/1.1 GET on loopback; the whole response (status line, headers, body).
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    Some(buf)
+}
+
+/// Runs the operator (leader election on, both controllers) in this process, with the
+/// operator's token so that its requests can be audited.
+pub fn start_operator(fake: &Fake, namespace: Option<&str>, identity: &str) -> Operator {
+    let client = fake.operator_client();
+    let port = free_port();
     let opts = Options {
         settings: settings(namespace),
         leader_election: Some(LeaseOptions {
@@ -126,14 +160,13 @@ pub fn start_operator(
                 identity: identity.into(),
                 lease_duration: Duration::from_secs(6),
                 renew_every: Duration::from_secs(1),
+                renew_deadline: Duration::from_secs(4),
             },
         }),
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
         identity: identity.into(),
     };
-    tokio::spawn(async move {
-        let _ = omega_operator::run::run(client, opts).await;
-    })
+    Operator { handle: tokio::spawn(omega_operator::run::run(client, opts)), port }
 }
 
 /// A condition of an object's status.

@@ -385,6 +385,7 @@ pub async fn handle(
         }
     };
     let ns = if target.rtype.namespaced { target.namespace.clone() } else { String::new() };
+    let recorded = record(&fake, &method, &headers, &target, &ns, &q);
 
     if method == Method::GET
         && target.name.is_none()
@@ -398,6 +399,7 @@ pub async fn handle(
         Err(e) => return error(e),
     };
     let mut store = fake.store.lock().expect("store");
+    let rv_before = store.rv;
     if method != Method::GET {
         store.writes.push(Write {
             verb: method.to_string(),
@@ -523,12 +525,85 @@ pub async fn handle(
             format!("{method} is not supported on {path}"),
         )),
     };
+    if store.rv != rv_before {
+        for i in recorded {
+            if let Some(r) = store.requests.get_mut(i) {
+                r.changed = true;
+            }
+        }
+    }
     drop(store);
     fake.changed.notify_waiters();
     match result {
         Ok((code, v)) => respond(code, &v),
         Err(e) => error(e),
     }
+}
+
+/// Logs the request as RBAC would authorize it (who, verb, resource), plus `create` for a
+/// server-side apply that creates its object: the real server checks both.
+fn record(
+    fake: &Fake,
+    method: &Method,
+    headers: &HeaderMap,
+    target: &Target,
+    ns: &str,
+    q: &BTreeMap<String, String>,
+) -> Vec<usize> {
+    let user = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_string();
+    let named = target.name.is_some();
+    let verb = match *method {
+        Method::GET
+            if !named && matches!(q.get("watch").map(String::as_str), Some("true" | "1")) =>
+        {
+            "watch"
+        }
+        Method::GET if named => "get",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE if named => "delete",
+        Method::DELETE => "deletecollection",
+        _ => "other",
+    };
+    let resource = if target.sub.is_empty() {
+        target.rtype.plural.clone()
+    } else {
+        format!("{}/{}", target.rtype.plural, target.sub)
+    };
+    let mut store = fake.store.lock().expect("store");
+    let creates = *method == Method::PATCH
+        && target.sub.is_empty()
+        && headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("application/apply-patch"))
+        && target.name.as_deref().is_some_and(|n| store.get(&target.rtype, ns, n).is_none());
+    let mut pushed = vec![];
+    let mut push = |verb: &str| {
+        pushed.push(store.requests.len());
+        store.requests.push(super::store::Request {
+            at: std::time::Instant::now(),
+            user: user.clone(),
+            verb: verb.to_string(),
+            group: target.rtype.group.clone(),
+            resource: resource.clone(),
+            namespace: ns.to_string(),
+            name: target.name.clone().unwrap_or_default(),
+            changed: false,
+        });
+    };
+    push(verb);
+    if creates {
+        push("create");
+    }
+    pushed
 }
 
 fn scale_write(

@@ -1,13 +1,16 @@
 //! A stateful fake Kubernetes API server on loopback, good enough for the operator's real
 //! `Controller`s, the real `omega-operator` binary and the real `kubectl`.
 //!
-//! Supports: discovery (`/api`, `/apis`, group versions, `/version`; no OpenAPI, so kubectl
-//! runs with `--validate=false`… see `cli.rs`), objects per kind and namespace, a
-//! resourceVersion bumped on every write and 409 on stale ones, create / get / list (label and
-//! field selectors) / replace / delete / deletecollection, merge, strategic-merge (as merge),
-//! JSON and server-side-apply patches, the status and scale subresources, CRD registration with
-//! defaulting, pruning, structural and CEL validation, finalizers, owner-reference garbage
-//! collection, watches with resourceVersion resume, and mock controllers (`controllers.rs`).
+//! Supports: discovery (`/api`, `/apis`, group versions, `/version`) and just enough OpenAPI v3
+//! for kubectl to leave validation to the server (`fieldValidation=Strict` refuses unknown
+//! fields), objects per kind and namespace, a resourceVersion bumped on every write and 409 on
+//! stale ones, create / get / list (label and field selectors) / replace / delete /
+//! deletecollection, merge, strategic-merge (as merge), JSON and server-side-apply patches, the
+//! status and scale subresources, CRD registration with defaulting, pruning, structural
+//! validation (types, ranges, lengths, enums, patterns) and CEL rules, the decoding of
+//! built-in objects' quantities (400 like the real server), finalizers, owner-reference
+//! garbage collection, watches with resourceVersion resume, Table printing, a log of every
+//! request by client token (for the RBAC audit), and mock controllers (`controllers.rs`).
 
 pub mod controllers;
 pub mod http;
@@ -22,6 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::Store;
 use tokio::sync::Notify;
+
+/// Bearer token of the operator under test.
+pub const OPERATOR: &str = "operator";
 
 /// A running fake API server.
 #[derive(Clone)]
@@ -68,18 +74,33 @@ impl Fake {
         format!("http://{}", self.addr)
     }
 
-    /// A kube client talking to the fake.
+    /// A kube client talking to the fake (as the test: token `fake`).
     pub fn client(&self) -> kube::Client {
+        self.client_as("fake")
+    }
+
+    /// A kube client with the operator's token, so its requests can be told from the test's.
+    pub fn operator_client(&self) -> kube::Client {
+        self.client_as(OPERATOR)
+    }
+
+    fn client_as(&self, token: &str) -> kube::Client {
         let mut cfg = kube::Config::new(self.url().parse().expect("url"));
         cfg.default_namespace = "default".into();
+        cfg.auth_info.token = Some(token.to_string().into());
         kube::Client::try_from(cfg).expect("client")
     }
 
-    /// Writes a kubeconfig for kubectl and the operator binary.
+    /// Writes a kubeconfig for kubectl (token `fake`).
     pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
+        self.kubeconfig_as(dir, "fake")
+    }
+
+    /// Writes a kubeconfig with `token` as the user's bearer token.
+    pub fn kubeconfig_as(&self, dir: &Path, token: &str) -> PathBuf {
+        let path = dir.join(format!("kubeconfig-{token}"));
         let yaml = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user:\n    token: fake\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
             self.url()
         );
         std::fs::write(&path, yaml).expect("kubeconfig");
@@ -100,6 +121,18 @@ impl Fake {
             Some(t) => s.list(&t, ns),
             None => vec![],
         }
+    }
+
+    /// Requests the operator made so far.
+    pub fn operator_requests(&self) -> Vec<store::Request> {
+        self.store
+            .lock()
+            .expect("store")
+            .requests
+            .iter()
+            .filter(|r| r.user == OPERATOR)
+            .cloned()
+            .collect()
     }
 
     /// Writes received so far.

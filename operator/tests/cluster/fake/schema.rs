@@ -110,6 +110,14 @@ fn walk(schema: &Value, v: &Value, path: &str, errors: &mut Vec<String>, root: b
             errors.push(format!("{path}: Too long: may not be more than {max} bytes"));
         }
     }
+    if let (Some(st), Some(pattern)) = (v.as_str(), s.get("pattern").and_then(|p| p.as_str()))
+        && !regex::Regex::new(pattern).is_ok_and(|re| re.is_match(st))
+    {
+        errors.push(format!(
+            "{path}: Invalid value: {}: {path} in body should match '{pattern}'",
+            short(v)
+        ));
+    }
     if let Some(allowed) = s.get("enum").and_then(|e| e.as_array())
         && !allowed.contains(v)
     {
@@ -203,6 +211,47 @@ fn unknown(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>, root: b
                 }
             }
         }
+        _ => {}
+    }
+}
+
+/// What `resource.Quantity` accepts when the server decodes a built-in object.
+pub const QUANTITY: &str = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$";
+
+/// Quantities under any `resources.{limits,requests}` (containers, volume claims) that the
+/// real server could not decode, as its error says.
+pub fn invalid_quantities(obj: &Value) -> Vec<String> {
+    let mut out = vec![];
+    quantities(obj, &mut out);
+    out
+}
+
+fn quantities(v: &Value, out: &mut Vec<String>) {
+    let re = regex::Regex::new(QUANTITY).expect("quantity regex");
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                if k == "resources" {
+                    for part in ["limits", "requests"] {
+                        for q in child
+                            .get(part)
+                            .and_then(|q| q.as_object())
+                            .into_iter()
+                            .flat_map(|q| q.values())
+                        {
+                            let ok = q.is_number() || q.as_str().is_some_and(|s| re.is_match(s));
+                            if !ok {
+                                out.push(format!(
+                                    "quantities must match the regular expression '{QUANTITY}'"
+                                ));
+                            }
+                        }
+                    }
+                }
+                quantities(child, out);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| quantities(i, out)),
         _ => {}
     }
 }

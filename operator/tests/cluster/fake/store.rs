@@ -39,6 +39,23 @@ pub struct Write {
     pub field_manager: Option<String>,
 }
 
+/// One request the server received, as RBAC sees it: who, which verb, which resource.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub at: std::time::Instant,
+    /// Bearer token of the client (`operator` for the operator under test).
+    pub user: String,
+    /// Kubernetes verb: get, list, watch, create, update, patch, delete, deletecollection.
+    pub verb: String,
+    pub group: String,
+    /// Plural, with `/subresource` when there is one.
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    /// The request changed the cluster (a new resourceVersion).
+    pub changed: bool,
+}
+
 /// An API error (becomes a `Status` response).
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -86,6 +103,7 @@ pub struct Store {
     pub log: Vec<WatchEvent>,
     applied: HashMap<(Key, String, String), Value>,
     pub writes: Vec<Write>,
+    pub requests: Vec<Request>,
     uid: u64,
 }
 
@@ -105,6 +123,7 @@ impl Store {
             log: vec![],
             applied: HashMap::new(),
             writes: vec![],
+            requests: vec![],
             uid: 0,
         };
         for ns in ["default", "kube-system"] {
@@ -251,9 +270,25 @@ impl Store {
         }
     }
 
-    /// Defaulting, pruning and validation of custom resources (structural schema + CEL).
+    /// Defaulting, pruning and validation of custom resources (structural schema + CEL); for
+    /// built-in kinds, the decoding the real server does first (quantities).
     fn admit(&self, t: &ResourceType, obj: Value, old: Option<&Value>) -> Result<Value, ApiError> {
-        let Some(schema) = &t.schema else { return Ok(obj) };
+        let Some(schema) = &t.schema else {
+            // Like the real server, a quantity that does not parse fails the decoding of the
+            // typed object: 400, "<Kind> in version "v1" cannot be handled as a <Kind>: …".
+            if let Some(bad) = schema::invalid_quantities(&obj).first() {
+                return Err(ApiError::new(
+                    400,
+                    "BadRequest",
+                    format!(
+                        "{kind} in version \"{v}\" cannot be handled as a {kind}: {bad}",
+                        kind = t.kind,
+                        v = t.version
+                    ),
+                ));
+            }
+            return Ok(obj);
+        };
         let obj = schema::default_and_prune(schema, &obj);
         let mut errors = schema::validate(schema, &obj);
         if errors.is_empty() {
