@@ -45,6 +45,9 @@ struct Args {
     /// Print one JSON object on stdout (otherwise a readable summary).
     #[arg(long)]
     json: bool,
+    /// Exit with an error when a target of `targets` is missed.
+    #[arg(long)]
+    check: bool,
     /// Working folder (default: a temporary one).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -201,6 +204,39 @@ fn random_context(rng: &mut StdRng) -> RecommendContext {
     }
 }
 
+/// The targets: (report key, comparison, bound). `rss_mb` is the peak of the process
+/// that opened the database cold (model loaded, all patterns).
+const TARGETS: &[(&str, &str, f64)] = &[
+    ("recommend_p99_ms", "<=", 15.0),
+    ("ann_recall_at_10", ">=", 0.95),
+    ("open_ms", "<=", 1_000.0),
+    ("delta_bytes_p50", "<=", 1_024.0),
+    ("rss_mb", "<=", 200.0),
+];
+
+/// Each target with its measured value and whether it is met; a missing value is a miss.
+fn targets(report: &Value) -> Value {
+    let rows = TARGETS.iter().map(|&(key, cmp, bound)| {
+        let value = report.get(key).and_then(Value::as_f64);
+        let pass = value.is_some_and(|v| if cmp == "<=" { v <= bound } else { v >= bound });
+        (key.to_string(), json!({"value": value, "target": format!("{cmp} {bound}"), "pass": pass}))
+    });
+    Value::Object(rows.collect())
+}
+
+/// Names of the targets missed.
+fn missed(targets: &Value) -> Vec<String> {
+    targets
+        .as_object()
+        .map(|t| {
+            t.iter()
+                .filter(|(_, v)| v["pass"] != json!(true))
+                .map(|(k, v)| format!("{k} = {} (target {})", v["value"], v["target"]))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Child process: open the prepared database cold and time the device-side operations.
 fn child(db: &Path, catalogue: &Path, queries: usize) -> Result<Value> {
     let started = Instant::now();
@@ -351,7 +387,7 @@ fn build_db(
 /// The stored pattern vectors, read back from the database.
 fn stored_vectors(db: &Path) -> Result<Vec<QuantizedVector>> {
     let store = omega_device::store::Store::open(Some(db), false)?;
-    Ok(store.patterns()?.into_iter().map(|(_, v)| v).collect())
+    Ok(store.patterns()?.rows.into_iter().map(|(_, v)| v).collect())
 }
 
 /// Exact scan vs HNSW at several set sizes: latency, recall@10, build time.
@@ -373,7 +409,7 @@ fn ann(vectors: &QuantMatrix, queries: &[QuantizedVector], sizes: &[usize]) -> V
         }
         let pb = bar(1, &format!("HNSW build n={n}"));
         let t = Instant::now();
-        let hnsw = VectorIndex::build(m.clone(), IndexKind::Hnsw);
+        let hnsw = VectorIndex::build_blocking(m.clone(), IndexKind::Hnsw);
         let build_ms = ms(t.elapsed());
         pb.finish_and_clear();
         let exact = VectorIndex::build(m, IndexKind::Exact);
@@ -542,10 +578,19 @@ fn main() -> Result<()> {
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(dir);
     }
+    let verdict = targets(&report);
+    let missed = missed(&verdict);
+    if let Some(r) = report.as_object_mut() {
+        r.insert("targets".into(), verdict);
+        r.insert("targets_met".into(), json!(missed.is_empty()));
+    }
     if args.json {
         println!("{report}");
     } else {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    if args.check && !missed.is_empty() {
+        bail!("targets missed: {}", missed.join("; "));
     }
     Ok(())
 }
@@ -558,4 +603,37 @@ fn tempfile_dir(args: &Args) -> Result<PathBuf> {
     };
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(p99: f64, recall: f64, open: f64, delta: f64, rss: f64) -> Value {
+        json!({"recommend_p99_ms": p99, "ann_recall_at_10": recall, "open_ms": open,
+               "delta_bytes_p50": delta, "rss_mb": rss})
+    }
+
+    #[test]
+    fn targets_pass_at_their_bounds_and_fail_beyond() {
+        let t = targets(&report(15.0, 0.95, 1_000.0, 1_024.0, 200.0));
+        assert!(missed(&t).is_empty(), "{t}");
+        assert_eq!(t.as_object().map(|o| o.len()), Some(5));
+        let cases = [
+            (report(15.1, 0.95, 1.0, 1.0, 1.0), "recommend_p99_ms"),
+            (report(1.0, 0.949, 1.0, 1.0, 1.0), "ann_recall_at_10"),
+            (report(1.0, 1.0, 1_000.5, 1.0, 1.0), "open_ms"),
+            (report(1.0, 1.0, 1.0, 1_025.0, 1.0), "delta_bytes_p50"),
+            (report(1.0, 1.0, 1.0, 1.0, 200.1), "rss_mb"),
+        ];
+        for (r, key) in cases {
+            let t = targets(&r);
+            assert_eq!(t[key]["pass"], json!(false), "{key}: {t}");
+            let m = missed(&t);
+            assert!(m.len() == 1 && m[0].starts_with(key), "{m:?}");
+        }
+        // A value that was not measured is a miss, not a pass.
+        let t = targets(&json!({"recommend_p99_ms": 1.0}));
+        assert_eq!(missed(&t).len(), 4);
+    }
 }
