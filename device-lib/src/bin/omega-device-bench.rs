@@ -38,6 +38,12 @@ struct Args {
     /// Recommendation queries timed.
     #[arg(long, default_value_t = 500)]
     queries: usize,
+    /// Simulated 10-minute intervals whose deltas are measured.
+    #[arg(long, default_value_t = 300)]
+    intervals: usize,
+    /// Texts timed per embedding measurement (and ANN queries).
+    #[arg(long, default_value_t = 200)]
+    samples: usize,
     /// Set sizes at which exact scan and HNSW are compared (the crossover table); the
     /// `--patterns` size is always included.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000, 2_000, 5_000, 20_000])]
@@ -238,7 +244,7 @@ fn missed(targets: &Value) -> Vec<String> {
 }
 
 /// Child process: open the prepared database cold and time the device-side operations.
-fn child(db: &Path, catalogue: &Path, queries: usize) -> Result<Value> {
+fn child(db: &Path, catalogue: &Path, queries: usize, samples: usize) -> Result<Value> {
     let started = Instant::now();
     let brain = Brain::open(BrainConfig {
         db_path: Some(db.to_path_buf()),
@@ -257,7 +263,7 @@ fn child(db: &Path, catalogue: &Path, queries: usize) -> Result<Value> {
     let stats = brain.stats();
     let mut rng = StdRng::seed_from_u64(7);
     let mut embed = Vec::new();
-    for i in 0..200 {
+    for i in 0..samples {
         let text =
             format!("embedding timing text number {i}: a {} evening", GENRES[i % GENRES.len()]);
         let t = Instant::now();
@@ -274,7 +280,7 @@ fn child(db: &Path, catalogue: &Path, queries: usize) -> Result<Value> {
     }
     // Every context text new: the embedding is never cached.
     let mut uncached = Vec::new();
-    for i in 0..100 {
+    for i in 0..samples.div_ceil(2) {
         let ctx = RecommendContext { genres: vec![format!("mood{i}")], ..random_context(&mut rng) };
         let t = Instant::now();
         brain.recommend(&ctx, 10)?;
@@ -436,14 +442,14 @@ fn ann(vectors: &QuantMatrix, queries: &[QuantizedVector], sizes: &[usize]) -> V
 
 /// Wire bytes of typical pushes: each 5-15 minute interval brings 1-2 viewing events, some
 /// new content, some more of what is being watched.
-fn deltas(embedder: &Arc<Embedder>) -> Result<Vec<f64>> {
+fn deltas(embedder: &Arc<Embedder>, intervals: usize) -> Result<Vec<f64>> {
     let mut rng = StdRng::seed_from_u64(3);
     let mut brain = Brain::open_shared(BrainConfig::default(), embedder.clone(), None)?;
     let items: Vec<CatalogueItem> = (0..400).map(|i| synthetic_item(i, &mut rng)).collect();
     let mut watched: Vec<usize> = Vec::new();
     let mut sizes = Vec::new();
-    let pb = bar(300, "typical deltas");
-    for interval in 0..300i64 {
+    let pb = bar(intervals, "typical deltas");
+    for interval in 0..intervals as i64 {
         let at = START_MS + interval * 10 * 60_000;
         let ctx = ViewingContext::at(at, 0);
         for _ in 0..rng.random_range(1..=2) {
@@ -474,12 +480,12 @@ fn deltas(embedder: &Arc<Embedder>) -> Result<Vec<f64>> {
 }
 
 /// Child process: the embedder alone, to compare session settings (RSS, speed).
-fn child_embedder(lean: bool) -> Result<Value> {
+fn child_embedder(lean: bool, samples: usize) -> Result<Value> {
     let started = Instant::now();
     let e = Embedder::new(EmbedderConfig { lean_memory: lean, ..Default::default() })?;
     let load_ms = ms(started.elapsed());
     let mut times = Vec::new();
-    for i in 0..200 {
+    for i in 0..samples {
         let t = Instant::now();
         e.embed_uncached(&format!("evening weekend movie: The Silent River {i}. crime, drama"))?;
         times.push(ms(t.elapsed()));
@@ -504,12 +510,12 @@ fn run_child(args: &[&str]) -> Result<Value> {
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(mode) = &args.child_embedder {
-        println!("{}", child_embedder(mode == "lean")?);
+        println!("{}", child_embedder(mode == "lean", args.samples)?);
         return Ok(());
     }
     if let Some(db) = &args.child_db {
         let catalogue = db.with_file_name("catalogue.json");
-        println!("{}", child(db, &catalogue, args.queries)?);
+        println!("{}", child(db, &catalogue, args.queries, args.samples)?);
         return Ok(());
     }
     let tmp = tempfile_dir(&args)?;
@@ -519,18 +525,21 @@ fn main() -> Result<()> {
     let (db, _catalogue, vectors) = build_db(&args, dir, &embedder)?;
     let setup_s = t.elapsed().as_secs_f64();
 
+    let samples = args.samples.to_string();
     let device = run_child(&[
         "--child-db",
         &db.display().to_string(),
         "--queries",
         &args.queries.to_string(),
+        "--samples",
+        &samples,
     ])?;
     let session_settings = vec![
-        run_child(&["--child-embedder", "lean"])?,
-        run_child(&["--child-embedder", "default"])?,
+        run_child(&["--child-embedder", "lean", "--samples", &samples])?,
+        run_child(&["--child-embedder", "default", "--samples", &samples])?,
     ];
     let mut rng = StdRng::seed_from_u64(9);
-    let queries: Vec<QuantizedVector> = (0..200)
+    let queries: Vec<QuantizedVector> = (0..args.samples)
         .map(|i| -> Result<QuantizedVector> {
             let ctx = random_context(&mut rng);
             let text = format!(
@@ -555,7 +564,7 @@ fn main() -> Result<()> {
     let crossover = ann(&vectors, &queries, &sizes);
     let at_n =
         crossover.iter().find(|r| r["n"] == json!(args.patterns)).cloned().unwrap_or(Value::Null);
-    let mut delta_sizes = deltas(&embedder)?;
+    let mut delta_sizes = deltas(&embedder, args.intervals)?;
 
     let mut report = json!({
         "patterns": args.patterns,

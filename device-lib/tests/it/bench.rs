@@ -9,8 +9,8 @@ fn the_benchmark_reports_its_targets_and_check_agrees() {
     require_assets();
     let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(env!("CARGO_BIN_EXE_omega-device-bench"))
-        .args(["--patterns", "300", "--queries", "20", "--catalogue", "100"])
-        .args(["--ann-sizes", "300", "--json", "--check", "--dir"])
+        .args(["--patterns", "300", "--queries", "20", "--catalogue", "100", "--samples", "20"])
+        .args(["--intervals", "60", "--ann-sizes", "300", "--json", "--check", "--dir"])
         .arg(dir.path())
         .output()
         .expect("run the benchmark");

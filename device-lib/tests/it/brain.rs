@@ -516,3 +516,20 @@ fn vectors_of_an_older_round_are_not_mixed_into_collaborative_scores() {
     assert_eq!(stats.collaborative_vectors, 6);
     assert!(s.iter().all(|x| *x >= tier - 1.0), "{s:?}");
 }
+
+#[test]
+fn only_the_delta_in_flight_can_be_quarantined() {
+    let mut b = brain();
+    assert!(matches!(b.quarantine_delta(1), Err(DeviceError::State(_))), "no delta yet");
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+    b.observe(&event("casino", 0.9, 1)).expect("observe");
+    let d = b.prepare_delta().expect("delta").expect("some");
+    assert!(matches!(b.quarantine_delta(d.local_version + 1), Err(DeviceError::State(_))));
+    assert_eq!(b.quarantine_delta(d.local_version).expect("quarantine"), 2);
+    let s = b.stats();
+    assert_eq!((s.quarantined_deltas, s.delta_in_flight, s.acked_version), (1, false, 0));
+    // The next delta carries only what changed since, under the next version.
+    b.observe(&event("heat", 0.5, 2)).expect("observe");
+    let next = b.prepare_delta().expect("delta").expect("the update");
+    assert_eq!((next.local_version, next.added.len(), next.updated.len()), (2, 0, 1));
+}
