@@ -284,13 +284,15 @@ pub unsafe extern "C" fn omega_brain_observe(
     out: *mut c_char,
     out_cap: usize,
 ) -> i64 {
-    with_handle(brain, |h| {
+    with_brain(brain, |b| {
         // SAFETY: forwarded from the caller.
         let json = unsafe { required(event_json, "event_json") }?;
+        // Parsed before the handle is locked: other threads wait only for the brain itself.
         let event: ViewingEvent = serde_json::from_str(json)?;
+        let mut h = lock(&b.inner)?;
         let outcome = h.brain.observe(&event)?;
         // SAFETY: forwarded from the caller.
-        unsafe { emit(h, &outcome, out, out_cap) }
+        unsafe { emit(&mut h, &outcome, out, out_cap) }
     })
 }
 
@@ -307,13 +309,14 @@ pub unsafe extern "C" fn omega_brain_recommend(
     out: *mut c_char,
     out_cap: usize,
 ) -> i64 {
-    with_handle(brain, |h| {
+    with_brain(brain, |b| {
         // SAFETY: forwarded from the caller.
         let ctx: RecommendContext =
             parse(unsafe { text(context_json, "context_json") }?)?.unwrap_or_default();
+        let mut h = lock(&b.inner)?;
         let recs = h.brain.recommend(&ctx, k as usize)?;
         // SAFETY: forwarded from the caller.
-        unsafe { emit(h, &recs, out, out_cap) }
+        unsafe { emit(&mut h, &recs, out, out_cap) }
     })
 }
 
@@ -330,16 +333,17 @@ pub unsafe extern "C" fn omega_brain_score(
     out: *mut c_char,
     out_cap: usize,
 ) -> i64 {
-    with_handle(brain, |h| {
+    with_brain(brain, |b| {
         // SAFETY: forwarded from the caller.
         let (ctx, ids) = unsafe {
             (text(context_json, "context_json")?, text(content_ids_json, "content_ids_json")?)
         };
         let ctx: RecommendContext = parse(ctx)?.unwrap_or_default();
         let ids: Vec<String> = parse(ids)?.unwrap_or_default();
+        let mut h = lock(&b.inner)?;
         let scores = h.brain.score(&ctx, &ids)?;
         // SAFETY: forwarded from the caller.
-        unsafe { emit(h, &scores, out, out_cap) }
+        unsafe { emit(&mut h, &scores, out, out_cap) }
     })
 }
 
@@ -403,11 +407,11 @@ pub unsafe extern "C" fn omega_brain_apply_global(
     brain: *mut OmegaBrain,
     global_json: *const c_char,
 ) -> i32 {
-    with_handle(brain, |h| {
+    with_brain(brain, |b| {
         // SAFETY: forwarded from the caller.
         let json = unsafe { required(global_json, "global_json") }?;
         let g: GlobalPatterns = serde_json::from_str(json)?;
-        h.brain.apply_global(g)?;
+        lock(&b.inner)?.brain.apply_global(g)?;
         Ok(OMEGA_OK)
     })
 }
