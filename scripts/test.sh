@@ -10,6 +10,7 @@ python3 scripts/assets.py fetch all >/dev/null
 # The Helm chart is linted and rendered through Helm's Go SDK (no helm binary needed).
 python3 -m pip install --quiet --disable-pip-version-check helm-python-sdk==0.2.2
 eval "$(python3 scripts/assets.py env)"
+python3 scripts/test_assets.py
 
 OMEGA_PG_DIR=$(mktemp -d /tmp/omega-pg-test.XXXXXX)
 export OMEGA_PG_DIR

@@ -98,7 +98,24 @@
  * by content similarity alone (those stay below `catalogue_weight + trend_weight`, ~1.2 by
  * default), so federated knowledge decides wherever it exists.
  */
-#define COLLABORATIVE_TIER 10.0
+#define OMEGA_COLLABORATIVE_TIER 10.0
+
+/**
+ * Shortest pause between syncs anyone (a shard's registration answer, a config) can ask
+ * for, s: a shard misconfigured to 1 s must not turn its fleet into a flood.
+ */
+#define OMEGA_MIN_SYNC_INTERVAL_SECS 60
+
+/**
+ * Longest pause between syncs, s: a TV must not go silent for days because a shard said so.
+ */
+#define OMEGA_MAX_SYNC_INTERVAL_SECS 3600
+
+/**
+ * Most deltas one [`SyncClient::sync`] pushes (256 changes each). After a long offline
+ * period a TV catches up over a few syncs instead of one unbounded burst.
+ */
+#define OMEGA_MAX_PUSHES_PER_SYNC 16
 
 /**
  * An open brain. Opaque to C.
@@ -111,7 +128,7 @@ extern "C" {
 
 /**
  * Opens a brain. `config_json` is a `BrainConfig` object (NULL or "" = defaults). On success
- * `*out_brain` receives the handle.
+ * `*out_brain` receives the handle; on failure it is set to NULL.
  *
  * # Safety
  * `config_json` is NULL or a NUL-terminated string; `out_brain` is a valid pointer.
@@ -158,8 +175,10 @@ int64_t omega_brain_score(struct OmegaBrain *brain,
 
 /**
  * Syncs with a shard. `sync_config_json` is a `SyncConfig` (endpoint, token, deadlines,
- * retries…); without a token the device registers first. Writes a `SyncReport` JSON. When
- * the shard is unreachable, returns `OMEGA_ERR_UNAVAILABLE` and keeps every pending change.
+ * retries…); without a token the device registers first. Writes a `SyncReport` JSON, whose
+ * `next_sync_in_ms` says when to sync next (5-15 minutes, jittered). When the shard is
+ * unreachable, returns `OMEGA_ERR_UNAVAILABLE` and keeps every pending change. Other calls
+ * on the handle (recommend, observe…) are not blocked while the shard is being waited for.
  *
  * # Safety
  * As `omega_brain_observe`.
@@ -207,6 +226,7 @@ int32_t omega_brain_close(struct OmegaBrain *brain);
 
 /**
  * Copies the calling thread's last error message (empty after a success), `snprintf`-style.
+ * Reading it never changes it: after "buffer too small", call again with a bigger buffer.
  *
  * # Safety
  * `out` is NULL or valid for `out_cap` bytes.

@@ -42,6 +42,12 @@ pub const MAX_SCORE_CANDIDATES: usize = 10_000;
 const BYTES_PER_PATTERN: usize = 768;
 /// Rough bytes one watched entry costs.
 const BYTES_PER_WATCHED: usize = 96;
+/// Largest `max_patterns`, `max_global_patterns`, `max_watched`.
+const MAX_ITEMS: usize = 10_000_000;
+/// Smallest memory budget (64 KiB: a handful of patterns).
+const MIN_BUDGET: usize = 1 << 16;
+/// Largest memory budget (1 TiB: far beyond a TV, still far from overflow).
+const MAX_BUDGET: usize = 1 << 40;
 
 /// How a brain runs. Every field has a default; as JSON (C SDK) unknown fields are refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,10 +115,18 @@ impl BrainConfig {
             -1440.0,
             1440.0,
         )?;
-        for (field, v) in
-            [("max_patterns", self.max_patterns), ("max_global_patterns", self.max_global_patterns)]
-        {
-            validate::check_range(field, v as f64, 1.0, 10_000_000.0)?;
+        // Every size is bounded: these values size allocations and arithmetic, and a C caller
+        // can pass anything JSON can spell.
+        for (field, v, min, max) in [
+            ("max_patterns", self.max_patterns, 1, MAX_ITEMS),
+            ("max_global_patterns", self.max_global_patterns, 1, MAX_ITEMS),
+            ("max_watched", self.max_watched, 1, MAX_ITEMS),
+            ("memory_budget_bytes", self.memory_budget_bytes, MIN_BUDGET, MAX_BUDGET),
+            ("ranking.seeds", self.ranking.seeds, 1, 1_000),
+            ("ranking.neighbours_per_seed", self.ranking.neighbours_per_seed, 1, 10_000),
+            ("ranking.success_window", self.ranking.success_window as usize, 1, 1_000_000),
+        ] {
+            validate::check_range(field, v as f64, min as f64, max as f64)?;
         }
         let r = &self.ranking;
         for (field, v) in [
@@ -123,6 +137,7 @@ impl BrainConfig {
             ("ranking.trend_weight", r.trend_weight),
             ("ranking.cold_start_weight", r.cold_start_weight),
             ("ranking.genre_hint_weight", r.genre_hint_weight),
+            ("ranking.collaborative_weight", r.collaborative_weight),
         ] {
             validate::check_range(field, f64::from(v), 0.0, 1e6)?;
         }
@@ -131,9 +146,10 @@ impl BrainConfig {
 
     /// Patterns that fit both `max_patterns` and the memory budget.
     pub fn effective_max_patterns(&self) -> usize {
-        let global = self.max_global_patterns * BYTES_PER_PATTERN;
-        let watched = self.max_watched * BYTES_PER_WATCHED;
-        let left = self.memory_budget_bytes.saturating_sub(global + watched);
+        // Saturating: callers may ask before `check` (or with absurd values); never overflow.
+        let global = self.max_global_patterns.saturating_mul(BYTES_PER_PATTERN);
+        let watched = self.max_watched.saturating_mul(BYTES_PER_WATCHED);
+        let left = self.memory_budget_bytes.saturating_sub(global.saturating_add(watched));
         self.max_patterns.min(left / BYTES_PER_PATTERN).max(1)
     }
 }
@@ -173,7 +189,7 @@ pub struct RecommendContext {
 impl RecommendContext {
     fn check(&self) -> Result<(), ValidationError> {
         if let Some(now) = self.now_ms {
-            validate::check_range("now_ms", now as f64, 0.0, i64::MAX as f64)?;
+            validate::check_timestamp("now_ms", now)?;
         }
         validate::check_genres("genres", &self.genres)
     }
@@ -214,6 +230,11 @@ pub struct BrainStats {
     pub global_version: u64,
     /// Patterns evicted since open.
     pub evictions: u64,
+    /// Deltas the shard refused as invalid and that were dropped (ever, on this database).
+    pub quarantined_deltas: u64,
+    /// Database rows found unusable at open (tampered or corrupt values): left in the file,
+    /// kept out of memory.
+    pub skipped_rows: usize,
     /// Estimated bytes of the brain's own data.
     pub memory_bytes: usize,
     /// The configured budget.
@@ -262,6 +283,8 @@ pub struct Brain {
     global_version: u64,
     trends: Vec<TrendSignal>,
     evictions: u64,
+    quarantined_deltas: u64,
+    skipped_rows: usize,
 }
 
 impl std::fmt::Debug for Brain {
@@ -287,11 +310,13 @@ const META_LOCAL_VERSION: &str = "local_version";
 const META_ACKED: &str = "acked_version";
 const META_GLOBAL_VERSION: &str = "global_version";
 const META_TRENDS: &str = "trends";
+const META_QUARANTINED: &str = "quarantined_deltas";
 
 impl Brain {
     /// Opens a brain with its own embedder (and catalogue, from `catalogue_path`).
     pub fn open(cfg: BrainConfig) -> Result<Brain> {
         cfg.check()?;
+        cfg.embedder.check("embedder.")?;
         let embedder = Arc::new(Embedder::new(cfg.embedder.clone())?);
         let mut store = Store::open(cfg.db_path.as_deref(), cfg.durable)?;
         check_model(&store, embedder.model_id())?;
@@ -349,7 +374,15 @@ impl Brain {
         let mut local = Vec::new();
         let mut local_vecs = QuantMatrix::new();
         let mut local_by_key = HashMap::new();
-        for (p, v) in store.patterns()? {
+        let loaded = store.patterns()?;
+        let loaded_globals = store.globals()?;
+        // A row edited behind the library's back (NaN, out of range) is left in the file and
+        // kept out of memory, so it can never poison a delta; counted and logged.
+        let skipped_rows = loaded.skipped.len() + loaded_globals.skipped.len();
+        for why in loaded.skipped.iter().chain(&loaded_globals.skipped) {
+            tracing::warn!(db = store.path(), row = %why, "skipping an unusable database row");
+        }
+        for (p, v) in loaded.rows {
             local_by_key
                 .insert(PatternKey(p.content_id.clone(), p.time_slot, p.day_type), local.len());
             local_vecs.push(&v);
@@ -363,7 +396,7 @@ impl Brain {
             }
             None => None,
         };
-        let (globals, global_vecs): (Vec<_>, Vec<_>) = store.globals()?.into_iter().unzip();
+        let (globals, global_vecs): (Vec<_>, Vec<_>) = loaded_globals.rows.into_iter().unzip();
         let mut gm = QuantMatrix::new();
         global_vecs.iter().for_each(|v| gm.push(v));
         let trends = match store.meta::<Vec<u8>>(META_TRENDS)? {
@@ -375,7 +408,7 @@ impl Brain {
             None => Vec::new(),
         };
         let version =
-            |key: &str| -> Result<u64> { Ok(store.meta::<i64>(key)?.unwrap_or(0) as u64) };
+            |key: &str| -> Result<u64> { Ok(store.meta::<i64>(key)?.unwrap_or(0).max(0) as u64) };
         // Last, so the background warm-up does not compete with loading the file.
         let genres = catalogue
             .iter()
@@ -404,6 +437,8 @@ impl Brain {
             global_index: VectorIndex::build(gm, IndexKind::Auto),
             trends,
             evictions: 0,
+            quarantined_deltas: version(META_QUARANTINED)?,
+            skipped_rows,
             store,
         };
         brain.refresh_collab_query();
@@ -562,11 +597,11 @@ impl Brain {
             .min_by(|(_, a), (_, b)| {
                 let ra = ranking::retention(
                     a.success_rate,
-                    ranking::freshness(now - a.updated_at_ms, p),
+                    ranking::freshness(now.saturating_sub(a.updated_at_ms), p),
                 );
                 let rb = ranking::retention(
                     b.success_rate,
-                    ranking::freshness(now - b.updated_at_ms, p),
+                    ranking::freshness(now.saturating_sub(b.updated_at_ms), p),
                 );
                 ra.total_cmp(&rb).then(a.updated_at_ms.cmp(&b.updated_at_ms))
             })
@@ -609,7 +644,7 @@ impl Brain {
         let text = ranking::context_text(slot, day, ctx.content_type, &ctx.genres);
         let sims = self.local_vecs.scan(&q);
         let weights = self.local.iter().zip(&sims).enumerate().map(|(i, (pat, sim))| {
-            let fresh = ranking::freshness(now - pat.updated_at_ms, p);
+            let fresh = ranking::freshness(now.saturating_sub(pat.updated_at_ms), p);
             (i as u32, ranking::seed_weight(*sim, pat.success_rate, fresh))
         });
         let top = crate::index::top_k(weights.filter(|(_, w)| *w > 0.0), p.seeds);
@@ -710,7 +745,7 @@ impl Brain {
                 if self.watched.contains_key(&g.content_id) {
                     continue;
                 }
-                let fresh = ranking::freshness(now - g.updated_at_ms, p);
+                let fresh = ranking::freshness(now.saturating_sub(g.updated_at_ms), p);
                 let score = ranking::candidate_score(
                     seed.weight,
                     sim,
@@ -864,7 +899,7 @@ impl Brain {
             for &gi in global_by_content.get(id.as_str()).map(Vec::as_slice).unwrap_or(&[]) {
                 let g = &self.globals[gi];
                 let v = self.global_index.matrix().get(gi);
-                let fresh = ranking::freshness(now - g.updated_at_ms, p);
+                let fresh = ranking::freshness(now.saturating_sub(g.updated_at_ms), p);
                 score = score.max(best_over_seeds(&v, g.success_rate, fresh, p.global_weight));
                 vector.get_or_insert(v);
                 known = true;
@@ -1003,6 +1038,33 @@ impl Brain {
         Ok(())
     }
 
+    /// Drops the delta `local_version` from the outbox without an acknowledgement: the shard
+    /// refused it as invalid and would refuse every retry, which would hold back every later
+    /// change. Returns how many changes it carried. Its patterns stay on the TV (they still
+    /// serve recommendations) and are not offered again as new; their later changes travel
+    /// as updates, which a shard ignores for ids it does not hold. Counted in
+    /// [`BrainStats::quarantined_deltas`].
+    pub fn quarantine_delta(&mut self, local_version: u64) -> Result<usize> {
+        let changes = match &self.outbox {
+            Some(d) if d.local_version == local_version => {
+                d.added.len() + d.updated.len() + d.removed.len()
+            }
+            _ => {
+                return Err(DeviceError::State(format!(
+                    "delta {local_version} is not the one awaiting acknowledgement"
+                )));
+            }
+        };
+        let count = self.quarantined_deltas + 1;
+        self.store.write(|tx| {
+            tx.clear_outbox(local_version)?;
+            tx.set_meta(META_QUARANTINED, count as i64)
+        })?;
+        self.outbox = None;
+        self.quarantined_deltas = count;
+        Ok(changes)
+    }
+
     /// Takes in what the shard sent: similar patterns of other devices (merged, capped) and
     /// trends (replaced). Validated whole first; a bad message changes nothing.
     pub fn apply_global(&mut self, global: GlobalPatterns) -> Result<()> {
@@ -1047,11 +1109,11 @@ impl Brain {
         all.sort_by(|a, b| {
             let ra = ranking::retention(
                 a.0.success_rate,
-                ranking::freshness(now - a.0.updated_at_ms, p),
+                ranking::freshness(now.saturating_sub(a.0.updated_at_ms), p),
             );
             let rb = ranking::retention(
                 b.0.success_rate,
-                ranking::freshness(now - b.0.updated_at_ms, p),
+                ranking::freshness(now.saturating_sub(b.0.updated_at_ms), p),
             );
             rb.total_cmp(&ra).then(a.0.id.cmp(&b.0.id))
         });
@@ -1129,6 +1191,8 @@ impl Brain {
             unsynced_changes: unsynced,
             global_version: self.global_version,
             evictions: self.evictions,
+            quarantined_deltas: self.quarantined_deltas,
+            skipped_rows: self.skipped_rows,
             memory_bytes: self.memory_bytes(),
             memory_budget_bytes: self.cfg.memory_budget_bytes,
         }

@@ -13,6 +13,7 @@
 use crate::assets;
 use crate::error::{DeviceError, Result};
 use lru::LruCache;
+use omega_protocol::validate::{self, ValidationError};
 use omega_protocol::vector::{EMBEDDING_DIM, l2_normalize};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
@@ -39,17 +40,39 @@ pub struct EmbedderConfig {
     /// `libonnxruntime.so` (`ORT_DYLIB_PATH`, else the cache). Only the first successful
     /// load of a process counts: ONNX Runtime is a process-wide singleton.
     pub ort_dylib_path: Option<PathBuf>,
-    /// Intra-op threads of the session.
+    /// Intra-op threads of the session, 1-64.
     pub intra_threads: usize,
-    /// Texts whose embeddings are kept (LRU).
+    /// Texts whose embeddings are kept (LRU), 1-1,000,000.
     pub cache_capacity: usize,
-    /// Token limit (longer texts are truncated).
+    /// Token limit, 2-512 (longer texts are truncated).
     pub max_tokens: usize,
     /// Identifier of the model, put on every delta.
     pub model_id: String,
     /// Memory-lean session: no CPU arena, no memory-pattern planning, no weight prepacking
     /// (`omega-device-bench` measures both settings).
     pub lean_memory: bool,
+}
+
+/// Largest `cache_capacity`: the LRU cache allocates its table up front.
+const MAX_CACHE_CAPACITY: usize = 1_000_000;
+/// Largest `max_tokens`: MiniLM has 512 positions.
+const MAX_TOKENS_LIMIT: usize = 512;
+/// Largest `intra_threads`.
+const MAX_INTRA_THREADS: usize = 64;
+
+impl EmbedderConfig {
+    /// Checks every number against its range; `prefix` (e.g. `"embedder."`) names the fields
+    /// as the caller's document spells them.
+    pub fn check(&self, prefix: &str) -> Result<(), ValidationError> {
+        for (field, v, min, max) in [
+            ("intra_threads", self.intra_threads, 1, MAX_INTRA_THREADS),
+            ("cache_capacity", self.cache_capacity, 1, MAX_CACHE_CAPACITY),
+            ("max_tokens", self.max_tokens, 2, MAX_TOKENS_LIMIT),
+        ] {
+            validate::check_range(&format!("{prefix}{field}"), v as f64, min as f64, max as f64)?;
+        }
+        validate::check_required_string(&format!("{prefix}model_id"), &self.model_id)
+    }
 }
 
 impl Default for EmbedderConfig {
@@ -122,6 +145,7 @@ fn check_file(what: &'static str, path: &Path) -> Result<()> {
 impl Embedder {
     /// Loads ONNX Runtime (once per process), the tokenizer and the model.
     pub fn new(config: EmbedderConfig) -> Result<Self> {
+        config.check("")?;
         let model_path = config.model_path.clone().unwrap_or_else(assets::model_path);
         let tokenizer_path = config.tokenizer_path.clone().unwrap_or_else(assets::tokenizer_path);
         let dylib = config.ort_dylib_path.clone().unwrap_or_else(assets::ort_dylib_path);
@@ -141,7 +165,7 @@ impl Embedder {
             .map_err(model_err)?
             .with_execution_providers([cpu])
             .map_err(opt)?
-            .with_intra_threads(config.intra_threads.max(1))
+            .with_intra_threads(config.intra_threads)
             .map_err(opt)?
             .with_inter_threads(1)
             .map_err(opt)?
@@ -286,7 +310,7 @@ fn load_tokenizer(path: &Path, max_tokens: usize) -> Result<Tokenizer> {
     tokenizer.with_padding(None);
     tokenizer
         .with_truncation(Some(tokenizers::TruncationParams {
-            max_length: max_tokens.max(2),
+            max_length: max_tokens,
             ..Default::default()
         }))
         .map_err(|e| asset(e.to_string()))?;

@@ -80,6 +80,9 @@ pub enum DeviceError {
     /// The sync endpoint or TLS settings are unusable.
     #[error("sync configuration: {0}")]
     SyncConfig(String),
+    /// A required pointer argument of a C call was NULL.
+    #[error("{0} is NULL")]
+    Null(&'static str),
     /// A bug: a panic caught at the C boundary, a poisoned lock.
     #[error("internal error: {0}")]
     Internal(String),
@@ -103,6 +106,7 @@ impl DeviceError {
             DeviceError::Unavailable { .. } => ffi::OMEGA_ERR_UNAVAILABLE,
             DeviceError::Rejected { .. } => ffi::OMEGA_ERR_REJECTED,
             DeviceError::SyncConfig(_) => ffi::OMEGA_ERR_SYNC_CONFIG,
+            DeviceError::Null(_) => ffi::OMEGA_ERR_NULL,
             DeviceError::Internal(_) => ffi::OMEGA_ERR_INTERNAL,
         }
     }
@@ -145,6 +149,7 @@ mod tests {
                 ffi::OMEGA_ERR_REJECTED,
             ),
             (DeviceError::SyncConfig("c".into()), ffi::OMEGA_ERR_SYNC_CONFIG),
+            (DeviceError::Null("out"), ffi::OMEGA_ERR_NULL),
             (DeviceError::Internal("i".into()), ffi::OMEGA_ERR_INTERNAL),
         ];
         let mut seen = std::collections::HashSet::new();

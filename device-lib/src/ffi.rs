@@ -4,26 +4,33 @@
 //! - Functions returning `int32_t` give `OMEGA_OK` (0) or a negative `OMEGA_ERR_*` code.
 //! - Functions producing JSON return `int64_t`: the length of the JSON in bytes (without the
 //!   terminating NUL), or a negative error code. Like `snprintf`, the output was written in
-//!   full only when that length is `< out_cap`; otherwise nothing was written, the length is
-//!   what is needed, and `omega_brain_last_result` fetches the same JSON again (so calls with
-//!   effects, like `observe` and `sync`, are never repeated for a bigger buffer).
-//! - After an error, `omega_last_error_message` gives a message (per thread).
+//!   full only when that length is `< out_cap`; otherwise `out` holds an empty string, the
+//!   length is what is needed, `omega_last_error_message` says "buffer too small", and
+//!   `omega_brain_last_result` fetches the same JSON again (so calls with effects, like
+//!   `observe` and `sync`, are never repeated for a bigger buffer).
+//! - After an error, `omega_last_error_message` gives a message (per thread); each call
+//!   clears it first.
+//! - Input strings longer than the protocol's largest message (1 MiB) are refused with
+//!   `OMEGA_ERR_INVALID` before parsing.
 //! - No panic crosses the boundary: each function runs under `catch_unwind` and turns a
-//!   panic into `OMEGA_ERR_INTERNAL`. A handle may be used from several threads (calls are
-//!   serialised by a mutex); `omega_brain_close` must be the last call on it.
+//!   panic into `OMEGA_ERR_INTERNAL`. A handle may be used from several threads: calls are
+//!   serialised by a mutex, except that `omega_brain_sync` holds it only to prepare a delta
+//!   and to take in the answer, not while it waits for the shard (syncs are serialised among
+//!   themselves by a second mutex). `omega_brain_close` must be the last call on a handle.
 
 // The C boundary needs raw pointers and exported symbols; `unsafe` is confined to this module.
 #![allow(unsafe_code)]
 
 use crate::brain::{Brain, BrainConfig, RecommendContext};
 use crate::error::{DeviceError, Result};
-use crate::sync::{SyncClient, SyncConfig};
+use crate::sync::{BrainAccess, SyncClient, SyncConfig};
+use omega_protocol::validate::{MAX_MESSAGE_BYTES, ValidationError};
 use omega_protocol::{GlobalPatterns, ViewingEvent};
 use serde::Serialize;
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 /// Success.
 pub const OMEGA_OK: i32 = 0;
@@ -57,13 +64,21 @@ pub const OMEGA_ERR_INTERNAL: i32 = -99;
 /// An open brain. Opaque to C.
 pub struct OmegaBrain {
     inner: Mutex<Handle>,
+    /// Sync state, locked for a whole sync; `inner` is locked only inside it, never the other
+    /// way round (no lock-order inversion).
+    net: Mutex<Net>,
 }
 
 struct Handle {
     brain: Brain,
-    sync: Option<(String, SyncClient)>,
-    runtime: Option<tokio::runtime::Runtime>,
     last_result: CString,
+}
+
+#[derive(Default)]
+struct Net {
+    /// The client, with the config JSON it was made from.
+    client: Option<(String, SyncClient)>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 thread_local! {
@@ -76,12 +91,12 @@ fn set_last_error(msg: &str) {
 }
 
 /// Runs `f`, turning errors and panics into codes (and the thread's last error message).
+/// The message is cleared first, so after a success it is empty unless the call left a note
+/// (an output buffer too small).
 fn guard<T: From<i32>>(f: impl FnOnce() -> Result<T>) -> T {
+    set_last_error("");
     match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => {
-            set_last_error("");
-            v
-        }
+        Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             set_last_error(&e.to_string());
             T::from(e.code())
@@ -98,44 +113,67 @@ fn guard<T: From<i32>>(f: impl FnOnce() -> Result<T>) -> T {
     }
 }
 
-/// Borrows a C string as UTF-8. `None` for NULL.
+/// Borrows a C string as UTF-8; `None` for NULL. Strings longer than the protocol's largest
+/// message are refused before anything parses them.
 ///
 /// # Safety
 /// `p` is NULL or points to a NUL-terminated string valid for the call.
-unsafe fn text<'a>(p: *const c_char) -> Result<Option<&'a str>> {
+unsafe fn text<'a>(p: *const c_char, name: &'static str) -> Result<Option<&'a str>> {
     if p.is_null() {
         return Ok(None);
     }
     // SAFETY: non-null, and the caller promises a NUL-terminated string.
-    let s = unsafe { CStr::from_ptr(p) };
-    s.to_str().map(Some).map_err(|e| {
-        DeviceError::Json(serde::de::Error::custom(format!("input is not UTF-8: {e}")))
+    let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(
+            ValidationError::MessageTooLarge { got: bytes.len(), max: MAX_MESSAGE_BYTES }.into()
+        );
+    }
+    std::str::from_utf8(bytes).map(Some).map_err(|e| {
+        DeviceError::Json(serde::de::Error::custom(format!("{name} is not UTF-8: {e}")))
     })
 }
 
-/// Error for a NULL argument, with its own code.
-fn null_error(name: &str) -> i32 {
-    set_last_error(&format!("{name} is NULL"));
-    OMEGA_ERR_NULL
+/// Like [`text`], for a string that must be given.
+///
+/// # Safety
+/// As [`text`].
+unsafe fn required<'a>(p: *const c_char, name: &'static str) -> Result<&'a str> {
+    // SAFETY: forwarded from the caller.
+    unsafe { text(p, name) }?.ok_or(DeviceError::Null(name))
 }
 
+/// Runs `f` on a handle under [`guard`].
+fn with_brain<T: From<i32>>(brain: *mut OmegaBrain, f: impl FnOnce(&OmegaBrain) -> Result<T>) -> T {
+    guard(|| {
+        if brain.is_null() {
+            return Err(DeviceError::Null("brain"));
+        }
+        // SAFETY: non-null handles come from `omega_brain_open` and stay valid until
+        // `omega_brain_close`, which the caller calls last.
+        f(unsafe { &*brain })
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock().map_err(|_| DeviceError::Internal("brain lock poisoned by an earlier panic".into()))
+}
+
+/// Runs `f` on a handle's brain, under its lock.
 fn with_handle<T: From<i32>>(
     brain: *mut OmegaBrain,
     f: impl FnOnce(&mut Handle) -> Result<T>,
 ) -> T {
-    if brain.is_null() {
-        return T::from(null_error("brain"));
+    with_brain(brain, |b| f(&mut *lock(&b.inner)?))
+}
+
+/// The brain behind its lock, taken only for each step of a sync.
+struct Locked<'a>(&'a Mutex<Handle>);
+
+impl BrainAccess for Locked<'_> {
+    fn with_brain<R>(&mut self, f: impl FnOnce(&mut Brain) -> Result<R>) -> Result<R> {
+        f(&mut lock(self.0)?.brain)
     }
-    // SAFETY: non-null handles come from `omega_brain_open` and stay valid until
-    // `omega_brain_close`, which the caller calls last.
-    let handle = unsafe { &*brain };
-    guard(|| {
-        let mut h = handle
-            .inner
-            .lock()
-            .map_err(|_| DeviceError::Internal("brain lock poisoned by an earlier panic".into()))?;
-        f(&mut h)
-    })
 }
 
 /// Serialises `value`, keeps it as the handle's last result and copies it out.
@@ -151,26 +189,49 @@ unsafe fn emit(
     let json = serde_json::to_string(value)?;
     h.last_result = CString::new(json).map_err(|e| DeviceError::Internal(e.to_string()))?;
     // SAFETY: forwarded from the caller.
-    Ok(unsafe { copy_out(h.last_result.as_bytes(), out, out_cap) })
+    Ok(unsafe { copy_result(h.last_result.as_bytes(), out, out_cap) })
 }
 
-/// `snprintf`-style copy: writes `bytes` + NUL when they fit, returns `bytes.len()`.
+/// [`copy_out`], leaving a "buffer too small" note when a given buffer was too small.
 ///
 /// # Safety
 /// `out` is NULL or valid for `out_cap` bytes.
-unsafe fn copy_out(bytes: &[u8], out: *mut c_char, out_cap: usize) -> i64 {
-    if !out.is_null() && bytes.len() < out_cap {
+unsafe fn copy_result(bytes: &[u8], out: *mut c_char, out_cap: usize) -> i64 {
+    // SAFETY: forwarded from the caller.
+    let (len, fitted) = unsafe { copy_out(bytes, out, out_cap) };
+    if !fitted && !out.is_null() {
+        set_last_error(&format!(
+            "buffer too small: the JSON is {len} bytes, out_cap must be at least {} (JSON + NUL), \
+             was {out_cap}; omega_brain_last_result copies it again",
+            len + 1
+        ));
+    }
+    len
+}
+
+/// `snprintf`-style copy: writes `bytes` + NUL when they fit (`true`), else an empty string
+/// when there is room for one; returns `bytes.len()` either way. No side effect.
+///
+/// # Safety
+/// `out` is NULL or valid for `out_cap` bytes.
+unsafe fn copy_out(bytes: &[u8], out: *mut c_char, out_cap: usize) -> (i64, bool) {
+    let len = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
+    if out.is_null() {
+        return (len, false);
+    }
+    if bytes.len() < out_cap {
         // SAFETY: `out` has room for `bytes.len() + 1` bytes (checked above).
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.cast::<u8>(), bytes.len());
             *out.add(bytes.len()) = 0;
         }
-    } else if !out.is_null() && out_cap > 0 {
+        return (len, true);
+    }
+    if out_cap > 0 {
         // SAFETY: at least one byte is writable.
         unsafe { *out = 0 };
-        set_last_error(&format!("buffer too small: {} bytes needed (plus NUL)", bytes.len()));
     }
-    bytes.len() as i64
+    (len, false)
 }
 
 fn parse<T: serde::de::DeserializeOwned>(json: Option<&str>) -> Result<Option<T>> {
@@ -182,7 +243,7 @@ fn parse<T: serde::de::DeserializeOwned>(json: Option<&str>) -> Result<Option<T>
 }
 
 /// Opens a brain. `config_json` is a `BrainConfig` object (NULL or "" = defaults). On success
-/// `*out_brain` receives the handle.
+/// `*out_brain` receives the handle; on failure it is set to NULL.
 ///
 /// # Safety
 /// `config_json` is NULL or a NUL-terminated string; `out_brain` is a valid pointer.
@@ -191,20 +252,19 @@ pub unsafe extern "C" fn omega_brain_open(
     config_json: *const c_char,
     out_brain: *mut *mut OmegaBrain,
 ) -> i32 {
-    if out_brain.is_null() {
-        return null_error("out_brain");
-    }
     guard(|| {
+        if out_brain.is_null() {
+            return Err(DeviceError::Null("out_brain"));
+        }
+        // SAFETY: checked non-null; the caller promises a valid pointer.
+        unsafe { *out_brain = std::ptr::null_mut() };
         // SAFETY: forwarded from the caller.
-        let cfg: BrainConfig = parse(unsafe { text(config_json) }?)?.unwrap_or_default();
+        let cfg: BrainConfig =
+            parse(unsafe { text(config_json, "config_json") }?)?.unwrap_or_default();
         let brain = Brain::open(cfg)?;
         let handle = Box::new(OmegaBrain {
-            inner: Mutex::new(Handle {
-                brain,
-                sync: None,
-                runtime: None,
-                last_result: CString::default(),
-            }),
+            inner: Mutex::new(Handle { brain, last_result: CString::default() }),
+            net: Mutex::new(Net::default()),
         });
         // SAFETY: checked non-null above.
         unsafe { *out_brain = Box::into_raw(handle) };
@@ -224,15 +284,15 @@ pub unsafe extern "C" fn omega_brain_observe(
     out: *mut c_char,
     out_cap: usize,
 ) -> i64 {
-    // SAFETY: forwarded from the caller.
-    let Some(json) = (unsafe { text(event_json) }).ok().flatten() else {
-        return i64::from(input_error(event_json, "event_json"));
-    };
-    with_handle(brain, |h| {
+    with_brain(brain, |b| {
+        // SAFETY: forwarded from the caller.
+        let json = unsafe { required(event_json, "event_json") }?;
+        // Parsed before the handle is locked: other threads wait only for the brain itself.
         let event: ViewingEvent = serde_json::from_str(json)?;
+        let mut h = lock(&b.inner)?;
         let outcome = h.brain.observe(&event)?;
         // SAFETY: forwarded from the caller.
-        unsafe { emit(h, &outcome, out, out_cap) }
+        unsafe { emit(&mut h, &outcome, out, out_cap) }
     })
 }
 
@@ -249,13 +309,14 @@ pub unsafe extern "C" fn omega_brain_recommend(
     out: *mut c_char,
     out_cap: usize,
 ) -> i64 {
-    // SAFETY: forwarded from the caller.
-    let ctx = unsafe { text(context_json) };
-    with_handle(brain, |h| {
-        let ctx: RecommendContext = parse(ctx?)?.unwrap_or_default();
+    with_brain(brain, |b| {
+        // SAFETY: forwarded from the caller.
+        let ctx: RecommendContext =
+            parse(unsafe { text(context_json, "context_json") }?)?.unwrap_or_default();
+        let mut h = lock(&b.inner)?;
         let recs = h.brain.recommend(&ctx, k as usize)?;
         // SAFETY: forwarded from the caller.
-        unsafe { emit(h, &recs, out, out_cap) }
+        unsafe { emit(&mut h, &recs, out, out_cap) }
     })
 }
 
@@ -272,20 +333,25 @@ pub unsafe extern "C" fn omega_brain_score(
     out: *mut c_char,
     out_cap: usize,
 ) -> i64 {
-    // SAFETY: forwarded from the caller.
-    let (ctx, ids) = unsafe { (text(context_json), text(content_ids_json)) };
-    with_handle(brain, |h| {
-        let ctx: RecommendContext = parse(ctx?)?.unwrap_or_default();
-        let ids: Vec<String> = parse(ids?)?.unwrap_or_default();
+    with_brain(brain, |b| {
+        // SAFETY: forwarded from the caller.
+        let (ctx, ids) = unsafe {
+            (text(context_json, "context_json")?, text(content_ids_json, "content_ids_json")?)
+        };
+        let ctx: RecommendContext = parse(ctx)?.unwrap_or_default();
+        let ids: Vec<String> = parse(ids)?.unwrap_or_default();
+        let mut h = lock(&b.inner)?;
         let scores = h.brain.score(&ctx, &ids)?;
         // SAFETY: forwarded from the caller.
-        unsafe { emit(h, &scores, out, out_cap) }
+        unsafe { emit(&mut h, &scores, out, out_cap) }
     })
 }
 
 /// Syncs with a shard. `sync_config_json` is a `SyncConfig` (endpoint, token, deadlines,
-/// retries…); without a token the device registers first. Writes a `SyncReport` JSON. When
-/// the shard is unreachable, returns `OMEGA_ERR_UNAVAILABLE` and keeps every pending change.
+/// retries…); without a token the device registers first. Writes a `SyncReport` JSON, whose
+/// `next_sync_in_ms` says when to sync next (5-15 minutes, jittered). When the shard is
+/// unreachable, returns `OMEGA_ERR_UNAVAILABLE` and keeps every pending change. Other calls
+/// on the handle (recommend, observe…) are not blocked while the shard is being waited for.
 ///
 /// # Safety
 /// As `omega_brain_observe`.
@@ -296,35 +362,38 @@ pub unsafe extern "C" fn omega_brain_sync(
     out: *mut c_char,
     out_cap: usize,
 ) -> i64 {
-    // SAFETY: forwarded from the caller.
-    let cfg_json = unsafe { text(sync_config_json) };
-    with_handle(brain, |h| {
-        let cfg_json = cfg_json?.unwrap_or("").to_owned();
-        let cfg: SyncConfig = parse(Some(&cfg_json))?.unwrap_or_default();
-        if h.runtime.is_none() {
+    with_brain(brain, |b| {
+        // SAFETY: forwarded from the caller.
+        let cfg_json = unsafe { text(sync_config_json, "sync_config_json") }?.unwrap_or("");
+        let cfg: SyncConfig = parse(Some(cfg_json))?.unwrap_or_default();
+        let mut net = lock(&b.net)?;
+        if net.runtime.is_none() {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| DeviceError::Internal(format!("tokio runtime: {e}")))?;
-            h.runtime = Some(rt);
+            net.runtime = Some(rt);
         }
-        let Handle { brain, sync, runtime, .. } = h;
+        let Net { client, runtime } = &mut *net;
         let rt = runtime.as_ref().ok_or_else(|| DeviceError::Internal("no runtime".into()))?;
         let report = rt.block_on(async {
-            if sync.as_ref().is_none_or(|(json, _)| *json != cfg_json) {
-                *sync = Some((cfg_json.clone(), SyncClient::connect(cfg.clone()).await?));
+            if client.as_ref().is_none_or(|(json, _)| json != cfg_json) {
+                *client = Some((cfg_json.to_owned(), SyncClient::connect(cfg.clone()).await?));
             }
-            let (_, client) =
-                sync.as_mut().ok_or_else(|| DeviceError::Internal("no client".into()))?;
-            if client.config().token.is_none() {
-                let model = brain.embedder().model_id().to_owned();
-                let device = brain.device_id().to_owned();
-                client.register(&device, &cfg.region, &model).await?;
+            let (_, c) =
+                client.as_mut().ok_or_else(|| DeviceError::Internal("no client".into()))?;
+            if c.config().token.is_none() {
+                let (device, model) = {
+                    let h = lock(&b.inner)?;
+                    (h.brain.device_id().to_owned(), h.brain.embedder().model_id().to_owned())
+                };
+                c.register(&device, &cfg.region, &model).await?;
             }
-            client.sync(brain).await
+            c.sync_with(&mut Locked(&b.inner)).await
         })?;
+        let mut h = lock(&b.inner)?;
         // SAFETY: forwarded from the caller.
-        unsafe { emit(h, &report, out, out_cap) }
+        unsafe { emit(&mut h, &report, out, out_cap) }
     })
 }
 
@@ -338,13 +407,11 @@ pub unsafe extern "C" fn omega_brain_apply_global(
     brain: *mut OmegaBrain,
     global_json: *const c_char,
 ) -> i32 {
-    // SAFETY: forwarded from the caller.
-    let Some(json) = (unsafe { text(global_json) }).ok().flatten() else {
-        return input_error(global_json, "global_json");
-    };
-    with_handle(brain, |h| {
+    with_brain(brain, |b| {
+        // SAFETY: forwarded from the caller.
+        let json = unsafe { required(global_json, "global_json") }?;
         let g: GlobalPatterns = serde_json::from_str(json)?;
-        h.brain.apply_global(g)?;
+        lock(&b.inner)?.brain.apply_global(g)?;
         Ok(OMEGA_OK)
     })
 }
@@ -379,7 +446,7 @@ pub unsafe extern "C" fn omega_brain_last_result(
 ) -> i64 {
     with_handle(brain, |h| {
         // SAFETY: forwarded from the caller.
-        Ok(unsafe { copy_out(h.last_result.as_bytes(), out, out_cap) })
+        Ok(unsafe { copy_result(h.last_result.as_bytes(), out, out_cap) })
     })
 }
 
@@ -408,6 +475,7 @@ pub unsafe extern "C" fn omega_brain_close(brain: *mut OmegaBrain) -> i32 {
 }
 
 /// Copies the calling thread's last error message (empty after a success), `snprintf`-style.
+/// Reading it never changes it: after "buffer too small", call again with a bigger buffer.
 ///
 /// # Safety
 /// `out` is NULL or valid for `out_cap` bytes.
@@ -415,7 +483,7 @@ pub unsafe extern "C" fn omega_brain_close(brain: *mut OmegaBrain) -> i32 {
 pub unsafe extern "C" fn omega_last_error_message(out: *mut c_char, out_cap: usize) -> i64 {
     let msg = LAST_ERROR.with(|e| e.borrow().clone());
     // SAFETY: forwarded from the caller.
-    unsafe { copy_out(msg.as_bytes(), out, out_cap) }
+    unsafe { copy_out(msg.as_bytes(), out, out_cap) }.0
 }
 
 /// The library version, a static NUL-terminated string.
@@ -425,12 +493,112 @@ pub extern "C" fn omega_version() -> *const c_char {
     VERSION.as_ptr().cast()
 }
 
-/// Code for a NULL or non-UTF-8 required string.
-fn input_error(p: *const c_char, name: &'static str) -> i32 {
-    if p.is_null() {
-        null_error(name)
-    } else {
-        set_last_error(&format!("malformed JSON: {name} is not UTF-8"));
-        OMEGA_ERR_JSON
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: `buf` is valid for its length.
+        let n = unsafe { omega_last_error_message(buf.as_mut_ptr().cast(), buf.len()) };
+        buf.truncate(usize::try_from(n).expect("length"));
+        String::from_utf8(buf).expect("utf-8")
+    }
+
+    #[test]
+    fn a_panic_inside_becomes_internal_with_a_message() {
+        let code: i32 = guard(|| -> Result<i32> { panic!("boom in the brain") });
+        assert_eq!(code, OMEGA_ERR_INTERNAL);
+        assert_eq!(last_error(), "internal error: boom in the brain");
+        let code: i64 = guard(|| -> Result<i64> { std::panic::panic_any(42u8) });
+        assert_eq!(code, i64::from(OMEGA_ERR_INTERNAL));
+        assert_eq!(last_error(), "internal error: panic");
+        // A later success clears the message.
+        assert_eq!(guard(|| Ok(OMEGA_OK)), OMEGA_OK);
+        assert_eq!(last_error(), "");
+    }
+
+    #[test]
+    fn errors_map_to_their_code_and_message() {
+        let code: i32 = guard(|| Err(DeviceError::State("nope".into())));
+        assert_eq!(code, OMEGA_ERR_STATE);
+        assert_eq!(last_error(), "invalid state: nope");
+        let code: i32 = with_handle(std::ptr::null_mut(), |_| Ok(OMEGA_OK));
+        assert_eq!(code, OMEGA_ERR_NULL);
+        assert_eq!(last_error(), "brain is NULL");
+    }
+
+    #[test]
+    fn a_small_buffer_never_overwrites_the_stored_message() {
+        let _: i32 = guard(|| Err(DeviceError::State("a rather long message".into())));
+        let mut small = [b'x' as c_char; 4];
+        // SAFETY: `small` is valid for 4 bytes.
+        let n = unsafe { omega_last_error_message(small.as_mut_ptr(), small.len()) };
+        assert_eq!(n, "invalid state: a rather long message".len() as i64);
+        assert_eq!(small[0], 0, "an empty string when it does not fit");
+        // SAFETY: NULL is allowed: a length query.
+        assert_eq!(unsafe { omega_last_error_message(std::ptr::null_mut(), 0) }, n);
+        assert_eq!(last_error(), "invalid state: a rather long message", "unchanged");
+    }
+
+    #[test]
+    fn a_result_that_does_not_fit_leaves_a_note_that_survives_the_success() {
+        let mut small = [0 as c_char; 8];
+        let json = b"[1,2,3,4,5,6,7,8,9]";
+        let n: i64 = guard(|| {
+            // SAFETY: `small` is valid for its length.
+            Ok(unsafe { copy_result(json, small.as_mut_ptr(), small.len()) })
+        });
+        assert_eq!(n, json.len() as i64);
+        let msg = last_error();
+        assert!(msg.starts_with("buffer too small") && msg.contains("at least 20"), "{msg}");
+        // A length query (NULL buffer) is no error and leaves no note.
+        let n: i64 = guard(|| {
+            // SAFETY: NULL is allowed.
+            Ok(unsafe { copy_result(json, std::ptr::null_mut(), 0) })
+        });
+        assert_eq!((n, last_error().as_str()), (json.len() as i64, ""));
+        // Exactly enough room: written, NUL-terminated.
+        let mut exact = [b'x' as c_char; 20];
+        // SAFETY: `exact` is valid for its length.
+        let (n, fitted) = unsafe { copy_out(json, exact.as_mut_ptr(), exact.len()) };
+        assert!(fitted && n == 19 && exact[19] == 0);
+        // SAFETY: NUL-terminated just above.
+        assert_eq!(unsafe { CStr::from_ptr(exact.as_ptr()) }.to_bytes(), json);
+    }
+
+    #[test]
+    fn input_strings_are_capped_and_checked() {
+        let big = CString::new(vec![b' '; MAX_MESSAGE_BYTES + 1]).expect("no NUL");
+        // SAFETY: NUL-terminated.
+        let err = unsafe { text(big.as_ptr(), "event_json") }.expect_err("too large");
+        assert_eq!(err.code(), OMEGA_ERR_INVALID, "{err}");
+        let ok = CString::new(vec![b' '; MAX_MESSAGE_BYTES]).expect("no NUL");
+        // SAFETY: NUL-terminated.
+        assert!(unsafe { text(ok.as_ptr(), "event_json") }.is_ok());
+        let latin1 = CString::new(vec![0xE9u8, b'a']).expect("no NUL");
+        // SAFETY: NUL-terminated.
+        let err = unsafe { text(latin1.as_ptr(), "event_json") }.expect_err("not UTF-8");
+        assert_eq!(err.code(), OMEGA_ERR_JSON);
+        assert!(err.to_string().contains("event_json is not UTF-8"), "{err}");
+        // SAFETY: NULL is allowed.
+        let err = unsafe { required(std::ptr::null(), "global_json") }.expect_err("NULL");
+        assert_eq!((err.code(), err.to_string().as_str()), (OMEGA_ERR_NULL, "global_json is NULL"));
+    }
+
+    #[test]
+    fn open_sets_the_handle_to_null_on_failure() {
+        let mut handle = std::ptr::dangling_mut::<OmegaBrain>();
+        let bad = CString::new("{not json").expect("no NUL");
+        // SAFETY: valid string and out pointer.
+        let code = unsafe { omega_brain_open(bad.as_ptr(), &mut handle) };
+        assert_eq!(code, OMEGA_ERR_JSON);
+        assert!(handle.is_null(), "no stale pointer left for the caller");
+        // SAFETY: a NULL out pointer is checked.
+        assert_eq!(
+            unsafe { omega_brain_open(std::ptr::null(), std::ptr::null_mut()) },
+            OMEGA_ERR_NULL
+        );
+        assert_eq!(last_error(), "out_brain is NULL");
     }
 }

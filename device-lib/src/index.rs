@@ -5,8 +5,8 @@
 //! vectors takes well under a millisecond on one core, so the brain's own patterns (at most
 //! `max_patterns`, changing at every `observe`) are always scanned. Sets that change rarely
 //! and may be large — the catalogue, the global patterns pulled at each sync — get an
-//! `instant-distance` HNSW index once they reach [`ANN_MIN_VECTORS`], built when the set is
-//! replaced (never inside `recommend`). `instant-distance` cannot insert and fixes `ef_search`
+//! `instant-distance` HNSW index once they reach [`ANN_MIN_VECTORS`], built on a background
+//! thread when the set is replaced (never inside `recommend`; exact scans answer meanwhile). `instant-distance` cannot insert and fixes `ef_search`
 //! at build time, which suits sets rebuilt whole.
 //!
 //! [`ANN_MIN_VECTORS`] comes from `omega-device-bench` (docs/benchmarks.md): below it the
@@ -14,6 +14,7 @@
 
 use instant_distance::{Builder, HnswMap, Point, Search};
 use omega_protocol::vector::{EMBEDDING_DIM, QuantizedVector, dot_i8, quantize};
+use std::sync::{Arc, OnceLock};
 
 /// Sets at least this large get an HNSW index (measured crossover, see the module docs).
 pub const ANN_MIN_VECTORS: usize = 20_000;
@@ -137,16 +138,18 @@ impl Point for QPoint {
     }
 }
 
-/// How a set is searched.
-enum Searcher {
-    Exact,
-    Hnsw(HnswMap<QPoint, u32>),
-}
+type Hnsw = HnswMap<QPoint, u32>;
 
 /// A searchable, immutable set of unit vectors.
+///
+/// An HNSW build takes seconds to over a minute (12-75 s for 5,000-20,000 vectors on this
+/// machine), far too long to hold up `open` or a sync; so [`VectorIndex::build`] builds the
+/// graph on a background thread and searches exactly until it is ready. The answers are
+/// exact meanwhile, only slower; the switch is one atomic load per search.
 pub struct VectorIndex {
     matrix: QuantMatrix,
-    searcher: Searcher,
+    /// `None`: exact scan only. `Some`: an HNSW graph, filled in once built.
+    hnsw: Option<Arc<OnceLock<Hnsw>>>,
 }
 
 impl std::fmt::Debug for VectorIndex {
@@ -154,6 +157,7 @@ impl std::fmt::Debug for VectorIndex {
         f.debug_struct("VectorIndex")
             .field("len", &self.matrix.len())
             .field("hnsw", &self.is_hnsw())
+            .field("hnsw_pending", &self.hnsw_pending())
             .finish()
     }
 }
@@ -169,34 +173,65 @@ pub enum IndexKind {
     Hnsw,
 }
 
+fn wants_hnsw(matrix: &QuantMatrix, kind: IndexKind) -> bool {
+    match kind {
+        IndexKind::Auto => matrix.len() >= ANN_MIN_VECTORS,
+        IndexKind::Exact => false,
+        IndexKind::Hnsw => !matrix.is_empty(),
+    }
+}
+
+fn build_graph(points: Vec<QPoint>) -> Hnsw {
+    let ids: Vec<u32> = (0..points.len() as u32).collect();
+    Builder::default()
+        .ef_search(ANN_EF_SEARCH)
+        .ef_construction(ANN_EF_CONSTRUCTION)
+        .seed(0x0e6a)
+        .build(points, ids)
+}
+
+fn points(matrix: &QuantMatrix) -> Vec<QPoint> {
+    (0..matrix.len()).map(|i| QPoint(matrix.get(i))).collect()
+}
+
 impl VectorIndex {
-    /// Builds the index over `matrix`. An HNSW build costs seconds for tens of thousands of
-    /// vectors: call this when a set is replaced, never per query.
+    /// The index over `matrix`. When `kind` asks for HNSW, the graph is built on a background
+    /// thread and searches scan exactly until it is ready (see the type's docs); returns at
+    /// once either way. A build cannot be cancelled: replacing the index lets it finish and
+    /// drops it.
     pub fn build(matrix: QuantMatrix, kind: IndexKind) -> Self {
-        let hnsw = match kind {
-            IndexKind::Auto => matrix.len() >= ANN_MIN_VECTORS,
-            IndexKind::Exact => false,
-            IndexKind::Hnsw => !matrix.is_empty(),
-        };
-        let searcher = if hnsw {
-            let points: Vec<QPoint> = (0..matrix.len()).map(|i| QPoint(matrix.get(i))).collect();
-            let ids: Vec<u32> = (0..matrix.len() as u32).collect();
-            Searcher::Hnsw(
-                Builder::default()
-                    .ef_search(ANN_EF_SEARCH)
-                    .ef_construction(ANN_EF_CONSTRUCTION)
-                    .seed(0x0e6a)
-                    .build(points, ids),
-            )
-        } else {
-            Searcher::Exact
-        };
-        VectorIndex { matrix, searcher }
+        if !wants_hnsw(&matrix, kind) {
+            return VectorIndex { matrix, hnsw: None };
+        }
+        let cell = Arc::new(OnceLock::new());
+        let filled = Arc::clone(&cell);
+        let pts = points(&matrix);
+        let spawned = std::thread::Builder::new().name("omega-hnsw".into()).spawn(move || {
+            let _ = filled.set(build_graph(pts));
+        });
+        match spawned {
+            Ok(_) => VectorIndex { matrix, hnsw: Some(cell) },
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for the HNSW build; searching exactly");
+                VectorIndex { matrix, hnsw: None }
+            }
+        }
+    }
+
+    /// Like [`VectorIndex::build`], but builds the graph before returning (benchmarks, and
+    /// tests that need the HNSW path).
+    pub fn build_blocking(matrix: QuantMatrix, kind: IndexKind) -> Self {
+        if !wants_hnsw(&matrix, kind) {
+            return VectorIndex { matrix, hnsw: None };
+        }
+        let cell = OnceLock::new();
+        let _ = cell.set(build_graph(points(&matrix)));
+        VectorIndex { matrix, hnsw: Some(Arc::new(cell)) }
     }
 
     /// An empty index.
     pub fn empty() -> Self {
-        VectorIndex { matrix: QuantMatrix::new(), searcher: Searcher::Exact }
+        VectorIndex { matrix: QuantMatrix::new(), hnsw: None }
     }
 
     /// Number of vectors.
@@ -209,9 +244,18 @@ impl VectorIndex {
         self.matrix.is_empty()
     }
 
-    /// True when searches go through HNSW.
+    /// True when searches go through HNSW (the graph is built).
     pub fn is_hnsw(&self) -> bool {
-        matches!(self.searcher, Searcher::Hnsw(_))
+        self.graph().is_some()
+    }
+
+    /// True while an HNSW graph is being built in the background (searches are exact).
+    pub fn hnsw_pending(&self) -> bool {
+        self.hnsw.as_ref().is_some_and(|c| c.get().is_none())
+    }
+
+    fn graph(&self) -> Option<&Hnsw> {
+        self.hnsw.as_ref().and_then(|c| c.get())
     }
 
     /// The vectors.
@@ -222,9 +266,9 @@ impl VectorIndex {
     /// The `k` nearest vectors to `q`, best first: `(index, cosine)`. Cosines are exact
     /// (int8) for whatever the search returns.
     pub fn search(&self, q: &QuantizedVector, k: usize) -> Vec<(u32, f32)> {
-        match &self.searcher {
-            Searcher::Exact => self.matrix.top_k(q, k),
-            Searcher::Hnsw(map) => {
+        match self.graph() {
+            None => self.matrix.top_k(q, k),
+            Some(map) => {
                 let mut search = Search::default();
                 let point = QPoint(q.clone());
                 let found = map.search(&point, &mut search).take(k);
@@ -235,7 +279,8 @@ impl VectorIndex {
 
     /// Bytes held (vectors; the HNSW graph adds ~`64 * 4` bytes and a copy of each vector).
     pub fn heap_bytes(&self) -> usize {
-        let graph = if self.is_hnsw() { self.len() * (64 * 4 + EMBEDDING_DIM + 32) } else { 0 };
+        let graph =
+            if self.hnsw.is_some() { self.len() * (64 * 4 + EMBEDDING_DIM + 32) } else { 0 };
         self.matrix.heap_bytes() + graph
     }
 }
@@ -309,7 +354,7 @@ mod tests {
 
     #[test]
     fn hnsw_agrees_with_exact_on_a_small_set() {
-        let idx = VectorIndex::build(matrix(120), IndexKind::Hnsw);
+        let idx = VectorIndex::build_blocking(matrix(120), IndexKind::Hnsw);
         assert!(idx.is_hnsw());
         let exact = VectorIndex::build(matrix(120), IndexKind::Exact);
         let mut hits = 0;
@@ -322,5 +367,59 @@ mod tests {
         assert!(hits as f32 / 200.0 >= 0.9, "recall {}", hits as f32 / 200.0);
         assert!(!VectorIndex::build(matrix(10), IndexKind::Auto).is_hnsw());
         assert!(VectorIndex::empty().search(&quantize(&unit(1)), 3).is_empty());
+    }
+
+    #[test]
+    fn a_large_set_answers_exactly_at_once_and_switches_to_hnsw_when_built() {
+        // Large enough that the build takes seconds (in a debug build the distance function is
+        // unoptimised: ~0.1 s per vector), so the first searches cannot find it done; small
+        // enough to finish within the test.
+        let n = 240;
+        let started = std::time::Instant::now();
+        let idx = VectorIndex::build(matrix(n), IndexKind::Hnsw);
+        let exact = VectorIndex::build(matrix(n), IndexKind::Exact);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "build returned at once");
+        assert!(idx.hnsw_pending() && !idx.is_hnsw(), "{idx:?}");
+        let queries: Vec<QuantizedVector> = (5_000..5_020).map(|s| quantize(&unit(s))).collect();
+        for q in &queries {
+            assert_eq!(idx.search(q, 10), exact.search(q, 10), "exact while building");
+        }
+        while idx.hnsw_pending() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(300), "never built");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(idx.is_hnsw());
+        let mut hits = 0;
+        for q in &queries {
+            let a = idx.search(q, 10);
+            let b = exact.search(q, 10);
+            hits += a.iter().filter(|x| b.iter().any(|y| y.0 == x.0)).count();
+        }
+        assert!(hits as f32 / 200.0 >= 0.9, "recall {}", hits as f32 / 200.0);
+        // Auto stays exact below the crossover, and never starts a build there.
+        let small = VectorIndex::build(matrix(10), IndexKind::Auto);
+        assert!(!small.is_hnsw() && !small.hnsw_pending());
+    }
+
+    #[test]
+    fn push_f32_quantises_and_sizes_are_reported() {
+        let mut m = QuantMatrix::new();
+        assert!(m.is_empty());
+        let v = unit(3);
+        m.push_f32(&v);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.get(0), quantize(&v));
+        assert!((m.similarity(0, &quantize(&v)) - 1.0).abs() < 0.01);
+        assert!(m.heap_bytes() >= EMBEDDING_DIM + 4);
+        let empty = VectorIndex::empty();
+        assert!(empty.is_empty() && !empty.is_hnsw());
+        assert_eq!(empty.len(), 0);
+        assert_eq!(empty.heap_bytes(), 0);
+        let exact = VectorIndex::build(matrix(100), IndexKind::Exact);
+        assert_eq!(exact.len(), 100);
+        assert!(exact.heap_bytes() >= 100 * EMBEDDING_DIM);
+        let graph = VectorIndex::build_blocking(matrix(100), IndexKind::Hnsw);
+        assert!(graph.is_hnsw() && !graph.hnsw_pending());
+        assert!(graph.heap_bytes() > exact.heap_bytes(), "the graph is counted");
     }
 }

@@ -6,6 +6,7 @@
 //! bytes + a scale), as they travel.
 
 use crate::error::{DeviceError, Result};
+use omega_protocol::validate::{self, ValidationError};
 use omega_protocol::vector::{EMBEDDING_DIM, QuantizedVector};
 use omega_protocol::{ContentType, DayType, TimeSlot};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
@@ -109,6 +110,80 @@ pub struct StoredGlobal {
     pub genres: Vec<String>,
     /// Unix ms.
     pub updated_at_ms: i64,
+}
+
+impl StoredPattern {
+    /// Checks the values a row holds against the contract (a file can be edited behind the
+    /// library's back, and a value out of range would otherwise reach every delta).
+    pub fn check(&self) -> Result<(), ValidationError> {
+        validate::check_required_string("content_id", &self.content_id)?;
+        validate::check_string("title", &self.title)?;
+        validate::check_genres("genres", &self.genres)?;
+        validate::check_rate("success_rate", self.success_rate)?;
+        if self.sample_count == 0 {
+            return Err(ValidationError::OutOfRange {
+                field: "sample_count".into(),
+                value: 0.0,
+                min: 1.0,
+                max: f64::from(u32::MAX),
+            });
+        }
+        validate::check_timestamp("created_at_ms", self.created_at_ms)?;
+        validate::check_timestamp("updated_at_ms", self.updated_at_ms)
+    }
+}
+
+impl StoredGlobal {
+    /// Checks the values a row holds against the contract.
+    pub fn check(&self) -> Result<(), ValidationError> {
+        validate::check_string("content_id", &self.content_id)?;
+        validate::check_genres("genres", &self.genres)?;
+        validate::check_rate("success_rate", self.success_rate)?;
+        validate::check_timestamp("updated_at_ms", self.updated_at_ms)
+    }
+}
+
+/// The rows of a table read at open: those usable, and a description of each row skipped
+/// because its values are unreadable or out of range. Skipped rows stay in the file (never
+/// wiped); a pattern whose row was skipped is learned afresh, replacing the row, the next
+/// time its content is watched in its context.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Loaded<T> {
+    /// Usable rows.
+    pub rows: Vec<T>,
+    /// Why each skipped row was skipped.
+    pub skipped: Vec<String>,
+}
+
+/// True for errors about one row's values (a tampered cell), as opposed to the file itself.
+fn is_row_error(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+    )
+}
+
+/// Collects rows, skipping (and describing) those with unusable values; other errors (I/O,
+/// corruption found mid-scan) fail the whole read.
+fn load_rows<T>(
+    rows: impl Iterator<Item = rusqlite::Result<T>>,
+    table: &str,
+    check: impl Fn(&T) -> Result<(), ValidationError>,
+) -> rusqlite::Result<Loaded<T>> {
+    let mut out = Loaded { rows: Vec::new(), skipped: Vec::new() };
+    for (i, row) in rows.enumerate() {
+        match row {
+            Ok(v) => match check(&v) {
+                Ok(()) => out.rows.push(v),
+                Err(e) => out.skipped.push(format!("{table} row {i}: {e}")),
+            },
+            Err(e) if is_row_error(&e) => out.skipped.push(format!("{table} row {i}: {e}")),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// The SQLite file (or an in-memory database).
@@ -227,8 +302,8 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Every local pattern with its embedding.
-    pub fn patterns(&self) -> Result<Vec<(StoredPattern, QuantizedVector)>> {
+    /// Every local pattern with its embedding; rows with unusable values are skipped.
+    pub fn patterns(&self) -> Result<Loaded<(StoredPattern, QuantizedVector)>> {
         let mut st = self
             .conn
             .prepare(
@@ -258,7 +333,7 @@ impl Store {
                 Ok((p, vector_col(r, 7, 8)?))
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
+        load_rows(rows, "patterns", |(p, _)| p.check()).map_err(|e| self.err(e))
     }
 
     /// Pattern ids removed locally that the shard has not been told about.
@@ -291,8 +366,8 @@ impl Store {
         rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
     }
 
-    /// Global patterns with their embeddings.
-    pub fn globals(&self) -> Result<Vec<(StoredGlobal, QuantizedVector)>> {
+    /// Global patterns with their embeddings; rows with unusable values are skipped.
+    pub fn globals(&self) -> Result<Loaded<(StoredGlobal, QuantizedVector)>> {
         let mut st = self
             .conn
             .prepare(
@@ -316,7 +391,7 @@ impl Store {
                 Ok((g, vector_col(r, 2, 3)?))
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
+        load_rows(rows, "global_patterns", |(g, _)| g.check()).map_err(|e| self.err(e))
     }
 
     /// A cached catalogue embedding for `text`.
@@ -504,7 +579,7 @@ fn genres_col(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Vec<String>> 
 fn vector_col(r: &rusqlite::Row<'_>, vi: usize, si: usize) -> rusqlite::Result<QuantizedVector> {
     let b: Vec<u8> = r.get(vi)?;
     let scale: f32 = r.get(si)?;
-    if b.len() != EMBEDDING_DIM || !scale.is_finite() {
+    if b.len() != EMBEDDING_DIM || !scale.is_finite() || scale < 0.0 {
         return Err(conversion_err(vi, format!("embedding of {} bytes, scale {scale}", b.len())));
     }
     Ok(QuantizedVector::from_bytes(&b, scale))
@@ -520,4 +595,169 @@ fn day_type(v: i32) -> DayType {
 
 fn content_type(v: i32) -> ContentType {
     ContentType::from_wire("content_type", v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use omega_protocol::vector::quantize;
+
+    fn vector(seed: usize) -> QuantizedVector {
+        let mut v = vec![0.0f32; EMBEDDING_DIM];
+        v[seed % EMBEDDING_DIM] = 1.0;
+        quantize(&v)
+    }
+
+    fn pattern(content: &str, created: i64) -> StoredPattern {
+        StoredPattern {
+            id: Uuid::now_v7(),
+            content_id: content.into(),
+            title: content.to_uppercase(),
+            time_slot: TimeSlot::Evening,
+            day_type: DayType::Weekend,
+            content_type: ContentType::Movie,
+            genres: vec!["crime".into()],
+            success_rate: 0.8,
+            sample_count: 2,
+            created_at_ms: created,
+            updated_at_ms: created + 1,
+            synced: false,
+            pending_samples: 1,
+            dirty: true,
+        }
+    }
+
+    fn global(content: &str) -> StoredGlobal {
+        StoredGlobal {
+            id: Uuid::now_v7(),
+            content_id: content.into(),
+            success_rate: 0.9,
+            sample_count: 7,
+            time_slot: TimeSlot::Night,
+            day_type: DayType::Weekday,
+            content_type: ContentType::Series,
+            genres: vec![],
+            updated_at_ms: 5,
+        }
+    }
+
+    #[test]
+    fn every_table_round_trips_in_memory() {
+        let mut st = Store::open(None, true).expect("open");
+        assert_eq!(st.path(), ":memory:");
+        let (a, b) = (pattern("a", 10), pattern("b", 20));
+        let g = global("g");
+        st.write(|tx| {
+            tx.put_pattern(&a, &vector(1))?;
+            tx.put_pattern(&b, &vector(2))?;
+            tx.set_meta("answer", 42i64)?;
+            tx.put_outbox(3, b"delta-3")?;
+            tx.put_outbox(4, b"delta-4")?;
+            tx.put_watched("a", 100)?;
+            tx.put_watched("a", 50)?; // older: last_ms keeps the max
+            tx.put_watched("b", 70)?;
+            tx.put_global(&g, &vector(3))?;
+            tx.put_catalogue_embedding("text", &vector(4))
+        })
+        .expect("write");
+        let loaded = st.patterns().expect("patterns");
+        assert!(loaded.skipped.is_empty());
+        assert_eq!(loaded.rows, vec![(a.clone(), vector(1)), (b.clone(), vector(2))]);
+        assert_eq!(st.meta::<i64>("answer").expect("meta"), Some(42));
+        assert_eq!(st.meta::<i64>("nothing").expect("meta"), None);
+        assert_eq!(st.outbox().expect("outbox"), Some((3, b"delta-3".to_vec())));
+        let mut watched = st.watched().expect("watched");
+        watched.sort();
+        assert_eq!(watched, vec![("a".to_string(), 100), ("b".to_string(), 70)]);
+        assert_eq!(st.globals().expect("globals").rows, vec![(g.clone(), vector(3))]);
+        assert_eq!(st.catalogue_embedding("text").expect("cat"), Some(vector(4)));
+        assert_eq!(st.catalogue_embedding("other").expect("cat"), None);
+
+        st.write(|tx| {
+            tx.mark_sent(a.id)?;
+            tx.delete_pattern(b.id, true)?;
+            tx.clear_outbox(3)?;
+            tx.delete_watched("b")?;
+            tx.delete_global(g.id)
+        })
+        .expect("write");
+        let rows = st.patterns().expect("patterns").rows;
+        assert_eq!(rows.len(), 1);
+        let sent = &rows[0].0;
+        assert!(sent.synced && !sent.dirty && sent.pending_samples == 0);
+        assert_eq!(st.removed().expect("removed"), vec![b.id]);
+        assert_eq!(st.outbox().expect("outbox"), Some((4, b"delta-4".to_vec())));
+        assert_eq!(st.watched().expect("watched").len(), 1);
+        assert!(st.globals().expect("globals").rows.is_empty());
+        st.write(|tx| {
+            tx.clear_removed(&[b.id])?;
+            tx.delete_pattern(a.id, false)
+        })
+        .expect("write");
+        assert!(st.removed().expect("removed").is_empty(), "an unsent pattern is not reported");
+        st.close().expect("close");
+    }
+
+    #[test]
+    fn a_failed_transaction_writes_nothing() {
+        let mut st = Store::open(None, true).expect("open");
+        let a = pattern("a", 1);
+        let err = st
+            .write(|tx| {
+                tx.put_pattern(&a, &vector(1))?;
+                tx.0.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+                Ok(())
+            })
+            .expect_err("fails");
+        assert!(matches!(err, DeviceError::Database { .. }), "{err}");
+        assert!(st.patterns().expect("patterns").rows.is_empty(), "rolled back");
+    }
+
+    #[test]
+    fn durability_sets_the_sync_mode_and_wal_is_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (durable, want) in [(true, 2i64), (false, 1)] {
+            let path = dir.path().join(format!("s-{durable}.sqlite"));
+            let st = Store::open(Some(&path), durable).expect("open");
+            let mode: i64 =
+                st.conn.pragma_query_value(None, "synchronous", |r| r.get(0)).expect("pragma");
+            assert_eq!(mode, want, "durable = {durable}: FULL is 2, NORMAL is 1");
+            let journal: String =
+                st.conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).expect("pragma");
+            assert_eq!(journal, "wal");
+            let version: i64 =
+                st.conn.pragma_query_value(None, "user_version", |r| r.get(0)).expect("pragma");
+            assert_eq!(version, SCHEMA_VERSION);
+        }
+    }
+
+    #[test]
+    fn rows_with_unusable_values_are_skipped_not_fatal() {
+        let mut st = Store::open(None, true).expect("open");
+        let good = pattern("good", 1);
+        let mut bad_rate = pattern("bad-rate", 2);
+        bad_rate.success_rate = 3.0;
+        let mut bad_time = pattern("bad-time", 3);
+        bad_time.updated_at_ms = i64::MAX;
+        st.write(|tx| {
+            tx.put_pattern(&good, &vector(1))?;
+            tx.put_pattern(&bad_rate, &vector(2))?;
+            tx.put_pattern(&bad_time, &vector(3))?;
+            let mut g = global("g");
+            g.success_rate = f32::INFINITY;
+            tx.put_global(&g, &vector(4))
+        })
+        .expect("write");
+        st.conn
+            .execute("UPDATE patterns SET embedding = x'00' WHERE content_id = 'good'", [])
+            .expect("short embedding");
+        let loaded = st.patterns().expect("a bad row is no error");
+        assert!(loaded.rows.is_empty());
+        assert_eq!(loaded.skipped.len(), 3, "{:?}", loaded.skipped);
+        assert!(loaded.skipped.iter().any(|s| s.contains("success_rate = 3")), "{loaded:?}");
+        assert!(loaded.skipped.iter().any(|s| s.contains("updated_at_ms")), "{loaded:?}");
+        assert!(loaded.skipped.iter().any(|s| s.contains("embedding of 1 bytes")), "{loaded:?}");
+        let globals = st.globals().expect("globals");
+        assert_eq!((globals.rows.len(), globals.skipped.len()), (0, 1));
+    }
 }

@@ -21,6 +21,14 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Version sent at registration.
 pub const CLIENT_VERSION: &str = concat!("omega-device/", env!("CARGO_PKG_VERSION"));
+/// Shortest pause between syncs anyone (a shard's registration answer, a config) can ask
+/// for, s: a shard misconfigured to 1 s must not turn its fleet into a flood.
+pub const MIN_SYNC_INTERVAL_SECS: u64 = 60;
+/// Longest pause between syncs, s: a TV must not go silent for days because a shard said so.
+pub const MAX_SYNC_INTERVAL_SECS: u64 = 3_600;
+/// Most deltas one [`SyncClient::sync`] pushes (256 changes each). After a long offline
+/// period a TV catches up over a few syncs instead of one unbounded burst.
+pub const MAX_PUSHES_PER_SYNC: u32 = 16;
 
 /// Where and how to sync. Every field has a default; as JSON unknown fields are refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,9 +53,10 @@ pub struct SyncConfig {
     /// PEM file of the CA that signed the shard's certificate (`tls` feature; default: the
     /// webpki roots).
     pub ca_cert_path: Option<std::path::PathBuf>,
-    /// Shortest pause between syncs, s (the shard's registration answer overrides it).
+    /// Shortest pause between syncs, s (the shard's registration answer overrides it);
+    /// clamped to [`MIN_SYNC_INTERVAL_SECS`]..[`MAX_SYNC_INTERVAL_SECS`].
     pub min_interval_secs: u64,
-    /// Longest pause between syncs, s.
+    /// Longest pause between syncs, s; clamped like `min_interval_secs`.
     pub max_interval_secs: u64,
 }
 
@@ -89,18 +98,25 @@ pub struct Registration {
 /// What one [`SyncClient::sync`] did.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct SyncReport {
-    /// `local_version` of the delta pushed, if one was.
+    /// `local_version` of the last delta pushed, if one was.
     pub local_version: Option<u64>,
-    /// Patterns added / updated / removed in that delta.
+    /// Deltas pushed and acknowledged (more than one after a long offline period).
+    pub deltas_pushed: u32,
+    /// Patterns added / updated / removed over those deltas.
     pub pushed_added: usize,
     /// See `pushed_added`.
     pub pushed_updated: usize,
     /// See `pushed_added`.
     pub pushed_removed: usize,
-    /// The shard stored the delta (now out of the brain's outbox).
+    /// The shard stored the last delta (now out of the brain's outbox).
     pub acknowledged: bool,
-    /// The shard had already applied this `local_version` (a retry).
+    /// The shard had already applied the last `local_version` (a retry).
     pub replayed: bool,
+    /// Deltas the shard refused as invalid (`INVALID_ARGUMENT`), dropped from the outbox so
+    /// that syncing goes on (see [`Brain::quarantine_delta`]).
+    pub quarantined_deltas: u32,
+    /// Changes (added + updated + removed) in those deltas.
+    pub quarantined_changes: usize,
     /// Patterns the shard stored.
     pub patterns_accepted: u32,
     /// Patterns below the shard's quality threshold.
@@ -111,14 +127,44 @@ pub struct SyncReport {
     pub similar_received: usize,
     /// Trend signals received.
     pub trends_received: usize,
-    /// Request bytes on the wire (gRPC frame, zstd), for the attempt that succeeded.
+    /// Request bytes on the wire (gRPC frame, zstd), one per exchange that got an answer.
     pub bytes_up: usize,
     /// Response bytes on the wire (gRPC frame, zstd).
     pub bytes_down: usize,
-    /// Attempts made.
+    /// Attempts made, over every exchange.
     pub attempts: u32,
     /// Wall time, ms.
     pub elapsed_ms: u64,
+    /// When to sync next: a random pause within the shard's (clamped) interval, ms, so a
+    /// fleet's syncs spread out. A C caller sleeps this long before the next
+    /// `omega_brain_sync`.
+    pub next_sync_in_ms: u64,
+}
+
+/// Access to the brain during a sync. The network exchange runs between two accesses, so a
+/// caller that keeps the brain behind a lock (the C ABI) holds it only to prepare a delta and
+/// to take in the answer, never while waiting for the shard.
+pub trait BrainAccess {
+    /// Runs `f` on the brain.
+    fn with_brain<R>(&mut self, f: impl FnOnce(&mut Brain) -> Result<R>) -> Result<R>;
+}
+
+impl BrainAccess for &mut Brain {
+    fn with_brain<R>(&mut self, f: impl FnOnce(&mut Brain) -> Result<R>) -> Result<R> {
+        f(self)
+    }
+}
+
+/// Clamps a sync interval to [`MIN_SYNC_INTERVAL_SECS`]..[`MAX_SYNC_INTERVAL_SECS`].
+pub fn clamp_interval(secs: u64) -> u64 {
+    secs.clamp(MIN_SYNC_INTERVAL_SECS, MAX_SYNC_INTERVAL_SECS)
+}
+
+/// True when an `INVALID_ARGUMENT` refusal is about the model: every delta of this device
+/// would be refused alike, so nothing is quarantined (the message text is
+/// `omega_protocol::ValidationError::ModelMismatch`'s, shared by both sides).
+fn is_model_refusal(message: &str) -> bool {
+    message.contains("does not match this shard's model")
 }
 
 /// True for the gRPC codes worth retrying.
@@ -214,8 +260,8 @@ impl SyncClient {
         if resp.sync_interval_min_secs > 0
             && resp.sync_interval_max_secs >= resp.sync_interval_min_secs
         {
-            self.cfg.min_interval_secs = u64::from(resp.sync_interval_min_secs);
-            self.cfg.max_interval_secs = u64::from(resp.sync_interval_max_secs);
+            self.cfg.min_interval_secs = clamp_interval(u64::from(resp.sync_interval_min_secs));
+            self.cfg.max_interval_secs = clamp_interval(u64::from(resp.sync_interval_max_secs));
         }
         Ok(Registration {
             device_token: resp.device_token,
@@ -227,71 +273,124 @@ impl SyncClient {
         })
     }
 
-    /// Pushes the brain's pending delta (if any) and takes in the global patterns. On
-    /// failure the delta stays in the brain's outbox, to be sent again, same version.
+    /// Pushes the brain's pending deltas (if any; several after a long offline period, at
+    /// most [`MAX_PUSHES_PER_SYNC`]) and takes in the global patterns. On failure the delta
+    /// stays in the brain's outbox, to be sent again, same version.
+    ///
+    /// A delta the shard refuses as invalid (`INVALID_ARGUMENT`, other than a model mismatch)
+    /// would be refused at every retry and block every later change: it is quarantined
+    /// (dropped from the outbox, counted, logged) and syncing goes on with the next changes.
+    /// A malformed `global` answer is refused whole (nothing of it applied) with
+    /// [`DeviceError::Invalid`]; the acknowledgement that came with it still counts.
     pub async fn sync(&mut self, brain: &mut Brain) -> Result<SyncReport> {
+        self.sync_with(&mut &mut *brain).await
+    }
+
+    /// [`SyncClient::sync`] with the brain reached through `brain` only to prepare and to
+    /// take in each answer.
+    pub async fn sync_with(&mut self, brain: &mut impl BrainAccess) -> Result<SyncReport> {
         let started = Instant::now();
         let token = self.cfg.token.clone().ok_or_else(|| {
             DeviceError::State("not registered: call register first or set a token".into())
         })?;
-        let delta = brain.prepare_delta()?;
-        let req = pb::SyncRequest {
-            device_id: brain.device_id().into(),
-            delta: delta.as_ref().map(|d| d.to_wire()),
-            known_global_version: brain.global_version(),
-        };
-        let bytes_up = wire::grpc_zstd_size(&req);
         let auth = bearer(&token)?;
-        let (resp, attempts) = self
-            .call(|mut c, deadline| {
-                let req = req.clone();
-                let auth = auth.clone();
-                async move {
-                    let mut r = tonic::Request::new(req);
-                    r.set_timeout(deadline);
-                    r.metadata_mut().insert("authorization", auth);
-                    c.sync(r).await
+        let mut report = SyncReport::default();
+        let mut answered = false;
+        for _ in 0..MAX_PUSHES_PER_SYNC {
+            let (req, delta) = brain.with_brain(|b| {
+                let delta = b.prepare_delta()?;
+                let req = pb::SyncRequest {
+                    device_id: b.device_id().into(),
+                    delta: delta.as_ref().map(|d| d.to_wire()),
+                    known_global_version: b.global_version(),
+                };
+                Ok((req, delta))
+            })?;
+            if answered && delta.is_none() {
+                break; // everything pushed, and the last answer already brought the news
+            }
+            let bytes_up = wire::grpc_zstd_size(&req);
+            let answer = self
+                .call(|mut c, deadline| {
+                    let req = req.clone();
+                    let auth = auth.clone();
+                    async move {
+                        let mut r = tonic::Request::new(req);
+                        r.set_timeout(deadline);
+                        r.metadata_mut().insert("authorization", auth);
+                        c.sync(r).await
+                    }
+                })
+                .await;
+            let (resp, attempts) = match (answer, &delta) {
+                (Ok(a), _) => a,
+                (Err(DeviceError::Rejected { code, message }), Some(d))
+                    if code == tonic::Code::InvalidArgument && !is_model_refusal(&message) =>
+                {
+                    let changes = brain.with_brain(|b| b.quarantine_delta(d.local_version))?;
+                    tracing::warn!(
+                        local_version = d.local_version,
+                        changes,
+                        reason = %message,
+                        "the shard refused a delta as invalid; quarantined it"
+                    );
+                    report.quarantined_deltas += 1;
+                    report.quarantined_changes += changes;
+                    continue;
                 }
-            })
-            .await?;
-        let bytes_down = wire::grpc_zstd_size(&resp);
-        let mut report = SyncReport {
-            local_version: delta.as_ref().map(|d| d.local_version),
-            pushed_added: delta.as_ref().map_or(0, |d| d.added.len()),
-            pushed_updated: delta.as_ref().map_or(0, |d| d.updated.len()),
-            pushed_removed: delta.as_ref().map_or(0, |d| d.removed.len()),
-            replayed: resp.replayed,
-            patterns_accepted: resp.patterns_accepted,
-            patterns_filtered: resp.patterns_filtered,
-            bytes_up,
-            bytes_down,
-            attempts,
-            ..SyncReport::default()
-        };
-        if let Some(d) = &delta
-            && resp.acknowledged_version >= d.local_version
-        {
-            brain.acknowledge(d.local_version)?;
-            report.acknowledged = true;
+                (Err(e), _) => return Err(e),
+            };
+            answered = true;
+            report.bytes_up += bytes_up;
+            report.bytes_down += wire::grpc_zstd_size(&resp);
+            report.attempts += attempts;
+            report.replayed = resp.replayed;
+            report.patterns_accepted += resp.patterns_accepted;
+            report.patterns_filtered += resp.patterns_filtered;
+            let acknowledged =
+                delta.as_ref().is_some_and(|d| resp.acknowledged_version >= d.local_version);
+            if let Some(d) = &delta {
+                report.local_version = Some(d.local_version);
+                report.acknowledged = acknowledged;
+                if acknowledged {
+                    report.deltas_pushed += 1;
+                    report.pushed_added += d.added.len();
+                    report.pushed_updated += d.updated.len();
+                    report.pushed_removed += d.removed.len();
+                }
+            }
+            let global = resp.global;
+            brain.with_brain(|b| {
+                if let Some(d) = &delta
+                    && acknowledged
+                {
+                    b.acknowledge(d.local_version)?;
+                }
+                if let Some(g) = global {
+                    // Validated whole before anything is applied.
+                    let global = GlobalPatterns::from_wire(g)?;
+                    report.similar_received += global.similar.len();
+                    report.trends_received += global.trending.len();
+                    b.apply_global(global)?;
+                }
+                Ok(())
+            })?;
+            if delta.is_none() || !acknowledged {
+                break;
+            }
         }
-        if let Some(g) = resp.global {
-            let global = GlobalPatterns::from_wire(g)?;
-            report.similar_received = global.similar.len();
-            report.trends_received = global.trending.len();
-            brain.apply_global(global)?;
-        }
-        report.global_version = brain.global_version();
+        report.global_version = brain.with_brain(|b| Ok(b.global_version()))?;
+        report.next_sync_in_ms = self.next_sync_delay().as_millis() as u64;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         Ok(report)
     }
 
-    /// Pause before the next sync, random within the shard's (or configured) interval.
+    /// Pause before the next sync, random within the shard's (or configured) interval,
+    /// clamped to [`MIN_SYNC_INTERVAL_SECS`]..[`MAX_SYNC_INTERVAL_SECS`].
     pub fn next_sync_delay(&self) -> Duration {
-        next_sync_delay(
-            Duration::from_secs(self.cfg.min_interval_secs),
-            Duration::from_secs(self.cfg.max_interval_secs),
-            &mut rand::rng(),
-        )
+        let lo = clamp_interval(self.cfg.min_interval_secs);
+        let hi = clamp_interval(self.cfg.max_interval_secs).max(lo);
+        next_sync_delay(Duration::from_secs(lo), Duration::from_secs(hi), &mut rand::rng())
     }
 
     /// Runs one call with deadline and retries; returns the answer and the attempts made.

@@ -4,6 +4,11 @@
 //! embeddings and bytes. Encoding quantises; decoding validates first ([`crate::validate`])
 //! and only then builds the domain value, so a value of these types is always within the
 //! contract's limits. The same types serialise to JSON (serde) for the C SDK.
+//!
+//! JSON policy: every struct here refuses unknown fields, like the device's configuration
+//! types. The JSON documents are an in-process API (the C SDK and the library ship together),
+//! not a wire format between versions (protobuf is that, and it does skip unknown fields): a
+//! misspelt `"genre"` must be an error, not a silently ignored hint.
 
 use crate::pb;
 use crate::validate::{self, ValidationError};
@@ -163,6 +168,7 @@ wire_enum!(
 
 /// When something was watched: the part of the day and the kind of day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ViewingContext {
     /// Part of the day.
     #[serde(default)]
@@ -187,6 +193,7 @@ impl ViewingContext {
 
 /// One thing watched on the TV. Never leaves the device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ViewingEvent {
     /// Catalogue id of the content.
     pub content_id: String,
@@ -215,20 +222,15 @@ impl ViewingEvent {
         validate::check_string("title", &self.title)?;
         validate::check_genres("genres", &self.genres)?;
         validate::check_rate("watch_fraction", self.watch_fraction)?;
-        if self.started_at_ms < 0 {
-            return Err(ValidationError::OutOfRange {
-                field: "started_at_ms".into(),
-                value: self.started_at_ms as f64,
-                min: 0.0,
-                max: i64::MAX as f64,
-            });
-        }
-        Ok(())
+        // The same bound as a pattern's timestamps: an event becomes a pattern that a shard
+        // must accept.
+        validate::check_timestamp("started_at_ms", self.started_at_ms)
     }
 }
 
 /// The context a pattern was learned in.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PatternContext {
     /// Part of the day.
     #[serde(default)]
@@ -290,6 +292,7 @@ fn uuid_from_wire(field: &str, b: &[u8]) -> Result<Uuid, ValidationError> {
 
 /// A learned pattern: what worked, in which context.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Pattern {
     /// UUID v7.
     pub id: Uuid,
@@ -345,6 +348,7 @@ impl Pattern {
 
 /// A change to a pattern the server already has.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PatternUpdate {
     /// Pattern id.
     pub id: Uuid,
@@ -356,6 +360,7 @@ pub struct PatternUpdate {
 
 /// What a device pushes at a sync.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PatternDelta {
     /// New patterns.
     pub added: Vec<Pattern>,
@@ -444,6 +449,7 @@ pub enum TrendTarget {
 
 /// Something rising in a region.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrendSignal {
     /// What is rising.
     pub target: TrendTarget,
@@ -479,6 +485,7 @@ impl TrendSignal {
 
 /// What a device pulls at a sync.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GlobalPatterns {
     /// Patterns of other devices (or federated aggregates) near this device's interests.
     pub similar: Vec<Pattern>,
@@ -529,9 +536,13 @@ impl GlobalPatterns {
 /// content add their leader's int8 embedding to the key. Aggregate ids are UUID version 8
 /// (custom, SHA-256 based); device pattern ids are v7 and a shard re-keys other devices'
 /// patterns to v4, so [`is_aggregate_id`] tells them apart.
+///
+/// The content id is length-prefixed: without the prefix, content `"a"` with a leader and a
+/// content id that spells `"a\0"` followed by the leader's bytes would hash alike.
 pub fn aggregate_id(content_id: &str, leader: Option<&[i8]>) -> Uuid {
     let mut h = Sha256::new();
-    h.update(b"omega/aggregate/v1\0");
+    h.update(b"omega/aggregate/v2\0");
+    h.update((content_id.len() as u64).to_le_bytes());
     h.update(content_id.as_bytes());
     if let Some(l) = leader {
         h.update([0u8]);
@@ -556,6 +567,7 @@ pub fn is_aggregate_id(id: &Uuid) -> bool {
 
 /// A federated average over patterns from at least k distinct devices.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AggregatedPattern {
     /// Deterministic per group, so reruns of a round publish the same ids.
     pub id: Uuid,
@@ -785,11 +797,20 @@ mod tests {
         bad.content_id.clear();
         assert!(bad.validate().is_err());
     }
-}
 
-#[cfg(test)]
-mod aggregate_id_tests {
-    use super::*;
+    #[test]
+    fn unknown_json_fields_are_refused() {
+        let misspelt =
+            r#"{"content_id":"tt1","genre":["crime"],"started_at_ms":1,"watch_fraction":0.9}"#;
+        let err = serde_json::from_str::<ViewingEvent>(misspelt).expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `genre`"), "{err}");
+        let g = r#"{"similar":[],"trending":[],"global_version":1,"model_id":"m","extra":true}"#;
+        assert!(serde_json::from_str::<GlobalPatterns>(g).is_err());
+        let ok = r#"{"similar":[],"trending":[],"global_version":1,"model_id":"m"}"#;
+        assert!(serde_json::from_str::<GlobalPatterns>(ok).is_ok());
+        let ctx = r#"{"time_slot":"evening","day_type":"weekend","mood":"happy"}"#;
+        assert!(serde_json::from_str::<ViewingContext>(ctx).is_err());
+    }
 
     #[test]
     fn aggregate_ids_are_stable_v8_and_distinct_from_device_ids() {
@@ -800,5 +821,8 @@ mod aggregate_id_tests {
         assert!(is_aggregate_id(&a));
         assert!(!is_aggregate_id(&Uuid::now_v7()));
         assert!(!is_aggregate_id(&Uuid::from_bytes([7; 16])));
+        // Content id and leader bytes cannot be confused.
+        let spelled = String::from_utf8(vec![b'a', 0, 1, 2]).expect("utf-8");
+        assert_ne!(aggregate_id("a", Some(&[1, 2])), aggregate_id(&spelled, None));
     }
 }

@@ -25,6 +25,11 @@ pub const MIN_SHARED_QUALITY: f32 = 0.8;
 pub const MAX_SIMILAR: usize = 100;
 /// Most trend signals in one `GlobalPatterns`.
 pub const MAX_TRENDS: usize = 64;
+/// Latest timestamp accepted anywhere, unix epoch ms: 2200-01-01T00:00:00Z. Timestamps are
+/// never negative either. A TV clock can be wrong by years, but not by centuries; the bound
+/// keeps every difference of two timestamps (freshness, ages) far from `i64` overflow and
+/// refuses values that can only be garbage (a seconds/microseconds mix-up, `i64::MAX`).
+pub const MAX_TIMESTAMP_MS: i64 = 7_258_118_400_000;
 
 /// Why an input was refused. Field paths use the message's field names.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -123,9 +128,6 @@ pub enum ValidationError {
         /// Limit.
         max: usize,
     },
-    /// Input that is not well-formed (bad JSON, undecodable bytes).
-    #[error("malformed input: {0}")]
-    Malformed(String),
 }
 
 /// Checks a string field's length.
@@ -155,6 +157,19 @@ pub fn check_range(field: &str, value: f64, min: f64, max: f64) -> Result<(), Va
     }
     if value < min || value > max {
         return Err(ValidationError::OutOfRange { field: field.into(), value, min, max });
+    }
+    Ok(())
+}
+
+/// Checks a timestamp (unix epoch ms): in `[0, MAX_TIMESTAMP_MS]`.
+pub fn check_timestamp(field: &str, ms: i64) -> Result<(), ValidationError> {
+    if !(0..=MAX_TIMESTAMP_MS).contains(&ms) {
+        return Err(ValidationError::OutOfRange {
+            field: field.into(),
+            value: ms as f64,
+            min: 0.0,
+            max: MAX_TIMESTAMP_MS as f64,
+        });
     }
     Ok(())
 }
@@ -256,7 +271,9 @@ pub fn check_pattern(field: &str, p: &pb::Pattern) -> Result<(), ValidationError
             max: f64::from(u32::MAX),
         });
     }
-    check_context(&format!("{field}.context"), p.context.as_ref())
+    check_context(&format!("{field}.context"), p.context.as_ref())?;
+    check_timestamp(&format!("{field}.created_at_ms"), p.created_at_ms)?;
+    check_timestamp(&format!("{field}.updated_at_ms"), p.updated_at_ms)
 }
 
 /// Checks one pattern update.
@@ -508,6 +525,18 @@ mod tests {
             ("duplicate id", |d| d.removed = vec![vec![1u8; 16]], "repeats id"),
             ("other model", |d| d.model_id = "other".into(), "does not match this shard's model"),
             (
+                "negative created_at",
+                |d| d.added[0].created_at_ms = -1,
+                "delta.added[0].created_at_ms = -1 is outside",
+            ),
+            (
+                "updated_at in year 2200+",
+                |d| d.added[0].updated_at_ms = MAX_TIMESTAMP_MS + 1,
+                "delta.added[0].updated_at_ms = 7258118400001 is outside",
+            ),
+            ("updated_at i64::MAX", |d| d.added[0].updated_at_ms = i64::MAX, "updated_at_ms"),
+            ("created_at i64::MIN", |d| d.added[0].created_at_ms = i64::MIN, "created_at_ms"),
+            (
                 "update NaN",
                 |d| {
                     d.updated = vec![pb::PatternUpdate {
@@ -524,6 +553,16 @@ mod tests {
             mutate(&mut d);
             let err = check_delta("delta", &d, "m").expect_err(name);
             assert!(err.to_string().contains(want), "{name}: got {err}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_bounded_on_both_sides() {
+        for ok in [0, 1, 1_704_573_000_000, MAX_TIMESTAMP_MS] {
+            assert_eq!(check_timestamp("t", ok), Ok(()), "{ok}");
+        }
+        for bad in [-1, i64::MIN, MAX_TIMESTAMP_MS + 1, i64::MAX] {
+            assert!(matches!(check_timestamp("t", bad), Err(ValidationError::OutOfRange { .. })));
         }
     }
 

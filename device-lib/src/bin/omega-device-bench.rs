@@ -38,6 +38,12 @@ struct Args {
     /// Recommendation queries timed.
     #[arg(long, default_value_t = 500)]
     queries: usize,
+    /// Simulated 10-minute intervals whose deltas are measured.
+    #[arg(long, default_value_t = 300)]
+    intervals: usize,
+    /// Texts timed per embedding measurement (and ANN queries).
+    #[arg(long, default_value_t = 200)]
+    samples: usize,
     /// Set sizes at which exact scan and HNSW are compared (the crossover table); the
     /// `--patterns` size is always included.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000, 2_000, 5_000, 20_000])]
@@ -45,6 +51,9 @@ struct Args {
     /// Print one JSON object on stdout (otherwise a readable summary).
     #[arg(long)]
     json: bool,
+    /// Exit with an error when a target of `targets` is missed.
+    #[arg(long)]
+    check: bool,
     /// Working folder (default: a temporary one).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -201,8 +210,41 @@ fn random_context(rng: &mut StdRng) -> RecommendContext {
     }
 }
 
+/// The targets: (report key, comparison, bound). `rss_mb` is the peak of the process
+/// that opened the database cold (model loaded, all patterns).
+const TARGETS: &[(&str, &str, f64)] = &[
+    ("recommend_p99_ms", "<=", 15.0),
+    ("ann_recall_at_10", ">=", 0.95),
+    ("open_ms", "<=", 1_000.0),
+    ("delta_bytes_p50", "<=", 1_024.0),
+    ("rss_mb", "<=", 200.0),
+];
+
+/// Each target with its measured value and whether it is met; a missing value is a miss.
+fn targets(report: &Value) -> Value {
+    let rows = TARGETS.iter().map(|&(key, cmp, bound)| {
+        let value = report.get(key).and_then(Value::as_f64);
+        let pass = value.is_some_and(|v| if cmp == "<=" { v <= bound } else { v >= bound });
+        (key.to_string(), json!({"value": value, "target": format!("{cmp} {bound}"), "pass": pass}))
+    });
+    Value::Object(rows.collect())
+}
+
+/// Names of the targets missed.
+fn missed(targets: &Value) -> Vec<String> {
+    targets
+        .as_object()
+        .map(|t| {
+            t.iter()
+                .filter(|(_, v)| v["pass"] != json!(true))
+                .map(|(k, v)| format!("{k} = {} (target {})", v["value"], v["target"]))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Child process: open the prepared database cold and time the device-side operations.
-fn child(db: &Path, catalogue: &Path, queries: usize) -> Result<Value> {
+fn child(db: &Path, catalogue: &Path, queries: usize, samples: usize) -> Result<Value> {
     let started = Instant::now();
     let brain = Brain::open(BrainConfig {
         db_path: Some(db.to_path_buf()),
@@ -221,7 +263,7 @@ fn child(db: &Path, catalogue: &Path, queries: usize) -> Result<Value> {
     let stats = brain.stats();
     let mut rng = StdRng::seed_from_u64(7);
     let mut embed = Vec::new();
-    for i in 0..200 {
+    for i in 0..samples {
         let text =
             format!("embedding timing text number {i}: a {} evening", GENRES[i % GENRES.len()]);
         let t = Instant::now();
@@ -238,7 +280,7 @@ fn child(db: &Path, catalogue: &Path, queries: usize) -> Result<Value> {
     }
     // Every context text new: the embedding is never cached.
     let mut uncached = Vec::new();
-    for i in 0..100 {
+    for i in 0..samples.div_ceil(2) {
         let ctx = RecommendContext { genres: vec![format!("mood{i}")], ..random_context(&mut rng) };
         let t = Instant::now();
         brain.recommend(&ctx, 10)?;
@@ -351,7 +393,7 @@ fn build_db(
 /// The stored pattern vectors, read back from the database.
 fn stored_vectors(db: &Path) -> Result<Vec<QuantizedVector>> {
     let store = omega_device::store::Store::open(Some(db), false)?;
-    Ok(store.patterns()?.into_iter().map(|(_, v)| v).collect())
+    Ok(store.patterns()?.rows.into_iter().map(|(_, v)| v).collect())
 }
 
 /// Exact scan vs HNSW at several set sizes: latency, recall@10, build time.
@@ -373,7 +415,7 @@ fn ann(vectors: &QuantMatrix, queries: &[QuantizedVector], sizes: &[usize]) -> V
         }
         let pb = bar(1, &format!("HNSW build n={n}"));
         let t = Instant::now();
-        let hnsw = VectorIndex::build(m.clone(), IndexKind::Hnsw);
+        let hnsw = VectorIndex::build_blocking(m.clone(), IndexKind::Hnsw);
         let build_ms = ms(t.elapsed());
         pb.finish_and_clear();
         let exact = VectorIndex::build(m, IndexKind::Exact);
@@ -400,14 +442,14 @@ fn ann(vectors: &QuantMatrix, queries: &[QuantizedVector], sizes: &[usize]) -> V
 
 /// Wire bytes of typical pushes: each 5-15 minute interval brings 1-2 viewing events, some
 /// new content, some more of what is being watched.
-fn deltas(embedder: &Arc<Embedder>) -> Result<Vec<f64>> {
+fn deltas(embedder: &Arc<Embedder>, intervals: usize) -> Result<Vec<f64>> {
     let mut rng = StdRng::seed_from_u64(3);
     let mut brain = Brain::open_shared(BrainConfig::default(), embedder.clone(), None)?;
     let items: Vec<CatalogueItem> = (0..400).map(|i| synthetic_item(i, &mut rng)).collect();
     let mut watched: Vec<usize> = Vec::new();
     let mut sizes = Vec::new();
-    let pb = bar(300, "typical deltas");
-    for interval in 0..300i64 {
+    let pb = bar(intervals, "typical deltas");
+    for interval in 0..intervals as i64 {
         let at = START_MS + interval * 10 * 60_000;
         let ctx = ViewingContext::at(at, 0);
         for _ in 0..rng.random_range(1..=2) {
@@ -438,12 +480,12 @@ fn deltas(embedder: &Arc<Embedder>) -> Result<Vec<f64>> {
 }
 
 /// Child process: the embedder alone, to compare session settings (RSS, speed).
-fn child_embedder(lean: bool) -> Result<Value> {
+fn child_embedder(lean: bool, samples: usize) -> Result<Value> {
     let started = Instant::now();
     let e = Embedder::new(EmbedderConfig { lean_memory: lean, ..Default::default() })?;
     let load_ms = ms(started.elapsed());
     let mut times = Vec::new();
-    for i in 0..200 {
+    for i in 0..samples {
         let t = Instant::now();
         e.embed_uncached(&format!("evening weekend movie: The Silent River {i}. crime, drama"))?;
         times.push(ms(t.elapsed()));
@@ -468,12 +510,12 @@ fn run_child(args: &[&str]) -> Result<Value> {
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(mode) = &args.child_embedder {
-        println!("{}", child_embedder(mode == "lean")?);
+        println!("{}", child_embedder(mode == "lean", args.samples)?);
         return Ok(());
     }
     if let Some(db) = &args.child_db {
         let catalogue = db.with_file_name("catalogue.json");
-        println!("{}", child(db, &catalogue, args.queries)?);
+        println!("{}", child(db, &catalogue, args.queries, args.samples)?);
         return Ok(());
     }
     let tmp = tempfile_dir(&args)?;
@@ -483,18 +525,21 @@ fn main() -> Result<()> {
     let (db, _catalogue, vectors) = build_db(&args, dir, &embedder)?;
     let setup_s = t.elapsed().as_secs_f64();
 
+    let samples = args.samples.to_string();
     let device = run_child(&[
         "--child-db",
         &db.display().to_string(),
         "--queries",
         &args.queries.to_string(),
+        "--samples",
+        &samples,
     ])?;
     let session_settings = vec![
-        run_child(&["--child-embedder", "lean"])?,
-        run_child(&["--child-embedder", "default"])?,
+        run_child(&["--child-embedder", "lean", "--samples", &samples])?,
+        run_child(&["--child-embedder", "default", "--samples", &samples])?,
     ];
     let mut rng = StdRng::seed_from_u64(9);
-    let queries: Vec<QuantizedVector> = (0..200)
+    let queries: Vec<QuantizedVector> = (0..args.samples)
         .map(|i| -> Result<QuantizedVector> {
             let ctx = random_context(&mut rng);
             let text = format!(
@@ -519,7 +564,7 @@ fn main() -> Result<()> {
     let crossover = ann(&vectors, &queries, &sizes);
     let at_n =
         crossover.iter().find(|r| r["n"] == json!(args.patterns)).cloned().unwrap_or(Value::Null);
-    let mut delta_sizes = deltas(&embedder)?;
+    let mut delta_sizes = deltas(&embedder, args.intervals)?;
 
     let mut report = json!({
         "patterns": args.patterns,
@@ -542,10 +587,19 @@ fn main() -> Result<()> {
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(dir);
     }
+    let verdict = targets(&report);
+    let missed = missed(&verdict);
+    if let Some(r) = report.as_object_mut() {
+        r.insert("targets".into(), verdict);
+        r.insert("targets_met".into(), json!(missed.is_empty()));
+    }
     if args.json {
         println!("{report}");
     } else {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    if args.check && !missed.is_empty() {
+        bail!("targets missed: {}", missed.join("; "));
     }
     Ok(())
 }
@@ -558,4 +612,37 @@ fn tempfile_dir(args: &Args) -> Result<PathBuf> {
     };
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(p99: f64, recall: f64, open: f64, delta: f64, rss: f64) -> Value {
+        json!({"recommend_p99_ms": p99, "ann_recall_at_10": recall, "open_ms": open,
+               "delta_bytes_p50": delta, "rss_mb": rss})
+    }
+
+    #[test]
+    fn targets_pass_at_their_bounds_and_fail_beyond() {
+        let t = targets(&report(15.0, 0.95, 1_000.0, 1_024.0, 200.0));
+        assert!(missed(&t).is_empty(), "{t}");
+        assert_eq!(t.as_object().map(|o| o.len()), Some(5));
+        let cases = [
+            (report(15.1, 0.95, 1.0, 1.0, 1.0), "recommend_p99_ms"),
+            (report(1.0, 0.949, 1.0, 1.0, 1.0), "ann_recall_at_10"),
+            (report(1.0, 1.0, 1_000.5, 1.0, 1.0), "open_ms"),
+            (report(1.0, 1.0, 1.0, 1_025.0, 1.0), "delta_bytes_p50"),
+            (report(1.0, 1.0, 1.0, 1.0, 200.1), "rss_mb"),
+        ];
+        for (r, key) in cases {
+            let t = targets(&r);
+            assert_eq!(t[key]["pass"], json!(false), "{key}: {t}");
+            let m = missed(&t);
+            assert!(m.len() == 1 && m[0].starts_with(key), "{m:?}");
+        }
+        // A value that was not measured is a miss, not a pass.
+        let t = targets(&json!({"recommend_p99_ms": 1.0}));
+        assert_eq!(missed(&t).len(), 4);
+    }
 }

@@ -1,6 +1,7 @@
-/* Drives the C ABI end to end: bad assets, open, observe, recommend (with a buffer too
- * small), score, stats, sync to a dead shard, bad JSON, close. Argument 1: a scratch folder;
- * argument 2: a file that is not a shared library. Exit code 0 = all checks passed. */
+/* Drives the C ABI end to end: bad assets and configs, open, observe, recommend (with a
+ * buffer too small), score, stats, sync to a dead shard then to a live one, bad JSON,
+ * oversized input, close. Argument 1: a scratch folder; argument 2: a file that is not a
+ * shared library; argument 3: the endpoint of a live shard. Exit code 0 = all checks passed. */
 #include "omega.h"
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,7 +19,7 @@ static int failures = 0;
     } while (0)
 
 int main(int argc, char **argv) {
-    if (argc < 3) return 2;
+    if (argc < 4) return 2;
     char cfg[2048];
     char buf[8192];
     OmegaBrain *brain = NULL;
@@ -30,6 +31,17 @@ int main(int argc, char **argv) {
     CHECK(omega_last_error_message(buf, sizeof buf) > 0 && strstr(buf, "ONNX Runtime") != NULL,
           "message names ONNX Runtime");
 
+    /* A failed open leaves NULL behind, whatever the pointer held before. */
+    brain = (OmegaBrain *)&failures;
+    CHECK(omega_brain_open("{\"embedder\": {\"model_path\": \"/nonexistent/model.onnx\"}}",
+                           &brain) == OMEGA_ERR_ASSET,
+          "missing model is an asset error");
+    CHECK(brain == NULL, "handle reset to NULL on error");
+    CHECK(omega_last_error_message(buf, sizeof buf) > 0 && strstr(buf, "model.onnx") != NULL,
+          "message names the model file");
+    CHECK(omega_brain_open("{\"embedder\": {\"cache_capacity\": 1000000000000}}", &brain) ==
+              OMEGA_ERR_INVALID,
+          "absurd cache capacity is refused, not allocated");
     CHECK(omega_brain_open("{not json", &brain) == OMEGA_ERR_JSON, "malformed config");
     CHECK(omega_brain_open("{\"max_patterns\": \"many\"}", &brain) == OMEGA_ERR_JSON, "wrong type");
     CHECK(omega_brain_open(NULL, NULL) == OMEGA_ERR_NULL, "null out pointer");
@@ -49,6 +61,20 @@ int main(int argc, char **argv) {
                               "{\"content_id\":\"x\",\"started_at_ms\":1,\"watch_fraction\":2.5}",
                               buf, sizeof buf) == OMEGA_ERR_INVALID,
           "observe: out of range");
+    CHECK(omega_brain_observe(brain,
+                              "{\"content_id\":\"x\",\"started_at_ms\":1,\"watch_fraction\":1e39}",
+                              buf, sizeof buf) == OMEGA_ERR_INVALID,
+          "observe: 1e39 does not fit an f32");
+    {
+        /* Larger than the protocol's largest message: refused before parsing. */
+        size_t len = (2u << 20);
+        char *huge = malloc(len + 1);
+        memset(huge, ' ', len);
+        huge[len] = 0;
+        CHECK(omega_brain_observe(brain, huge, buf, sizeof buf) == OMEGA_ERR_INVALID,
+              "observe: oversized input");
+        free(huge);
+    }
     CHECK(omega_brain_observe(brain, NULL, buf, sizeof buf) == OMEGA_ERR_NULL, "observe: null");
     CHECK(omega_brain_observe(NULL, ev, buf, sizeof buf) == OMEGA_ERR_NULL, "observe: null brain");
 
@@ -62,6 +88,14 @@ int main(int argc, char **argv) {
     char small[8];
     int64_t need = omega_brain_recommend(brain, "{\"time_slot\":\"evening\"}", 5, small, sizeof small);
     CHECK(need >= (int64_t)sizeof small, "buffer too small returns the needed length");
+    {
+        char msg[512], tiny[4];
+        CHECK(omega_last_error_message(msg, sizeof msg) > 0 && strstr(msg, "buffer too small") != NULL,
+              "buffer too small is explained");
+        int64_t len = omega_last_error_message(tiny, sizeof tiny);
+        CHECK(len >= (int64_t)sizeof tiny && tiny[0] == 0, "a message too long for the buffer");
+        CHECK(omega_last_error_message(msg, sizeof msg) == len, "reading never changes the message");
+    }
     char *big = malloc((size_t)need + 1);
     CHECK(omega_brain_last_result(brain, big, (size_t)need + 1) == need, "last_result");
     CHECK(strstr(big, "worldcup") != NULL && strstr(big, "\"source\":\"trending\"") != NULL,
@@ -87,6 +121,17 @@ int main(int argc, char **argv) {
           "sync: bad config");
     n = omega_brain_stats(brain, buf, sizeof buf);
     CHECK(strstr(buf, "\"delta_in_flight\":true") != NULL, "the delta waits for the next sync");
+
+    /* A live shard: register (no token given), push the waiting delta. */
+    snprintf(cfg, sizeof cfg, "{\"endpoint\": \"%s\", \"region\": \"eu\"}", argv[3]);
+    n = omega_brain_sync(brain, cfg, buf, sizeof buf);
+    CHECK(n > 0 && n < (int64_t)sizeof buf, "sync to a live shard");
+    CHECK(strstr(buf, "\"acknowledged\":true") != NULL, "the shard acknowledged the delta");
+    CHECK(strstr(buf, "\"next_sync_in_ms\":") != NULL, "the report says when to sync next");
+    n = omega_brain_stats(brain, buf, sizeof buf);
+    CHECK(strstr(buf, "\"delta_in_flight\":false") != NULL, "nothing waits any more");
+    /* Restore the config path used below. */
+    snprintf(cfg, sizeof cfg, "{\"db_path\": \"%s/c.sqlite\", \"device_id\": \"tv-c\"}", argv[1]);
 
     CHECK(strlen(omega_version()) > 0, "version");
     CHECK(omega_brain_close(brain) == OMEGA_OK, "close");

@@ -2,7 +2,11 @@
 //! bad input.
 
 use crate::common::{SAT_EVENING, catalogue, embedder, event};
-use omega_device::{Brain, BrainConfig, DeviceError, RecommendContext, Source, UNKNOWN_SCORE};
+use omega_device::{
+    Brain, BrainConfig, DeviceError, Embedder, EmbedderConfig, RecommendContext, Source,
+    UNKNOWN_SCORE,
+};
+use omega_protocol::validate;
 use omega_protocol::{
     DayType, GlobalPatterns, Pattern, PatternContext, TimeSlot, TrendSignal, TrendTarget,
     ViewingEvent,
@@ -221,6 +225,14 @@ fn bad_global_patterns_are_refused_whole() {
     let mut rate = global(2);
     rate.similar[0].success_rate = 1.5;
     assert!(matches!(b.apply_global(rate), Err(DeviceError::Invalid(_))));
+    let mut negative = global(2);
+    negative.similar[0].created_at_ms = -1;
+    let err = b.apply_global(negative).expect_err("negative created_at_ms");
+    assert!(err.to_string().contains("global.similar[0].created_at_ms"), "{err}");
+    let mut future = global(2);
+    future.similar[0].updated_at_ms = i64::MAX;
+    let err = b.apply_global(future).expect_err("absurd updated_at_ms");
+    assert!(err.to_string().contains("global.similar[0].updated_at_ms"), "{err}");
     let s = b.stats();
     assert_eq!((s.global_patterns, s.global_version), (1, 1), "nothing half-applied");
 }
@@ -239,6 +251,8 @@ fn bad_events_are_refused_and_leave_patterns_intact() {
         ("oversized title", Box::new(|e| e.title = "t".repeat(10_000))),
         ("17 genres", Box::new(|e| e.genres = vec!["g".into(); 17])),
         ("negative time", Box::new(|e| e.started_at_ms = -1)),
+        ("year 2200", Box::new(|e| e.started_at_ms = validate::MAX_TIMESTAMP_MS + 1)),
+        ("i64::MAX time", Box::new(|e| e.started_at_ms = i64::MAX)),
     ];
     for (name, mutate) in bad {
         let mut e = event("casino", 0.5, 1);
@@ -253,6 +267,13 @@ fn bad_events_are_refused_and_leave_patterns_intact() {
     ] {
         assert!(serde_json::from_str::<ViewingEvent>(json).is_err(), "{json}");
     }
+    // 1e39 does not fit an f32: it parses as infinity, which validation refuses.
+    let huge: ViewingEvent = serde_json::from_str(
+        r#"{"content_id": "casino", "started_at_ms": 1, "watch_fraction": 1e39}"#,
+    )
+    .expect("parses");
+    let err = b.observe(&huge).expect_err("1e39");
+    assert!(err.to_string().contains("watch_fraction must be finite"), "{err}");
     let bad_ctx = RecommendContext { genres: vec!["g".repeat(300)], ..evening() };
     assert!(matches!(b.recommend(&bad_ctx, 3), Err(DeviceError::Invalid(_))));
     let bad_ctx = RecommendContext { now_ms: Some(-5), ..evening() };
@@ -280,6 +301,73 @@ fn bad_configs_are_refused() {
     }
     assert!(serde_json::from_str::<BrainConfig>(r#"{"max_patterns": "many"}"#).is_err());
     assert!(serde_json::from_str::<BrainConfig>(r#"{"no_such_option": 1}"#).is_err());
+}
+
+/// Sizes a C caller can set to anything: each is range-checked, with the field named, before
+/// anything is allocated or loaded.
+#[test]
+fn every_size_in_a_config_is_range_checked_by_name() {
+    let embedder_cfg = |f: fn(&mut EmbedderConfig)| {
+        let mut c = BrainConfig::default();
+        f(&mut c.embedder);
+        c
+    };
+    let cases: Vec<(BrainConfig, &str)> = vec![
+        (BrainConfig { max_watched: 0, ..Default::default() }, "max_watched = 0"),
+        (BrainConfig { max_watched: usize::MAX, ..Default::default() }, "max_watched"),
+        (BrainConfig { max_global_patterns: 1 << 40, ..Default::default() }, "max_global_patterns"),
+        (BrainConfig { memory_budget_bytes: 0, ..Default::default() }, "memory_budget_bytes = 0"),
+        (BrainConfig { memory_budget_bytes: usize::MAX, ..Default::default() }, "memory_budget"),
+        (embedder_cfg(|e| e.cache_capacity = 1_000_000_000_000), "embedder.cache_capacity"),
+        (embedder_cfg(|e| e.cache_capacity = 0), "embedder.cache_capacity = 0"),
+        (embedder_cfg(|e| e.intra_threads = 0), "embedder.intra_threads = 0"),
+        (embedder_cfg(|e| e.intra_threads = 100_000), "embedder.intra_threads"),
+        (embedder_cfg(|e| e.max_tokens = 1), "embedder.max_tokens = 1"),
+        (embedder_cfg(|e| e.max_tokens = 1 << 30), "embedder.max_tokens"),
+        (embedder_cfg(|e| e.model_id.clear()), "embedder.model_id is required"),
+    ];
+    for (cfg, want) in cases {
+        // Brain::open checks before it loads anything (so no model is loaded here).
+        match Brain::open(cfg) {
+            Err(e @ DeviceError::Invalid(_)) => assert!(e.to_string().contains(want), "{e}"),
+            other => panic!("{want}: expected Invalid, got {other:?}"),
+        }
+    }
+    let mut ranking = BrainConfig::default();
+    ranking.ranking.seeds = 0;
+    let err = Brain::open_shared(ranking, embedder(), None).expect_err("seeds 0");
+    assert!(err.to_string().contains("ranking.seeds"), "{err}");
+    // The embedder checks its own config too (without a prefix).
+    let err = Embedder::new(EmbedderConfig { cache_capacity: usize::MAX, ..Default::default() })
+        .expect_err("huge cache");
+    assert!(err.to_string().contains("cache_capacity"), "{err}");
+    // Capacity arithmetic saturates instead of overflowing.
+    let huge = BrainConfig {
+        max_global_patterns: usize::MAX,
+        max_watched: usize::MAX,
+        memory_budget_bytes: usize::MAX,
+        ..Default::default()
+    };
+    assert_eq!(huge.effective_max_patterns(), 1);
+}
+
+#[test]
+fn a_missing_model_is_an_asset_error_through_brain_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = BrainConfig {
+        embedder: EmbedderConfig {
+            model_path: Some(dir.path().join("no-model.onnx")),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match Brain::open(cfg) {
+        Err(e @ DeviceError::Asset { .. }) => {
+            assert!(e.to_string().contains("no-model.onnx"), "{e}");
+            assert_eq!(e.code(), omega_device::ffi::OMEGA_ERR_ASSET);
+        }
+        other => panic!("expected an asset error, got {other:?}"),
+    }
 }
 
 #[test]
@@ -466,4 +554,21 @@ fn vectors_of_an_older_round_are_not_mixed_into_collaborative_scores() {
     let (stats, s) = run(false);
     assert_eq!(stats.collaborative_vectors, 6);
     assert!(s.iter().all(|x| *x >= tier - 1.0), "{s:?}");
+}
+
+#[test]
+fn only_the_delta_in_flight_can_be_quarantined() {
+    let mut b = brain();
+    assert!(matches!(b.quarantine_delta(1), Err(DeviceError::State(_))), "no delta yet");
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+    b.observe(&event("casino", 0.9, 1)).expect("observe");
+    let d = b.prepare_delta().expect("delta").expect("some");
+    assert!(matches!(b.quarantine_delta(d.local_version + 1), Err(DeviceError::State(_))));
+    assert_eq!(b.quarantine_delta(d.local_version).expect("quarantine"), 2);
+    let s = b.stats();
+    assert_eq!((s.quarantined_deltas, s.delta_in_flight, s.acked_version), (1, false, 0));
+    // The next delta carries only what changed since, under the next version.
+    b.observe(&event("heat", 0.5, 2)).expect("observe");
+    let next = b.prepare_delta().expect("delta").expect("the update");
+    assert_eq!((next.local_version, next.added.len(), next.updated.len()), (2, 0, 1));
 }

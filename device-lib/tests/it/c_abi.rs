@@ -1,9 +1,17 @@
-//! The C ABI: `include/omega.h` matches the code (cbindgen), and a C program linked against
-//! the static library runs every entry point.
+//! The C ABI: `include/omega.h` matches the code (cbindgen), a C program linked against the
+//! static library runs every entry point, and the extern functions hold up under threads and
+//! a real sync.
 
-use crate::common::require_assets;
+// These tests call the extern "C" functions directly, as a C program would.
+#![allow(unsafe_code)]
+
+use crate::common::{SAT_EVENING, require_assets};
+use crate::sync::{TestShard, serve, shard};
+use omega_device::ffi::*;
+use std::ffi::{CString, c_char};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -33,6 +41,10 @@ fn generated_header() -> String {
                 ("UNKNOWN_SCORE", "OMEGA_UNKNOWN_SCORE"),
                 ("MAX_K", "OMEGA_MAX_K"),
                 ("MAX_SCORE_CANDIDATES", "OMEGA_MAX_SCORE_CANDIDATES"),
+                ("COLLABORATIVE_TIER", "OMEGA_COLLABORATIVE_TIER"),
+                ("MIN_SYNC_INTERVAL_SECS", "OMEGA_MIN_SYNC_INTERVAL_SECS"),
+                ("MAX_SYNC_INTERVAL_SECS", "OMEGA_MAX_SYNC_INTERVAL_SECS"),
+                ("MAX_PUSHES_PER_SYNC", "OMEGA_MAX_PUSHES_PER_SYNC"),
             ]
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .into_iter()
@@ -63,6 +75,19 @@ fn c_header_matches_the_code() {
         have == want,
         "include/omega.h is out of date: run `OMEGA_BLESS=1 cargo test -p omega-device c_header`"
     );
+    // Everything the header defines or declares is in Omega's namespace.
+    for line in want.lines() {
+        if let Some(name) = line.strip_prefix("#define ") {
+            assert!(name.starts_with("OMEGA_"), "unprefixed macro in omega.h: {line}");
+        }
+        let declaration = line.contains('(') && !line.starts_with([' ', '/', '#']);
+        if declaration {
+            assert!(
+                line.contains(" omega_") || line.contains("*omega_"),
+                "unprefixed function in omega.h: {line}"
+            );
+        }
+    }
 }
 
 /// target/<profile>/, where cargo puts libomega_device.a.
@@ -102,9 +127,220 @@ fn a_c_program_uses_the_static_library() {
         .expect("run cc");
     assert!(status.success(), "cc failed");
     let not_a_library = crate_dir().join("tests/c/smoke.c");
-    let out = Command::new(&exe).arg(dir.path()).arg(not_a_library).output().expect("run smoke");
+    // A real shard on loopback for the program's register + sync.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let shard = shard();
+    let endpoint = rt.block_on(serve(shard.clone()));
+    let out = Command::new(&exe)
+        .arg(dir.path())
+        .arg(not_a_library)
+        .arg(&endpoint)
+        .output()
+        .expect("run smoke");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "C smoke test failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("all checks passed"), "{stdout}");
+    assert_eq!(shard.state().patterns.len(), 1, "the C program's pattern reached the shard");
+}
+
+/// Up to 64 KiB of JSON out of a C call, or its error code.
+fn json_out(f: impl FnOnce(*mut c_char, usize) -> i64) -> Result<serde_json::Value, i64> {
+    let mut buf = vec![0u8; 1 << 16];
+    let n = f(buf.as_mut_ptr().cast(), buf.len());
+    if n < 0 {
+        return Err(n);
+    }
+    let n = usize::try_from(n).expect("length");
+    assert!(n < buf.len(), "output of {n} bytes did not fit");
+    Ok(serde_json::from_slice(&buf[..n]).expect("valid JSON"))
+}
+
+fn last_error() -> String {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` is valid for its length.
+    let n = unsafe { omega_last_error_message(buf.as_mut_ptr().cast(), buf.len()) };
+    buf.truncate(usize::try_from(n).expect("length"));
+    String::from_utf8(buf).expect("utf-8")
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).expect("no NUL")
+}
+
+/// A brain opened through the C ABI; the pointer travels between threads as an integer.
+fn open(dir: &Path, device: &str) -> usize {
+    require_assets();
+    let cfg = c(&serde_json::json!({
+        "db_path": dir.join(format!("{device}.sqlite")),
+        "device_id": device,
+    })
+    .to_string());
+    let mut brain = std::ptr::null_mut();
+    // SAFETY: valid string and out pointer.
+    let code = unsafe { omega_brain_open(cfg.as_ptr(), &mut brain) };
+    assert_eq!(code, OMEGA_OK, "{}", last_error());
+    brain as usize
+}
+
+fn observe(brain: usize, content: &str, minutes: i64) -> Result<serde_json::Value, i64> {
+    let ev = c(&serde_json::json!({
+        "content_id": content,
+        "title": content,
+        "genres": ["drama"],
+        "started_at_ms": SAT_EVENING + minutes * 60_000,
+        "watch_fraction": 0.9,
+    })
+    .to_string());
+    // SAFETY: a live handle, a valid string, a buffer valid for its length.
+    json_out(|out, cap| unsafe { omega_brain_observe(brain as *mut _, ev.as_ptr(), out, cap) })
+}
+
+fn recommend(brain: usize) -> Result<serde_json::Value, i64> {
+    let ctx = c(r#"{"time_slot": "evening", "day_type": "weekend"}"#);
+    // SAFETY: as `observe`.
+    json_out(|out, cap| unsafe {
+        omega_brain_recommend(brain as *mut _, ctx.as_ptr(), 5, out, cap)
+    })
+}
+
+fn stats(brain: usize) -> serde_json::Value {
+    // SAFETY: as `observe`.
+    json_out(|out, cap| unsafe { omega_brain_stats(brain as *mut _, out, cap) }).expect("stats")
+}
+
+fn close(brain: usize) {
+    // SAFETY: a live handle, used by no other thread any more.
+    assert_eq!(unsafe { omega_brain_close(brain as *mut _) }, OMEGA_OK, "{}", last_error());
+}
+
+#[test]
+fn one_handle_serves_several_threads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let brain = open(dir.path(), "tv-threads");
+    let (threads, per_thread) = (4usize, 8usize);
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..per_thread {
+                    let o = observe(brain, &format!("t{t}-c{i}"), (t * 100 + i) as i64)
+                        .unwrap_or_else(|code| panic!("observe: {code}: {}", last_error()));
+                    assert_eq!(o["created"], true);
+                    let recs = recommend(brain)
+                        .unwrap_or_else(|code| panic!("recommend: {code}: {}", last_error()));
+                    assert!(recs.is_array());
+                    assert!(stats(brain)["patterns"].as_u64().is_some());
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("no panic in a worker");
+    }
+    let s = stats(brain);
+    assert_eq!(s["patterns"], threads * per_thread);
+    assert_eq!(s["watched"], threads * per_thread);
+    close(brain);
+}
+
+#[test]
+fn errors_and_small_buffers_through_the_extern_functions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let brain = open(dir.path(), "tv-errors");
+    observe(brain, "heat", 0).expect("observe");
+    let mut small = [b'x' as c_char; 8];
+    // SAFETY: a live handle; `small` is valid for its length.
+    let need = unsafe { omega_brain_stats(brain as *mut _, small.as_mut_ptr(), small.len()) };
+    assert!(need >= small.len() as i64);
+    assert_eq!(small[0], 0);
+    let msg = last_error();
+    assert!(msg.starts_with("buffer too small") && msg.contains(&(need + 1).to_string()), "{msg}");
+    // The same JSON again, without recomputing.
+    // SAFETY: as above.
+    let again = json_out(|out, cap| unsafe { omega_brain_last_result(brain as *mut _, out, cap) })
+        .expect("last result");
+    assert_eq!(again["device_id"], "tv-errors");
+    assert_eq!(last_error(), "", "a success clears the note");
+    // Bad inputs: the code, and a message naming the problem.
+    let huge = c(&format!(r#"{{"content_id": "{}"}}"#, "x".repeat(2 << 20)));
+    // SAFETY: a live handle and a valid string.
+    let code =
+        unsafe { omega_brain_observe(brain as *mut _, huge.as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!(code, i64::from(OMEGA_ERR_INVALID));
+    assert!(last_error().contains("at most 1048576"), "{}", last_error());
+    let inf = c(r#"{"content_id": "x", "started_at_ms": 1, "watch_fraction": 1e39}"#);
+    // SAFETY: as above.
+    let code =
+        unsafe { omega_brain_observe(brain as *mut _, inf.as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!(code, i64::from(OMEGA_ERR_INVALID), "{}", last_error());
+    // SAFETY: a NULL event is checked.
+    let code =
+        unsafe { omega_brain_observe(brain as *mut _, std::ptr::null(), std::ptr::null_mut(), 0) };
+    assert_eq!((code, last_error().as_str()), (i64::from(OMEGA_ERR_NULL), "event_json is NULL"));
+    close(brain);
+    // A missing model: an asset error, and no handle.
+    let missing = c(&serde_json::json!({
+        "embedder": {"model_path": dir.path().join("missing.onnx")}
+    })
+    .to_string());
+    let mut handle = std::ptr::dangling_mut::<OmegaBrain>();
+    // SAFETY: valid string and out pointer.
+    assert_eq!(unsafe { omega_brain_open(missing.as_ptr(), &mut handle) }, OMEGA_ERR_ASSET);
+    assert!(handle.is_null());
+    assert!(last_error().contains("missing.onnx"), "{}", last_error());
+    let big_cache = c(r#"{"embedder": {"cache_capacity": 1000000000000}}"#);
+    // SAFETY: as above.
+    assert_eq!(unsafe { omega_brain_open(big_cache.as_ptr(), &mut handle) }, OMEGA_ERR_INVALID);
+    assert!(last_error().contains("embedder.cache_capacity"), "{}", last_error());
+}
+
+fn sync(brain: usize, cfg: &CString) -> Result<serde_json::Value, i64> {
+    // SAFETY: as `observe`.
+    json_out(|out, cap| unsafe { omega_brain_sync(brain as *mut _, cfg.as_ptr(), out, cap) })
+}
+
+/// Register + sync through the C ABI against a real shard on loopback; and a slow shard does
+/// not hold up recommendations on another thread.
+#[test]
+fn c_sync_registers_pushes_and_does_not_block_other_calls() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let shard: TestShard = shard();
+    shard.state().global = Some(crate::brain::global(4));
+    let endpoint = rt.block_on(serve(shard.clone()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let brain = open(dir.path(), "tv-c-sync");
+    observe(brain, "heat", 0).expect("observe");
+    let cfg = c(&serde_json::json!({"endpoint": endpoint, "timeout_ms": 5000}).to_string());
+    let report = sync(brain, &cfg).unwrap_or_else(|code| panic!("sync: {code}: {}", last_error()));
+    assert_eq!(report["acknowledged"], true, "{report}");
+    assert_eq!(
+        (report["deltas_pushed"].as_u64(), report["similar_received"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let next = report["next_sync_in_ms"].as_u64().expect("next_sync_in_ms");
+    assert!((300_000..=900_000).contains(&next), "{next}");
+    assert_eq!(shard.state().patterns.len(), 1);
+    assert_eq!(stats(brain)["acked_version"], 1);
+
+    // The shard now takes 1.5 s to answer: a recommendation meanwhile is not blocked.
+    observe(brain, "casino", 10).expect("observe");
+    recommend(brain).expect("warm the context cache");
+    let stall = Duration::from_millis(1_500);
+    shard.state().stall = Some(stall);
+    let syncing = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || sync(brain, &cfg))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    recommend(brain).expect("recommend during a sync");
+    stats(brain);
+    let waited = started.elapsed();
+    let report = syncing.join().expect("no panic").expect("sync");
+    assert!(waited < Duration::from_millis(900), "recommend waited {waited:?} for the sync");
+    assert_eq!(
+        (report["acknowledged"].as_bool(), report["local_version"].as_u64()),
+        (Some(true), Some(2))
+    );
+    close(brain);
 }
