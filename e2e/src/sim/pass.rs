@@ -77,6 +77,12 @@ pub struct Transport {
     pub globals_p50: u64,
     /// Of them, collaborative item vectors (main aggregates), median over TVs.
     pub collab_vectors_p50: u64,
+    /// Share of the evaluated users whose held-out item had a collaborative vector on their
+    /// TV (scored in the collaborative tier).
+    pub target_held: f64,
+    /// Median over TVs of the share of their watched contents with a collaborative vector
+    /// on the TV (what their query is built from).
+    pub watched_held_p50: f64,
 }
 
 #[derive(Parser)]
@@ -494,6 +500,22 @@ pub(crate) async fn run(
             latencies.push(t.elapsed().as_micros() as u64);
         }
     }
+    // Diagnostics: which vectors the TVs hold where it matters (a score in the collaborative
+    // tier means the TV holds the content's vector).
+    let tier = omega_device::ranking::COLLABORATIVE_TIER / 2.0;
+    let (mut held_targets, mut watched_held) = (0usize, Vec::with_capacity(evaluable.len()));
+    for &u in &evaluable {
+        let us = &world.split.users[u as usize];
+        let Some(t) = us.test else { continue };
+        let s = score(&tvs[u as usize].brain, world, u, &[t.item]);
+        held_targets += usize::from(s[0] >= tier);
+        let history: Vec<u32> = us.history(Stage::Test).iter().map(|r| r.item).collect();
+        if !history.is_empty() {
+            let s = score(&tvs[u as usize].brain, world, u, &history);
+            let held = s.iter().filter(|&&x| x >= tier).count();
+            watched_held.push((held * 1000 / history.len()) as u64);
+        }
+    }
     let (mut globals, mut collab): (Vec<u64>, Vec<u64>) = tvs
         .iter()
         .map(|t| {
@@ -512,6 +534,8 @@ pub(crate) async fn run(
             recommend_p99_ms: p(&mut latencies, 0.99) as f64 / 1000.0,
             globals_p50: p(&mut globals, 0.5),
             collab_vectors_p50: p(&mut collab, 0.5),
+            target_held: held_targets as f64 / evaluable.len().max(1) as f64,
+            watched_held_p50: p(&mut watched_held, 0.5) as f64 / 1000.0,
         },
         rounds: run.rounds,
         syncs: run.syncs,
