@@ -422,10 +422,145 @@ async fn postgres_reads_go_to_the_read_replicas() {
             .expect("similar via a replica");
         assert_eq!(found.len(), 1);
     }
-    // A replica that cannot be reached fails reads with UNAVAILABLE, not a panic or a hang.
+    // A replica that cannot be reached fails the reads it serves with UNAVAILABLE, not a
+    // panic or a hang (exports read the primary: next test).
     let mut opts = StoreOptions::postgres(&url);
     opts.read_urls = vec![format!("postgres://omega@127.0.0.1:{}/x", common::free_port())];
     let s = PostgresStore::open(&opts).await.expect("open");
-    let r = s.export(Some(Uuid::nil()), 10, 0.0).await;
+    let r = s
+        .similar(SimilarQuery {
+            device_id: "b".into(),
+            interest: unit_near(0, 2),
+            limit: 5,
+            min_quality: 0.8,
+        })
+        .await;
     assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    let r = s.device_contents("a").await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+}
+
+/// A replica that lags (here: one that never received anything, the extreme case) must not
+/// make an export miss acknowledged syncs or the global version go stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_exports_and_global_version_read_the_primary_not_a_lagging_replica() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    let url = common::fresh_db().await;
+    let stale = common::fresh_db().await;
+    // Migrated, so every query works there, but it will never see the writes below.
+    drop(PostgresStore::open(&StoreOptions::postgres(&stale)).await.expect("migrate replica"));
+    let mut opts = StoreOptions::postgres(&url);
+    opts.read_urls = vec![stale];
+    let s = PostgresStore::open(&opts).await.expect("open");
+    register_all(&s, &["a", "b"]).await;
+    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    s.apply_sync(write("a", 1, vec![p.clone(), pattern(2, 0.95)])).await.expect("sync");
+    let published = s
+        .publish(Publish {
+            round_id: "r1".into(),
+            global_version: 7,
+            patterns: vec![],
+            trends: vec![],
+        })
+        .await
+        .expect("publish");
+    assert_eq!(published.global_version, 7);
+
+    // No settle(): the export itself must bring in everything acknowledged.
+    let page = s.export(None, 100, 0.8).await.expect("export");
+    assert_eq!(page.items.len(), 2, "the export missed acknowledged patterns");
+    assert!(page.items.iter().any(|i| i.pattern.id == p.id));
+    assert_eq!(s.global().await.expect("global").version, 7);
+    // The replica really is in use: similarity reads it, and it has nothing.
+    s.settle().await.expect("settle");
+    let found = s
+        .similar(SimilarQuery {
+            device_id: "b".into(),
+            interest: unit_near(0, 2),
+            limit: 5,
+            min_quality: 0.8,
+        })
+        .await
+        .expect("similar via the replica");
+    assert!(found.is_empty(), "similar should have read the (empty) replica: {found:?}");
+}
+
+/// Intake sequence numbers are taken at insert time but become visible at commit, so a row
+/// with a lower seq can commit while a merge is working on higher ones. The merge must not
+/// delete it unmerged. The interleaving is forced: another session inserts such a row and,
+/// in the same transaction, a `patterns` row the merge will conflict with (so the merge waits
+/// for that transaction between reading the intake and deleting what it read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_merge_keeps_intake_rows_that_commit_out_of_seq_order() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    let url = common::fresh_db().await;
+    let mut opts = StoreOptions::postgres(&url);
+    opts.merge_interval = Duration::from_secs(3600); // only settle() merges
+    let s = PostgresStore::open(&opts).await.expect("open");
+    register_all(&s, &["a", "b"]).await;
+    let late = Uuid::now_v7();
+    let q = pattern(2, 0.9);
+    let q_id = Uuid::from_slice(&q.id).expect("id");
+
+    let mut x = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut x).await.expect("begin");
+    let row = "$2, 'late-content', array_fill(0.05, ARRAY[384])::vector, 0.9, 1, 3, 1, 1,";
+    sqlx::query(&format!(
+        "INSERT INTO pattern_intake (device_id, op, pattern_id, content_id, embedding,
+             success_rate, sample_count, time_slot, day_type, content_type, genres,
+             created_at_ms, updated_at_ms)
+         VALUES ($1, 1, {row} ARRAY['drama'], 0, 0)"
+    ))
+    .bind("a")
+    .bind(late)
+    .execute(&mut x)
+    .await
+    .expect("intake row with the lower seq, not committed");
+    s.apply_sync(write("b", 1, vec![q])).await.expect("b's sync commits a higher seq");
+    sqlx::query(&format!(
+        "INSERT INTO patterns (device_id, id, content_id, embedding, success_rate, sample_count,
+             time_slot, day_type, content_type, genres, created_at_ms, updated_at_ms, index_seq)
+         VALUES ($1, {row} ARRAY['drama'], 0, 0, 0)"
+    ))
+    .bind("b")
+    .bind(q_id)
+    .execute(&mut x)
+    .await
+    .expect("a patterns row the merge will wait for");
+
+    let merging = tokio::spawn(async move {
+        s.settle().await.expect("settle");
+        s
+    });
+    let mut watch = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watch)
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the merge never waited on the open transaction");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut x).await.expect("commit");
+    let _s = merging.await.expect("merge task");
+    let merged: i64 = sqlx::query_scalar("SELECT count(*) FROM patterns WHERE id = $1")
+        .bind(late)
+        .fetch_one(&mut watch)
+        .await
+        .expect("count");
+    assert_eq!(merged, 1, "the late-committed intake row was deleted without being merged");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pattern_intake")
+        .fetch_one(&mut watch)
+        .await
+        .expect("intake");
+    assert_eq!(left, 0);
 }

@@ -36,7 +36,8 @@ pub fn sibling_binary() -> Option<PathBuf> {
 }
 
 /// Starts `bin serve` on free loopback ports with a fresh data directory, the given
-/// database (or the embedded store), no effective rate limit, and waits until it answers.
+/// database (or the embedded store), no effective rate limits (per device and per client
+/// address for registrations), and waits until it answers.
 pub fn spawn(bin: &Path, database_url: Option<&str>) -> std::io::Result<SpawnedShard> {
     let data = tempfile::tempdir()?;
     let (g, a, r, m) = (free_port()?, free_port()?, free_port()?, free_port()?);
@@ -49,6 +50,8 @@ pub fn spawn(bin: &Path, database_url: Option<&str>) -> std::io::Result<SpawnedS
         .env("DATA_DIR", data.path())
         .env("RATE_LIMIT_PER_MINUTE", "1000000")
         .env("RATE_LIMIT_BURST", "1000000")
+        .env("REGISTER_RATE_PER_MINUTE", "1000000")
+        .env("REGISTER_RATE_BURST", "1000000")
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());

@@ -166,16 +166,20 @@ pub struct ExportPage {
     pub last: bool,
 }
 
-/// Counters for stats and gauges.
+/// Counters for stats and gauges. Read every 2 s, so never computed by scanning a big table.
+/// Embedded: exact, from memory. Postgres: see each field.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counts {
-    /// Devices registered.
+    /// Devices registered (Postgres: a counter kept by registration; exact).
     pub devices_total: u64,
-    /// Devices that synced since the given time.
+    /// Devices that synced since the given time (Postgres: exact up to 10,000 devices, above
+    /// that estimated from a block sample of about 10,000 devices).
     pub devices_active: u64,
-    /// Patterns stored (for Postgres: merged plus pending intake rows).
+    /// Patterns stored (Postgres: merged patterns, a counter kept by the merge, plus intake
+    /// rows not merged yet, an upper bound since updates and removals count too).
     pub patterns: u64,
-    /// Intake rows not yet merged (Postgres only).
+    /// Postgres: intake rows not yet merged plus patterns the indexer has not reached (the
+    /// latter counted up to 100,000); 0 for the embedded store.
     pub backlog: u64,
     /// Global version served.
     pub global_version: u64,

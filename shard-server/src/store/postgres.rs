@@ -24,7 +24,11 @@
 //! up, after `backlog / index rate` when it does not (`constellation_intake_backlog` counts
 //! intake rows plus rows waiting for the indexer).
 //!
-//! Reads (similarity, export) go to the `DATABASE_READ_URLS` replicas when configured.
+//! Similarity queries and device contents read from the `DATABASE_READ_URLS` replicas when
+//! configured (they tolerate replication lag: both are already a merge interval behind).
+//! Exports and the global version always read the primary: an export must contain every
+//! acknowledged sync and a device must never be handed a global version older than the one
+//! just published, neither of which a lagging replica guarantees.
 //! Connections that break (a database restart) are dropped by the pool and re-opened on the
 //! next use; errors that mean "cannot reach the database" become
 //! [`StoreError::Unavailable`].
@@ -63,6 +67,18 @@ const INDEX_LOCK: i64 = 0x6f6d_6567_6169; // "omegai"
 const MAX_BATCH: usize = 512;
 const WRITERS: usize = 2;
 const GLOBAL_TTL: Duration = Duration::from_secs(1);
+
+/// Up to this many devices, active devices are counted exactly (a scan of a few MB).
+const ACTIVE_EXACT_MAX: u64 = 10_000;
+/// Devices the active-device sample aims at on larger shards.
+const ACTIVE_SAMPLE_ROWS: f64 = 10_000.0;
+/// Patterns waiting for the indexer are counted up to this many (a bounded index range scan).
+const UNINDEXED_COUNT_CAP: i64 = 100_000;
+
+/// Percentage of `devices` blocks to sample for the active-device count, `None` to count all.
+fn active_sample_percent(total: u64) -> Option<f64> {
+    (total > ACTIVE_EXACT_MAX).then(|| (100.0 * ACTIVE_SAMPLE_ROWS / total as f64).max(0.001))
+}
 
 /// Maps a database error to the store's error, separating "unreachable" from the rest.
 pub fn db_err(e: sqlx::Error) -> StoreError {
@@ -238,21 +254,47 @@ impl PostgresStore {
         loop {
             let n = merge_once(&self.primary, self.merge_batch.max(5000)).await?;
             if n == 0 {
-                let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pattern_intake")
+                let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pattern_intake)")
                     .fetch_one(&self.primary)
                     .await
                     .map_err(db_err)?;
-                if left == 0 {
+                if !left {
                     return Ok(());
                 }
                 if Instant::now() > deadline {
-                    return Err(StoreError::Unavailable(format!(
-                        "{left} intake rows still unmerged"
-                    )));
+                    return Err(StoreError::Unavailable("intake rows still unmerged".into()));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+
+    /// Devices that synced since `since_ms`: counted exactly on a small shard, estimated from
+    /// a block sample of about [`ACTIVE_SAMPLE_ROWS`] devices on a large one.
+    async fn active_devices(&self, total: u64, since_ms: i64) -> Result<u64, StoreError> {
+        let since = since_ms as f64;
+        let counted: i64 = match active_sample_percent(total) {
+            None => sqlx::query_scalar(
+                "SELECT count(*) FROM devices WHERE last_sync_at >= to_timestamp($1::float8 / 1000)",
+            )
+            .bind(since)
+            .fetch_one(&self.primary)
+            .await
+            .map_err(db_err)?,
+            Some(pct) => {
+                let sampled: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM devices TABLESAMPLE SYSTEM ($2::float4)
+                     WHERE last_sync_at >= to_timestamp($1::float8 / 1000)",
+                )
+                .bind(since)
+                .bind(pct as f32)
+                .fetch_one(&self.primary)
+                .await
+                .map_err(db_err)?;
+                (sampled as f64 * 100.0 / pct).round() as i64
+            }
+        };
+        Ok((counted.max(0) as u64).min(total))
     }
 
     fn invalidate_global(&self) {
@@ -569,7 +611,7 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         .map_err(db_err)?;
     let mut order: Vec<Uuid> = Vec::new();
     let mut fin: HashMap<Uuid, Final> = HashMap::new();
-    let mut max_seq = 0i64;
+    let mut merged_seqs: Vec<i64> = Vec::with_capacity(rows.len());
     for r in &rows {
         let seq: i64 = r.try_get("seq").map_err(db_err)?;
         let device: String = r.try_get("device_id").map_err(db_err)?;
@@ -578,7 +620,7 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         let rate: Option<f32> = r.try_get("success_rate").map_err(db_err)?;
         let samples: Option<i64> = r.try_get("sample_count").map_err(db_err)?;
         let updated: Option<i64> = r.try_get("updated_at_ms").map_err(db_err)?;
-        max_seq = max_seq.max(seq);
+        merged_seqs.push(seq);
         let owner = match fin.get(&id) {
             Some(Final::Put { device, .. } | Final::Update { device, .. })
             | Some(Final::Remove { device }) => Some(device.clone()),
@@ -636,9 +678,11 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
             None => {}
         }
     }
+    // Change in the number of rows of `patterns`, kept in `merge_state`.
+    let mut added: i64 = 0;
     if !rm_id.is_empty() {
         for table in ["patterns", "pattern_vectors"] {
-            sqlx::query(&format!(
+            let done = sqlx::query(&format!(
                 "DELETE FROM {table} p USING unnest($1::uuid[], $2::text[]) AS x(id, d)
                  WHERE p.id = x.id AND p.device_id = x.d"
             ))
@@ -647,9 +691,20 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
+            if table == "patterns" {
+                added -= done.rows_affected() as i64;
+            }
         }
     }
     if !put_seq.is_empty() {
+        // Ids that exist already are updated (or, another device's, left alone), not added;
+        // merges are serialised, so nothing adds them between this count and the insert.
+        let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM patterns WHERE id = ANY($1)")
+            .bind(&put_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        added += put_id.len() as i64 - existing;
         sqlx::query(
             "INSERT INTO patterns (id, device_id, content_id, embedding, success_rate,
                  sample_count, time_slot, day_type, content_type, genres, created_at_ms,
@@ -711,11 +766,22 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         .await
         .map_err(db_err)?;
     }
-    sqlx::query("DELETE FROM pattern_intake WHERE seq <= $1")
-        .bind(max_seq)
+    // Exactly the rows read above, not "every seq up to the last one": sequence values are
+    // taken at insert time but become visible at commit, so a writer's row with a lower seq
+    // can commit after the SELECT above and would be deleted unmerged (an acknowledged sync
+    // lost). It is merged by the next batch instead.
+    sqlx::query("DELETE FROM pattern_intake WHERE seq = ANY($1)")
+        .bind(&merged_seqs)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+    if added != 0 {
+        sqlx::query("UPDATE merge_state SET patterns = patterns + $1 WHERE id = 1")
+            .bind(added)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+    }
     tx.commit().await.map_err(db_err)?;
     Ok(rows.len())
 }
@@ -941,13 +1007,15 @@ impl Store for PostgresStore {
         {
             return Ok(state.clone());
         }
+        // The primary, never a replica: a lagging replica would serve a version older than
+        // one a device was already given (or one just published), and its trends with it.
         let row = sqlx::query("SELECT global_version, round_id FROM global_state WHERE id = 1")
-            .fetch_one(self.reader())
+            .fetch_one(&self.primary)
             .await
             .map_err(db_err)?;
         let trends =
             sqlx::query("SELECT content_id, centroid, score, region FROM trends ORDER BY position")
-                .fetch_all(self.reader())
+                .fetch_all(&self.primary)
                 .await
                 .map_err(db_err)?
                 .iter()
@@ -974,6 +1042,8 @@ impl Store for PostgresStore {
         if after.is_none() {
             self.merge_all().await?;
         }
+        // The primary, never a replica: the merge above ran there, and a federation round
+        // must see every sync acknowledged before it started, which a lagging replica may not.
         let rows = sqlx::query(
             "SELECT p.id, p.device_id, d.region, p.content_id, p.embedding, p.success_rate,
                     p.sample_count, p.time_slot, p.day_type, p.content_type, p.genres,
@@ -985,7 +1055,7 @@ impl Store for PostgresStore {
         .bind(after)
         .bind(min_quality)
         .bind(limit as i64 + 1)
-        .fetch_all(self.reader())
+        .fetch_all(&self.primary)
         .await
         .map_err(db_err)?;
         let last = rows.len() <= limit;
@@ -1180,28 +1250,31 @@ impl Store for PostgresStore {
     }
 
     async fn counts(&self, active_since_ms: i64) -> Result<Counts, StoreError> {
+        // Runs every 2 s and on every /api/v1/stats: no statement here may scan a big table.
+        // Devices and merged patterns are counters kept by the writes; intake rows come from
+        // the ends of its sequence (an upper bound: rolled-back inserts leave gaps); rows
+        // waiting for the indexer are counted up to a cap.
         let row = sqlx::query(
-            "SELECT s.devices, s.global_version,
-                    (SELECT count(*) FROM devices
-                      WHERE last_sync_at >= to_timestamp($1::float8 / 1000)) AS active,
-                    (SELECT count(*) FROM patterns) AS merged,
-                    (SELECT count(*) FROM pattern_intake)
-                      + (SELECT count(*) FROM patterns p, indexer_state i
-                          WHERE i.id = 1 AND (p.index_seq, p.id) > (i.last_seq, i.last_id))
-                      AS backlog,
-                    (SELECT count(*) FROM pattern_intake WHERE op = 1) AS pending
-             FROM global_state s WHERE s.id = 1",
+            "SELECT s.devices, s.global_version, m.patterns AS merged,
+                    COALESCE((SELECT max(seq) - min(seq) + 1 FROM pattern_intake), 0) AS intake,
+                    (SELECT count(*) FROM (
+                        SELECT 1 FROM patterns p, indexer_state i
+                        WHERE i.id = 1 AND (p.index_seq, p.id) > (i.last_seq, i.last_id)
+                        LIMIT $1) b) AS unindexed
+             FROM global_state s, merge_state m WHERE s.id = 1 AND m.id = 1",
         )
-        .bind(active_since_ms as f64)
+        .bind(UNINDEXED_COUNT_CAP)
         .fetch_one(&self.primary)
         .await
         .map_err(db_err)?;
         let get = |c: &str| row.try_get::<i64, _>(c).map(|v| v.max(0) as u64).map_err(db_err);
+        let devices_total = get("devices")?;
+        let intake = get("intake")?;
         Ok(Counts {
-            devices_total: get("devices")?,
-            devices_active: get("active")?,
-            patterns: get("merged")? + get("pending")?,
-            backlog: get("backlog")?,
+            devices_total,
+            devices_active: self.active_devices(devices_total, active_since_ms).await?,
+            patterns: get("merged")? + intake,
+            backlog: intake + get("unindexed")?,
             global_version: get("global_version")?,
         })
     }
@@ -1216,5 +1289,24 @@ impl Store for PostgresStore {
             r.close().await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_devices_are_counted_exactly_on_small_shards_and_sampled_on_large_ones() {
+        assert_eq!(active_sample_percent(0), None);
+        assert_eq!(active_sample_percent(ACTIVE_EXACT_MAX), None);
+        let pct = active_sample_percent(4_000_000).expect("sampled");
+        assert!((pct - 0.25).abs() < 1e-9, "{pct}");
+        // The sample stays near ACTIVE_SAMPLE_ROWS devices whatever the size.
+        for total in [10_001u64, 100_000, 4_000_000] {
+            let pct = active_sample_percent(total).expect("sampled");
+            let rows = total as f64 * pct / 100.0;
+            assert!((rows - ACTIVE_SAMPLE_ROWS).abs() < 1.0, "{total}: {rows}");
+        }
     }
 }

@@ -228,6 +228,38 @@ impl Shard {
             .unwrap_or(0.0)
     }
 
+    /// Every `constellation_{what}_requests_total` series of this shard, by status label.
+    pub fn outcomes(&self, what: &str) -> std::collections::BTreeMap<String, f64> {
+        let (_, body) =
+            http_get(&format!("127.0.0.1:{}", self.metrics), "/metrics").expect("metrics");
+        let prefix = format!("constellation_{what}_requests_total{{");
+        body.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|rest| {
+                let (labels, value) = rest.split_once("} ")?;
+                let status = labels.split("status=\"").nth(1)?.split('"').next()?;
+                Some((status.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Waits for the process to exit (after a signal) and returns its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("omega-shard did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id().to_string();
         let ok = Command::new("kill").args([sig, &pid]).status().expect("kill").success();
@@ -281,6 +313,65 @@ pub async fn register(c: &mut ConstellationClient<Channel>, id: &str) -> String 
     .expect("register")
     .into_inner()
     .device_token
+}
+
+/// A `Register` for `id`, carrying `token` as its bearer token when given.
+pub fn register_request(id: &str, token: Option<&str>) -> tonic::Request<pb::RegisterRequest> {
+    let mut r = tonic::Request::new(pb::RegisterRequest {
+        device_id: id.into(),
+        region: "eu".into(),
+        model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+        client_version: "test".into(),
+    });
+    if let Some(t) = token {
+        r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().expect("header"));
+    }
+    r
+}
+
+/// Runs `omega-shard ARGS` with `env` (and none of the store or secret variables of the
+/// test's own environment) until it exits; returns its status and stderr. Listeners get
+/// free ports, in case it starts after all.
+pub fn run_to_exit(
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (std::process::ExitStatus, String) {
+    let data = tempfile::tempdir().expect("tmp");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omega-shard"));
+    cmd.args(args)
+        .env("GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("ADMIN_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("REST_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("DATA_DIR", data.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for var in ["DATABASE_URL", "POSTGRES_URL", "OMEGA_DEVICE_SECRET", "LOG_FORMAT", "RUST_LOG"] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn omega-shard");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("omega-shard {args:?} with {env:?} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    (status, stderr)
 }
 
 pub fn sync_request(
