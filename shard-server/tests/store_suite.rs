@@ -104,6 +104,35 @@ async fn updates_and_removals_touch_only_own_patterns(s: &dyn Store) {
     assert_eq!(left[0].3, 3);
 }
 
+/// The stored-pattern count (Postgres keeps it as a counter in the merge) follows puts,
+/// re-puts of an id, removals, drops below the stored quality, and ignores another device's id.
+async fn pattern_count_follows_every_kind_of_change(s: &dyn Store) {
+    register_all(s, &["a", "b"]).await;
+    let count = || async { s.counts(0).await.expect("counts").patterns };
+    let (p1, p2, p3) = (pattern(1, 0.9), pattern(2, 0.9), pattern(3, 0.9));
+    let id = |p: &pb::Pattern| Uuid::from_slice(&p.id).expect("id");
+    s.apply_sync(write("a", 1, vec![p1.clone(), p2.clone()])).await.expect("a1");
+    s.settle().await.expect("settle");
+    assert_eq!(count().await, 2);
+    let mut again = p1.clone();
+    again.success_rate = 0.95;
+    s.apply_sync(write("a", 2, vec![again, p3.clone()])).await.expect("a2");
+    s.settle().await.expect("settle");
+    assert_eq!(count().await, 3, "a re-put id is not a new pattern");
+    let mut w = write("a", 3, vec![]);
+    w.removed = vec![id(&p2)];
+    w.updated = vec![pb::PatternUpdate { id: p3.id.clone(), success_rate: 0.5, extra_samples: 1 }];
+    s.apply_sync(w).await.expect("a3");
+    s.settle().await.expect("settle");
+    assert_eq!(count().await, 1, "a removal and a drop below 0.7");
+    let mut stolen = pattern(4, 0.9);
+    stolen.id = p1.id.clone();
+    s.apply_sync(write("b", 1, vec![stolen, pattern(5, 0.9)])).await.expect("b1");
+    s.settle().await.expect("settle");
+    assert_eq!(count().await, 2, "another device's id is not stored");
+    assert_eq!(ids_of(s, 0.0).await.len(), 2);
+}
+
 async fn similar_excludes_own_and_low_quality_patterns(s: &dyn Store) {
     register_all(s, &["a", "b", "c"]).await;
     let a_good = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
@@ -354,6 +383,7 @@ suite!(
     sync_applies_once_per_local_version,
     unknown_devices_are_refused,
     updates_and_removals_touch_only_own_patterns,
+    pattern_count_follows_every_kind_of_change,
     similar_excludes_own_and_low_quality_patterns,
     quality_changes_move_patterns_in_and_out_of_similar,
     export_pages_in_id_order_with_a_cursor,
