@@ -43,16 +43,18 @@ pub struct StoreArgs {
     #[arg(long, env = "HNSW_EF_SEARCH", default_value_t = 40)]
     pub hnsw_ef_search: u32,
     /// How often the background merge moves intake rows into `patterns`.
-    #[arg(long, env = "MERGE_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(long, env = "MERGE_INTERVAL_MS", default_value_t = 200)]
     pub merge_interval_ms: u64,
     /// Most intake rows one merge transaction moves.
     #[arg(long, env = "MERGE_BATCH", default_value_t = 5000)]
     pub merge_batch: u32,
-    /// Pause between two batches of the vector indexer (bounds its CPU share).
-    #[arg(long, env = "INDEX_INTERVAL_MS", default_value_t = 1000)]
+    /// Pause between two batches of the vector indexer while syncs flow (bounds its CPU
+    /// share; skipped when no sync was written for a second).
+    #[arg(long, env = "INDEX_INTERVAL_MS", default_value_t = 200)]
     pub index_interval_ms: u64,
-    /// Patterns the vector indexer inserts into the HNSW index per batch.
-    #[arg(long, env = "INDEX_BATCH", default_value_t = 100)]
+    /// Patterns the vector indexer inserts into the HNSW index per batch (one transaction; a
+    /// small batch keeps each burst of index work short).
+    #[arg(long, env = "INDEX_BATCH", default_value_t = 20)]
     pub index_batch: u32,
     /// Embedded ANN: number of inverted lists.
     #[arg(long, env = "ANN_LISTS", default_value_t = 256)]

@@ -594,3 +594,38 @@ async fn postgres_merge_keeps_intake_rows_that_commit_out_of_seq_order() {
         .expect("intake");
     assert_eq!(left, 0);
 }
+
+/// The indexer pauses between batches while syncs flow; once they stop for a second it
+/// catches up batch after batch. With a pause far longer than the test, a backlog of ten
+/// batches drains only through that catch-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_indexer_catches_up_without_pauses_when_syncs_stop() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    let url = common::fresh_db().await;
+    let mut opts = StoreOptions::postgres(&url);
+    opts.merge_interval = Duration::from_millis(50);
+    opts.index_interval = Duration::from_secs(3);
+    opts.index_batch = 20;
+    let s = PostgresStore::open(&opts).await.expect("open");
+    register_all(&s, &["a"]).await;
+    for v in 0..2u64 {
+        let added = (0..100).map(|i| pattern(v * 100 + i, 0.9)).collect();
+        s.apply_sync(write("a", v + 1, added)).await.expect("sync");
+    }
+    let started = Instant::now();
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+    loop {
+        let indexed: i64 = sqlx::query_scalar("SELECT count(*) FROM pattern_vectors")
+            .fetch_one(&mut db)
+            .await
+            .expect("count");
+        if indexed == 200 {
+            break;
+        }
+        // Paused between batches, 10 batches would take 30 s.
+        assert!(started.elapsed() < Duration::from_secs(15), "{indexed} of 200 indexed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -17,7 +17,15 @@
 //! 3. **Index** (background, `INDEX_BATCH` rows then a pause of `INDEX_INTERVAL_MS`): copy
 //!    shareable patterns (success >= 0.8) written since its cursor into `pattern_vectors`,
 //!    the HNSW-indexed table similarity queries search. This is the slow step; the pause
-//!    bounds the CPU it takes from syncs.
+//!    bounds the CPU it takes from syncs. When no sync has been written for a second, it
+//!    skips the pause and catches up batch after batch.
+//!
+//! Both background steps run small and often (by default a merge every 200 ms, 20 rows per
+//! index batch) rather than large and rarely: on the 2-core benchmark machine a merge of a
+//! second's intake (~2,700 rows) or a 100-row index batch is a burst of CPU and WAL that every
+//! sync in flight waits behind, and it set the p99 (docs/benchmarks.md); the same work in
+//! five times smaller slices costs the same CPU and took ~30 ms off the p99. Each has its own
+//! one-session pool, so neither ever runs more than one statement at a time.
 //!
 //! Freshness: a pattern is in `patterns` (and exports) within one merge interval, and in other
 //! devices' `similar` answers once the indexer reaches it: immediately while the indexer keeps
@@ -47,8 +55,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Row};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -98,6 +107,38 @@ pub fn db_err(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// When the sync writers last wrote, so the background steps can tell whether syncs are
+/// flowing.
+#[derive(Debug)]
+struct Activity {
+    origin: Instant,
+    last_write_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { origin: Instant::now(), last_write_ms: AtomicU64::new(0) }
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1 so that "never written" (0) reads as long ago from the very start.
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    fn wrote(&self) {
+        self.last_write_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// True when no sync was written within `quiet`.
+    fn idle_for(&self, quiet: Duration) -> bool {
+        let last = self.last_write_ms.load(Ordering::Relaxed);
+        last == 0 || self.now_ms().saturating_sub(last) >= quiet.as_millis() as u64
+    }
+}
+
+/// Without a sync written for this long, the indexer runs without pauses.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
+
 struct Job {
     write: SyncWrite,
     reply: oneshot::Sender<Result<SyncApplied, StoreError>>,
@@ -121,9 +162,11 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-fn pool(url: &str, size: u32, ef_search: u32) -> Result<PgPool, StoreError> {
+/// A pool on `url` whose sessions show as `name` in `pg_stat_activity`.
+fn pool(url: &str, name: &str, size: u32, ef_search: u32) -> Result<PgPool, StoreError> {
     let opts = PgConnectOptions::from_str(url)
-        .map_err(|e| StoreError::Database(format!("bad database URL: {e}")))?;
+        .map_err(|e| StoreError::Database(format!("bad database URL: {e}")))?
+        .application_name(name);
     Ok(PgPoolOptions::new()
         .max_connections(size)
         .min_connections(0)
@@ -187,11 +230,11 @@ impl PostgresStore {
             .postgres_url
             .as_deref()
             .ok_or_else(|| StoreError::Database("no DATABASE_URL".into()))?;
-        let primary = pool(url, opts.pool_size, opts.hnsw_ef_search)?;
+        let primary = pool(url, "omega-shard", opts.pool_size, opts.hnsw_ef_search)?;
         let readers = opts
             .read_urls
             .iter()
-            .map(|u| pool(u, opts.pool_size, opts.hnsw_ef_search))
+            .map(|u| pool(u, "omega-shard-read", opts.pool_size, opts.hnsw_ef_search))
             .collect::<Result<Vec<_>, _>>()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -208,20 +251,24 @@ impl PostgresStore {
         // device row (no deadlocks) while one batch's commit overlaps the next one's work.
         let mut jobs = Vec::new();
         let mut tasks = Vec::new();
+        let activity = Arc::new(Activity::new());
         for _ in 0..WRITERS {
             let (tx, rx) = mpsc::channel(4096);
             jobs.push(tx);
-            tasks.push(tokio::spawn(writer(primary.clone(), rx)));
+            tasks.push(tokio::spawn(writer(primary.clone(), rx, activity.clone())));
         }
+        // The background steps have one session each: their own pool bounds them to one
+        // statement at a time, and they can be told apart in pg_stat_activity.
         tasks.push(tokio::spawn(merger(
-            primary.clone(),
+            pool(url, "omega-shard-merge", 1, opts.hnsw_ef_search)?,
             opts.merge_interval,
             i64::from(opts.merge_batch),
         )));
         tasks.push(tokio::spawn(indexer(
-            primary.clone(),
+            pool(url, "omega-shard-index", 1, opts.hnsw_ef_search)?,
             opts.index_interval,
             i64::from(opts.index_batch),
+            activity,
         )));
         Ok(PostgresStore {
             primary,
@@ -521,7 +568,7 @@ async fn write_batch(
 }
 
 /// Group commit: takes every queued sync (one per device per batch) into one transaction.
-async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
+async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, activity: Arc<Activity>) {
     let mut deferred: VecDeque<Job> = VecDeque::new();
     loop {
         let mut batch: Vec<Job> = Vec::new();
@@ -552,6 +599,7 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
             }
         }
         let writes: Vec<SyncWrite> = batch.iter().map(|j| j.write.clone()).collect();
+        activity.wrote();
         match write_batch(&pool, &writes).await {
             Ok(mut results) => {
                 for j in batch {
@@ -845,11 +893,15 @@ async fn index_once(pool: &PgPool, batch: i64) -> Result<Option<usize>, StoreErr
     Ok(Some(rows.len()))
 }
 
-/// Duty-cycled: one batch, then a pause, so HNSW inserts never take a whole core from syncs.
-async fn indexer(pool: PgPool, interval: Duration, batch: i64) {
+/// Duty-cycled while syncs flow: one batch, then a pause, so HNSW inserts never take a whole
+/// core from syncs. With no sync written for [`IDLE_AFTER`], full batches follow each other
+/// without a pause, so the backlog of a busy period drains in the next lull.
+async fn indexer(pool: PgPool, interval: Duration, batch: i64, activity: Arc<Activity>) {
     loop {
-        if let Err(e) = index_once(&pool, batch).await {
-            tracing::warn!(error = %e, "vector indexing failed; will retry");
+        match index_once(&pool, batch).await {
+            Ok(Some(n)) if n as i64 >= batch && activity.idle_for(IDLE_AFTER) => continue,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "vector indexing failed; will retry"),
         }
         tokio::time::sleep(interval).await;
     }
@@ -1295,6 +1347,17 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activity_is_idle_until_a_write_and_again_after_a_quiet_period() {
+        let a = Activity::new();
+        assert!(a.idle_for(Duration::from_secs(3600)), "nothing written yet");
+        a.wrote();
+        assert!(!a.idle_for(Duration::from_secs(1)));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(a.idle_for(Duration::from_millis(20)));
+        assert!(!a.idle_for(Duration::from_secs(1)));
+    }
 
     #[test]
     fn active_devices_are_counted_exactly_on_small_shards_and_sampled_on_large_ones() {
