@@ -629,3 +629,48 @@ async fn postgres_indexer_catches_up_without_pauses_when_syncs_stop() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Another device's removal and update of ids it does not own, merged in the same batch as
+/// the owner's own removal and update of them (the owner's puts merged earlier), must not
+/// hide the owner's operations.
+async fn foreign_operations_do_not_hide_the_owners_in_one_batch(s: &dyn Store) {
+    register_all(s, &["a", "b"]).await;
+    let (p1, p2, p3) = (pattern(1, 0.9), pattern(2, 0.9), pattern(3, 0.9));
+    let id = |p: &pb::Pattern| Uuid::from_slice(&p.id).expect("id");
+    s.apply_sync(write("a", 1, vec![p1.clone(), p2.clone(), p3.clone()])).await.expect("a1");
+    s.settle().await.expect("settle a1 on its own");
+    let mut hostile = write("b", 1, vec![]);
+    hostile.removed = vec![id(&p1)];
+    hostile.updated =
+        vec![pb::PatternUpdate { id: p2.id.clone(), success_rate: 0.1, extra_samples: 9 }];
+    s.apply_sync(hostile).await.expect("b1");
+    let mut own = write("a", 2, vec![]);
+    own.removed = vec![id(&p1)];
+    own.updated = vec![
+        pb::PatternUpdate { id: p2.id.clone(), success_rate: 0.5, extra_samples: 1 },
+        pb::PatternUpdate { id: p3.id.clone(), success_rate: 0.95, extra_samples: 2 },
+    ];
+    s.apply_sync(own).await.expect("a2");
+    let left = ids_of(s, 0.0).await; // one settle: b1 and a2 in one merge
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!((left[0].0, left[0].1.as_str(), left[0].3), (id(&p3), "a", 3));
+    assert_eq!(s.counts(0).await.expect("counts").patterns, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_foreign_operations_do_not_hide_the_owners_in_one_batch() {
+    use omega_shard::store::{StoreOptions, embedded::EmbeddedStore};
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = EmbeddedStore::open(&StoreOptions::embedded(dir.path())).expect("open");
+    foreign_operations_do_not_hide_the_owners_in_one_batch(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_foreign_operations_do_not_hide_the_owners_in_one_batch() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    let url = common::fresh_db().await;
+    let mut opts = StoreOptions::postgres(&url);
+    opts.merge_interval = std::time::Duration::from_secs(3600); // only settle() merges
+    let s = PostgresStore::open(&opts).await.expect("open");
+    foreign_operations_do_not_hide_the_owners_in_one_batch(&s).await;
+}

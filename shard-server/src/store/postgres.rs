@@ -657,8 +657,12 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         .fetch_one(&mut *tx)
         .await
         .map_err(db_err)?;
-    let mut order: Vec<Uuid> = Vec::new();
-    let mut fin: HashMap<Uuid, Final> = HashMap::new();
+    // Each device's operations on an id fold into one final operation per (id, device), in
+    // seq order. Devices are kept apart: another device's removal or update of an id it does
+    // not own is a no-op (the statements below are guarded by device), and must not hide
+    // the owner's own operations in the same batch.
+    let mut order: Vec<(Uuid, String)> = Vec::new();
+    let mut fin: HashMap<(Uuid, String), Final> = HashMap::new();
     let mut merged_seqs: Vec<i64> = Vec::with_capacity(rows.len());
     for r in &rows {
         let seq: i64 = r.try_get("seq").map_err(db_err)?;
@@ -669,20 +673,14 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         let samples: Option<i64> = r.try_get("sample_count").map_err(db_err)?;
         let updated: Option<i64> = r.try_get("updated_at_ms").map_err(db_err)?;
         merged_seqs.push(seq);
-        let owner = match fin.get(&id) {
-            Some(Final::Put { device, .. } | Final::Update { device, .. })
-            | Some(Final::Remove { device }) => Some(device.clone()),
-            None => None,
-        };
-        if owner.as_ref().is_some_and(|o| *o != device) {
-            continue; // another device's id: the first owner in this batch wins
-        }
-        if owner.is_none() {
-            order.push(id);
-        }
+        let key = (id, device.clone());
         let (rate, samples, updated) =
             (rate.unwrap_or(0.0), samples.unwrap_or(0), updated.unwrap_or(0));
-        let next = match (op, fin.remove(&id)) {
+        let previous = fin.remove(&key);
+        if previous.is_none() {
+            order.push(key.clone());
+        }
+        let next = match (op, previous) {
             (OP_PUT, _) => Final::Put { seq, device, rate, samples, updated },
             (OP_UPDATE, _) if rate < MIN_STORED_QUALITY => Final::Remove { device },
             (OP_UPDATE, Some(Final::Put { seq, device, samples: s, .. })) => {
@@ -695,27 +693,42 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
             (OP_UPDATE, None) => Final::Update { device, rate, extra: samples, updated },
             _ => Final::Remove { device },
         };
-        fin.insert(id, next);
+        fin.insert(key, next);
     }
     let (mut rm_id, mut rm_dev) = (Vec::new(), Vec::new());
     let (mut put_seq, mut put_rate, mut put_n, mut put_upd) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut put_id = Vec::new();
+    let (mut put_id, mut put_dev) = (Vec::new(), Vec::new());
     let (mut up_id, mut up_dev, mut up_rate, mut up_extra, mut up_upd) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for id in order {
-        match fin.remove(&id) {
+    // One insert statement cannot write an id twice: when several devices put the same id in
+    // one batch, the earliest put is the one tried (an id another device owns already is
+    // never overwritten, whoever tries).
+    let mut first_put: HashMap<Uuid, i64> = HashMap::new();
+    for (key, f) in &fin {
+        if let Final::Put { seq, .. } = f {
+            let e = first_put.entry(key.0).or_insert(*seq);
+            *e = (*e).min(*seq);
+        }
+    }
+    for key in order {
+        let id = key.0;
+        match fin.remove(&key) {
             Some(Final::Remove { device }) => {
                 rm_id.push(id);
                 rm_dev.push(device);
             }
-            Some(Final::Put { seq, rate, samples, updated, .. }) => {
+            Some(Final::Put { seq, device, rate, samples, updated })
+                if first_put.get(&id) == Some(&seq) =>
+            {
                 put_id.push(id);
+                put_dev.push(device);
                 put_seq.push(seq);
                 put_rate.push(rate);
                 put_n.push(samples);
                 put_upd.push(updated);
             }
+            Some(Final::Put { .. }) | None => {}
             Some(Final::Update { device, rate, extra, updated }) => {
                 up_id.push(id);
                 up_dev.push(device);
@@ -723,7 +736,6 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
                 up_extra.push(extra);
                 up_upd.push(updated);
             }
-            None => {}
         }
     }
     // Change in the number of rows of `patterns`, kept in `merge_state`.
@@ -777,12 +789,17 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        // A re-put id may carry a new embedding: the indexer adds it back.
-        sqlx::query("DELETE FROM pattern_vectors WHERE id = ANY($1)")
-            .bind(&put_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        // A re-put id may carry a new embedding: the indexer adds it back. Only the owner's:
+        // a put of another device's id changed nothing above.
+        sqlx::query(
+            "DELETE FROM pattern_vectors v USING unnest($1::uuid[], $2::text[]) AS x(id, d)
+             WHERE v.id = x.id AND v.device_id = x.d",
+        )
+        .bind(&put_id)
+        .bind(&put_dev)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
     }
     if !up_id.is_empty() {
         sqlx::query(
