@@ -1,8 +1,12 @@
-//! `omega-load` against an in-process shard server (embedded store): real gRPC, real deltas.
+//! `omega-load` against an in-process shard server (embedded store): real gRPC, real deltas;
+//! and the `omega-load` binary itself, spawning the built `omega-shard` (embedded and
+//! Postgres) and printing its JSON report.
 
 use clap::Parser;
 use omega_e2e::load::{self, LoadConfig, Progress, spawn::free_port};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -58,4 +62,133 @@ async fn load_run_reports_syncs_latency_and_bytes() {
     assert!(report.bytes_up_p50 > 500, "two patterns are ~900 B: {report:?}");
     assert!(report.bytes_down_p50 <= 5 * 1024, "{report:?}");
     assert!(report.similar_p50 > 0, "devices get each other's patterns: {report:?}");
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// The `omega-shard` binary of this build. Cargo builds only this package's binaries for its
+/// tests, so build that one (same profile, same target folder: usually a no-op or a link).
+fn omega_shard_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test exe");
+        let profile = exe.parent().and_then(Path::parent).expect("target/<profile>").to_owned();
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "omega-shard", "--bin", "omega-shard"]);
+        build.args(["--message-format", "short"]);
+        if profile.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        if let Some(target) = profile.parent() {
+            build.env("CARGO_TARGET_DIR", target);
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p omega-shard failed");
+        let bin = profile.join("omega-shard");
+        assert!(bin.is_file(), "{} not built", bin.display());
+        bin
+    })
+}
+
+/// Runs the `omega-load` binary with `--spawn-server --json` for a few seconds; returns its
+/// report.
+fn run_omega_load(extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_omega-load"))
+        .arg("--spawn-server")
+        .arg("--server-bin")
+        .arg(omega_shard_bin())
+        .args(["--json", "--devices", "60", "--duration-secs", "3"])
+        .args(["--concurrency", "8", "--connections", "2"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run omega-load");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "omega-load failed: {}\n{stdout}\n{stderr}", out.status);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn check_report(r: &serde_json::Value) {
+    let num = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing or not a number: {r}"));
+    assert_eq!(r["errors"].as_u64(), Some(0), "{r}");
+    assert!(num("syncs_per_sec") > 20.0, "{r}");
+    assert!(num("p50_ms") > 0.0 && num("p99_ms") >= num("p50_ms"), "{r}");
+    // Two random patterns per sync: ~440 B each, int8 embeddings do not compress.
+    assert!(num("bytes_up_p50") > 800.0 && num("bytes_up_p50") < 1_500.0, "{r}");
+    assert!(num("bytes_down_p50") > 0.0 && num("bytes_down_p50") <= 5.0 * 1024.0, "{r}");
+}
+
+#[test]
+fn omega_load_binary_spawns_an_embedded_shard_and_prints_json() {
+    check_report(&run_omega_load(&[]));
+}
+
+/// A new empty database on the test Postgres: `OMEGA_TEST_DATABASE_URL` (scripts/test.sh
+/// sets it), else a server started here with scripts/pg.sh and destroyed after.
+struct TestDatabase {
+    url: String,
+    own: Option<tempfile::TempDir>,
+}
+
+impl TestDatabase {
+    async fn new() -> TestDatabase {
+        use sqlx::Connection;
+        let script = repo_root().join("scripts/pg.sh");
+        let (base, own) = match std::env::var("OMEGA_TEST_DATABASE_URL") {
+            Ok(u) if !u.is_empty() => (u, None),
+            _ => {
+                let dir = tempfile::tempdir().expect("tmp");
+                let out = Command::new(&script)
+                    .arg("start")
+                    .arg(dir.path())
+                    .output()
+                    .expect("run scripts/pg.sh");
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                (String::from_utf8_lossy(&out.stdout).trim().to_owned(), Some(dir))
+            }
+        };
+        let name = format!("omega_load_{}", uuid::Uuid::now_v7().simple());
+        let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create");
+        let (prefix, _) = base.rsplit_once('/').expect("URL with a database");
+        TestDatabase { url: format!("{prefix}/{name}"), own }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.own {
+            let _ = Command::new(repo_root().join("scripts/pg.sh"))
+                .arg("destroy")
+                .arg(dir.path())
+                .output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omega_load_binary_spawns_a_postgres_shard_and_prints_json() {
+    use sqlx::Connection;
+    let db = TestDatabase::new().await;
+    let report = tokio::task::spawn_blocking({
+        let url = db.url.clone();
+        move || run_omega_load(&["--database-url", &url])
+    })
+    .await
+    .expect("omega-load");
+    check_report(&report);
+    // The syncs went to that database.
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let (devices, syncs): (i64, i64) =
+        sqlx::query_as("SELECT count(*), sum(syncs)::int8 FROM devices")
+            .fetch_one(&mut conn)
+            .await
+            .expect("devices");
+    assert_eq!(devices, 60);
+    let reported = report["syncs"].as_u64().expect("syncs") as i64;
+    assert!(syncs >= reported, "{syncs} stored syncs < {reported} reported");
 }

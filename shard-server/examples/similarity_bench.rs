@@ -176,6 +176,10 @@ async fn load_postgres(url: &str, args: &Args, rng: &mut StdRng) -> anyhow::Resu
     sqlx::query("ANALYZE pattern_vectors").execute(&mut conn).await?;
     // The rows were loaded indexed already: move the indexer's cursor past them.
     sqlx::query("UPDATE indexer_state SET last_seq = 1").execute(&mut conn).await?;
+    // The load bypassed the merge, which keeps the stored-pattern count: recount once.
+    sqlx::query("UPDATE merge_state SET patterns = (SELECT count(*) FROM patterns)")
+        .execute(&mut conn)
+        .await?;
     Ok(t.elapsed().as_secs_f64())
 }
 

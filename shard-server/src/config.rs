@@ -22,7 +22,8 @@ pub struct StoreArgs {
     /// Postgres URL (`postgres://…`); also read from `POSTGRES_URL`. Unset: embedded store.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// Read replicas for similarity queries and exports, comma-separated.
+    /// Read replicas, comma-separated: similarity queries and device contents read there
+    /// (tolerating replication lag); exports and the global version always read the primary.
     #[arg(long, env = "DATABASE_READ_URLS", value_delimiter = ',', hide_env_values = true)]
     pub database_read_urls: Vec<String>,
     /// Directory of the embedded store (and of its generated device secret).
@@ -42,16 +43,18 @@ pub struct StoreArgs {
     #[arg(long, env = "HNSW_EF_SEARCH", default_value_t = 40)]
     pub hnsw_ef_search: u32,
     /// How often the background merge moves intake rows into `patterns`.
-    #[arg(long, env = "MERGE_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(long, env = "MERGE_INTERVAL_MS", default_value_t = 200)]
     pub merge_interval_ms: u64,
     /// Most intake rows one merge transaction moves.
     #[arg(long, env = "MERGE_BATCH", default_value_t = 5000)]
     pub merge_batch: u32,
-    /// Pause between two batches of the vector indexer (bounds its CPU share).
-    #[arg(long, env = "INDEX_INTERVAL_MS", default_value_t = 1000)]
+    /// Pause between two batches of the vector indexer while syncs flow (bounds its CPU
+    /// share; skipped when no sync was written for a second).
+    #[arg(long, env = "INDEX_INTERVAL_MS", default_value_t = 200)]
     pub index_interval_ms: u64,
-    /// Patterns the vector indexer inserts into the HNSW index per batch.
-    #[arg(long, env = "INDEX_BATCH", default_value_t = 100)]
+    /// Patterns the vector indexer inserts into the HNSW index per batch (one transaction; a
+    /// small batch keeps each burst of index work short).
+    #[arg(long, env = "INDEX_BATCH", default_value_t = 20)]
     pub index_batch: u32,
     /// Embedded ANN: number of inverted lists.
     #[arg(long, env = "ANN_LISTS", default_value_t = 256)]
@@ -141,6 +144,15 @@ pub struct ServeArgs {
     /// Syncs a device may make back to back before the per-minute rate applies.
     #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20)]
     pub rate_limit_burst: u32,
+    /// New registrations one peer (client IP address) may make per minute, sustained. A
+    /// device registers once in its life, so this only slows a peer that creates devices in
+    /// bulk (filling `MAX_DEVICES`, loading the database). Behind a proxy that hides client
+    /// addresses every device shares one peer: raise it there.
+    #[arg(long, env = "REGISTER_RATE_PER_MINUTE", default_value_t = 1200)]
+    pub register_rate_per_minute: u32,
+    /// Registrations one peer may make back to back before the per-minute rate applies.
+    #[arg(long, env = "REGISTER_RATE_BURST", default_value_t = 2000)]
+    pub register_rate_burst: u32,
     /// Seconds a device's `similar` answer is reused (0 = recompute on every sync); dropped
     /// early when the global version changes.
     #[arg(long, env = "SIMILAR_CACHE_SECS", default_value_t = 30)]
@@ -155,7 +167,12 @@ pub struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub collab_serving: bool,
-    /// Seconds to wait for in-flight requests after SIGTERM.
+    /// Seconds between SIGTERM and closing the listeners. Meanwhile `/ready` answers 503 (so
+    /// the load balancer takes the replica out of rotation: it needs a probe period or two to
+    /// notice), new syncs and registrations get UNAVAILABLE, and in-flight requests finish.
+    #[arg(long, env = "DRAIN_DELAY_SECS", default_value_t = 5)]
+    pub drain_delay_secs: u64,
+    /// Seconds to wait for in-flight requests once the listeners are closed.
     #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
 }
@@ -205,6 +222,9 @@ impl ServeArgs {
         range("MAX_DEVICES", self.max_devices, 1, u64::from(u32::MAX))?;
         range("RATE_LIMIT_PER_MINUTE", self.rate_limit_per_minute.into(), 1, 1_000_000)?;
         range("RATE_LIMIT_BURST", self.rate_limit_burst.into(), 1, 1_000_000)?;
+        range("REGISTER_RATE_PER_MINUTE", self.register_rate_per_minute.into(), 1, 1_000_000)?;
+        range("REGISTER_RATE_BURST", self.register_rate_burst.into(), 1, 1_000_000)?;
+        range("DRAIN_DELAY_SECS", self.drain_delay_secs, 0, 300)?;
         range("DRAIN_TIMEOUT_SECS", self.drain_timeout_secs, 0, 3600)?;
         match &self.device_secret {
             Some(s) if s.len() < crate::auth::MIN_SECRET_BYTES => {
@@ -269,6 +289,8 @@ mod tests {
         assert_eq!(s.model_id, omega_protocol::DEFAULT_MODEL_ID);
         assert_eq!(s.store.data_dir, PathBuf::from("./data"));
         assert!(s.collab_serving);
+        assert_eq!((s.drain_delay_secs, s.drain_timeout_secs), (5, 20));
+        assert_eq!((s.register_rate_per_minute, s.register_rate_burst), (1200, 2000));
         assert!(!parse(&["--collab-serving", "false"]).collab_serving);
         assert!(!parse(&["--collab-serving", "off"]).collab_serving);
     }
@@ -285,6 +307,8 @@ mod tests {
             (&["--max-devices", "0"], "MAX_DEVICES"),
             (&["--rest-addr", "0.0.0.0:50051"], "REST_ADDR"),
             (&["--ann-probes", "2000"], "ANN_PROBES"),
+            (&["--drain-delay-secs", "301"], "DRAIN_DELAY_SECS"),
+            (&["--register-rate-burst", "0"], "REGISTER_RATE_BURST"),
         ];
         for (args, want) in cases {
             let err = parse(args).validate().expect_err(want).to_string();

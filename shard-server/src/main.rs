@@ -56,9 +56,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parses the command line. With `LOG_FORMAT=json`, a bad flag or variable is reported as a
+/// JSON log line too (exit code 2, as clap's own), so a log collector never sees raw text.
+fn parse_cli() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() && std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") => {
+            init_logs(LogFormat::Json);
+            tracing::error!(error = e.to_string().trim_end(), "invalid command line");
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    }
+}
+
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     init_logs(cli.log_format);
     if let Err(e) = run(cli).await {
         // One line: the context chain, outermost first ("serve failed: invalid configuration:

@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::time::Duration;
 
-/// Labels of `constellation_sync_requests_total`.
+/// Labels of `constellation_sync_requests_total` and `constellation_register_requests_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SyncLabels {
     /// `SHARD_ID`.
@@ -43,6 +43,7 @@ fn bytes_histogram() -> Histogram {
 pub struct Metrics {
     shard_id: String,
     sync_requests: Family<SyncLabels, Counter>,
+    register_requests: Family<SyncLabels, Counter>,
     sync_latency: Histogram,
     sync_bytes: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     /// Devices that synced in the last 15 minutes.
@@ -71,6 +72,7 @@ impl Metrics {
         let m = Metrics {
             shard_id: shard_id.to_string(),
             sync_requests: Family::default(),
+            register_requests: Family::default(),
             sync_latency: latency_histogram(),
             sync_bytes: Family::new_with_constructor(bytes_histogram),
             active_devices: Gauge::default(),
@@ -87,6 +89,11 @@ impl Metrics {
             "constellation_sync_requests",
             "Sync requests by outcome",
             m.sync_requests.clone(),
+        );
+        registry.register(
+            "constellation_register_requests",
+            "Register requests by outcome",
+            m.register_requests.clone(),
         );
         registry.register(
             "constellation_sync_latency_seconds",
@@ -154,6 +161,13 @@ impl Metrics {
         self.sync_latency.observe(elapsed.as_secs_f64());
     }
 
+    /// Counts one register request.
+    pub fn observe_register(&self, status: &str) {
+        self.register_requests
+            .get_or_create(&SyncLabels { shard_id: self.shard_id.clone(), status: status.into() })
+            .inc();
+    }
+
     /// Records a message size, `direction` = `up` or `down`.
     pub fn observe_bytes(&self, direction: &str, bytes: usize) {
         self.sync_bytes
@@ -211,6 +225,7 @@ mod tests {
         let m = Metrics::register(&mut r, 7);
         m.observe_sync("ok", Duration::from_millis(3));
         m.observe_bytes("up", 900);
+        m.observe_register("unauthenticated");
         m.grpc_connections.inc();
         let text = render(&r);
         for name in [
@@ -223,6 +238,7 @@ mod tests {
             "constellation_sync_bytes_bucket{le=",
             "direction=\"up\"",
             "shard_collab_served_total 0",
+            "constellation_register_requests_total{shard_id=\"7\",status=\"unauthenticated\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -1,9 +1,15 @@
 //! `omega-shard serve`: builds the state, binds the four listeners, runs background probes,
 //! and shuts down gracefully.
 //!
-//! Shutdown (SIGTERM or SIGINT): `/ready` turns false and new syncs get `UNAVAILABLE` at
-//! once; the gRPC servers stop accepting connections and wait for in-flight requests (at
-//! most `DRAIN_TIMEOUT_SECS`); then the store is flushed and the process exits 0.
+//! Shutdown (SIGTERM or SIGINT), in two steps:
+//! 1. at once, `/ready` answers 503 and new syncs and registrations get `UNAVAILABLE`, while
+//!    every listener stays open for `DRAIN_DELAY_SECS`: load balancers and the kubelet only
+//!    learn that a replica is leaving by probing `/ready`, so closing REST at once would hide
+//!    the 503 and keep sending devices to a closed port until the endpoint is removed;
+//! 2. then the listeners close and the servers wait for in-flight requests (at most
+//!    `DRAIN_TIMEOUT_SECS`); the store is flushed and the process exits 0.
+//!
+//! A second signal during step 1 skips the rest of the delay.
 
 use crate::auth::{DeviceKeys, load_or_create_secret};
 use crate::config::ServeArgs;
@@ -108,6 +114,7 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
         DeviceKeys::new(&secret),
         metrics.clone(),
         RateLimiter::new(args.rate_limit_per_minute, args.rate_limit_burst),
+        RateLimiter::new(args.register_rate_per_minute, args.register_rate_burst),
         Settings {
             shard_id: args.shard_id,
             region: args.region.clone(),
@@ -137,10 +144,19 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
     let (stop_tx, stop_rx) = watch::channel(false);
     {
         let state = state.clone();
+        let delay = Duration::from_secs(args.drain_delay_secs);
         tokio::spawn(async move {
             shutdown_signal().await;
-            tracing::info!("shutdown requested: draining");
             state.draining.store(true, Ordering::Release);
+            tracing::info!(
+                drain_delay_secs = delay.as_secs(),
+                "shutdown requested: not ready, refusing new requests, finishing in-flight ones"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown_signal() => tracing::info!("second signal: closing listeners now"),
+            }
+            tracing::info!("closing listeners");
             let _ = stop_tx.send(true);
         });
     }

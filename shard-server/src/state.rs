@@ -95,8 +95,10 @@ pub struct AppState {
     pub keys: DeviceKeys,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Per-device rate limit.
+    /// Per-device rate limit of syncs.
     pub limiter: RateLimiter,
+    /// Per-peer (client IP) rate limit of registrations.
+    pub register_limiter: RateLimiter,
     /// Settings.
     pub settings: Settings,
     /// Set on SIGTERM: `/ready` false, new syncs refused.
@@ -130,6 +132,7 @@ impl AppState {
         keys: DeviceKeys,
         metrics: Arc<Metrics>,
         limiter: RateLimiter,
+        register_limiter: RateLimiter,
         settings: Settings,
     ) -> Self {
         AppState {
@@ -137,6 +140,7 @@ impl AppState {
             keys,
             metrics,
             limiter,
+            register_limiter,
             similar: SimilarCache::new(settings.similar_cache),
             collab: Collab::default(),
             settings,

@@ -6,6 +6,7 @@ mod common;
 use bytes::{Buf, BufMut};
 use common::{Shard, delta, pattern, register, sync_request};
 use omega_protocol::pb;
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tonic::Code;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -67,10 +68,59 @@ fn status_series(status: &str) -> String {
     format!("constellation_sync_requests_total{{shard_id=\"1\",status=\"{status}\"}}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let shard = Shard::start(dir.path(), None, &[]);
+/// Everything a bad sync could have changed on Postgres: intake rows, stored patterns and the
+/// devices' versions and sync counts, as one fingerprint.
+async fn pg_fingerprint(url: &str) -> Vec<(String, i64, String)> {
+    use sqlx::Connection;
+    let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
+    let mut out = Vec::new();
+    for (table, rows) in [
+        ("pattern_intake", "SELECT seq, device_id, op, pattern_id FROM pattern_intake"),
+        (
+            "patterns",
+            "SELECT id, device_id, success_rate, sample_count, updated_at_ms FROM patterns",
+        ),
+        ("devices", "SELECT device_id, local_version, syncs, last_sync_at FROM devices"),
+    ] {
+        let (n, digest): (i64, Option<String>) = sqlx::query_as(&format!(
+            "SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM ({rows}) t"
+        ))
+        .fetch_one(&mut db)
+        .await
+        .expect("fingerprint");
+        out.push((table.to_owned(), n, digest.unwrap_or_default()));
+    }
+    out
+}
+
+/// Waits until the merge has emptied the Postgres intake (so the fingerprint is stable).
+async fn wait_for_merge(url: &str) {
+    use sqlx::Connection;
+    let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pattern_intake)")
+            .fetch_one(&mut db)
+            .await
+            .expect("intake");
+        if !left {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the intake never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sync outcomes counted since `before`: exactly one more `want`, nothing else.
+fn assert_one_more(shard: &Shard, before: &mut BTreeMap<String, f64>, want: &str, case: &str) {
+    let now = shard.outcomes("sync");
+    let mut expected = before.clone();
+    *expected.entry(want.to_owned()).or_default() += 1.0;
+    assert_eq!(now, expected, "{case}: the metric must count it once, as {want}");
+    *before = now;
+}
+
+async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing(shard: Shard, db: Option<&str>) {
     let mut c = shard.client().await;
     let token = register(&mut c, "tv-1").await;
     let other = register(&mut c, "tv-2").await;
@@ -82,6 +132,19 @@ async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing() {
         .expect("good sync")
         .into_inner();
     assert_eq!((good.acknowledged_version, good.patterns_accepted), (1, 1));
+    let mut seen = shard.outcomes("sync");
+    assert_eq!(seen, BTreeMap::from([("ok".to_owned(), 1.0)]));
+    if let Some(url) = db {
+        wait_for_merge(url).await;
+    }
+    let stored = match db {
+        Some(url) => pg_fingerprint(url).await,
+        None => Vec::new(),
+    };
+    if db.is_some() {
+        let rows: Vec<i64> = stored.iter().map(|(_, n, _)| *n).collect();
+        assert_eq!(rows, vec![0, 1, 2], "intake, patterns, devices: {stored:?}");
+    }
 
     type Mutate = fn(&mut pb::PatternDelta);
     let invalid: Vec<(&str, Mutate, &str)> = vec![
@@ -112,24 +175,29 @@ async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing() {
         let err = c.sync(sync_request("tv-1", Some(&token), d)).await.expect_err(name);
         assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
         assert!(err.message().contains(want), "{name}: {}", err.message());
+        assert_one_more(&shard, &mut seen, "invalid_argument", name);
     }
 
     // 10,000 full patterns: ~4.5 MB of incompressible embeddings, over the 1 MiB limit.
     let huge = delta(2, (0..10_000).map(|i| pattern(1000 + i, 0.9)).collect());
     let err = c.sync(sync_request("tv-1", Some(&token), huge)).await.expect_err("huge");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_one_more(&shard, &mut seen, "resource_exhausted", "10,000 full patterns");
 
     // Refused before decoding: a 5 MB message, a zstd bomb, garbage bytes.
     let five_mb = vec![0x0a; 5 << 20];
     assert_eq!(raw_sync(&shard, &token, five_mb, false).await.code(), Code::ResourceExhausted);
+    assert_one_more(&shard, &mut seen, "resource_exhausted", "5 MB message");
     let mut bomb = vec![0x0a, 0x80, 0x80, 0x80, 0x02]; // field 1, length 4 MiB...
     bomb.resize(4 << 20, b'a'); // ...of one byte repeated: a few hundred bytes compressed
     let status = raw_sync(&shard, &token, bomb, true).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_one_more(&shard, &mut seen, "resource_exhausted", "zstd bomb");
     let garbage: Vec<u8> =
         (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let status = raw_sync(&shard, &token, garbage, false).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_one_more(&shard, &mut seen, "invalid_argument", "garbage bytes");
 
     // Tokens: missing, forged, another device's.
     let d = || delta(2, vec![pattern(7, 0.9)]);
@@ -139,6 +207,7 @@ async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing() {
     {
         let err = c.sync(sync_request("tv-1", tok, d())).await.expect_err(name);
         assert_eq!(err.code(), Code::Unauthenticated, "{name}");
+        assert_one_more(&shard, &mut seen, "unauthenticated", name);
     }
 
     // Replayed local_version: OK, flagged, and nothing changes.
@@ -149,15 +218,42 @@ async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing() {
         .into_inner();
     assert!(replay.replayed);
     assert_eq!((replay.acknowledged_version, replay.patterns_accepted), (1, 0));
+    assert_one_more(&shard, &mut seen, "replayed", "replayed local_version");
 
     let stats = shard.stats();
     assert_eq!(stats["patterns"], 1, "{stats}");
     assert_eq!(stats["devices_total"], 2);
-    assert_eq!(shard.metric(&status_series("ok")), 1.0);
-    assert_eq!(shard.metric(&status_series("invalid_argument")), 6.0);
-    assert_eq!(shard.metric(&status_series("resource_exhausted")), 3.0);
-    assert_eq!(shard.metric(&status_series("unauthenticated")), 3.0);
-    assert_eq!(shard.metric(&status_series("replayed")), 1.0);
+    if let Some(url) = db {
+        // Give a wrongly accepted write time to reach the tables before comparing.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        wait_for_merge(url).await;
+        assert_eq!(pg_fingerprint(url).await, stored, "bad input changed the database");
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([
+            ("invalid_argument".to_owned(), 6.0),
+            ("ok".to_owned(), 1.0),
+            ("replayed".to_owned(), 1.0),
+            ("resource_exhausted".to_owned(), 3.0),
+            ("unauthenticated".to_owned(), 3.0),
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing_embedded() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shard = Shard::start(dir.path(), None, &[]);
+    bad_input_gets_the_right_code_a_metric_and_stores_nothing(shard, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing_postgres() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = common::fresh_db().await;
+    let shard = Shard::start(dir.path(), Some(&url), &[("MERGE_INTERVAL_MS", "100")]);
+    bad_input_gets_the_right_code_a_metric_and_stores_nothing(shard, Some(&url)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,24 +288,140 @@ async fn devices_receive_each_others_patterns_anonymised_within_budget() {
     assert!(shard.metric("constellation_grpc_connections") >= 1.0);
 }
 
+/// After SIGTERM, during the drain delay: `/ready` answers 503 (saying it is draining), and a
+/// new sync and a new registration are refused with UNAVAILABLE naming the shutdown.
+async fn observe_draining(shard: &Shard, c: &mut Client, device: &str, token: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match shard.get("/ready") {
+            Ok((503, body)) => {
+                assert!(body.contains("\"draining\":true"), "{body}");
+                break;
+            }
+            Ok((200, _)) if std::time::Instant::now() < deadline => {}
+            other => panic!("/ready during the drain delay: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = c
+        .sync(sync_request(device, Some(token), delta(1, vec![pattern(50, 0.9)])))
+        .await
+        .expect_err("a new sync while draining");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("shutting down"), "{}", err.message());
+    let err = c
+        .register(common::register_request("tv-late", None))
+        .await
+        .expect_err("a new registration while draining");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(shard.stats()["ready"], false);
+}
+
+type Client =
+    omega_protocol::pb::constellation_client::ConstellationClient<tonic::transport::Channel>;
+
+/// Postgres, where a sync can be held inside the store (its device row locked from another
+/// session) for as long as the test likes: that sync is in flight across SIGTERM, the drain
+/// delay and the closing of the listeners, and still completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
+    use sqlx::Connection;
     let dir = tempfile::tempdir().expect("tmp");
-    let mut shard = Shard::start(dir.path(), None, &[]);
+    let url = common::fresh_db().await;
+    let mut shard = Shard::start(dir.path(), Some(&url), &[("DRAIN_DELAY_SECS", "3")]);
+    let mut c = shard.client().await;
+    let ta = register(&mut c, "tv-a").await;
+    let tb = register(&mut c, "tv-b").await;
+    c.sync(sync_request("tv-a", Some(&ta), delta(1, vec![pattern(1, 0.9)]))).await.expect("v1");
+
+    let mut lock = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut lock).await.expect("begin");
+    sqlx::query("SELECT 1 FROM devices WHERE device_id = 'tv-a' FOR UPDATE")
+        .execute(&mut lock)
+        .await
+        .expect("lock tv-a");
+    let held = {
+        let mut c = c.clone();
+        let ta = ta.clone();
+        tokio::spawn(async move {
+            let added = vec![pattern(2, 0.9), pattern(3, 0.9)];
+            c.sync(sync_request("tv-a", Some(&ta), delta(2, added))).await
+        })
+    };
+    let mut watch = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watch)
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sync never reached the row lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    shard.signal("-TERM");
+    observe_draining(&shard, &mut c, "tv-b", &tb).await;
+    // After the delay the listeners close; the held sync is still in flight.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while shard.get("/ready").is_ok() {
+        assert!(std::time::Instant::now() < deadline, "REST still open after the drain delay");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!held.is_finished(), "the held sync ended before it was released");
+    sqlx::query("ROLLBACK").execute(&mut lock).await.expect("release tv-a");
+    let done = held.await.expect("task").expect("the in-flight sync completes").into_inner();
+    assert_eq!((done.acknowledged_version, done.patterns_accepted), (2, 2));
+    let status = shard.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}");
+
+    // Restarted, the shard has the in-flight sync's data and nothing of the refused one.
+    shard.spawn(&[]);
+    let mut c = shard.client().await;
+    let again = c
+        .sync(sync_request("tv-a", Some(&ta), delta(2, vec![pattern(9, 0.9)])))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!((again.replayed, again.acknowledged_version), (true, 2));
+    let b =
+        c.sync(sync_request("tv-b", Some(&tb), delta(1, vec![]))).await.expect("tv-b").into_inner();
+    assert_eq!((b.replayed, b.acknowledged_version), (false, 1), "the refused sync left nothing");
+    wait_for_merge(&url).await;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM patterns WHERE device_id = 'tv-a'")
+        .fetch_one(&mut watch)
+        .await
+        .expect("count");
+    assert_eq!(stored, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_embedded_store_drains_flushes_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut shard = Shard::start(dir.path(), None, &[("DRAIN_DELAY_SECS", "3")]);
     let mut c = shard.client().await;
     let t = register(&mut c, "tv").await;
+    let tb = register(&mut c, "tv-b").await;
     c.sync(sync_request("tv", Some(&t), delta(1, vec![pattern(1, 0.9)]))).await.expect("sync");
     shard.signal("-TERM");
-    let mut child = shard.child.take().expect("child");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "no exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    observe_draining(&shard, &mut c, "tv-b", &tb).await;
+    let status = shard.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}");
+    shard.spawn(&[]);
+    let mut c = shard.client().await;
+    let again = c
+        .sync(sync_request("tv", Some(&t), delta(1, vec![pattern(2, 0.9)])))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!((again.replayed, again.acknowledged_version), (true, 1));
+    let stats = shard.stats();
+    assert_eq!((stats["patterns"].as_u64(), stats["devices_total"].as_u64()), (Some(1), Some(2)));
 }
 
 /// Shared by the embedded and Postgres SIGKILL tests.

@@ -104,6 +104,35 @@ async fn updates_and_removals_touch_only_own_patterns(s: &dyn Store) {
     assert_eq!(left[0].3, 3);
 }
 
+/// The stored-pattern count (Postgres keeps it as a counter in the merge) follows puts,
+/// re-puts of an id, removals, drops below the stored quality, and ignores another device's id.
+async fn pattern_count_follows_every_kind_of_change(s: &dyn Store) {
+    register_all(s, &["a", "b"]).await;
+    let count = || async { s.counts(0).await.expect("counts").patterns };
+    let (p1, p2, p3) = (pattern(1, 0.9), pattern(2, 0.9), pattern(3, 0.9));
+    let id = |p: &pb::Pattern| Uuid::from_slice(&p.id).expect("id");
+    s.apply_sync(write("a", 1, vec![p1.clone(), p2.clone()])).await.expect("a1");
+    s.settle().await.expect("settle");
+    assert_eq!(count().await, 2);
+    let mut again = p1.clone();
+    again.success_rate = 0.95;
+    s.apply_sync(write("a", 2, vec![again, p3.clone()])).await.expect("a2");
+    s.settle().await.expect("settle");
+    assert_eq!(count().await, 3, "a re-put id is not a new pattern");
+    let mut w = write("a", 3, vec![]);
+    w.removed = vec![id(&p2)];
+    w.updated = vec![pb::PatternUpdate { id: p3.id.clone(), success_rate: 0.5, extra_samples: 1 }];
+    s.apply_sync(w).await.expect("a3");
+    s.settle().await.expect("settle");
+    assert_eq!(count().await, 1, "a removal and a drop below 0.7");
+    let mut stolen = pattern(4, 0.9);
+    stolen.id = p1.id.clone();
+    s.apply_sync(write("b", 1, vec![stolen, pattern(5, 0.9)])).await.expect("b1");
+    s.settle().await.expect("settle");
+    assert_eq!(count().await, 2, "another device's id is not stored");
+    assert_eq!(ids_of(s, 0.0).await.len(), 2);
+}
+
 async fn similar_excludes_own_and_low_quality_patterns(s: &dyn Store) {
     register_all(s, &["a", "b", "c"]).await;
     let a_good = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
@@ -354,6 +383,7 @@ suite!(
     sync_applies_once_per_local_version,
     unknown_devices_are_refused,
     updates_and_removals_touch_only_own_patterns,
+    pattern_count_follows_every_kind_of_change,
     similar_excludes_own_and_low_quality_patterns,
     quality_changes_move_patterns_in_and_out_of_similar,
     export_pages_in_id_order_with_a_cursor,
@@ -422,10 +452,225 @@ async fn postgres_reads_go_to_the_read_replicas() {
             .expect("similar via a replica");
         assert_eq!(found.len(), 1);
     }
-    // A replica that cannot be reached fails reads with UNAVAILABLE, not a panic or a hang.
+    // A replica that cannot be reached fails the reads it serves with UNAVAILABLE, not a
+    // panic or a hang (exports read the primary: next test).
     let mut opts = StoreOptions::postgres(&url);
     opts.read_urls = vec![format!("postgres://omega@127.0.0.1:{}/x", common::free_port())];
     let s = PostgresStore::open(&opts).await.expect("open");
-    let r = s.export(Some(Uuid::nil()), 10, 0.0).await;
+    let r = s
+        .similar(SimilarQuery {
+            device_id: "b".into(),
+            interest: unit_near(0, 2),
+            limit: 5,
+            min_quality: 0.8,
+        })
+        .await;
     assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    let r = s.device_contents("a").await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+}
+
+/// A replica that lags (here: one that never received anything, the extreme case) must not
+/// make an export miss acknowledged syncs or the global version go stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_exports_and_global_version_read_the_primary_not_a_lagging_replica() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    let url = common::fresh_db().await;
+    let stale = common::fresh_db().await;
+    // Migrated, so every query works there, but it will never see the writes below.
+    drop(PostgresStore::open(&StoreOptions::postgres(&stale)).await.expect("migrate replica"));
+    let mut opts = StoreOptions::postgres(&url);
+    opts.read_urls = vec![stale];
+    let s = PostgresStore::open(&opts).await.expect("open");
+    register_all(&s, &["a", "b"]).await;
+    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    s.apply_sync(write("a", 1, vec![p.clone(), pattern(2, 0.95)])).await.expect("sync");
+    let published = s
+        .publish(Publish {
+            round_id: "r1".into(),
+            global_version: 7,
+            patterns: vec![],
+            trends: vec![],
+        })
+        .await
+        .expect("publish");
+    assert_eq!(published.global_version, 7);
+
+    // No settle(): the export itself must bring in everything acknowledged.
+    let page = s.export(None, 100, 0.8).await.expect("export");
+    assert_eq!(page.items.len(), 2, "the export missed acknowledged patterns");
+    assert!(page.items.iter().any(|i| i.pattern.id == p.id));
+    assert_eq!(s.global().await.expect("global").version, 7);
+    // The replica really is in use: similarity reads it, and it has nothing.
+    s.settle().await.expect("settle");
+    let found = s
+        .similar(SimilarQuery {
+            device_id: "b".into(),
+            interest: unit_near(0, 2),
+            limit: 5,
+            min_quality: 0.8,
+        })
+        .await
+        .expect("similar via the replica");
+    assert!(found.is_empty(), "similar should have read the (empty) replica: {found:?}");
+}
+
+/// Intake sequence numbers are taken at insert time but become visible at commit, so a row
+/// with a lower seq can commit while a merge is working on higher ones. The merge must not
+/// delete it unmerged. The interleaving is forced: another session inserts such a row and,
+/// in the same transaction, a `patterns` row the merge will conflict with (so the merge waits
+/// for that transaction between reading the intake and deleting what it read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_merge_keeps_intake_rows_that_commit_out_of_seq_order() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    let url = common::fresh_db().await;
+    let mut opts = StoreOptions::postgres(&url);
+    opts.merge_interval = Duration::from_secs(3600); // only settle() merges
+    let s = PostgresStore::open(&opts).await.expect("open");
+    register_all(&s, &["a", "b"]).await;
+    let late = Uuid::now_v7();
+    let q = pattern(2, 0.9);
+    let q_id = Uuid::from_slice(&q.id).expect("id");
+
+    let mut x = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut x).await.expect("begin");
+    let row = "$2, 'late-content', array_fill(0.05, ARRAY[384])::vector, 0.9, 1, 3, 1, 1,";
+    sqlx::query(&format!(
+        "INSERT INTO pattern_intake (device_id, op, pattern_id, content_id, embedding,
+             success_rate, sample_count, time_slot, day_type, content_type, genres,
+             created_at_ms, updated_at_ms)
+         VALUES ($1, 1, {row} ARRAY['drama'], 0, 0)"
+    ))
+    .bind("a")
+    .bind(late)
+    .execute(&mut x)
+    .await
+    .expect("intake row with the lower seq, not committed");
+    s.apply_sync(write("b", 1, vec![q])).await.expect("b's sync commits a higher seq");
+    sqlx::query(&format!(
+        "INSERT INTO patterns (device_id, id, content_id, embedding, success_rate, sample_count,
+             time_slot, day_type, content_type, genres, created_at_ms, updated_at_ms, index_seq)
+         VALUES ($1, {row} ARRAY['drama'], 0, 0, 0)"
+    ))
+    .bind("b")
+    .bind(q_id)
+    .execute(&mut x)
+    .await
+    .expect("a patterns row the merge will wait for");
+
+    let merging = tokio::spawn(async move {
+        s.settle().await.expect("settle");
+        s
+    });
+    let mut watch = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watch)
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the merge never waited on the open transaction");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut x).await.expect("commit");
+    let _s = merging.await.expect("merge task");
+    let merged: i64 = sqlx::query_scalar("SELECT count(*) FROM patterns WHERE id = $1")
+        .bind(late)
+        .fetch_one(&mut watch)
+        .await
+        .expect("count");
+    assert_eq!(merged, 1, "the late-committed intake row was deleted without being merged");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pattern_intake")
+        .fetch_one(&mut watch)
+        .await
+        .expect("intake");
+    assert_eq!(left, 0);
+}
+
+/// The indexer pauses between batches while syncs flow; once they stop for a second it
+/// catches up batch after batch. With a pause far longer than the test, a backlog of ten
+/// batches drains only through that catch-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_indexer_catches_up_without_pauses_when_syncs_stop() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    let url = common::fresh_db().await;
+    let mut opts = StoreOptions::postgres(&url);
+    opts.merge_interval = Duration::from_millis(50);
+    opts.index_interval = Duration::from_secs(3);
+    opts.index_batch = 20;
+    let s = PostgresStore::open(&opts).await.expect("open");
+    register_all(&s, &["a"]).await;
+    for v in 0..2u64 {
+        let added = (0..100).map(|i| pattern(v * 100 + i, 0.9)).collect();
+        s.apply_sync(write("a", v + 1, added)).await.expect("sync");
+    }
+    let started = Instant::now();
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+    loop {
+        let indexed: i64 = sqlx::query_scalar("SELECT count(*) FROM pattern_vectors")
+            .fetch_one(&mut db)
+            .await
+            .expect("count");
+        if indexed == 200 {
+            break;
+        }
+        // Paused between batches, 10 batches would take 30 s.
+        assert!(started.elapsed() < Duration::from_secs(15), "{indexed} of 200 indexed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Another device's removal and update of ids it does not own, merged in the same batch as
+/// the owner's own removal and update of them (the owner's puts merged earlier), must not
+/// hide the owner's operations.
+async fn foreign_operations_do_not_hide_the_owners_in_one_batch(s: &dyn Store) {
+    register_all(s, &["a", "b"]).await;
+    let (p1, p2, p3) = (pattern(1, 0.9), pattern(2, 0.9), pattern(3, 0.9));
+    let id = |p: &pb::Pattern| Uuid::from_slice(&p.id).expect("id");
+    s.apply_sync(write("a", 1, vec![p1.clone(), p2.clone(), p3.clone()])).await.expect("a1");
+    s.settle().await.expect("settle a1 on its own");
+    let mut hostile = write("b", 1, vec![]);
+    hostile.removed = vec![id(&p1)];
+    hostile.updated =
+        vec![pb::PatternUpdate { id: p2.id.clone(), success_rate: 0.1, extra_samples: 9 }];
+    s.apply_sync(hostile).await.expect("b1");
+    let mut own = write("a", 2, vec![]);
+    own.removed = vec![id(&p1)];
+    own.updated = vec![
+        pb::PatternUpdate { id: p2.id.clone(), success_rate: 0.5, extra_samples: 1 },
+        pb::PatternUpdate { id: p3.id.clone(), success_rate: 0.95, extra_samples: 2 },
+    ];
+    s.apply_sync(own).await.expect("a2");
+    let left = ids_of(s, 0.0).await; // one settle: b1 and a2 in one merge
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!((left[0].0, left[0].1.as_str(), left[0].3), (id(&p3), "a", 3));
+    assert_eq!(s.counts(0).await.expect("counts").patterns, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_foreign_operations_do_not_hide_the_owners_in_one_batch() {
+    use omega_shard::store::{StoreOptions, embedded::EmbeddedStore};
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = EmbeddedStore::open(&StoreOptions::embedded(dir.path())).expect("open");
+    foreign_operations_do_not_hide_the_owners_in_one_batch(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_foreign_operations_do_not_hide_the_owners_in_one_batch() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    let url = common::fresh_db().await;
+    let mut opts = StoreOptions::postgres(&url);
+    opts.merge_interval = std::time::Duration::from_secs(3600); // only settle() merges
+    let s = PostgresStore::open(&opts).await.expect("open");
+    foreign_operations_do_not_hide_the_owners_in_one_batch(&s).await;
 }

@@ -184,6 +184,26 @@ pub struct Progress {
     pub errors: AtomicU64,
 }
 
+/// Registers one device. A shard limits registrations per client address
+/// (`REGISTER_RATE_*`), and all simulated devices share this one: when refused with
+/// RESOURCE_EXHAUSTED, wait and try again (for up to ~2 minutes), like a real client.
+async fn register(
+    c: &mut ConstellationClient<Channel>,
+    req: pb::RegisterRequest,
+) -> Result<tonic::Response<pb::RegisterResponse>, tonic::Status> {
+    let mut wait = Duration::from_millis(100);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match c.register(req.clone()).await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Registers the devices, then syncs for `cfg.duration`. `progress` is updated live.
 pub async fn run(cfg: &LoadConfig, progress: Arc<Progress>) -> Result<Report, LoadError> {
     let channels = connect(&cfg.target, cfg.connections).await?;
@@ -203,7 +223,7 @@ pub async fn run(cfg: &LoadConfig, progress: Arc<Progress>) -> Result<Report, Lo
             };
             let id = id.clone();
             set.spawn(async move {
-                let r = c.register(req).await;
+                let r = register(&mut c, req).await;
                 (id, r.map(|r| r.into_inner().device_token))
             });
         }

@@ -28,6 +28,17 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `N` distinct free loopback ports: all bound at once, so the OS cannot hand one out twice.
+pub fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
+    let held =
+        (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0u16; N];
+    for (p, l) in ports.iter_mut().zip(&held) {
+        *p = l.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
 /// `omega-shard` next to the running executable (`target/<profile>/`), if present.
 pub fn sibling_binary() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
@@ -36,10 +47,30 @@ pub fn sibling_binary() -> Option<PathBuf> {
 }
 
 /// Starts `bin serve` on free loopback ports with a fresh data directory, the given
-/// database (or the embedded store), no effective rate limit, and waits until it answers.
+/// database (or the embedded store), no effective rate limits (per device and per client
+/// address for registrations), and waits until it answers. A port that another process takes
+/// between choosing and binding makes the server exit at once: it is then started again on
+/// new ports (three attempts).
 pub fn spawn(bin: &Path, database_url: Option<&str>) -> std::io::Result<SpawnedShard> {
+    let mut last = None;
+    for _ in 0..3 {
+        match spawn_once(bin, database_url)? {
+            Ok(shard) => return Ok(shard),
+            Err(status) => last = Some(status),
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "omega-shard exited at start three times (last: {})",
+        last.map_or_else(String::new, |s| s.to_string())
+    )))
+}
+
+fn spawn_once(
+    bin: &Path,
+    database_url: Option<&str>,
+) -> std::io::Result<Result<SpawnedShard, std::process::ExitStatus>> {
     let data = tempfile::tempdir()?;
-    let (g, a, r, m) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    let [g, a, r, m] = free_ports()?;
     let mut cmd = Command::new(bin);
     cmd.arg("serve")
         .env("GRPC_ADDR", format!("127.0.0.1:{g}"))
@@ -49,6 +80,8 @@ pub fn spawn(bin: &Path, database_url: Option<&str>) -> std::io::Result<SpawnedS
         .env("DATA_DIR", data.path())
         .env("RATE_LIMIT_PER_MINUTE", "1000000")
         .env("RATE_LIMIT_BURST", "1000000")
+        .env("REGISTER_RATE_PER_MINUTE", "1000000")
+        .env("REGISTER_RATE_BURST", "1000000")
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -57,7 +90,7 @@ pub fn spawn(bin: &Path, database_url: Option<&str>) -> std::io::Result<SpawnedS
         cmd.env("DATABASE_URL", url).env("OMEGA_DEVICE_SECRET", "omega-load-secret-0123456789");
     }
     let child = cmd.spawn()?;
-    let shard = SpawnedShard {
+    let mut shard = SpawnedShard {
         child,
         grpc_url: format!("http://127.0.0.1:{g}"),
         rest_addr: format!("127.0.0.1:{r}"),
@@ -66,7 +99,10 @@ pub fn spawn(bin: &Path, database_url: Option<&str>) -> std::io::Result<SpawnedS
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if http_get(&shard.rest_addr, "/ready").is_ok_and(|(code, _)| code == 200) {
-            return Ok(shard);
+            return Ok(Ok(shard));
+        }
+        if let Some(status) = shard.child.try_wait()? {
+            return Ok(Err(status));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -25,6 +25,9 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// gRPC path of `Constellation.Sync`.
 pub const SYNC_PATH: &str = "/omega.v1.Constellation/Sync";
 
+/// gRPC path of `Constellation.Register`.
+pub const REGISTER_PATH: &str = "/omega.v1.Constellation/Register";
+
 /// A store error as the status a client sees.
 pub fn store_status(e: StoreError) -> Status {
     match e {
@@ -65,7 +68,8 @@ pub fn remap_decode_errors(headers: &mut http::HeaderMap) {
 #[derive(Debug, Clone, Copy)]
 pub struct SyncOutcome(pub &'static str);
 
-/// Tower layer counting `Sync` requests by outcome with their latency.
+/// Tower layer counting `Sync` requests by outcome with their latency, and `Register`
+/// requests by outcome.
 #[derive(Debug, Clone)]
 pub struct SyncMetricsLayer {
     metrics: Arc<Metrics>,
@@ -110,6 +114,7 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let is_sync = req.uri().path() == SYNC_PATH;
+        let is_register = req.uri().path() == REGISTER_PATH;
         let is_device = req.uri().path().starts_with(DEVICE_PREFIX);
         let start = Instant::now();
         let fut = self.inner.call(req);
@@ -119,7 +124,7 @@ where
             if let (true, Ok(r)) = (is_device, &mut res) {
                 remap_decode_errors(r.headers_mut());
             }
-            if is_sync {
+            if is_sync || is_register {
                 let label = match &res {
                     Ok(r) => match r.headers().get("grpc-status") {
                         // Trailers-only response: an error before or from the handler.
@@ -132,7 +137,11 @@ where
                     },
                     Err(_) => "internal",
                 };
-                metrics.observe_sync(label, start.elapsed());
+                if is_sync {
+                    metrics.observe_sync(label, start.elapsed());
+                } else {
+                    metrics.observe_register(label);
+                }
             }
             res
         })

@@ -1,5 +1,10 @@
 //! `Constellation`: device registration and sync.
 //!
+//! A registration is checked per client address against `REGISTER_RATE_*` first. A new
+//! device id gets its token; an id that is registered already gets it only when the request
+//! carries that token (`authorization: Bearer …`), since the token is derived from the id
+//! alone and would otherwise be handed to anyone who names the id.
+//!
 //! A sync is checked in this order, cheapest first, so bad requests cost little: draining,
 //! bearer token (HMAC, constant time), rate limit, delta validation (`omega-protocol`), then
 //! the store write. The response is assembled by [`crate::sync`].
@@ -19,6 +24,7 @@ use omega_protocol::pb;
 use omega_protocol::pb::constellation_server::Constellation;
 use omega_protocol::validate::{self, MIN_SHARED_QUALITY};
 use omega_protocol::wire::grpc_zstd_size;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -122,6 +128,28 @@ impl ConstellationService {
     }
 }
 
+/// The bearer token a request carries, if any.
+fn presented_token<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(auth::bearer)
+        .map(str::to_owned)
+}
+
+/// The key registrations are rate-limited by: the client's IPv4 address, or its IPv6 /64
+/// (one subscriber usually holds a whole /64, so single addresses would cost nothing to vary).
+pub fn peer_key(addr: Option<SocketAddr>) -> String {
+    match addr.map(|a| a.ip().to_canonical()) {
+        Some(IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Some(IpAddr::V4(v4)) => v4.to_string(),
+        None => "unknown".into(),
+    }
+}
+
 fn check_draining(st: &AppState) -> Result<(), Status> {
     if st.draining.load(Ordering::Acquire) {
         return Err(Status::unavailable("shard is shutting down; retry on another replica"));
@@ -137,14 +165,33 @@ impl Constellation for ConstellationService {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let st = &self.state;
         check_draining(st)?;
+        if !st.register_limiter.allow(&peer_key(req.remote_addr()), Instant::now()) {
+            return Err(Status::resource_exhausted(
+                "registration rate limit exceeded for this client address; retry later",
+            ));
+        }
+        let token = presented_token(&req);
         let r = req.into_inner();
         validate::check_register(&r).map_err(invalid)?;
+        if let Some(t) = &token
+            && !st.keys.verify(&r.device_id, t)
+        {
+            return Err(Status::unauthenticated("the bearer token does not match device_id"));
+        }
         let region = if r.region.is_empty() { st.settings.region.clone() } else { r.region };
         let reg = st
             .store
             .register(&r.device_id, &region, st.settings.max_devices, crate::server::now_ms())
             .await
             .map_err(store_status)?;
+        // The token is a function of the id alone: handing it out again for an existing id
+        // would let anyone who knows (or guesses) a device id act as that device.
+        if !reg.created && token.is_none() {
+            return Err(Status::unauthenticated(
+                "device_id is already registered: registering it again needs its token in \
+                 `authorization: Bearer <token>`",
+            ));
+        }
         if reg.created {
             tracing::debug!(region = %reg.region, "device registered");
         }
@@ -164,13 +211,8 @@ impl Constellation for ConstellationService {
     ) -> Result<Response<pb::SyncResponse>, Status> {
         let st = &self.state;
         check_draining(st)?;
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(auth::bearer)
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?
-            .to_owned();
+        let token = presented_token(&req)
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
         let msg = req.into_inner();
         if !st.keys.verify(&msg.device_id, &token) {
             return Err(Status::unauthenticated("the device token does not match device_id"));
@@ -249,5 +291,23 @@ impl Constellation for ConstellationService {
         };
         out.extensions_mut().insert(SyncOutcome(outcome));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_key;
+
+    #[test]
+    fn registrations_are_limited_per_ipv4_address_and_per_ipv6_64() {
+        let key = |a: &str| peer_key(Some(a.parse().expect("addr")));
+        assert_eq!(key("203.0.113.7:4000"), "203.0.113.7");
+        assert_eq!(key("203.0.113.7:4000"), key("203.0.113.7:5000"), "ports do not matter");
+        assert_ne!(key("203.0.113.7:1"), key("203.0.113.8:1"));
+        assert_eq!(key("[2001:db8:1:2:aaaa::1]:1"), "2001:db8:1:2::/64");
+        assert_eq!(key("[2001:db8:1:2:aaaa::1]:1"), key("[2001:db8:1:2:ffff::9]:1"));
+        assert_ne!(key("[2001:db8:1:2::1]:1"), key("[2001:db8:1:3::1]:1"));
+        assert_eq!(key("[::ffff:198.51.100.4]:1"), "198.51.100.4", "IPv4-mapped is IPv4");
+        assert_eq!(peer_key(None), "unknown");
     }
 }

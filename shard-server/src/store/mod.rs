@@ -166,16 +166,20 @@ pub struct ExportPage {
     pub last: bool,
 }
 
-/// Counters for stats and gauges.
+/// Counters for stats and gauges. Read every 2 s, so never computed by scanning a big table.
+/// Embedded: exact, from memory. Postgres: see each field.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counts {
-    /// Devices registered.
+    /// Devices registered (Postgres: a counter kept by registration; exact).
     pub devices_total: u64,
-    /// Devices that synced since the given time.
+    /// Devices that synced since the given time (Postgres: exact up to 10,000 devices, above
+    /// that estimated from a block sample of about 10,000 devices).
     pub devices_active: u64,
-    /// Patterns stored (for Postgres: merged plus pending intake rows).
+    /// Patterns stored (Postgres: merged patterns, a counter kept by the merge, plus intake
+    /// rows not merged yet, an upper bound since updates and removals count too).
     pub patterns: u64,
-    /// Intake rows not yet merged (Postgres only).
+    /// Postgres: intake rows not yet merged plus patterns the indexer has not reached (the
+    /// latter counted up to 100,000); 0 for the embedded store.
     pub backlog: u64,
     /// Global version served.
     pub global_version: u64,
@@ -311,10 +315,10 @@ impl StoreOptions {
             hnsw_m: 16,
             hnsw_ef_construction: 64,
             hnsw_ef_search: 40,
-            merge_interval: std::time::Duration::from_millis(1000),
+            merge_interval: std::time::Duration::from_millis(200),
             merge_batch: 5000,
-            index_interval: std::time::Duration::from_millis(1000),
-            index_batch: 100,
+            index_interval: std::time::Duration::from_millis(200),
+            index_batch: 20,
             ann_lists: 256,
             ann_probes: 8,
             wal_compact_bytes: 256 << 20,

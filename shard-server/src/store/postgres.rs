@@ -17,14 +17,26 @@
 //! 3. **Index** (background, `INDEX_BATCH` rows then a pause of `INDEX_INTERVAL_MS`): copy
 //!    shareable patterns (success >= 0.8) written since its cursor into `pattern_vectors`,
 //!    the HNSW-indexed table similarity queries search. This is the slow step; the pause
-//!    bounds the CPU it takes from syncs.
+//!    bounds the CPU it takes from syncs. When no sync has been written for a second, it
+//!    skips the pause and catches up batch after batch.
+//!
+//! Both background steps run small and often (by default a merge every 200 ms, 20 rows per
+//! index batch) rather than large and rarely: on the 2-core benchmark machine a merge of a
+//! second's intake (~2,700 rows) or a 100-row index batch is a burst of CPU and WAL that every
+//! sync in flight waits behind, and it set the p99 (docs/benchmarks.md); the same work in
+//! five times smaller slices costs the same CPU and took ~30 ms off the p99. Each has its own
+//! one-session pool, so neither ever runs more than one statement at a time.
 //!
 //! Freshness: a pattern is in `patterns` (and exports) within one merge interval, and in other
 //! devices' `similar` answers once the indexer reaches it: immediately while the indexer keeps
 //! up, after `backlog / index rate` when it does not (`constellation_intake_backlog` counts
 //! intake rows plus rows waiting for the indexer).
 //!
-//! Reads (similarity, export) go to the `DATABASE_READ_URLS` replicas when configured.
+//! Similarity queries and device contents read from the `DATABASE_READ_URLS` replicas when
+//! configured (they tolerate replication lag: both are already a merge interval behind).
+//! Exports and the global version always read the primary: an export must contain every
+//! acknowledged sync and a device must never be handed a global version older than the one
+//! just published, neither of which a lagging replica guarantees.
 //! Connections that break (a database restart) are dropped by the pool and re-opened on the
 //! next use; errors that mean "cannot reach the database" become
 //! [`StoreError::Unavailable`].
@@ -43,8 +55,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Row};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -64,6 +77,18 @@ const MAX_BATCH: usize = 512;
 const WRITERS: usize = 2;
 const GLOBAL_TTL: Duration = Duration::from_secs(1);
 
+/// Up to this many devices, active devices are counted exactly (a scan of a few MB).
+const ACTIVE_EXACT_MAX: u64 = 10_000;
+/// Devices the active-device sample aims at on larger shards.
+const ACTIVE_SAMPLE_ROWS: f64 = 10_000.0;
+/// Patterns waiting for the indexer are counted up to this many (a bounded index range scan).
+const UNINDEXED_COUNT_CAP: i64 = 100_000;
+
+/// Percentage of `devices` blocks to sample for the active-device count, `None` to count all.
+fn active_sample_percent(total: u64) -> Option<f64> {
+    (total > ACTIVE_EXACT_MAX).then(|| (100.0 * ACTIVE_SAMPLE_ROWS / total as f64).max(0.001))
+}
+
 /// Maps a database error to the store's error, separating "unreachable" from the rest.
 pub fn db_err(e: sqlx::Error) -> StoreError {
     use sqlx::Error as E;
@@ -81,6 +106,38 @@ pub fn db_err(e: sqlx::Error) -> StoreError {
         _ => StoreError::Database(e.to_string()),
     }
 }
+
+/// When the sync writers last wrote, so the background steps can tell whether syncs are
+/// flowing.
+#[derive(Debug)]
+struct Activity {
+    origin: Instant,
+    last_write_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { origin: Instant::now(), last_write_ms: AtomicU64::new(0) }
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1 so that "never written" (0) reads as long ago from the very start.
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    fn wrote(&self) {
+        self.last_write_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// True when no sync was written within `quiet`.
+    fn idle_for(&self, quiet: Duration) -> bool {
+        let last = self.last_write_ms.load(Ordering::Relaxed);
+        last == 0 || self.now_ms().saturating_sub(last) >= quiet.as_millis() as u64
+    }
+}
+
+/// Without a sync written for this long, the indexer runs without pauses.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 struct Job {
     write: SyncWrite,
@@ -105,9 +162,11 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-fn pool(url: &str, size: u32, ef_search: u32) -> Result<PgPool, StoreError> {
+/// A pool on `url` whose sessions show as `name` in `pg_stat_activity`.
+fn pool(url: &str, name: &str, size: u32, ef_search: u32) -> Result<PgPool, StoreError> {
     let opts = PgConnectOptions::from_str(url)
-        .map_err(|e| StoreError::Database(format!("bad database URL: {e}")))?;
+        .map_err(|e| StoreError::Database(format!("bad database URL: {e}")))?
+        .application_name(name);
     Ok(PgPoolOptions::new()
         .max_connections(size)
         .min_connections(0)
@@ -171,11 +230,11 @@ impl PostgresStore {
             .postgres_url
             .as_deref()
             .ok_or_else(|| StoreError::Database("no DATABASE_URL".into()))?;
-        let primary = pool(url, opts.pool_size, opts.hnsw_ef_search)?;
+        let primary = pool(url, "omega-shard", opts.pool_size, opts.hnsw_ef_search)?;
         let readers = opts
             .read_urls
             .iter()
-            .map(|u| pool(u, opts.pool_size, opts.hnsw_ef_search))
+            .map(|u| pool(u, "omega-shard-read", opts.pool_size, opts.hnsw_ef_search))
             .collect::<Result<Vec<_>, _>>()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -192,20 +251,24 @@ impl PostgresStore {
         // device row (no deadlocks) while one batch's commit overlaps the next one's work.
         let mut jobs = Vec::new();
         let mut tasks = Vec::new();
+        let activity = Arc::new(Activity::new());
         for _ in 0..WRITERS {
             let (tx, rx) = mpsc::channel(4096);
             jobs.push(tx);
-            tasks.push(tokio::spawn(writer(primary.clone(), rx)));
+            tasks.push(tokio::spawn(writer(primary.clone(), rx, activity.clone())));
         }
+        // The background steps have one session each: their own pool bounds them to one
+        // statement at a time, and they can be told apart in pg_stat_activity.
         tasks.push(tokio::spawn(merger(
-            primary.clone(),
+            pool(url, "omega-shard-merge", 1, opts.hnsw_ef_search)?,
             opts.merge_interval,
             i64::from(opts.merge_batch),
         )));
         tasks.push(tokio::spawn(indexer(
-            primary.clone(),
+            pool(url, "omega-shard-index", 1, opts.hnsw_ef_search)?,
             opts.index_interval,
             i64::from(opts.index_batch),
+            activity,
         )));
         Ok(PostgresStore {
             primary,
@@ -238,21 +301,47 @@ impl PostgresStore {
         loop {
             let n = merge_once(&self.primary, self.merge_batch.max(5000)).await?;
             if n == 0 {
-                let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pattern_intake")
+                let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pattern_intake)")
                     .fetch_one(&self.primary)
                     .await
                     .map_err(db_err)?;
-                if left == 0 {
+                if !left {
                     return Ok(());
                 }
                 if Instant::now() > deadline {
-                    return Err(StoreError::Unavailable(format!(
-                        "{left} intake rows still unmerged"
-                    )));
+                    return Err(StoreError::Unavailable("intake rows still unmerged".into()));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+
+    /// Devices that synced since `since_ms`: counted exactly on a small shard, estimated from
+    /// a block sample of about [`ACTIVE_SAMPLE_ROWS`] devices on a large one.
+    async fn active_devices(&self, total: u64, since_ms: i64) -> Result<u64, StoreError> {
+        let since = since_ms as f64;
+        let counted: i64 = match active_sample_percent(total) {
+            None => sqlx::query_scalar(
+                "SELECT count(*) FROM devices WHERE last_sync_at >= to_timestamp($1::float8 / 1000)",
+            )
+            .bind(since)
+            .fetch_one(&self.primary)
+            .await
+            .map_err(db_err)?,
+            Some(pct) => {
+                let sampled: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM devices TABLESAMPLE SYSTEM ($2::float4)
+                     WHERE last_sync_at >= to_timestamp($1::float8 / 1000)",
+                )
+                .bind(since)
+                .bind(pct as f32)
+                .fetch_one(&self.primary)
+                .await
+                .map_err(db_err)?;
+                (sampled as f64 * 100.0 / pct).round() as i64
+            }
+        };
+        Ok((counted.max(0) as u64).min(total))
     }
 
     fn invalidate_global(&self) {
@@ -479,7 +568,7 @@ async fn write_batch(
 }
 
 /// Group commit: takes every queued sync (one per device per batch) into one transaction.
-async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
+async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, activity: Arc<Activity>) {
     let mut deferred: VecDeque<Job> = VecDeque::new();
     loop {
         let mut batch: Vec<Job> = Vec::new();
@@ -510,6 +599,7 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
             }
         }
         let writes: Vec<SyncWrite> = batch.iter().map(|j| j.write.clone()).collect();
+        activity.wrote();
         match write_batch(&pool, &writes).await {
             Ok(mut results) => {
                 for j in batch {
@@ -567,9 +657,13 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         .fetch_one(&mut *tx)
         .await
         .map_err(db_err)?;
-    let mut order: Vec<Uuid> = Vec::new();
-    let mut fin: HashMap<Uuid, Final> = HashMap::new();
-    let mut max_seq = 0i64;
+    // Each device's operations on an id fold into one final operation per (id, device), in
+    // seq order. Devices are kept apart: another device's removal or update of an id it does
+    // not own is a no-op (the statements below are guarded by device), and must not hide
+    // the owner's own operations in the same batch.
+    let mut order: Vec<(Uuid, String)> = Vec::new();
+    let mut fin: HashMap<(Uuid, String), Final> = HashMap::new();
+    let mut merged_seqs: Vec<i64> = Vec::with_capacity(rows.len());
     for r in &rows {
         let seq: i64 = r.try_get("seq").map_err(db_err)?;
         let device: String = r.try_get("device_id").map_err(db_err)?;
@@ -578,21 +672,15 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         let rate: Option<f32> = r.try_get("success_rate").map_err(db_err)?;
         let samples: Option<i64> = r.try_get("sample_count").map_err(db_err)?;
         let updated: Option<i64> = r.try_get("updated_at_ms").map_err(db_err)?;
-        max_seq = max_seq.max(seq);
-        let owner = match fin.get(&id) {
-            Some(Final::Put { device, .. } | Final::Update { device, .. })
-            | Some(Final::Remove { device }) => Some(device.clone()),
-            None => None,
-        };
-        if owner.as_ref().is_some_and(|o| *o != device) {
-            continue; // another device's id: the first owner in this batch wins
-        }
-        if owner.is_none() {
-            order.push(id);
-        }
+        merged_seqs.push(seq);
+        let key = (id, device.clone());
         let (rate, samples, updated) =
             (rate.unwrap_or(0.0), samples.unwrap_or(0), updated.unwrap_or(0));
-        let next = match (op, fin.remove(&id)) {
+        let previous = fin.remove(&key);
+        if previous.is_none() {
+            order.push(key.clone());
+        }
+        let next = match (op, previous) {
             (OP_PUT, _) => Final::Put { seq, device, rate, samples, updated },
             (OP_UPDATE, _) if rate < MIN_STORED_QUALITY => Final::Remove { device },
             (OP_UPDATE, Some(Final::Put { seq, device, samples: s, .. })) => {
@@ -605,27 +693,42 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
             (OP_UPDATE, None) => Final::Update { device, rate, extra: samples, updated },
             _ => Final::Remove { device },
         };
-        fin.insert(id, next);
+        fin.insert(key, next);
     }
     let (mut rm_id, mut rm_dev) = (Vec::new(), Vec::new());
     let (mut put_seq, mut put_rate, mut put_n, mut put_upd) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut put_id = Vec::new();
+    let (mut put_id, mut put_dev) = (Vec::new(), Vec::new());
     let (mut up_id, mut up_dev, mut up_rate, mut up_extra, mut up_upd) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for id in order {
-        match fin.remove(&id) {
+    // One insert statement cannot write an id twice: when several devices put the same id in
+    // one batch, the earliest put is the one tried (an id another device owns already is
+    // never overwritten, whoever tries).
+    let mut first_put: HashMap<Uuid, i64> = HashMap::new();
+    for (key, f) in &fin {
+        if let Final::Put { seq, .. } = f {
+            let e = first_put.entry(key.0).or_insert(*seq);
+            *e = (*e).min(*seq);
+        }
+    }
+    for key in order {
+        let id = key.0;
+        match fin.remove(&key) {
             Some(Final::Remove { device }) => {
                 rm_id.push(id);
                 rm_dev.push(device);
             }
-            Some(Final::Put { seq, rate, samples, updated, .. }) => {
+            Some(Final::Put { seq, device, rate, samples, updated })
+                if first_put.get(&id) == Some(&seq) =>
+            {
                 put_id.push(id);
+                put_dev.push(device);
                 put_seq.push(seq);
                 put_rate.push(rate);
                 put_n.push(samples);
                 put_upd.push(updated);
             }
+            Some(Final::Put { .. }) | None => {}
             Some(Final::Update { device, rate, extra, updated }) => {
                 up_id.push(id);
                 up_dev.push(device);
@@ -633,12 +736,13 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
                 up_extra.push(extra);
                 up_upd.push(updated);
             }
-            None => {}
         }
     }
+    // Change in the number of rows of `patterns`, kept in `merge_state`.
+    let mut added: i64 = 0;
     if !rm_id.is_empty() {
         for table in ["patterns", "pattern_vectors"] {
-            sqlx::query(&format!(
+            let done = sqlx::query(&format!(
                 "DELETE FROM {table} p USING unnest($1::uuid[], $2::text[]) AS x(id, d)
                  WHERE p.id = x.id AND p.device_id = x.d"
             ))
@@ -647,9 +751,20 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
+            if table == "patterns" {
+                added -= done.rows_affected() as i64;
+            }
         }
     }
     if !put_seq.is_empty() {
+        // Ids that exist already are updated (or, another device's, left alone), not added;
+        // merges are serialised, so nothing adds them between this count and the insert.
+        let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM patterns WHERE id = ANY($1)")
+            .bind(&put_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        added += put_id.len() as i64 - existing;
         sqlx::query(
             "INSERT INTO patterns (id, device_id, content_id, embedding, success_rate,
                  sample_count, time_slot, day_type, content_type, genres, created_at_ms,
@@ -674,12 +789,17 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        // A re-put id may carry a new embedding: the indexer adds it back.
-        sqlx::query("DELETE FROM pattern_vectors WHERE id = ANY($1)")
-            .bind(&put_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        // A re-put id may carry a new embedding: the indexer adds it back. Only the owner's:
+        // a put of another device's id changed nothing above.
+        sqlx::query(
+            "DELETE FROM pattern_vectors v USING unnest($1::uuid[], $2::text[]) AS x(id, d)
+             WHERE v.id = x.id AND v.device_id = x.d",
+        )
+        .bind(&put_id)
+        .bind(&put_dev)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
     }
     if !up_id.is_empty() {
         sqlx::query(
@@ -711,11 +831,22 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         .await
         .map_err(db_err)?;
     }
-    sqlx::query("DELETE FROM pattern_intake WHERE seq <= $1")
-        .bind(max_seq)
+    // Exactly the rows read above, not "every seq up to the last one": sequence values are
+    // taken at insert time but become visible at commit, so a writer's row with a lower seq
+    // can commit after the SELECT above and would be deleted unmerged (an acknowledged sync
+    // lost). It is merged by the next batch instead.
+    sqlx::query("DELETE FROM pattern_intake WHERE seq = ANY($1)")
+        .bind(&merged_seqs)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+    if added != 0 {
+        sqlx::query("UPDATE merge_state SET patterns = patterns + $1 WHERE id = 1")
+            .bind(added)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+    }
     tx.commit().await.map_err(db_err)?;
     Ok(rows.len())
 }
@@ -779,11 +910,15 @@ async fn index_once(pool: &PgPool, batch: i64) -> Result<Option<usize>, StoreErr
     Ok(Some(rows.len()))
 }
 
-/// Duty-cycled: one batch, then a pause, so HNSW inserts never take a whole core from syncs.
-async fn indexer(pool: PgPool, interval: Duration, batch: i64) {
+/// Duty-cycled while syncs flow: one batch, then a pause, so HNSW inserts never take a whole
+/// core from syncs. With no sync written for [`IDLE_AFTER`], full batches follow each other
+/// without a pause, so the backlog of a busy period drains in the next lull.
+async fn indexer(pool: PgPool, interval: Duration, batch: i64, activity: Arc<Activity>) {
     loop {
-        if let Err(e) = index_once(&pool, batch).await {
-            tracing::warn!(error = %e, "vector indexing failed; will retry");
+        match index_once(&pool, batch).await {
+            Ok(Some(n)) if n as i64 >= batch && activity.idle_for(IDLE_AFTER) => continue,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "vector indexing failed; will retry"),
         }
         tokio::time::sleep(interval).await;
     }
@@ -941,13 +1076,15 @@ impl Store for PostgresStore {
         {
             return Ok(state.clone());
         }
+        // The primary, never a replica: a lagging replica would serve a version older than
+        // one a device was already given (or one just published), and its trends with it.
         let row = sqlx::query("SELECT global_version, round_id FROM global_state WHERE id = 1")
-            .fetch_one(self.reader())
+            .fetch_one(&self.primary)
             .await
             .map_err(db_err)?;
         let trends =
             sqlx::query("SELECT content_id, centroid, score, region FROM trends ORDER BY position")
-                .fetch_all(self.reader())
+                .fetch_all(&self.primary)
                 .await
                 .map_err(db_err)?
                 .iter()
@@ -974,6 +1111,8 @@ impl Store for PostgresStore {
         if after.is_none() {
             self.merge_all().await?;
         }
+        // The primary, never a replica: the merge above ran there, and a federation round
+        // must see every sync acknowledged before it started, which a lagging replica may not.
         let rows = sqlx::query(
             "SELECT p.id, p.device_id, d.region, p.content_id, p.embedding, p.success_rate,
                     p.sample_count, p.time_slot, p.day_type, p.content_type, p.genres,
@@ -985,7 +1124,7 @@ impl Store for PostgresStore {
         .bind(after)
         .bind(min_quality)
         .bind(limit as i64 + 1)
-        .fetch_all(self.reader())
+        .fetch_all(&self.primary)
         .await
         .map_err(db_err)?;
         let last = rows.len() <= limit;
@@ -1181,28 +1320,31 @@ impl Store for PostgresStore {
     }
 
     async fn counts(&self, active_since_ms: i64) -> Result<Counts, StoreError> {
+        // Runs every 2 s and on every /api/v1/stats: no statement here may scan a big table.
+        // Devices and merged patterns are counters kept by the writes; intake rows come from
+        // the ends of its sequence (an upper bound: rolled-back inserts leave gaps); rows
+        // waiting for the indexer are counted up to a cap.
         let row = sqlx::query(
-            "SELECT s.devices, s.global_version,
-                    (SELECT count(*) FROM devices
-                      WHERE last_sync_at >= to_timestamp($1::float8 / 1000)) AS active,
-                    (SELECT count(*) FROM patterns) AS merged,
-                    (SELECT count(*) FROM pattern_intake)
-                      + (SELECT count(*) FROM patterns p, indexer_state i
-                          WHERE i.id = 1 AND (p.index_seq, p.id) > (i.last_seq, i.last_id))
-                      AS backlog,
-                    (SELECT count(*) FROM pattern_intake WHERE op = 1) AS pending
-             FROM global_state s WHERE s.id = 1",
+            "SELECT s.devices, s.global_version, m.patterns AS merged,
+                    COALESCE((SELECT max(seq) - min(seq) + 1 FROM pattern_intake), 0) AS intake,
+                    (SELECT count(*) FROM (
+                        SELECT 1 FROM patterns p, indexer_state i
+                        WHERE i.id = 1 AND (p.index_seq, p.id) > (i.last_seq, i.last_id)
+                        LIMIT $1) b) AS unindexed
+             FROM global_state s, merge_state m WHERE s.id = 1 AND m.id = 1",
         )
-        .bind(active_since_ms as f64)
+        .bind(UNINDEXED_COUNT_CAP)
         .fetch_one(&self.primary)
         .await
         .map_err(db_err)?;
         let get = |c: &str| row.try_get::<i64, _>(c).map(|v| v.max(0) as u64).map_err(db_err);
+        let devices_total = get("devices")?;
+        let intake = get("intake")?;
         Ok(Counts {
-            devices_total: get("devices")?,
-            devices_active: get("active")?,
-            patterns: get("merged")? + get("pending")?,
-            backlog: get("backlog")?,
+            devices_total,
+            devices_active: self.active_devices(devices_total, active_since_ms).await?,
+            patterns: get("merged")? + intake,
+            backlog: intake + get("unindexed")?,
             global_version: get("global_version")?,
         })
     }
@@ -1217,5 +1359,35 @@ impl Store for PostgresStore {
             r.close().await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_is_idle_until_a_write_and_again_after_a_quiet_period() {
+        let a = Activity::new();
+        assert!(a.idle_for(Duration::from_secs(3600)), "nothing written yet");
+        a.wrote();
+        assert!(!a.idle_for(Duration::from_secs(1)));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(a.idle_for(Duration::from_millis(20)));
+        assert!(!a.idle_for(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn active_devices_are_counted_exactly_on_small_shards_and_sampled_on_large_ones() {
+        assert_eq!(active_sample_percent(0), None);
+        assert_eq!(active_sample_percent(ACTIVE_EXACT_MAX), None);
+        let pct = active_sample_percent(4_000_000).expect("sampled");
+        assert!((pct - 0.25).abs() < 1e-9, "{pct}");
+        // The sample stays near ACTIVE_SAMPLE_ROWS devices whatever the size.
+        for total in [10_001u64, 100_000, 4_000_000] {
+            let pct = active_sample_percent(total).expect("sampled");
+            let rows = total as f64 * pct / 100.0;
+            assert!((rows - ACTIVE_SAMPLE_ROWS).abs() < 1.0, "{total}: {rows}");
+        }
     }
 }

@@ -147,6 +147,14 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// `N` distinct free loopback ports: all bound at once, so the OS cannot hand one out twice
+/// (one at a time, it may: a shard's listeners then collide with each other).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> =
+        (0..N).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("addr").port())
+}
+
 /// A running `omega-shard serve`.
 pub struct Shard {
     pub child: Option<Child>,
@@ -161,12 +169,13 @@ pub struct Shard {
 impl Shard {
     /// Starts the binary with fresh ports; `data_dir` is kept across restarts.
     pub fn start(data_dir: &Path, database_url: Option<&str>, env: &[(&str, &str)]) -> Shard {
+        let [grpc, admin, rest, metrics] = free_ports();
         let mut s = Shard {
             child: None,
-            grpc: free_port(),
-            admin: free_port(),
-            rest: free_port(),
-            metrics: free_port(),
+            grpc,
+            admin,
+            rest,
+            metrics,
             data_dir: data_dir.to_path_buf(),
             database_url: database_url.map(str::to_owned),
         };
@@ -174,7 +183,24 @@ impl Shard {
         s
     }
 
+    /// Starts the binary and waits until it is ready. A port taken by another test process
+    /// between choosing it and binding it makes the server exit at once: then new ports are
+    /// chosen and it is started again (the ports may change across a restart).
     pub fn spawn(&mut self, env: &[(&str, &str)]) {
+        for _ in 0..3 {
+            self.spawn_once(env);
+            match self.wait_ready(Duration::from_secs(60)) {
+                Ok(()) => return,
+                Err(status) => {
+                    eprintln!("omega-shard exited at start ({status}); retrying on new ports");
+                    [self.grpc, self.admin, self.rest, self.metrics] = free_ports();
+                }
+            }
+        }
+        panic!("omega-shard did not start in three attempts");
+    }
+
+    fn spawn_once(&mut self, env: &[(&str, &str)]) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_omega-shard"));
         cmd.arg("serve")
             .env("GRPC_ADDR", format!("127.0.0.1:{}", self.grpc))
@@ -195,14 +221,20 @@ impl Shard {
             cmd.env(k, v);
         }
         self.child = Some(cmd.spawn().expect("spawn omega-shard"));
-        self.wait_ready(Duration::from_secs(60));
     }
 
-    pub fn wait_ready(&self, timeout: Duration) {
+    /// Waits for `/ready`; `Err` with the exit status when the process ended first.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.get("/ready").is_ok_and(|(c, _)| c == 200) {
-                return;
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait().expect("wait")
+            {
+                self.child = None;
+                return Err(status);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -226,6 +258,38 @@ impl Shard {
         body.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse().ok()))
             .unwrap_or(0.0)
+    }
+
+    /// Every `constellation_{what}_requests_total` series of this shard, by status label.
+    pub fn outcomes(&self, what: &str) -> std::collections::BTreeMap<String, f64> {
+        let (_, body) =
+            http_get(&format!("127.0.0.1:{}", self.metrics), "/metrics").expect("metrics");
+        let prefix = format!("constellation_{what}_requests_total{{");
+        body.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|rest| {
+                let (labels, value) = rest.split_once("} ")?;
+                let status = labels.split("status=\"").nth(1)?.split('"').next()?;
+                Some((status.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Waits for the process to exit (after a signal) and returns its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("omega-shard did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn signal(&self, sig: &str) {
@@ -281,6 +345,66 @@ pub async fn register(c: &mut ConstellationClient<Channel>, id: &str) -> String 
     .expect("register")
     .into_inner()
     .device_token
+}
+
+/// A `Register` for `id`, carrying `token` as its bearer token when given.
+pub fn register_request(id: &str, token: Option<&str>) -> tonic::Request<pb::RegisterRequest> {
+    let mut r = tonic::Request::new(pb::RegisterRequest {
+        device_id: id.into(),
+        region: "eu".into(),
+        model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+        client_version: "test".into(),
+    });
+    if let Some(t) = token {
+        r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().expect("header"));
+    }
+    r
+}
+
+/// Runs `omega-shard ARGS` with `env` (and none of the store or secret variables of the
+/// test's own environment) until it exits; returns its status and stderr. Listeners get
+/// free ports, in case it starts after all.
+pub fn run_to_exit(
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (std::process::ExitStatus, String) {
+    let data = tempfile::tempdir().expect("tmp");
+    let [grpc, admin, rest, metrics] = free_ports();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omega-shard"));
+    cmd.args(args)
+        .env("GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+        .env("ADMIN_GRPC_ADDR", format!("127.0.0.1:{admin}"))
+        .env("REST_ADDR", format!("127.0.0.1:{rest}"))
+        .env("METRICS_ADDR", format!("127.0.0.1:{metrics}"))
+        .env("DATA_DIR", data.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for var in ["DATABASE_URL", "POSTGRES_URL", "OMEGA_DEVICE_SECRET", "LOG_FORMAT", "RUST_LOG"] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn omega-shard");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("omega-shard {args:?} with {env:?} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    (status, stderr)
 }
 
 pub fn sync_request(
