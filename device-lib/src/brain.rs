@@ -275,6 +275,9 @@ pub struct Brain {
     /// Contents whose main federated aggregate is held (its collaborative item vector), by
     /// position in `globals`.
     collab: HashMap<String, usize>,
+    /// Per global: true for a collaborative vector (any round). Those are not MiniLM
+    /// embeddings, so content similarity never uses them.
+    collab_flags: Vec<bool>,
     /// Global version at which each aggregate was last received (this session only).
     received_in: HashMap<Uuid, u64>,
     /// The collaborative query over what was watched, kept current by
@@ -431,6 +434,7 @@ impl Brain {
             local_by_key,
             outbox,
             collab: collab_index(&globals, &HashMap::new(), None),
+            collab_flags: globals.iter().map(StoredGlobal::is_collaborative).collect(),
             received_in: HashMap::new(),
             collab_query: None,
             globals,
@@ -742,7 +746,7 @@ impl Brain {
             }
             for (gi, sim) in self.global_index.search(&seed.vector, n) {
                 let g = &self.globals[gi as usize];
-                if self.watched.contains_key(&g.content_id) {
+                if self.collab_flags[gi as usize] || self.watched.contains_key(&g.content_id) {
                     continue;
                 }
                 let fresh = ranking::freshness(now.saturating_sub(g.updated_at_ms), p);
@@ -838,7 +842,8 @@ impl Brain {
         }
         self.globals
             .iter()
-            .position(|g| g.content_id == content_id)
+            .zip(&self.collab_flags)
+            .position(|(g, &collab)| !collab && g.content_id == content_id)
             .map(|i| self.global_index.matrix().get(i))
             .or_else(|| {
                 self.local
@@ -866,7 +871,7 @@ impl Brain {
         let p = &self.cfg.ranking;
         let (by_content, centroids) = self.trend_boosts();
         let mut global_by_content: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, g) in self.globals.iter().enumerate() {
+        for (i, g) in self.globals.iter().enumerate().filter(|(i, _)| !self.collab_flags[*i]) {
             global_by_content.entry(g.content_id.as_str()).or_default().push(i);
         }
         let best_over_seeds = |v: &QuantizedVector, success: f32, fresh: f32, w: f32| {
@@ -1145,6 +1150,7 @@ impl Brain {
         let mut matrix = QuantMatrix::new();
         all.iter().for_each(|(_, v)| matrix.push(v));
         self.globals = all.into_iter().map(|(g, _)| g).collect();
+        self.collab_flags = self.globals.iter().map(StoredGlobal::is_collaborative).collect();
         self.global_index = VectorIndex::build(matrix, IndexKind::Auto);
         for s in &global.similar {
             self.received_in.insert(s.id, global.global_version);
@@ -1223,8 +1229,8 @@ impl Brain {
     }
 }
 
-/// Positions of the globals that are a content's main federated aggregate; with `current`,
-/// only those received at that global version (or loaded from the database: unknown).
+/// Positions of the globals that are a content's collaborative vector; with `current`, only
+/// those received at that global version (or loaded from the database: unknown).
 fn collab_index(
     globals: &[StoredGlobal],
     received_in: &HashMap<Uuid, u64>,
@@ -1234,8 +1240,7 @@ fn collab_index(
         .iter()
         .enumerate()
         .filter(|(_, g)| {
-            !g.content_id.is_empty()
-                && g.id == omega_protocol::types::content_aggregate_id(&g.content_id)
+            g.is_collaborative()
                 && current.is_none_or(|v| received_in.get(&g.id).is_none_or(|&r| r == v))
         })
         .map(|(i, g)| (g.content_id.clone(), i))

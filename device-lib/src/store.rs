@@ -134,6 +134,11 @@ impl StoredPattern {
 }
 
 impl StoredGlobal {
+    /// True for a content's collaborative item vector (not a MiniLM embedding).
+    pub fn is_collaborative(&self) -> bool {
+        omega_protocol::types::is_collaborative_vector(&self.id, &self.content_id)
+    }
+
     /// Checks the values a row holds against the contract.
     pub fn check(&self) -> Result<(), ValidationError> {
         validate::check_string("content_id", &self.content_id)?;

@@ -112,6 +112,10 @@ pub struct RoundSummary {
     pub groups: u64,
     /// Aggregated patterns published (groups with at least `min_sources` devices).
     pub patterns_aggregated: u64,
+    /// Collaborative item vectors published next to them (one per content with a vector;
+    /// absent in summaries of older versions).
+    #[serde(default)]
+    pub collaborative_vectors: u64,
     /// Groups withheld for having fewer than `min_sources` distinct devices.
     pub groups_suppressed: u64,
     /// Trend signals published.
@@ -146,6 +150,7 @@ mod tests {
             patterns_in: 10,
             groups: 3,
             patterns_aggregated: 2,
+            collaborative_vectors: 2,
             groups_suppressed: 1,
             trends_detected: 1,
             global_version: 5,

@@ -554,13 +554,34 @@ pub fn aggregate_id(content_id: &str, leader: Option<&[i8]>) -> Uuid {
     uuid::Builder::from_custom_bytes(b).into_uuid()
 }
 
-/// The id of `content_id`'s main aggregate: the one carrying its collaborative item vector
-/// when the round computed them (see `docs/quality.md`).
+/// The id of `content_id`'s main aggregate (its main group's audience profile, a MiniLM
+/// embedding).
 pub fn content_aggregate_id(content_id: &str) -> Uuid {
     aggregate_id(content_id, None)
 }
 
-/// True for ids made by [`aggregate_id`] (UUID version 8).
+/// The id of `content_id`'s collaborative item vector: an aggregate of its own, next to the
+/// content's main aggregate, because its embedding is not a MiniLM embedding — the round's
+/// item model's coordinates sit in the first dimensions and the rest are zero (so it
+/// compresses to a fraction of a MiniLM vector on the wire), see `docs/quality.md`.
+/// Consumers must keep these out of MiniLM similarity search and must not re-normalise them.
+pub fn collaborative_vector_id(content_id: &str) -> Uuid {
+    let mut h = Sha256::new();
+    h.update(b"omega/collaborative/v1\0");
+    h.update((content_id.len() as u64).to_le_bytes());
+    h.update(content_id.as_bytes());
+    let digest = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(b).into_uuid()
+}
+
+/// True when `id` is `content_id`'s collaborative item vector.
+pub fn is_collaborative_vector(id: &Uuid, content_id: &str) -> bool {
+    !content_id.is_empty() && *id == collaborative_vector_id(content_id)
+}
+
+/// True for ids made by [`aggregate_id`] or [`collaborative_vector_id`] (UUID version 8).
 pub fn is_aggregate_id(id: &Uuid) -> bool {
     id.get_version_num() == 8
 }
@@ -824,5 +845,14 @@ mod tests {
         // Content id and leader bytes cannot be confused.
         let spelled = String::from_utf8(vec![b'a', 0, 1, 2]).expect("utf-8");
         assert_ne!(aggregate_id("a", Some(&[1, 2])), aggregate_id(&spelled, None));
+        // A content's collaborative vector has an id of its own, told apart by content.
+        let c = collaborative_vector_id("ml-item-1");
+        assert!(is_aggregate_id(&c));
+        assert_ne!(c, a);
+        assert_eq!(c, collaborative_vector_id("ml-item-1"));
+        assert!(is_collaborative_vector(&c, "ml-item-1"));
+        assert!(!is_collaborative_vector(&c, "ml-item-2"));
+        assert!(!is_collaborative_vector(&a, "ml-item-1"));
+        assert!(!is_collaborative_vector(&collaborative_vector_id(""), ""));
     }
 }

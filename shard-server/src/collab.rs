@@ -1,13 +1,15 @@
 //! Collaborative serving: which aggregates a device receives when the federation has
 //! published collaborative item vectors (`docs/quality.md`).
 //!
-//! A TV ranks candidate `i` by `a_i · Σ_{j watched} a_j`, so it needs the vectors of the
-//! contents it watched (its query) and of the best candidates. Only ~10 aggregates fit in a
-//! 5 KB answer, so the shard pages a per-device ranked list over successive syncs:
+//! A TV ranks candidate `i` by `a_i · q`, `q` its query over what it watched, so it needs the
+//! vectors of the contents it watched and of the best candidates. A collaborative vector
+//! compresses to ~100 bytes (only its first dimensions are non-zero), so ~45 fit in a 5 KB
+//! answer; the shard pages a per-device ranked list over successive syncs:
 //!
-//! - [`Catalog`]: every published *main* aggregate (id `== content_aggregate_id(content_id)`,
-//!   non-empty content id, a non-zero embedding), content id -> (dequantised vector, served
-//!   pattern). Built once per global version; ~2 KB per content (20 MB for 10,000).
+//! - [`Catalog`]: every published collaborative vector (id
+//!   `== collaborative_vector_id(content_id)`, non-empty content id, a non-zero embedding),
+//!   content id -> (dequantised vector, served pattern). Built once per global version;
+//!   ~2 KB per content (20 MB for 10,000).
 //! - [`Catalog::ranked`]: with `q` the collaborative query over the device's contents, newest
 //!   first (`omega_protocol::collab`, the rule the TV itself ranks with), the list interleaves
 //!   1:1 the device's own contents (newest first: they weigh most in the TV's query) and the
@@ -24,18 +26,21 @@ use crate::store::{Store, StoreError};
 use crate::sync::anonymize;
 use omega_protocol::collab::{QueryParams, query};
 use omega_protocol::pb;
-use omega_protocol::types::content_aggregate_id;
+use omega_protocol::types::collaborative_vector_id;
 use omega_protocol::vector::{EMBEDDING_DIM, QuantizedVector};
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use uuid::Uuid;
 
-/// Other contents kept in a device's ranked list (its own contents come on top).
-pub const OTHER_CANDIDATES: usize = 300;
+/// Other contents kept in a device's ranked list (its own contents come on top): enough for
+/// a TV on for an evening to hold every vector of a catalogue of a few thousand contents,
+/// the best first.
+pub const OTHER_CANDIDATES: usize = 3_000;
 
-/// List items offered to the budget fitter per sync (more than the ~10 that fit in 5 KB).
-pub const WINDOW: usize = 24;
+/// List items offered to the budget fitter per sync: the most an answer may carry
+/// (`validate::MAX_SIMILAR`), more than the ~45 compact vectors that fit in 5 KB.
+pub const WINDOW: usize = omega_protocol::validate::MAX_SIMILAR;
 
 /// Most devices whose cursor is remembered.
 pub const MAX_CURSORS: usize = 1_000_000;
@@ -61,8 +66,8 @@ pub struct Catalog {
 
 impl Catalog {
     /// Builds the catalog of `version` from the published aggregates. Kept: aggregates whose
-    /// id is their content's main aggregate id and whose embedding is a non-zero, finite
-    /// 384-dim vector; ignored: every other one (no content id, secondary groups, bad ids).
+    /// id is their content's collaborative vector id and whose embedding is a non-zero, finite
+    /// 384-dim vector; ignored: every other one (no content id, audience profiles, bad ids).
     /// Served patterns are anonymised like every aggregate (timestamps at `at_ms`, rounded
     /// down to the hour; the group id is kept).
     pub fn build(
@@ -75,7 +80,7 @@ impl Catalog {
             .iter()
             .filter(|a| !a.content_id.is_empty())
             .filter(|a| {
-                Uuid::from_slice(&a.id).is_ok_and(|id| id == content_aggregate_id(&a.content_id))
+                Uuid::from_slice(&a.id).is_ok_and(|id| id == collaborative_vector_id(&a.content_id))
             })
             .filter_map(|a| {
                 let e = a.embedding.as_ref().filter(|e| e.values.len() == EMBEDDING_DIM)?;
@@ -362,8 +367,8 @@ mod tests {
         }
     }
 
-    fn main_aggregate(content: &str, v: &[f32]) -> pb::AggregatedPattern {
-        aggregate_with_id(content_aggregate_id(content), content, v)
+    fn collab_vector(content: &str, v: &[f32]) -> pb::AggregatedPattern {
+        aggregate_with_id(collaborative_vector_id(content), content, v)
     }
 
     fn names(c: &Catalog, ranked: &[usize]) -> Vec<String> {
@@ -375,35 +380,37 @@ mod tests {
     }
 
     #[test]
-    fn catalog_keeps_only_main_aggregates_with_a_vector() {
+    fn catalog_keeps_only_collaborative_vectors() {
         let v = vector(&[(0, 0.5)]);
         let aggs = vec![
-            main_aggregate("a", &v),
-            main_aggregate("", &v),
+            collab_vector("a", &v),
+            collab_vector("", &v),
             aggregate_with_id(aggregate_id("b", Some(&[1i8; EMBEDDING_DIM])), "b", &v),
+            // A content's audience profile (a MiniLM embedding) is not a collaborative vector.
+            aggregate_with_id(aggregate_id("p", None), "p", &v),
             aggregate_with_id(Uuid::now_v7(), "c", &v),
-            main_aggregate("zero", &vector(&[])),
-            pb::AggregatedPattern { id: vec![1, 2, 3], ..main_aggregate("short-id", &v) },
+            collab_vector("zero", &vector(&[])),
+            pb::AggregatedPattern { id: vec![1, 2, 3], ..collab_vector("short-id", &v) },
         ];
         let c = Catalog::build(7, &aggs, &keys(), 1_700_000_123_456);
         assert_eq!(c.len(), 1);
         assert_eq!(c.version(), 7);
         let p = c.pattern("a").expect("a");
-        assert_eq!(p.id, content_aggregate_id("a").as_bytes().to_vec(), "group id kept");
+        assert_eq!(p.id, collaborative_vector_id("a").as_bytes().to_vec(), "group id kept");
         assert_eq!(p.created_at_ms % 3_600_000, 0, "time rounded to the hour");
-        assert!(c.pattern("b").is_none() && c.pattern("c").is_none());
+        assert!(c.pattern("b").is_none() && c.pattern("c").is_none() && c.pattern("p").is_none());
         assert!(Catalog::build(1, &[], &keys(), 0).is_empty());
     }
 
     #[test]
     fn ranked_interleaves_own_contents_and_best_candidates() {
         let aggs = vec![
-            main_aggregate("A", &vector(&[(0, 0.6)])),
-            main_aggregate("B", &vector(&[(0, 0.5), (1, 0.5)])),
-            main_aggregate("x-best", &vector(&[(0, 0.9), (1, 0.1)])),
-            main_aggregate("x-second", &vector(&[(0, 0.4), (1, 0.4)])),
-            main_aggregate("x-third", &vector(&[(1, 0.5)])),
-            main_aggregate("x-none", &vector(&[(2, 1.0)])),
+            collab_vector("A", &vector(&[(0, 0.6)])),
+            collab_vector("B", &vector(&[(0, 0.5), (1, 0.5)])),
+            collab_vector("x-best", &vector(&[(0, 0.9), (1, 0.1)])),
+            collab_vector("x-second", &vector(&[(0, 0.4), (1, 0.4)])),
+            collab_vector("x-third", &vector(&[(1, 0.5)])),
+            collab_vector("x-none", &vector(&[(2, 1.0)])),
         ];
         let c = Catalog::build(1, &aggs, &keys(), 0);
         let r = c.ranked(&contents(&["B", "unknown", "A", "B"]));
@@ -416,10 +423,10 @@ mod tests {
         assert_eq!(names(&c, &r), ["A", "x-best", "B", "x-second", "x-third", "x-none"]);
         // A device whose newest content leans to axis 1 gets x-third before x-best.
         let aggs_1 = vec![
-            main_aggregate("C", &vector(&[(1, 1.0)])),
-            main_aggregate("D", &vector(&[(0, 1.0)])),
-            main_aggregate("y0", &vector(&[(0, 0.5)])),
-            main_aggregate("y1", &vector(&[(1, 0.5)])),
+            collab_vector("C", &vector(&[(1, 1.0)])),
+            collab_vector("D", &vector(&[(0, 1.0)])),
+            collab_vector("y0", &vector(&[(0, 0.5)])),
+            collab_vector("y1", &vector(&[(1, 0.5)])),
         ];
         let c1 = Catalog::build(1, &aggs_1, &keys(), 0);
         let r1 = c1.ranked(&contents(&["C", "D"]));
@@ -435,12 +442,9 @@ mod tests {
 
     #[test]
     fn ranked_keeps_at_most_the_top_other_candidates() {
-        let mut aggs = vec![main_aggregate("own", &vector(&[(0, 1.0)]))];
+        let mut aggs = vec![collab_vector("own", &vector(&[(0, 1.0)]))];
         for i in 0..OTHER_CANDIDATES + 50 {
-            aggs.push(main_aggregate(
-                &format!("c{i:04}"),
-                &vector(&[(0, 0.001 * i as f32 + 0.01)]),
-            ));
+            aggs.push(collab_vector(&format!("c{i:04}"), &vector(&[(0, 0.001 * i as f32 + 0.01)])));
         }
         let c = Catalog::build(1, &aggs, &keys(), 0);
         let r = c.ranked(&contents(&["own"]));
@@ -472,9 +476,9 @@ mod tests {
 
     #[test]
     fn pages_walk_the_list_without_repeats_then_wrap() {
-        let mut aggs = vec![main_aggregate("own", &vector(&[(0, 1.0)]))];
+        let mut aggs = vec![collab_vector("own", &vector(&[(0, 1.0)]))];
         for i in 0..30 {
-            aggs.push(main_aggregate(&format!("c{i:02}"), &vector(&[(0, 0.01 * (i + 1) as f32)])));
+            aggs.push(collab_vector(&format!("c{i:02}"), &vector(&[(0, 0.01 * (i + 1) as f32)])));
         }
         let catalog = Catalog::build(3, &aggs, &keys(), 0);
         let collab = Collab::new(100);

@@ -148,6 +148,20 @@ fn item_len(encoded: usize) -> usize {
     1 + prost::length_delimiter_len(encoded) + encoded
 }
 
+/// Bytes a zero run costs once compressed, at most (a zstd match, generously).
+const ZERO_RUN_COST: usize = 8;
+
+/// What a pattern is planned to cost: its encoded length, except that a run of zero bytes
+/// at the end of its embedding (a collaborative vector uses only its first dimensions)
+/// counts as [`ZERO_RUN_COST`], since compression all but removes it. The real compressed
+/// size is checked after planning, so an optimistic plan is only trimmed, never sent.
+fn planned_len(p: &pb::Pattern) -> usize {
+    let plain = item_len(p.encoded_len());
+    let zeros =
+        p.embedding.as_ref().map_or(0, |e| e.values.iter().rev().take_while(|&&b| b == 0).count());
+    if zeros > ZERO_RUN_COST { plain - zeros + ZERO_RUN_COST } else { plain }
+}
+
 /// Fills `resp.global` with as many `similar` (nearest first) and `trends` (highest first)
 /// as fit in `budget` wire bytes, following the module's policy.
 pub fn fit(
@@ -180,8 +194,8 @@ pub fn fit(
     }
     room -= used_by_trends;
     let mut similar = similar.into_iter().take(validate::MAX_SIMILAR).peekable();
-    while let Some(p) = similar.next_if(|p| item_len(p.encoded_len()) <= room) {
-        room -= item_len(p.encoded_len());
+    while let Some(p) = similar.next_if(|p| planned_len(p) <= room) {
+        room -= planned_len(&p);
         global.similar.push(p);
     }
     let mut rest_trends = rest_trends.into_iter().peekable();
@@ -245,7 +259,7 @@ enum Item {
 impl Item {
     fn plain_len(&self) -> usize {
         match self {
-            Item::Similar(p) => item_len(p.encoded_len()),
+            Item::Similar(p) => planned_len(p),
             Item::Trend(t) => item_len(t.encoded_len()),
         }
     }
@@ -357,6 +371,36 @@ mod tests {
         assert_eq!(trimmed.trends, 64 - g.trending.len());
         assert_eq!((g.global_version, resp.acknowledged_version), (9, 3));
         assert!(validate::check_global("global", g).is_ok());
+    }
+
+    #[test]
+    fn fit_packs_zero_tailed_vectors_by_their_compressed_size() {
+        let mut rng = StdRng::seed_from_u64(6);
+        // Collaborative vectors: 32 coordinates, the rest zero.
+        let compact: Vec<_> = (0..100)
+            .map(|_| {
+                let mut p = random_pattern(&mut rng, 0.9);
+                let mut v = vec![0.0f32; EMBEDDING_DIM];
+                v[..32].iter_mut().for_each(|x| *x = rng.random_range(-0.2f32..0.2));
+                let q = quantize(&v);
+                p.embedding = Some(pb::Embedding { values: q.to_bytes(), scale: q.scale });
+                p
+            })
+            .collect();
+        let dense: Vec<_> = (0..100).map(|_| random_pattern(&mut rng, 0.9)).collect();
+        let mut sizes = Vec::new();
+        for similar in [dense, compact.clone()] {
+            let mut resp = pb::SyncResponse::default();
+            let t = fit(&mut resp, similar, vec![], DOWN_BUDGET_BYTES);
+            assert!(t.wire_bytes <= DOWN_BUDGET_BYTES, "{}", t.wire_bytes);
+            assert_eq!(t.wire_bytes, omega_protocol::wire::grpc_zstd_size(&resp));
+            sizes.push(resp.global.expect("global").similar.len());
+        }
+        assert!(sizes[1] >= 3 * sizes[0], "compact {} vs dense {}", sizes[1], sizes[0]);
+        let mut resp = pb::SyncResponse::default();
+        fit(&mut resp, compact.clone(), vec![], DOWN_BUDGET_BYTES);
+        let g = resp.global.expect("global");
+        assert_eq!(g.similar[..], compact[..g.similar.len()], "a prefix, in order");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! lengths. The device watched `c00` (A, |a| = 0.95) and `c01` (B, |a| = 0.76), both along
 //! axis 0, so `q ≈ 1.65·e0 + 0.3·e1` and the best candidates are `c02`..`c06` (largest axis-0
 //! parts, in that order). Its own patterns' MiniLM embeddings point along axis 100, like the
-//! vectors of `c30`..`c39`: the interest-based path would serve those first.
+//! audience profiles (MiniLM-space main aggregates) of `c30`..`c39`: the interest-based path
+//! would serve those first, and never a collaborative vector.
 
 mod common;
 
@@ -13,7 +14,7 @@ use common::{Shard, delta, pattern_with, register, sync_request, unit_near};
 use omega_protocol::pb;
 use omega_protocol::pb::constellation_client::ConstellationClient;
 use omega_protocol::pb::shard_admin_client::ShardAdminClient;
-use omega_protocol::types::{aggregate_id, content_aggregate_id};
+use omega_protocol::types::{aggregate_id, collaborative_vector_id, content_aggregate_id};
 use omega_protocol::vector::EMBEDDING_DIM;
 use omega_shard::sync::DOWN_BUDGET_BYTES;
 use std::collections::HashSet;
@@ -78,7 +79,18 @@ fn ignored() -> Vec<pb::AggregatedPattern> {
 }
 
 fn id_of(i: usize) -> Vec<u8> {
+    collaborative_vector_id(&content(i)).as_bytes().to_vec()
+}
+
+fn profile_id(i: usize) -> Vec<u8> {
     content_aggregate_id(&content(i)).as_bytes().to_vec()
+}
+
+/// Audience profile (the content's main aggregate, a unit MiniLM-space vector) of content
+/// `i`: `c30`..`c39` near axis 100, where the device's own patterns point, others far away.
+fn profile(i: usize) -> pb::AggregatedPattern {
+    let axis = if i >= 30 { 100 } else { 200 };
+    aggregate(content_aggregate_id(&content(i)), &content(i), &unit_near(axis, 900 + i as u64))
 }
 
 async fn publish(shard: &Shard, round: &str, patterns: Vec<pb::AggregatedPattern>) {
@@ -102,8 +114,9 @@ async fn publish(shard: &Shard, round: &str, patterns: Vec<pb::AggregatedPattern
 
 fn catalog() -> Vec<pb::AggregatedPattern> {
     let mut aggs: Vec<_> = (0..CONTENTS)
-        .map(|i| aggregate(content_aggregate_id(&content(i)), &content(i), &collab_vector(i)))
+        .map(|i| aggregate(collaborative_vector_id(&content(i)), &content(i), &collab_vector(i)))
         .collect();
+    aggs.extend((0..CONTENTS).map(profile));
     aggs.extend(ignored());
     aggs
 }
@@ -165,7 +178,8 @@ async fn pulls_page_through_distinct_aggregates(shard: Shard) {
         // Device contents are read from merged patterns (MERGE_INTERVAL_MS = 50 here).
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
-    let never: HashSet<Vec<u8>> = ignored().into_iter().map(|a| a.id).collect();
+    let mut never: HashSet<Vec<u8>> = ignored().into_iter().map(|a| a.id).collect();
+    never.extend((0..CONTENTS).map(profile_id));
     let valid: HashSet<Vec<u8>> = (0..CONTENTS).map(id_of).collect();
     let mut received: Vec<Vec<u8>> = Vec::new();
     let mut responses = Vec::new();
@@ -186,7 +200,7 @@ async fn pulls_page_through_distinct_aggregates(shard: Shard) {
     }
     assert_eq!(received.len(), CONTENTS, "no item repeats before the list wraps");
     assert_eq!(received.iter().collect::<HashSet<_>>().len(), CONTENTS);
-    assert_eq!(first[0], id_of(0), "the longest own vector leads the list");
+    assert_eq!(first[0], id_of(0), "the newest own content leads (ties by content id)");
     let wrapped = similar_ids(&pull(&mut c, "tv-a", &ta).await);
     assert_eq!(wrapped.first(), Some(&id_of(0)), "after the end, the list starts again");
     assert!(shard.metric(SERIES) >= (CONTENTS + wrapped.len()) as f64);
@@ -225,13 +239,15 @@ async fn switched_off_or_without_main_aggregates_the_interest_path_answers() {
         let ids = similar_ids(&pull(&mut c, "tv-a", &ta).await);
         assert!(!ids.is_empty(), "COLLAB_SERVING={collab}: interest-based similar");
         assert_eq!(shard.metric(SERIES), 0.0, "COLLAB_SERVING={collab}");
+        // Collaborative vectors are not MiniLM embeddings: never served by interest.
+        let vectors: HashSet<_> = (0..CONTENTS).map(id_of).collect();
+        assert!(ids.iter().all(|id| !vectors.contains(id)), "COLLAB_SERVING={collab}");
         if collab == "false" {
-            // Nearest to the device's interest (axis 100): c30..c39, not the best candidates.
-            let near: HashSet<_> = (30..CONTENTS).map(id_of).collect();
-            let valid: HashSet<_> = (0..CONTENTS).map(id_of).collect();
-            let aggs: Vec<_> = ids.iter().filter(|id| valid.contains(*id)).collect();
+            // Nearest to the device's interest (axis 100): the profiles of c30..c39.
+            let near: HashSet<_> = (30..CONTENTS).map(profile_id).collect();
+            let profiles: HashSet<_> = (0..CONTENTS).map(profile_id).collect();
+            let aggs: Vec<_> = ids.iter().filter(|id| profiles.contains(*id)).collect();
             assert!(aggs.first().is_some_and(|id| near.contains(*id)), "interest-based order");
-            assert!(!ids.contains(&id_of(2)), "collaborative order not used");
         }
         // The next pull repeats the same nearest answer (no paging on this path).
         assert_eq!(similar_ids(&pull(&mut c, "tv-a", &ta).await), ids);

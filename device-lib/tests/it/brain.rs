@@ -404,12 +404,12 @@ fn the_catalogue_searches_real_embeddings() {
     assert!((cat.similarity(pos, &cat.embedding(pos)) - 1.0).abs() < 0.01);
 }
 
-/// A content's main federated aggregate carrying the collaborative item vector `v`.
+/// A content's collaborative item vector `v` as the federation publishes it.
 fn collaborative(content_id: &str, v: &[f32]) -> Pattern {
     let mut embedding = vec![0.0f32; omega_protocol::vector::EMBEDDING_DIM];
     embedding[..v.len()].copy_from_slice(v);
     Pattern {
-        id: omega_protocol::types::content_aggregate_id(content_id),
+        id: omega_protocol::types::collaborative_vector_id(content_id),
         content_id: content_id.into(),
         embedding,
         model_id: omega_protocol::DEFAULT_MODEL_ID.into(),

@@ -15,12 +15,14 @@
 use super::{Scorer, Split, Stage};
 use omega_protocol::collab::{self, QueryParams};
 use omega_protocol::pb;
-use omega_protocol::types::{AggregatedPattern, embedding_to_wire};
+use omega_protocol::types::{
+    AggregatedPattern, content_aggregate_id, embedding_to_wire, is_collaborative_vector,
+};
 use omega_protocol::vector::{EMBEDDING_DIM, dot, l2_normalize};
 use omega_shard::federation::intake::Intake;
 use omega_shard::federation::round::{RoundConfig, RoundOutput, federate};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// How a star rating becomes a watch fraction (the TV's success signal): a film rated at all
 /// was watched; low stars mean it was likely abandoned part-way.
@@ -114,14 +116,22 @@ impl FederatedScorer {
             (0..split.n_items as u32).map(|i| (content_id(i), i)).collect();
         let mut vectors = HashMap::new();
         let mut devices = HashMap::new();
+        let mut collaborative = HashSet::new();
         for a in published {
             let Ok(back) = AggregatedPattern::from_wire("a", a.to_wire(), min_sources) else {
                 continue;
             };
-            if let Some(&item) = back.content_id.as_ref().and_then(|c| by_content.get(c)) {
-                vectors.insert(item, back.embedding);
-                devices.insert(item, back.source_devices);
+            let Some(content) = back.content_id.as_deref() else { continue };
+            let Some(&item) = by_content.get(content) else { continue };
+            // A content's collaborative vector when the round made one; its main audience
+            // profile otherwise (rounds without collaborative vectors); never a secondary group.
+            if is_collaborative_vector(&back.id, content) {
+                collaborative.insert(item);
+            } else if back.id != content_aggregate_id(content) || collaborative.contains(&item) {
+                continue;
             }
+            vectors.insert(item, back.embedding);
+            devices.insert(item, back.source_devices);
         }
         // The TV's rule (`omega_protocol::collab`): history newest first.
         let queries = split

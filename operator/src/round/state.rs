@@ -272,6 +272,7 @@ mod tests {
             patterns_in: 40,
             groups: 12,
             patterns_aggregated: 9,
+            collaborative_vectors: 0,
             groups_suppressed: 3,
             trends_detected: 4,
             global_version: 7,

@@ -13,6 +13,10 @@
 //! `y = normalise((1 − mix)·centroid_of_device + mix·interest_of_device)`. A TV whose interest
 //! is close to a content's audience is then likely to enjoy it even when the content's own
 //! text looks unlike what it watched; `mix = 0` is the plain federated average.
+//!
+//! **Collaborative vectors.** With `collab` set, each content whose main group has k devices
+//! also gets its collaborative item vector ([`collab`]) as a second aggregate under
+//! [`collaborative_vector_id`], with the main group's evidence (quality, devices, samples).
 
 use super::collab::{self, CollabConfig};
 use super::group::Group;
@@ -182,7 +186,7 @@ fn context(intake: &Intake, g: &Group) -> PatternContext {
     }
 }
 
-pub use omega_protocol::types::aggregate_id;
+pub use omega_protocol::types::{aggregate_id, collaborative_vector_id};
 
 /// Builds the published aggregates of a round (sorted by id) and counts.
 pub fn aggregate(
@@ -200,7 +204,7 @@ pub fn aggregate(
     let allowed = cfg.dp.map(|dp| top_groups_per_source(&all, dp.max_groups_per_device));
     let mut rng = StdRng::seed_from_u64(cfg.dp.map(|d| d.seed).unwrap_or(0));
     let collab_vectors = match (cfg.collab, cfg.dp) {
-        (Some(c), None) => collaborative(intake, groups, &all, cfg.min_sources, &c),
+        (Some(c), None) => collaborative(groups, &all, cfg.min_sources, &c),
         _ => HashMap::new(),
     };
     let mut first_of_content: HashMap<u32, ()> = HashMap::new();
@@ -253,13 +257,26 @@ pub fn aggregate(
             }
         };
         let mut embedding = sum;
-        if let Some(v) = collab_vectors.get(&gi) {
-            embedding = v.clone();
-        } else if !l2_normalize(&mut embedding) {
+        if !l2_normalize(&mut embedding) {
             stats.suppressed += 1;
             continue;
         }
         let content_id = intake.contents.get(g.content).clone();
+        // The content's collaborative vector travels as an aggregate of its own, with the
+        // main group's evidence: it is not a MiniLM embedding (see `collab`).
+        if let Some(v) = collab_vectors.get(&gi) {
+            out.push(AggregatedPattern {
+                id: collaborative_vector_id(&content_id),
+                content_id: Some(content_id.clone()),
+                embedding: v.clone(),
+                quality,
+                source_devices: sources,
+                total_samples: samples,
+                context: context(intake, g),
+                region: String::new(),
+            });
+            stats.published += 1;
+        }
         let leader = (!main).then(|| &items[g.leader].embedding.values[..]);
         out.push(AggregatedPattern {
             id: aggregate_id(&content_id, leader),
@@ -280,7 +297,6 @@ pub fn aggregate(
 /// Collaborative vectors of the main group of every content that `min_sources` devices back,
 /// keyed by group index (see [`collab`]).
 fn collaborative(
-    intake: &Intake,
     groups: &[Group],
     shares: &[Vec<Share>],
     min_sources: u32,
@@ -296,24 +312,16 @@ fn collaborative(
     }
     let n = eligible.len();
     let mut sets: HashMap<u32, Vec<u32>> = HashMap::new();
-    let mut anchors = vec![0.0f32; n * EMBEDDING_DIM];
     for (k, &gi) in eligible.iter().enumerate() {
         for s in &shares[gi] {
             sets.entry(s.source).or_default().push(k as u32);
         }
-        let row = &mut anchors[k * EMBEDDING_DIM..][..EMBEDDING_DIM];
-        for &i in &groups[gi].members {
-            let c = &intake.items[i];
-            let w = c.embedding.scale;
-            row.iter_mut().zip(&c.embedding.values).for_each(|(a, &q)| *a += w * f32::from(q));
-        }
-        l2_normalize(row);
     }
     // Sources in a fixed order, so the result does not depend on hashing.
     let mut by_source: Vec<(u32, Vec<u32>)> = sets.into_iter().collect();
     by_source.sort_unstable_by_key(|(s, _)| *s);
     let sets: Vec<Vec<u32>> = by_source.into_iter().map(|(_, v)| v).collect();
-    let vectors = collab::item_vectors(&sets, n, &anchors, cfg, 0x00c0_11ab);
+    let vectors = collab::item_vectors(&sets, n, cfg, 0x00c0_11ab);
     eligible
         .into_iter()
         .enumerate()
@@ -367,20 +375,8 @@ fn dp_collaborative(
         })
         .collect();
     let n = candidates.len();
-    let mut anchors = vec![0.0f32; n * EMBEDDING_DIM];
-    for (k, &gi) in candidates.iter().enumerate() {
-        let row = &mut anchors[k * EMBEDDING_DIM..][..EMBEDDING_DIM];
-        for &i in &groups[gi].members {
-            let c = &items[i];
-            row.iter_mut()
-                .zip(&c.embedding.values)
-                .for_each(|(a, &q)| *a += c.embedding.scale * f32::from(q));
-        }
-        l2_normalize(row);
-    }
     let m = dp.max_groups_per_device as usize;
-    let (vectors, diag) =
-        collab::dp_item_vectors(&sets, n, m, &anchors, collab, dp.gram.sigma, dp.seed);
+    let (vectors, diag) = collab::dp_item_vectors(&sets, n, m, collab, dp.gram.sigma, dp.seed);
     let mut out = Vec::new();
     for (k, &gi) in candidates.iter().enumerate() {
         if diag[k] < dp.gram.release_threshold {
@@ -391,7 +387,7 @@ fn dp_collaborative(
         let devices = ((diag[k] * m as f64).round() as u32).max(cfg.min_sources);
         let content_id = intake.contents.get(groups[gi].content).clone();
         out.push(AggregatedPattern {
-            id: aggregate_id(&content_id, None),
+            id: collaborative_vector_id(&content_id),
             content_id: Some(content_id),
             embedding,
             quality: cfg.min_quality,

@@ -11,9 +11,11 @@
 //!    `G`: each step is two passes over the device sets);
 //! 3. `a_i = (v_k,i · sqrt(s_k / (s_k + λ)))_k` — the low-rank part of the EASE item-item
 //!    ridge solution (`G(G + λI)⁻¹`), with `λ = lambda_rel × mean(diag G)`;
-//! 4. an orthogonal Procrustes map into the 384-dim MiniLM space (onto the contents'
-//!    centroid embeddings), which changes no dot product but keeps each vector near its
-//!    content's own embedding, so shard-side similarity search still finds related content;
+//! 4. the `dim` coordinates written into the first `dim` of the 384 wire dimensions, the rest
+//!    zero: the vector is not a MiniLM embedding (it is published under its own id,
+//!    `omega_protocol::types::collaborative_vector_id`, next to the content's audience
+//!    profile), and its zero tail compresses to almost nothing, so a 5 KB answer carries ~4x
+//!    more of them than of dense 384-dim vectors;
 //! 5. scaled so the longest vector has length 1. The **length carries the strength** of a
 //!    content's evidence (popular, consistently co-watched contents are longer): consumers
 //!    must not re-normalise these vectors.
@@ -184,36 +186,21 @@ fn top_eigen(
     (values, vecs)
 }
 
-/// Shrinks the top `d` eigen-directions like EASE, maps them into the 384-dim space onto
-/// `anchors`, and scales so the longest vector has length 1.
-fn finish(
-    values: &[f64],
-    vecs: &[f64],
-    n: usize,
-    r: usize,
-    d: usize,
-    lambda: f64,
-    anchors: &[f32],
-) -> Vec<f32> {
+/// Shrinks the top `d` eigen-directions like EASE, writes them into the first `d` of the 384
+/// dimensions, and scales so the longest vector has length 1.
+fn finish(values: &[f64], vecs: &[f64], n: usize, r: usize, d: usize, lambda: f64) -> Vec<f32> {
     let shrink: Vec<f64> = values
         .iter()
         .take(d)
         .map(|&s| if s > 0.0 { (s / (s + lambda)).sqrt() } else { 0.0 })
         .collect();
-    let mut a = vec![0.0; n * d];
-    for i in 0..n {
-        for k in 0..d.min(shrink.len()) {
-            a[i * d + k] = vecs[i * r + k] * shrink[k];
-        }
-    }
-    let map = procrustes(&a, anchors, n, d);
     let mut out = vec![0.0f32; n * EMBEDDING_DIM];
     let mut max_norm = 0.0f64;
     for i in 0..n {
         let mut norm = 0.0;
-        for c in 0..EMBEDDING_DIM {
-            let v: f64 = (0..d).map(|k| a[i * d + k] * map[k * EMBEDDING_DIM + c]).sum();
-            out[i * EMBEDDING_DIM + c] = v as f32;
+        for (k, f) in shrink.iter().enumerate() {
+            let v = vecs[i * r + k] * f;
+            out[i * EMBEDDING_DIM + k] = v as f32;
             norm += v * v;
         }
         max_norm = max_norm.max(norm.sqrt());
@@ -224,16 +211,10 @@ fn finish(
     out
 }
 
-/// Item vectors (row-major `n × 384`) for `n` contents from per-device content sets
-/// (indices `< n`), aligned to `anchors` (row-major `n × 384`, the contents' embeddings).
-/// Deterministic for a seed. Empty input gives zero vectors.
-pub fn item_vectors(
-    sets: &[Vec<u32>],
-    n: usize,
-    anchors: &[f32],
-    cfg: &CollabConfig,
-    seed: u64,
-) -> Vec<f32> {
+/// Item vectors (row-major `n × 384`, non-zero only in the first `cfg.dim` dimensions) for `n`
+/// contents from per-device content sets (indices `< n`). Deterministic for a seed. Empty
+/// input gives zero vectors.
+pub fn item_vectors(sets: &[Vec<u32>], n: usize, cfg: &CollabConfig, seed: u64) -> Vec<f32> {
     if n == 0 {
         return Vec::new();
     }
@@ -241,7 +222,7 @@ pub fn item_vectors(
     let r = (d + 16).min(n);
     let (values, vecs) = top_eigen(|q| gram_times(sets, q, n, r).1, n, r, cfg.iterations, seed);
     let diag_mean = sets.iter().map(|s| s.len()).sum::<usize>() as f64 / n as f64;
-    finish(&values, &vecs, n, r, d, cfg.lambda_rel * diag_mean, anchors)
+    finish(&values, &vecs, n, r, d, cfg.lambda_rel * diag_mean)
 }
 
 /// The differentially private variant (the "Analyze Gauss" mechanism): each device's set
@@ -254,7 +235,6 @@ pub fn dp_item_vectors(
     sets: &[Vec<u32>],
     n: usize,
     m: usize,
-    anchors: &[f32],
     cfg: &CollabConfig,
     sigma: f64,
     seed: u64,
@@ -299,70 +279,7 @@ pub fn dp_item_vectors(
     };
     let (values, vecs) = top_eigen(apply, n, r, cfg.iterations, seed);
     let diag_mean = diag.iter().map(|x| x.max(0.0)).sum::<f64>() / n as f64;
-    (finish(&values, &vecs, n, r, d, cfg.lambda_rel * diag_mean, anchors), diag)
-}
-
-/// The `d × 384` map with orthonormal rows closest to sending `a` onto `anchors`
-/// (orthogonal Procrustes: `U Vᵀ` of the SVD of `aᵀ·anchors`).
-fn procrustes(a: &[f64], anchors: &[f32], n: usize, d: usize) -> Vec<f64> {
-    let e = EMBEDDING_DIM;
-    let mut m = vec![0.0; d * e];
-    for i in 0..n {
-        for k in 0..d {
-            let x = a[i * d + k];
-            if x != 0.0 {
-                for c in 0..e {
-                    m[k * e + c] += x * f64::from(anchors.get(i * e + c).copied().unwrap_or(0.0));
-                }
-            }
-        }
-    }
-    let mut mmt = vec![0.0; d * d];
-    for x in 0..d {
-        for y in 0..d {
-            mmt[x * d + y] = (0..e).map(|c| m[x * e + c] * m[y * e + c]).sum();
-        }
-    }
-    let (values, u) = symmetric_eigen(&mmt, d);
-    // Right singular vectors v_k = Mᵀ u_k / σ_k; directions without signal are completed
-    // with coordinate axes orthogonalised against the others.
-    let mut v = vec![0.0; d * e]; // row k = v_k
-    let mut filled = vec![false; d];
-    for k in 0..d {
-        let sigma = values[k].max(0.0).sqrt();
-        if sigma > 1e-9 {
-            for c in 0..e {
-                v[k * e + c] = (0..d).map(|x| m[x * e + c] * u[x * d + k]).sum::<f64>() / sigma;
-            }
-            filled[k] = true;
-        }
-    }
-    let mut axis = 0;
-    for k in 0..d {
-        while !filled[k] && axis < e {
-            let mut cand = vec![0.0; e];
-            cand[axis] = 1.0;
-            axis += 1;
-            for j in (0..d).filter(|&j| filled[j]) {
-                let dot: f64 = (0..e).map(|c| cand[c] * v[j * e + c]).sum();
-                (0..e).for_each(|c| cand[c] -= dot * v[j * e + c]);
-            }
-            let norm = cand.iter().map(|x| x * x).sum::<f64>().sqrt();
-            if norm > 1e-6 {
-                (0..e).for_each(|c| v[k * e + c] = cand[c] / norm);
-                filled[k] = true;
-            }
-        }
-    }
-    // W = U Vᵀ: row x of W = Σ_k u[x][k] · v_k.
-    let mut w = vec![0.0; d * e];
-    for x in 0..d {
-        for k in 0..d {
-            let f = u[x * d + k];
-            (0..e).for_each(|c| w[x * e + c] += f * v[k * e + c]);
-        }
-    }
-    w
+    (finish(&values, &vecs, n, r, d, cfg.lambda_rel * diag_mean), diag)
 }
 
 #[cfg(test)]
@@ -379,7 +296,7 @@ mod tests {
     }
 
     #[test]
-    fn vectors_score_co_watched_contents_above_others_and_keep_dot_products_under_alignment() {
+    fn vectors_score_co_watched_contents_above_others_in_their_first_dimensions() {
         // Two tastes: devices of taste t watch contents of block t (5 each).
         let sets: Vec<Vec<u32>> = (0..40u32)
             .map(|s| {
@@ -388,18 +305,18 @@ mod tests {
             })
             .collect();
         let n = 10;
-        let mut anchors = vec![0.0f32; n * EMBEDDING_DIM];
-        for i in 0..n {
-            anchors[i * EMBEDDING_DIM + i] = 1.0;
-        }
         let cfg = CollabConfig { dim: 4, lambda_rel: 1.0, iterations: 8 };
-        let v = item_vectors(&sets, n, &anchors, &cfg, 1);
+        let v = item_vectors(&sets, n, &cfg, 1);
         let dot = |i: usize, j: usize| -> f32 {
             (0..EMBEDDING_DIM).map(|c| v[i * EMBEDDING_DIM + c] * v[j * EMBEDDING_DIM + c]).sum()
         };
         assert!(dot(0, 1) > dot(0, 6) + 0.1, "same block {} other {}", dot(0, 1), dot(0, 6));
         let norms: Vec<f32> = (0..n).map(|i| dot(i, i).sqrt()).collect();
         assert!(norms.iter().all(|&x| x <= 1.0 + 1e-5) && norms.iter().any(|&x| x > 0.999));
-        assert_eq!(v, item_vectors(&sets, n, &anchors, &cfg, 1), "deterministic");
+        assert_eq!(v, item_vectors(&sets, n, &cfg, 1), "deterministic");
+        // Only the first `dim` dimensions carry the model: the tail is zero.
+        assert!((0..n).all(|i| {
+            v[i * EMBEDDING_DIM + cfg.dim..(i + 1) * EMBEDDING_DIM].iter().all(|x| *x == 0.0)
+        }));
     }
 }

@@ -114,6 +114,7 @@ mod tests {
     use crate::federation::privacy::DpParams;
     use omega_protocol::pb;
     use omega_protocol::types::embedding_to_wire;
+    use omega_protocol::types::{AggregatedPattern, is_collaborative_vector};
     use omega_protocol::vector::{EMBEDDING_DIM, cosine, l2_normalize};
     use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 
@@ -268,7 +269,14 @@ mod tests {
         let a = federate(&intake_of(&rows), &cfg, "r");
         rows.shuffle(&mut rng);
         let b = federate(&intake_of(&rows), &cfg, "r");
-        assert_eq!(a.patterns.len(), 20);
+        assert_eq!(a.patterns.len(), 40, "an audience profile and a collaborative vector each");
+        let collab = |p: &&AggregatedPattern| {
+            p.content_id.as_deref().is_some_and(|c| is_collaborative_vector(&p.id, c))
+        };
+        assert_eq!(a.patterns.iter().filter(collab).count(), 20);
+        for p in a.patterns.iter().filter(collab) {
+            assert!(p.embedding[CollabConfig::default().dim..].iter().all(|x| *x == 0.0));
+        }
         // Summation order is canonical, so even the floats match after a reshuffle.
         assert_eq!(
             a.patterns.iter().map(|p| p.id).collect::<Vec<_>>(),
@@ -332,6 +340,12 @@ mod tests {
         assert_eq!(published.len(), 5, "{published:?}");
         assert!(!published.contains(&"c5"));
         assert!(a.patterns.iter().all(|p| p.quality == 0.8 && p.source_devices >= 3));
+        assert!(
+            a.patterns
+                .iter()
+                .all(|p| is_collaborative_vector(&p.id, p.content_id.as_deref().unwrap_or(""))),
+            "a DP round with collaborative vectors releases only those"
+        );
         let acc = a.privacy.expect("accounting");
         assert_eq!(acc.l2_sensitivity, 1.0);
     }

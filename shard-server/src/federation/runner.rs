@@ -9,10 +9,12 @@ use super::round::{self, RoundConfig};
 use super::{FederationError, privacy};
 use omega_protocol::admin::{RoundOutcome, RoundSummary, ShardFailure};
 use omega_protocol::pb::{self, shard_admin_client::ShardAdminClient};
+use omega_protocol::types::is_collaborative_vector;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
+use uuid::Uuid;
 
 /// Largest message accepted from a shard (an export batch of a few thousand patterns).
 const MAX_MESSAGE: usize = 64 << 20;
@@ -53,6 +55,7 @@ pub async fn run(args: &FederateArgs, metrics: &FederationMetrics) -> RoundSumma
         patterns_in: 0,
         groups: 0,
         patterns_aggregated: 0,
+        collaborative_vectors: 0,
         groups_suppressed: 0,
         trends_detected: 0,
         global_version: 0,
@@ -136,7 +139,15 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
     summary.patterns_in = counts.patterns_in;
     summary.groups = counts.groups;
     summary.groups_suppressed = counts.suppressed;
-    summary.patterns_aggregated = req.patterns.len() as u64;
+    let collaborative = req
+        .patterns
+        .iter()
+        .filter(|p| {
+            Uuid::from_slice(&p.id).is_ok_and(|id| is_collaborative_vector(&id, &p.content_id))
+        })
+        .count() as u64;
+    summary.collaborative_vectors = collaborative;
+    summary.patterns_aggregated = req.patterns.len() as u64 - collaborative;
     summary.trends_detected = req.trends.len() as u64;
     summary.global_version = req.global_version;
     summary.privacy = cfg.dp.map(|p| {

@@ -22,6 +22,7 @@ use crate::store::SimilarQuery;
 use crate::sync::{self as logic, DOWN_BUDGET_BYTES, SIMILAR_CANDIDATES};
 use omega_protocol::pb;
 use omega_protocol::pb::constellation_server::Constellation;
+use omega_protocol::types::is_collaborative_vector;
 use omega_protocol::validate::{self, MIN_SHARED_QUALITY};
 use omega_protocol::wire::grpc_zstd_size;
 use std::net::{IpAddr, SocketAddr};
@@ -29,6 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 /// Default sync interval bounds handed to devices at registration.
 pub const SYNC_INTERVAL_SECS: (u32, u32) = (300, 900);
@@ -66,9 +68,13 @@ impl ConstellationService {
         };
         match st.store.similar(q).await {
             Ok(found) => {
+                // Collaborative vectors are not MiniLM embeddings: their distance to an
+                // interest vector means nothing, and they reach devices by collaborative
+                // serving instead.
                 let served: Arc<Vec<pb::Pattern>> = Arc::new(
                     found
                         .into_iter()
+                        .filter(|s| !(s.aggregate && is_collaborative(&s.pattern)))
                         .map(|s| logic::anonymize(s.pattern, &st.keys, s.aggregate))
                         .collect(),
                 );
@@ -148,6 +154,10 @@ pub fn peer_key(addr: Option<SocketAddr>) -> String {
         Some(IpAddr::V4(v4)) => v4.to_string(),
         None => "unknown".into(),
     }
+}
+
+fn is_collaborative(p: &pb::Pattern) -> bool {
+    Uuid::from_slice(&p.id).is_ok_and(|id| is_collaborative_vector(&id, &p.content_id))
 }
 
 fn check_draining(st: &AppState) -> Result<(), Status> {

@@ -55,6 +55,7 @@ pub fn default_job(args: &[String]) -> JobRun {
         patterns_in: 120,
         groups: 30,
         patterns_aggregated: 17,
+        collaborative_vectors: 17,
         groups_suppressed: 13,
         trends_detected: 4,
         global_version: 1,
