@@ -89,6 +89,13 @@
 #define OMEGA_ERR_SYNC_CONFIG -12
 
 /**
+ * The shard knows this device id already and the brain holds no token for it (the id
+ * belongs to another device, or its token was lost). Final: retrying cannot help; nothing
+ * local was changed.
+ */
+#define OMEGA_ERR_DEVICE_ID_TAKEN -13
+
+/**
  * A bug (a caught panic).
  */
 #define OMEGA_ERR_INTERNAL -99
@@ -174,11 +181,14 @@ int64_t omega_brain_score(struct OmegaBrain *brain,
                           size_t out_cap);
 
 /**
- * Syncs with a shard. `sync_config_json` is a `SyncConfig` (endpoint, token, deadlines,
- * retries…); without a token the device registers first. Writes a `SyncReport` JSON, whose
- * `next_sync_in_ms` says when to sync next (5-15 minutes, jittered). When the shard is
- * unreachable, returns `OMEGA_ERR_UNAVAILABLE` and keeps every pending change. Other calls
- * on the handle (recommend, observe…) are not blocked while the shard is being waited for.
+ * Syncs with a shard. `sync_config_json` is a `SyncConfig` (endpoint, deadlines, retries…).
+ * The device registers at its first sync and the brain keeps the token in its database, so
+ * later syncs (after a reopen too) use it without registering again; a `token` in the config
+ * overrides it. Writes a `SyncReport` JSON, whose `next_sync_in_ms` says when to sync next
+ * (5-15 minutes, jittered). When the shard is unreachable, returns `OMEGA_ERR_UNAVAILABLE`
+ * and keeps every pending change; when the shard knows the device id and the brain holds no
+ * token for it, `OMEGA_ERR_DEVICE_ID_TAKEN`. Other calls on the handle (recommend,
+ * observe…) are not blocked while the shard is being waited for.
  *
  * # Safety
  * As `omega_brain_observe`.

@@ -77,6 +77,19 @@ pub enum DeviceError {
         /// Message from the shard.
         message: String,
     },
+    /// The shard knows this device id already and the brain holds no token for it, so it
+    /// refuses to register the id again. Retrying cannot help; nothing local was changed.
+    #[error(
+        "device id {device_id:?} is already registered with the shard and this brain holds no \
+         token for it: the id belongs to another device, or its token was lost (a database \
+         restored without it, or an earlier registration whose answer never arrived). Nothing \
+         local was changed. To sync again, the shard's operator must remove the device, or the TV \
+         must start over with a new database and device id"
+    )]
+    DeviceIdTaken {
+        /// The device id.
+        device_id: String,
+    },
     /// The sync endpoint or TLS settings are unusable.
     #[error("sync configuration: {0}")]
     SyncConfig(String),
@@ -105,6 +118,7 @@ impl DeviceError {
             DeviceError::State(_) => ffi::OMEGA_ERR_STATE,
             DeviceError::Unavailable { .. } => ffi::OMEGA_ERR_UNAVAILABLE,
             DeviceError::Rejected { .. } => ffi::OMEGA_ERR_REJECTED,
+            DeviceError::DeviceIdTaken { .. } => ffi::OMEGA_ERR_DEVICE_ID_TAKEN,
             DeviceError::SyncConfig(_) => ffi::OMEGA_ERR_SYNC_CONFIG,
             DeviceError::Null(_) => ffi::OMEGA_ERR_NULL,
             DeviceError::Internal(_) => ffi::OMEGA_ERR_INTERNAL,
@@ -149,6 +163,7 @@ mod tests {
                 ffi::OMEGA_ERR_REJECTED,
             ),
             (DeviceError::SyncConfig("c".into()), ffi::OMEGA_ERR_SYNC_CONFIG),
+            (DeviceError::DeviceIdTaken { device_id: "tv".into() }, ffi::OMEGA_ERR_DEVICE_ID_TAKEN),
             (DeviceError::Null("out"), ffi::OMEGA_ERR_NULL),
             (DeviceError::Internal("i".into()), ffi::OMEGA_ERR_INTERNAL),
         ];

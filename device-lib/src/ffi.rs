@@ -58,6 +58,10 @@ pub const OMEGA_ERR_UNAVAILABLE: i32 = -10;
 pub const OMEGA_ERR_REJECTED: i32 = -11;
 /// Unusable sync configuration.
 pub const OMEGA_ERR_SYNC_CONFIG: i32 = -12;
+/// The shard knows this device id already and the brain holds no token for it (the id
+/// belongs to another device, or its token was lost). Final: retrying cannot help; nothing
+/// local was changed.
+pub const OMEGA_ERR_DEVICE_ID_TAKEN: i32 = -13;
 /// A bug (a caught panic).
 pub const OMEGA_ERR_INTERNAL: i32 = -99;
 
@@ -347,11 +351,14 @@ pub unsafe extern "C" fn omega_brain_score(
     })
 }
 
-/// Syncs with a shard. `sync_config_json` is a `SyncConfig` (endpoint, token, deadlines,
-/// retries…); without a token the device registers first. Writes a `SyncReport` JSON, whose
-/// `next_sync_in_ms` says when to sync next (5-15 minutes, jittered). When the shard is
-/// unreachable, returns `OMEGA_ERR_UNAVAILABLE` and keeps every pending change. Other calls
-/// on the handle (recommend, observe…) are not blocked while the shard is being waited for.
+/// Syncs with a shard. `sync_config_json` is a `SyncConfig` (endpoint, deadlines, retries…).
+/// The device registers at its first sync and the brain keeps the token in its database, so
+/// later syncs (after a reopen too) use it without registering again; a `token` in the config
+/// overrides it. Writes a `SyncReport` JSON, whose `next_sync_in_ms` says when to sync next
+/// (5-15 minutes, jittered). When the shard is unreachable, returns `OMEGA_ERR_UNAVAILABLE`
+/// and keeps every pending change; when the shard knows the device id and the brain holds no
+/// token for it, `OMEGA_ERR_DEVICE_ID_TAKEN`. Other calls on the handle (recommend,
+/// observe…) are not blocked while the shard is being waited for.
 ///
 /// # Safety
 /// As `omega_brain_observe`.
@@ -378,18 +385,11 @@ pub unsafe extern "C" fn omega_brain_sync(
         let rt = runtime.as_ref().ok_or_else(|| DeviceError::Internal("no runtime".into()))?;
         let report = rt.block_on(async {
             if client.as_ref().is_none_or(|(json, _)| json != cfg_json) {
-                *client = Some((cfg_json.to_owned(), SyncClient::connect(cfg.clone()).await?));
+                *client = Some((cfg_json.to_owned(), SyncClient::connect(cfg).await?));
             }
             let (_, c) =
                 client.as_mut().ok_or_else(|| DeviceError::Internal("no client".into()))?;
-            if c.config().token.is_none() {
-                let (device, model) = {
-                    let h = lock(&b.inner)?;
-                    (h.brain.device_id().to_owned(), h.brain.embedder().model_id().to_owned())
-                };
-                c.register(&device, &cfg.region, &model).await?;
-            }
-            c.sync_with(&mut Locked(&b.inner)).await
+            c.register_and_sync(&mut Locked(&b.inner)).await
         })?;
         let mut h = lock(&b.inner)?;
         // SAFETY: forwarded from the caller.

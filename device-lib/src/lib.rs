@@ -5,7 +5,8 @@
 //! - [`Brain`]: learns patterns from viewing events, recommends offline, prepares deltas,
 //!   takes in global patterns; persisted in SQLite ([`store`]).
 //! - [`index`]: exact int8 scan and HNSW vector search; [`ranking`]: the scoring rules.
-//! - [`SyncClient`]: the gRPC client that trades deltas for global patterns.
+//! - [`SyncClient`]: the gRPC client that trades deltas for global patterns; the device token
+//!   it registers for is kept in the brain ([`registration`]).
 //! - [`ffi`]: the C ABI (`include/omega.h`).
 
 pub mod assets;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod ffi;
 pub mod index;
 pub mod ranking;
+pub mod registration;
 pub mod store;
 pub mod sync;
 
@@ -24,4 +26,5 @@ pub use catalogue::{Catalogue, CatalogueItem};
 pub use embedder::{Embedder, EmbedderConfig};
 pub use error::{DeviceError, Result};
 pub use ranking::{RankingParams, Recommendation, Source};
+pub use registration::DeviceRegistration;
 pub use sync::{Registration, SyncClient, SyncConfig, SyncReport};

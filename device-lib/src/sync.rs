@@ -7,9 +7,16 @@
 //! lazily: a TV that boots offline still gets a client, and its deltas wait in the brain's
 //! outbox until a sync goes through. TLS (rustls) needs the `tls` cargo feature and an
 //! `https://` endpoint.
+//!
+//! Registration: a shard registers a new device id without credentials, but an id it knows
+//! already only when the request carries that id's token. So the token is kept in the brain
+//! ([`Brain::save_registration`]) as soon as it arrives and reused after a reboot
+//! ([`SyncClient::ensure_registered`]); a refusal for a known id without a token is
+//! [`DeviceError::DeviceIdTaken`], final, never retried.
 
 use crate::brain::Brain;
 use crate::error::{DeviceError, Result};
+use crate::registration::DeviceRegistration;
 use omega_protocol::pb::constellation_client::ConstellationClient;
 use omega_protocol::{GlobalPatterns, pb, wire};
 use rand::Rng;
@@ -31,12 +38,15 @@ pub const MAX_SYNC_INTERVAL_SECS: u64 = 3_600;
 pub const MAX_PUSHES_PER_SYNC: u32 = 16;
 
 /// Where and how to sync. Every field has a default; as JSON unknown fields are refused.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Debug` does not show the token.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SyncConfig {
     /// `http://host:50051`, or `https://…` with the `tls` feature.
     pub endpoint: String,
-    /// Bearer token from an earlier registration; [`SyncClient::register`] sets it.
+    /// Bearer token from an earlier registration; [`SyncClient::register`] sets it, and
+    /// [`SyncClient::ensure_registered`] takes the one the brain keeps. One given here wins
+    /// over the brain's (and replaces it there once a sync with it succeeds).
     pub token: Option<String>,
     /// Region sent at registration.
     pub region: String,
@@ -78,8 +88,26 @@ impl Default for SyncConfig {
     }
 }
 
-/// What the shard answered at registration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+impl std::fmt::Debug for SyncConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncConfig")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("region", &self.region)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff_base_ms", &self.backoff_base_ms)
+            .field("backoff_max_ms", &self.backoff_max_ms)
+            .field("ca_cert_path", &self.ca_cert_path)
+            .field("min_interval_secs", &self.min_interval_secs)
+            .field("max_interval_secs", &self.max_interval_secs)
+            .finish()
+    }
+}
+
+/// What the shard answered at registration. `Debug` does not show the token.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Registration {
     /// Bearer token for every sync.
     pub device_token: String,
@@ -93,6 +121,29 @@ pub struct Registration {
     pub sync_interval_min_secs: u32,
     /// Longest pause between syncs, s.
     pub sync_interval_max_secs: u32,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("device_token", &"<redacted>")
+            .field("shard_id", &self.shard_id)
+            .field("region", &self.region)
+            .field("model_id", &self.model_id)
+            .field("sync_interval_min_secs", &self.sync_interval_min_secs)
+            .field("sync_interval_max_secs", &self.sync_interval_max_secs)
+            .finish()
+    }
+}
+
+/// What [`SyncClient::ensure_registered`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Enrolment {
+    /// A `Register` call was made (and succeeded): no token was held for this endpoint.
+    pub registered: bool,
+    /// The shard knew the device id already and no token was held for it, so the brain took
+    /// a fresh id (see [`Brain::can_renew_device_id`]) and registered that.
+    pub device_id_renewed: bool,
 }
 
 /// What one [`SyncClient::sync`] did.
@@ -139,6 +190,11 @@ pub struct SyncReport {
     /// fleet's syncs spread out. A C caller sleeps this long before the next
     /// `omega_brain_sync`.
     pub next_sync_in_ms: u64,
+    /// This sync registered the device first ([`SyncClient::register_and_sync`]; the token is
+    /// now kept in the brain).
+    pub registered: bool,
+    /// This sync gave the device a fresh id first ([`Enrolment::device_id_renewed`]).
+    pub device_id_renewed: bool,
 }
 
 /// Access to the brain during a sync. The network exchange runs between two accesses, so a
@@ -196,6 +252,9 @@ pub fn next_sync_delay(min: Duration, max: Duration, rng: &mut impl Rng) -> Dura
 pub struct SyncClient {
     client: ConstellationClient<Channel>,
     cfg: SyncConfig,
+    /// The registration behind `cfg.token` when it came from [`SyncClient::register`] or from
+    /// the brain (`None` for a token of the config): what the brain is to keep.
+    issued: Option<DeviceRegistration>,
 }
 
 impl SyncClient {
@@ -217,7 +276,7 @@ impl SyncClient {
             .send_compressed(CompressionEncoding::Zstd)
             .accept_compressed(CompressionEncoding::Zstd)
             .max_decoding_message_size(omega_protocol::validate::MAX_MESSAGE_BYTES);
-        Ok(SyncClient { client, cfg })
+        Ok(SyncClient { client, cfg, issued: None })
     }
 
     /// The configuration (with the token once registered).
@@ -225,7 +284,11 @@ impl SyncClient {
         &self.cfg
     }
 
-    /// Registers the device (idempotent on the shard) and keeps the token for syncs.
+    /// Registers the device and keeps the token for syncs. A client that holds a token sends
+    /// it (`authorization: Bearer …`), as a shard requires to register a known id again;
+    /// without one, a shard that knows the id refuses, which is
+    /// [`DeviceError::DeviceIdTaken`]. The caller keeps the token: see
+    /// [`SyncClient::ensure_registered`], which stores it in the brain.
     pub async fn register(
         &mut self,
         device_id: &str,
@@ -239,16 +302,31 @@ impl SyncClient {
             client_version: CLIENT_VERSION.into(),
         };
         omega_protocol::validate::check_register(&req)?;
-        let (resp, _) = self
+        let auth = self.cfg.token.as_deref().map(bearer).transpose()?;
+        let answer = self
             .call(|mut c, deadline| {
                 let req = req.clone();
+                let auth = auth.clone();
                 async move {
                     let mut r = tonic::Request::new(req);
                     r.set_timeout(deadline);
+                    if let Some(auth) = auth {
+                        r.metadata_mut().insert("authorization", auth);
+                    }
                     c.register(r).await
                 }
             })
-            .await?;
+            .await;
+        let (resp, _) = match answer {
+            // Without a token the only UNAUTHENTICATED a shard gives is "known id": asking
+            // again cannot help, so it is final and says why.
+            Err(DeviceError::Rejected { code: tonic::Code::Unauthenticated, .. })
+                if auth.is_none() =>
+            {
+                return Err(DeviceError::DeviceIdTaken { device_id: device_id.into() });
+            }
+            other => other?,
+        };
         if !resp.model_id.is_empty() && resp.model_id != model_id {
             return Err(DeviceError::ModelMismatch {
                 expected: model_id.into(),
@@ -256,13 +334,22 @@ impl SyncClient {
             });
         }
         bearer(&resp.device_token)?;
-        self.cfg.token = Some(resp.device_token.clone());
-        if resp.sync_interval_min_secs > 0
-            && resp.sync_interval_max_secs >= resp.sync_interval_min_secs
-        {
-            self.cfg.min_interval_secs = clamp_interval(u64::from(resp.sync_interval_min_secs));
-            self.cfg.max_interval_secs = clamp_interval(u64::from(resp.sync_interval_max_secs));
+        let issued = DeviceRegistration {
+            device_id: device_id.into(),
+            endpoint: self.cfg.endpoint.clone(),
+            token: resp.device_token.clone(),
+            shard_id: resp.shard_id,
+            region: resp.region.clone(),
+            sync_interval_min_secs: resp.sync_interval_min_secs,
+            sync_interval_max_secs: resp.sync_interval_max_secs,
+        };
+        if !issued.usable_for(device_id) {
+            return Err(DeviceError::Rejected {
+                code: tonic::Code::Internal,
+                message: "the shard answered with an empty or unprintable device token".into(),
+            });
         }
+        self.adopt(issued);
         Ok(Registration {
             device_token: resp.device_token,
             shard_id: resp.shard_id,
@@ -271,6 +358,122 @@ impl SyncClient {
             sync_interval_min_secs: resp.sync_interval_min_secs,
             sync_interval_max_secs: resp.sync_interval_max_secs,
         })
+    }
+
+    /// Takes `reg`'s token and the sync interval the shard asked for.
+    fn adopt(&mut self, reg: DeviceRegistration) {
+        self.cfg.token = Some(reg.token.clone());
+        let (lo, hi) = (reg.sync_interval_min_secs, reg.sync_interval_max_secs);
+        if lo > 0 && hi >= lo {
+            self.cfg.min_interval_secs = clamp_interval(u64::from(lo));
+            self.cfg.max_interval_secs = clamp_interval(u64::from(hi));
+        }
+        self.issued = Some(reg);
+    }
+
+    /// Takes the token the brain keeps for this endpoint, when the client holds none.
+    fn adopt_stored(&mut self, stored: Option<DeviceRegistration>) -> bool {
+        match stored {
+            Some(reg) if self.cfg.token.is_none() && reg.endpoint == self.cfg.endpoint => {
+                self.adopt(reg);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Makes sure the client holds a token for the brain's device, registering only when
+    /// needed, and keeps a new token in the brain before anything else happens:
+    ///
+    /// - a token of the config, or one the client holds already: nothing to do;
+    /// - the brain keeps one from this endpoint (an earlier run): it is used, no call made;
+    /// - the brain keeps one from another endpoint: it is presented at a registration (the
+    ///   same shard under another name confirms it); a shard that refuses it (another
+    ///   secret) is asked to register the id as new;
+    /// - none: the id is registered. If the shard knows it already
+    ///   ([`DeviceError::DeviceIdTaken`]: an earlier answer was lost, or the database was
+    ///   copied to a TV that registered first), a generated id under which nothing was ever
+    ///   sent is replaced by a fresh one ([`Brain::renew_device_id`]) and registered;
+    ///   otherwise the error is returned and nothing local changes.
+    pub async fn ensure_registered(&mut self, brain: &mut impl BrainAccess) -> Result<Enrolment> {
+        if self.cfg.token.is_some() {
+            return Ok(Enrolment::default());
+        }
+        let (device, model, stored) = brain.with_brain(|b| {
+            let stored = b.registration().filter(|r| r.usable_for(b.device_id())).cloned();
+            Ok((b.device_id().to_owned(), b.embedder().model_id().to_owned(), stored))
+        })?;
+        let region = self.cfg.region.clone();
+        let mut enrolment = Enrolment { registered: true, device_id_renewed: false };
+        if let Some(reg) = stored {
+            if self.adopt_stored(Some(reg.clone())) {
+                return Ok(Enrolment::default());
+            }
+            self.cfg.token = Some(reg.token);
+            match self.register(&device, &region, &model).await {
+                Ok(_) => {
+                    self.keep_issued(brain)?;
+                    return Ok(enrolment);
+                }
+                // Another shard, with another secret: the id is new there (or taken, below).
+                Err(DeviceError::Rejected { code: tonic::Code::Unauthenticated, .. }) => {
+                    self.cfg.token = None;
+                }
+                Err(e) => {
+                    self.cfg.token = None;
+                    return Err(e);
+                }
+            }
+        }
+        match self.register(&device, &region, &model).await {
+            Ok(_) => {}
+            Err(DeviceError::DeviceIdTaken { device_id }) => {
+                let fresh = brain.with_brain(|b| {
+                    if b.device_id() != device_id || !b.can_renew_device_id() {
+                        return Ok(None);
+                    }
+                    b.renew_device_id().map(|id| Some(id.to_owned()))
+                })?;
+                let Some(fresh) = fresh else {
+                    return Err(DeviceError::DeviceIdTaken { device_id });
+                };
+                tracing::warn!(
+                    old = %device_id,
+                    new = %fresh,
+                    "the shard knows this device id and no token is held for it (nothing was \
+                     ever synced under it); registering a fresh id"
+                );
+                self.register(&fresh, &region, &model).await?;
+                enrolment.device_id_renewed = true;
+            }
+            Err(e) => return Err(e),
+        }
+        self.keep_issued(brain)?;
+        Ok(enrolment)
+    }
+
+    /// Stores the registration just made in the brain (its device id must still be the one
+    /// registered; a brain whose id changed meanwhile is left alone).
+    fn keep_issued(&self, brain: &mut impl BrainAccess) -> Result<()> {
+        let Some(reg) = self.issued.clone() else { return Ok(()) };
+        brain.with_brain(|b| {
+            if b.device_id() == reg.device_id {
+                b.save_registration(reg)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// [`SyncClient::ensure_registered`], then [`SyncClient::sync_with`]: what a TV runs every
+    /// 5-15 minutes (the C ABI's `omega_brain_sync`).
+    pub async fn register_and_sync(&mut self, brain: &mut impl BrainAccess) -> Result<SyncReport> {
+        let started = Instant::now();
+        let enrolment = self.ensure_registered(brain).await?;
+        let mut report = self.sync_with(brain).await?;
+        report.registered = enrolment.registered;
+        report.device_id_renewed = enrolment.device_id_renewed;
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        Ok(report)
     }
 
     /// Pushes the brain's pending deltas (if any; several after a long offline period, at
@@ -288,16 +491,30 @@ impl SyncClient {
 
     /// [`SyncClient::sync`] with the brain reached through `brain` only to prepare and to
     /// take in each answer.
+    ///
+    /// A client without a token uses the one the brain keeps for this endpoint; without
+    /// either, this is [`DeviceError::State`] (see [`SyncClient::register_and_sync`]). Once the
+    /// shard has accepted the token, the brain keeps it (if it did not already).
     pub async fn sync_with(&mut self, brain: &mut impl BrainAccess) -> Result<SyncReport> {
         let started = Instant::now();
+        if self.cfg.token.is_none() {
+            let stored = brain.with_brain(|b| {
+                Ok(b.registration().filter(|r| r.usable_for(b.device_id())).cloned())
+            })?;
+            self.adopt_stored(stored);
+        }
         let token = self.cfg.token.clone().ok_or_else(|| {
             DeviceError::State("not registered: call register first or set a token".into())
         })?;
         let auth = bearer(&token)?;
         let mut report = SyncReport::default();
         let mut answered = false;
+        let mut device = String::new();
         for _ in 0..MAX_PUSHES_PER_SYNC {
             let (req, delta) = brain.with_brain(|b| {
+                if !answered {
+                    device = b.device_id().to_owned();
+                }
                 let delta = b.prepare_delta()?;
                 let req = pb::SyncRequest {
                     device_id: b.device_id().into(),
@@ -340,6 +557,23 @@ impl SyncClient {
                 }
                 (Err(e), _) => return Err(e),
             };
+            if !answered {
+                // The shard accepted the token: the brain keeps it from now on (a record it
+                // holds for this token and endpoint already is not replaced by a poorer one
+                // made of the config).
+                let reg = self.record(&device, &token);
+                brain.with_brain(|b| match reg {
+                    Some(reg)
+                        if b.device_id() == reg.device_id
+                            && b.registration().is_none_or(|held| {
+                                held.token != reg.token || held.endpoint != reg.endpoint
+                            }) =>
+                    {
+                        b.save_registration(reg)
+                    }
+                    _ => Ok(()),
+                })?;
+            }
             answered = true;
             report.bytes_up += bytes_up;
             report.bytes_down += wire::grpc_zstd_size(&resp);
@@ -383,6 +617,24 @@ impl SyncClient {
         report.next_sync_in_ms = self.next_sync_delay().as_millis() as u64;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         Ok(report)
+    }
+
+    /// The registration to keep for `token` of `device`: the one issued with it, or one made
+    /// of the config (a token given there, now accepted by the shard).
+    fn record(&self, device: &str, token: &str) -> Option<DeviceRegistration> {
+        let reg = match &self.issued {
+            Some(r) if r.token == token && r.device_id == device => r.clone(),
+            _ => DeviceRegistration {
+                device_id: device.into(),
+                endpoint: self.cfg.endpoint.clone(),
+                token: token.into(),
+                shard_id: 0,
+                region: self.cfg.region.clone(),
+                sync_interval_min_secs: 0,
+                sync_interval_max_secs: 0,
+            },
+        };
+        reg.usable_for(device).then_some(reg)
     }
 
     /// Pause before the next sync, random within the shard's (or configured) interval,

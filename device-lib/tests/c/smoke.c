@@ -1,6 +1,6 @@
 /* Drives the C ABI end to end: bad assets and configs, open, observe, recommend (with a
  * buffer too small), score, stats, sync to a dead shard then to a live one, bad JSON,
- * oversized input, close. Argument 1: a scratch folder; argument 2: a file that is not a
+ * oversized input, close, reopen and sync again with the kept token. Argument 1: a scratch folder; argument 2: a file that is not a
  * shared library; argument 3: the endpoint of a live shard. Exit code 0 = all checks passed. */
 #include "omega.h"
 #include <stdio.h>
@@ -123,13 +123,16 @@ int main(int argc, char **argv) {
     CHECK(strstr(buf, "\"delta_in_flight\":true") != NULL, "the delta waits for the next sync");
 
     /* A live shard: register (no token given), push the waiting delta. */
-    snprintf(cfg, sizeof cfg, "{\"endpoint\": \"%s\", \"region\": \"eu\"}", argv[3]);
-    n = omega_brain_sync(brain, cfg, buf, sizeof buf);
+    char sync_cfg[1024];
+    snprintf(sync_cfg, sizeof sync_cfg, "{\"endpoint\": \"%s\", \"region\": \"eu\"}", argv[3]);
+    n = omega_brain_sync(brain, sync_cfg, buf, sizeof buf);
     CHECK(n > 0 && n < (int64_t)sizeof buf, "sync to a live shard");
     CHECK(strstr(buf, "\"acknowledged\":true") != NULL, "the shard acknowledged the delta");
+    CHECK(strstr(buf, "\"registered\":true") != NULL, "the first sync registered");
     CHECK(strstr(buf, "\"next_sync_in_ms\":") != NULL, "the report says when to sync next");
     n = omega_brain_stats(brain, buf, sizeof buf);
     CHECK(strstr(buf, "\"delta_in_flight\":false") != NULL, "nothing waits any more");
+    CHECK(strstr(buf, "\"has_token\":true") != NULL, "the brain keeps the device token");
     /* Restore the config path used below. */
     snprintf(cfg, sizeof cfg, "{\"db_path\": \"%s/c.sqlite\", \"device_id\": \"tv-c\"}", argv[1]);
 
@@ -137,10 +140,21 @@ int main(int argc, char **argv) {
     CHECK(omega_brain_close(brain) == OMEGA_OK, "close");
     CHECK(omega_brain_close(NULL) == OMEGA_OK, "close NULL");
 
-    /* Reopen: the pattern survived. */
+    /* Reopen (a TV reboot): the pattern and the token survived, and the same config (no
+     * token) syncs again without registering (the shard would refuse a known id without its
+     * token). */
     CHECK(omega_brain_open(cfg, &brain) == OMEGA_OK, "reopen");
     n = omega_brain_stats(brain, buf, sizeof buf);
     CHECK(strstr(buf, "\"patterns\":1") != NULL, "pattern persisted");
+    CHECK(strstr(buf, "\"has_token\":true") != NULL, "token persisted");
+    const char *ev2 =
+        "{\"content_id\":\"casino\",\"title\":\"Casino\",\"genres\":[\"crime\"],"
+        "\"content_type\":\"movie\",\"started_at_ms\":1704573600000,\"watch_fraction\":0.9}";
+    CHECK(omega_brain_observe(brain, ev2, buf, sizeof buf) > 0, "observe after the reopen");
+    n = omega_brain_sync(brain, sync_cfg, buf, sizeof buf);
+    CHECK(n > 0 && n < (int64_t)sizeof buf, "sync after the reopen");
+    CHECK(strstr(buf, "\"acknowledged\":true") != NULL, "the second open's delta acknowledged");
+    CHECK(strstr(buf, "\"registered\":false") != NULL, "no second registration");
     CHECK(omega_brain_close(brain) == OMEGA_OK, "close again");
 
     if (failures == 0) printf("c smoke: all checks passed\n");

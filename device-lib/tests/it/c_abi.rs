@@ -6,8 +6,9 @@
 #![allow(unsafe_code)]
 
 use crate::common::{SAT_EVENING, require_assets};
-use crate::sync::{TestShard, serve, shard};
+use crate::sync::{TestShard, serve, shard, token};
 use omega_device::ffi::*;
+use omega_device::{SyncClient, SyncConfig};
 use std::ffi::{CString, c_char};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -141,7 +142,9 @@ fn a_c_program_uses_the_static_library() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "C smoke test failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("all checks passed"), "{stdout}");
-    assert_eq!(shard.state().patterns.len(), 1, "the C program's pattern reached the shard");
+    let s = shard.state();
+    assert_eq!(s.patterns.len(), 2, "the C program's patterns reached the shard");
+    assert_eq!(s.registrations, 1, "registered once, synced again after the reopen");
 }
 
 /// Up to 64 KiB of JSON out of a C call, or its error code.
@@ -343,4 +346,73 @@ fn c_sync_registers_pushes_and_does_not_block_other_calls() {
         (Some(true), Some(2))
     );
     close(brain);
+}
+
+/// The documented C usage (no token in the config) across a reopen: the first sync
+/// registers and the brain keeps the token; after the reopen the same config syncs with it.
+#[test]
+fn c_sync_reuses_the_kept_token_after_a_reopen() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let shard: TestShard = shard();
+    let endpoint = rt.block_on(serve(shard.clone()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = c(&serde_json::json!({"endpoint": endpoint, "timeout_ms": 5000}).to_string());
+    let brain = open(dir.path(), "tv-c-reopen");
+    assert_eq!(stats(brain)["has_token"], false);
+    observe(brain, "heat", 0).expect("observe");
+    let report = sync(brain, &cfg).unwrap_or_else(|code| panic!("sync: {code}: {}", last_error()));
+    assert_eq!(
+        (report["registered"].as_bool(), report["acknowledged"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let s = stats(brain);
+    assert_eq!(s["has_token"], true);
+    assert!(!s.to_string().contains(&token("tv-c-reopen")), "stats never show the token");
+    close(brain);
+
+    let brain = open(dir.path(), "tv-c-reopen");
+    assert_eq!(stats(brain)["has_token"], true);
+    observe(brain, "casino", 10).expect("observe");
+    let report = sync(brain, &cfg)
+        .unwrap_or_else(|code| panic!("sync after reopen: {code}: {}", last_error()));
+    assert_eq!(
+        (report["registered"].as_bool(), report["acknowledged"].as_bool()),
+        (Some(false), Some(true))
+    );
+    close(brain);
+    let s = shard.state();
+    assert_eq!((s.registrations, s.patterns.len()), (1, 2));
+}
+
+/// A device id another device registered: a clear error code and message, and the brain
+/// keeps everything.
+#[test]
+fn c_sync_of_a_device_id_registered_elsewhere_is_device_id_taken() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let shard: TestShard = shard();
+    let endpoint = rt.block_on(serve(shard.clone()));
+    rt.block_on(async {
+        let cfg = SyncConfig { endpoint: endpoint.clone(), ..Default::default() };
+        let mut other = SyncClient::connect(cfg).await.expect("connect");
+        let model = crate::common::embedder().model_id().to_owned();
+        other.register("tv-c-taken", "eu", &model).await.expect("the other device");
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let brain = open(dir.path(), "tv-c-taken");
+    observe(brain, "heat", 0).expect("observe");
+    let cfg = c(&serde_json::json!({"endpoint": endpoint, "timeout_ms": 5000}).to_string());
+    assert_eq!(sync(brain, &cfg), Err(i64::from(OMEGA_ERR_DEVICE_ID_TAKEN)));
+    let msg = last_error();
+    assert!(
+        msg.contains("\"tv-c-taken\" is already registered") && msg.contains("no token"),
+        "{msg}"
+    );
+    let s = stats(brain);
+    assert_eq!((s["patterns"].as_u64(), s["has_token"].as_bool()), (Some(1), Some(false)));
+    assert_eq!(s["device_id"], "tv-c-taken");
+    close(brain);
+    let brain = open(dir.path(), "tv-c-taken");
+    assert_eq!(stats(brain)["patterns"], 1, "nothing lost");
+    close(brain);
+    assert!(shard.state().patterns.is_empty());
 }

@@ -306,3 +306,87 @@ fn a_sigkill_mid_loop_loses_nothing_that_was_acknowledged() {
         b.close().expect("close");
     }
 }
+
+fn registration(device: &str, token: &str) -> omega_device::DeviceRegistration {
+    omega_device::DeviceRegistration {
+        device_id: device.into(),
+        endpoint: "http://shard:50051".into(),
+        token: token.into(),
+        shard_id: 2,
+        region: "eu".into(),
+        sync_interval_min_secs: 300,
+        sync_interval_max_secs: 900,
+    }
+}
+
+#[test]
+fn the_device_token_survives_a_reopen_and_an_unusable_one_is_skipped_not_wiped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("brain.sqlite");
+    let mut b = open(&path).expect("open");
+    let device = b.device_id().to_owned();
+    assert!(b.can_renew_device_id(), "a generated id, nothing synced, no token");
+    let err = b.save_registration(registration("tv-else", "tok")).expect_err("another id's");
+    assert!(matches!(err, DeviceError::State(_)), "{err}");
+    assert!(b.save_registration(registration(&device, "bad token")).is_err(), "not a header");
+    b.save_registration(registration(&device, "tok-1")).expect("save");
+    assert!(!b.can_renew_device_id(), "never with a token");
+    assert!(matches!(b.renew_device_id(), Err(DeviceError::State(_))));
+    b.close().expect("close");
+
+    let b = open(&path).expect("reopen");
+    assert_eq!(b.registration(), Some(&registration(&device, "tok-1")));
+    assert!(b.stats().has_token);
+    b.close().expect("close");
+
+    // The config pins the (once generated) id: it may no longer be replaced.
+    let pinned = BrainConfig { device_id: Some(device.clone()), ..cfg(&path) };
+    let b = Brain::open_shared(pinned.clone(), embedder(), Some(catalogue())).expect("open");
+    assert_eq!(b.device_id(), device);
+    b.close().expect("close");
+    {
+        let conn = rusqlite::Connection::open(&path).expect("sqlite");
+        conn.execute("DELETE FROM meta WHERE key = 'registration'", []).expect("forget");
+    }
+    let mut b = Brain::open_shared(pinned, embedder(), Some(catalogue())).expect("open");
+    assert!(!b.can_renew_device_id(), "an id the config chose is never replaced");
+    assert!(matches!(b.renew_device_id(), Err(DeviceError::State(_))));
+    b.close().expect("close");
+
+    // Tampered values: the brain opens, holds no token, counts the row, and leaves it there.
+    for (tampered, sql_value) in [
+        ("a blob", rusqlite::types::Value::Blob(vec![0, 0xff])),
+        ("not JSON", rusqlite::types::Value::Text("{\"token\": ".into())),
+        (
+            "a wrong-typed token",
+            rusqlite::types::Value::Text(format!(
+                r#"{{"device_id":"{device}","endpoint":"e","token":123456,"shard_id":1,"region":"",
+                "sync_interval_min_secs":0,"sync_interval_max_secs":0}}"#
+            )),
+        ),
+        (
+            "an unprintable token",
+            rusqlite::types::Value::Text(
+                serde_json::to_string(&registration(&device, "to\nken")).expect("json"),
+            ),
+        ),
+    ] {
+        let conn = rusqlite::Connection::open(&path).expect("sqlite");
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('registration', ?1)",
+            [&sql_value],
+        )
+        .expect("tamper");
+        drop(conn);
+        let b = open(&path).unwrap_or_else(|e| panic!("{tampered}: {e}"));
+        let s = b.stats();
+        assert_eq!((s.has_token, s.skipped_rows), (false, 1), "{tampered}");
+        assert!(b.registration().is_none(), "{tampered}");
+        b.close().expect("close");
+        let conn = rusqlite::Connection::open(&path).expect("sqlite");
+        let kept: rusqlite::types::Value = conn
+            .query_row("SELECT value FROM meta WHERE key = 'registration'", [], |r| r.get(0))
+            .expect("still there");
+        assert_eq!(kept, sql_value, "{tampered}: never wiped");
+    }
+}

@@ -1,5 +1,6 @@
 //! The sync client against a real tonic `Constellation` server on loopback (a test fixture
-//! that validates with omega-protocol and can be told to fail or stall).
+//! that validates with omega-protocol, enforces the shard's registration rule, and can be
+//! told to fail or stall).
 
 use crate::brain::brain;
 use crate::common::{embedder, event};
@@ -28,6 +29,14 @@ pub struct ShardState {
     pub interval: Option<(u32, u32)>,
     /// Model the shard announces.
     pub model_id: String,
+    /// Register the next new device, then answer UNAVAILABLE (a lost registration answer).
+    pub lose_next_register: bool,
+    /// Registered device ids, with their region.
+    pub devices: HashMap<String, String>,
+    /// Register calls answered with a token.
+    pub registrations: u32,
+    /// Register calls that carried `authorization`.
+    pub registrations_with_token: u32,
     pub applied: HashSet<(String, u64)>,
     pub patterns: HashMap<uuid::Uuid, f32>,
     pub removed: HashSet<uuid::Uuid>,
@@ -41,7 +50,20 @@ pub struct ShardState {
 #[derive(Clone, Default)]
 pub struct TestShard(Arc<Mutex<ShardState>>);
 
-pub const TOKEN: &str = "tok-123";
+/// The token the fixture issues for `device` (the real shard's is an HMAC of the id; here a
+/// plain function of it, so that one device's token never passes for another's).
+pub fn token(device: &str) -> String {
+    format!("tok-123.{device}")
+}
+
+/// The bearer token a request carries, if any.
+fn presented<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+}
 
 impl TestShard {
     pub fn state(&self) -> std::sync::MutexGuard<'_, ShardState> {
@@ -76,15 +98,40 @@ impl Constellation for TestShard {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         self.gate(&req).await?;
+        let presented = presented(&req);
         let r = req.into_inner();
         omega_protocol::validate::check_register(&r)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let s = self.state();
+        // The shard's rule (shard-server/src/grpc/sync.rs `register`): a token presented must
+        // be the id's; a known id gets its token again only when the request carries it.
+        if let Some(t) = &presented
+            && *t != token(&r.device_id)
+        {
+            return Err(Status::unauthenticated("the bearer token does not match device_id"));
+        }
+        let mut s = self.state();
+        let created = !s.devices.contains_key(&r.device_id);
+        if created {
+            let region = if r.region.is_empty() { "eu".to_string() } else { r.region.clone() };
+            s.devices.insert(r.device_id.clone(), region);
+        }
+        if !created && presented.is_none() {
+            return Err(Status::unauthenticated(
+                "device_id is already registered: registering it again needs its token in \
+                 `authorization: Bearer <token>`",
+            ));
+        }
+        if s.lose_next_register {
+            s.lose_next_register = false;
+            return Err(Status::unavailable("connection reset after register"));
+        }
+        s.registrations += 1;
+        s.registrations_with_token += u32::from(presented.is_some());
         let (lo, hi) = s.interval.unwrap_or((300, 900));
         Ok(Response::new(pb::RegisterResponse {
-            device_token: TOKEN.into(),
+            device_token: token(&r.device_id),
             shard_id: 1,
-            region: "eu".into(),
+            region: s.devices.get(&r.device_id).cloned().unwrap_or_default(),
             model_id: s.model_id.clone(),
             sync_interval_min_secs: lo,
             sync_interval_max_secs: hi,
@@ -96,11 +143,11 @@ impl Constellation for TestShard {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<pb::SyncResponse>, Status> {
         self.gate(&req).await?;
-        let auth = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-        if auth != format!("Bearer {TOKEN}") {
+        let auth = presented(&req);
+        let r = req.into_inner();
+        if auth != Some(token(&r.device_id)) {
             return Err(Status::unauthenticated("bad token"));
         }
-        let r = req.into_inner();
         let mut s = self.state();
         let mut resp = pb::SyncResponse::default();
         if let Some(d) = r.delta {
@@ -191,7 +238,7 @@ async fn register_then_sync_pushes_the_delta_and_pulls_global_patterns() {
     b.observe(&event("casino", 0.95, 10)).expect("observe");
     let mut client = SyncClient::connect(fast(&endpoint)).await.expect("connect");
     let reg = client.register(b.device_id(), "eu", embedder().model_id()).await.expect("register");
-    assert_eq!((reg.device_token.as_str(), reg.shard_id), (TOKEN, 1));
+    assert_eq!((reg.device_token, reg.shard_id), (token(b.device_id()), 1));
     let delay = client.next_sync_delay();
     assert!(delay >= Duration::from_secs(300) && delay <= Duration::from_secs(900));
 
@@ -229,7 +276,7 @@ async fn transient_failures_are_retried_with_backoff() {
     let mut b = brain();
     b.observe(&event("heat", 0.9, 0)).expect("observe");
     let mut client =
-        SyncClient::connect(SyncConfig { token: Some(TOKEN.into()), ..fast(&endpoint) })
+        SyncClient::connect(SyncConfig { token: Some(token("tv-test")), ..fast(&endpoint) })
             .await
             .expect("connect");
     shard.state().fail_next = 2;
@@ -248,7 +295,7 @@ async fn an_unreachable_shard_keeps_every_change_for_later() {
     let mut b = brain();
     b.observe(&event("heat", 0.9, 0)).expect("observe");
     let mut offline = SyncClient::connect(SyncConfig {
-        token: Some(TOKEN.into()),
+        token: Some(token("tv-test")),
         max_attempts: 2,
         ..fast(&dead)
     })
@@ -268,7 +315,7 @@ async fn an_unreachable_shard_keeps_every_change_for_later() {
     let shard = shard();
     let endpoint = serve(shard.clone()).await;
     let mut online =
-        SyncClient::connect(SyncConfig { token: Some(TOKEN.into()), ..fast(&endpoint) })
+        SyncClient::connect(SyncConfig { token: Some(token("tv-test")), ..fast(&endpoint) })
             .await
             .expect("connect");
     // One sync pushes the kept delta, then the changes made meanwhile.
@@ -290,7 +337,7 @@ async fn a_lost_response_is_replayed_idempotently() {
     let mut b = brain();
     b.observe(&event("heat", 0.9, 0)).expect("observe");
     let mut client =
-        SyncClient::connect(SyncConfig { token: Some(TOKEN.into()), ..fast(&endpoint) })
+        SyncClient::connect(SyncConfig { token: Some(token("tv-test")), ..fast(&endpoint) })
             .await
             .expect("connect");
     shard.state().lose_next_response = true;
@@ -309,7 +356,7 @@ async fn a_stalled_shard_hits_the_deadline_and_errors_are_classified() {
     let mut b = brain();
     b.observe(&event("heat", 0.9, 0)).expect("observe");
     let cfg = SyncConfig {
-        token: Some(TOKEN.into()),
+        token: Some(token("tv-test")),
         timeout_ms: 150,
         max_attempts: 2,
         ..fast(&endpoint)
@@ -355,8 +402,9 @@ async fn a_stalled_shard_hits_the_deadline_and_errors_are_classified() {
     }
 }
 
+/// A config holding the token of `brain()`'s device.
 fn registered(endpoint: &str) -> SyncConfig {
-    SyncConfig { token: Some(TOKEN.into()), ..fast(endpoint) }
+    SyncConfig { token: Some(token("tv-test")), ..fast(endpoint) }
 }
 
 #[tokio::test]
@@ -449,7 +497,7 @@ async fn sync_intervals_from_the_shard_are_clamped_and_reported() {
     let reg = client.register(b.device_id(), "eu", embedder().model_id()).await.expect("register");
     assert_eq!((reg.sync_interval_min_secs, reg.sync_interval_max_secs), (1, 864_000));
     let cfg = client.config();
-    assert_eq!(cfg.token.as_deref(), Some(TOKEN));
+    assert_eq!(cfg.token, Some(token(b.device_id())));
     assert_eq!((cfg.min_interval_secs, cfg.max_interval_secs), (60, 3_600));
     for _ in 0..50 {
         let d = client.next_sync_delay();
@@ -537,5 +585,178 @@ async fn tls_with_a_private_ca_works_and_an_unknown_ca_is_refused() {
     match SyncClient::connect(missing).await {
         Err(e @ DeviceError::SyncConfig(_)) => assert!(e.to_string().contains("none.pem"), "{e}"),
         other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+/// A brain in a database file under `dir`, with an id the library generates.
+fn brain_in(dir: &std::path::Path) -> omega_device::Brain {
+    crate::brain::brain_with(omega_device::BrainConfig {
+        db_path: Some(dir.join("brain.sqlite")),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_reopened_brain_syncs_with_its_stored_token_without_registering_again() {
+    let shard = shard();
+    let endpoint = serve(shard.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = brain_in(dir.path());
+    let device = b.device_id().to_owned();
+    assert!(!b.stats().has_token);
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+    let mut client = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    let r = client.register_and_sync(&mut &mut b).await.expect("first sync registers");
+    assert!(r.registered && !r.device_id_renewed && r.acknowledged, "{r:?}");
+    assert!(b.stats().has_token);
+    let held = b.registration().expect("kept").clone();
+    assert_eq!((held.device_id.as_str(), held.token.clone()), (device.as_str(), token(&device)));
+    assert_eq!((held.endpoint.as_str(), held.region.as_str()), (endpoint.as_str(), "eu"));
+    assert!(!format!("{held:?} {:?}", client.config()).contains(&token(&device)), "redacted");
+    b.close().expect("close");
+
+    // A reboot: new process state, a config without a token.
+    let mut b = brain_in(dir.path());
+    assert_eq!(b.device_id(), device);
+    assert!(b.stats().has_token, "the token survived the reopen");
+    b.observe(&event("casino", 0.9, 10)).expect("observe");
+    let mut client = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    let r = client.register_and_sync(&mut &mut b).await.expect("sync after the reboot");
+    assert!(!r.registered && r.acknowledged, "{r:?}");
+    assert_eq!(client.config().token, Some(token(&device)));
+    assert_eq!((client.config().min_interval_secs, client.config().max_interval_secs), (300, 900));
+    // A plain sync on a fresh client takes the stored token as well.
+    b.observe(&event("godfather", 0.9, 20)).expect("observe");
+    let mut plain = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    assert!(plain.sync(&mut b).await.expect("plain sync").acknowledged);
+    {
+        let s = shard.state();
+        assert_eq!((s.registrations, s.devices.len(), s.patterns.len()), (1, 1, 3));
+    }
+
+    // The same shard at another address: the stored token is presented, not assumed.
+    let other_name = serve(shard.clone()).await;
+    let mut client = SyncClient::connect(fast(&other_name)).await.expect("connect");
+    let r = client.register_and_sync(&mut &mut b).await.expect("sync at another endpoint");
+    assert!(r.registered, "{r:?}");
+    assert_eq!(b.device_id(), device);
+    assert_eq!(b.registration().map(|r| r.endpoint.as_str()), Some(other_name.as_str()));
+    let s = shard.state();
+    assert_eq!((s.registrations, s.registrations_with_token, s.devices.len()), (2, 1, 1));
+}
+
+#[tokio::test]
+async fn a_registration_whose_answer_was_lost_is_retried_and_works() {
+    let shard = shard();
+    let endpoint = serve(shard.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = brain_in(dir.path());
+    let first_id = b.device_id().to_owned();
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+
+    // The shard registers the id but the answer is lost; the retry (no token) is refused as
+    // a known id. Nothing was ever sent under the id: the brain takes a fresh one.
+    shard.state().lose_next_register = true;
+    let mut client = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    let r = client.register_and_sync(&mut &mut b).await.expect("the retry works");
+    assert!(r.registered && r.device_id_renewed && r.acknowledged, "{r:?}");
+    let second_id = b.device_id().to_owned();
+    assert_ne!(second_id, first_id);
+    assert_eq!(b.stats().patterns, 1, "nothing local lost");
+    {
+        let s = shard.state();
+        assert!(s.devices.contains_key(&first_id) && s.devices.contains_key(&second_id));
+        assert_eq!((s.registrations, s.patterns.len()), (1, 1));
+    }
+    b.close().expect("close");
+    let b = brain_in(dir.path());
+    assert_eq!((b.device_id(), b.stats().has_token), (second_id.as_str(), true), "kept");
+    assert!(!b.can_renew_device_id(), "an id with a token is never replaced");
+    b.close().expect("close");
+
+    // The same, with the loss seen by an earlier run (one attempt, no retry within the call).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = brain_in(dir.path());
+    let first_id = b.device_id().to_owned();
+    shard.state().lose_next_register = true;
+    let mut once =
+        SyncClient::connect(SyncConfig { max_attempts: 1, ..fast(&endpoint) }).await.expect("c");
+    match once.register_and_sync(&mut &mut b).await {
+        Err(DeviceError::Unavailable { .. }) => {}
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!((b.device_id(), b.stats().has_token), (first_id.as_str(), false));
+    let r = once.register_and_sync(&mut &mut b).await.expect("the next sync works");
+    assert!(r.registered && r.device_id_renewed, "{r:?}");
+    assert!(b.stats().has_token);
+}
+
+#[tokio::test]
+async fn a_device_id_registered_elsewhere_gives_a_clear_error_and_changes_nothing() {
+    let shard = shard();
+    let endpoint = serve(shard.clone()).await;
+    // Another device registered "tv-test" first.
+    let mut other = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    other.register("tv-test", "eu", embedder().model_id()).await.expect("other device");
+
+    let mut b = brain();
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+    b.observe(&event("casino", 0.9, 10)).expect("observe");
+    let before = b.stats();
+    let mut client = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    let calls = shard.state().calls;
+    let err = client.register_and_sync(&mut &mut b).await.expect_err("a known id without token");
+    match &err {
+        DeviceError::DeviceIdTaken { device_id } => assert_eq!(device_id, "tv-test"),
+        other => panic!("expected DeviceIdTaken, got {other:?}"),
+    }
+    assert_eq!(err.code(), omega_device::ffi::OMEGA_ERR_DEVICE_ID_TAKEN);
+    let msg = err.to_string();
+    assert!(msg.contains("already registered") && msg.contains("no token"), "{msg}");
+    assert!(!msg.contains(&token("tv-test")), "{msg}");
+    assert_eq!(shard.state().calls, calls + 1, "final: not retried");
+    assert_eq!(b.stats(), before, "nothing local changed (id pinned by the config)");
+    assert_eq!(client.config().token, None);
+    assert!(shard.state().patterns.is_empty());
+
+    // A generated id under which a delta may have gone out is never replaced either.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = brain_in(dir.path());
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+    b.prepare_delta().expect("delta").expect("some");
+    let id = b.device_id().to_owned();
+    let mut fresh = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    fresh.register(&id, "eu", embedder().model_id()).await.expect("someone registers the id");
+    let mut client = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    let err = client.register_and_sync(&mut &mut b).await.expect_err("taken");
+    assert!(matches!(err, DeviceError::DeviceIdTaken { .. }), "{err:?}");
+    let s = b.stats();
+    assert_eq!((b.device_id(), s.delta_in_flight, s.has_token), (id.as_str(), true, false));
+}
+
+#[tokio::test]
+async fn register_presents_the_token_it_holds() {
+    let shard = shard();
+    let endpoint = serve(shard.clone()).await;
+    let b = brain();
+    let model = embedder().model_id().to_owned();
+    let mut first = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    first.register(b.device_id(), "eu", &model).await.expect("new id");
+    // A re-install that kept its token registers again.
+    let mut again = SyncClient::connect(registered(&endpoint)).await.expect("connect");
+    let reg = again.register(b.device_id(), "eu", &model).await.expect("own token");
+    assert_eq!(reg.device_token, token(b.device_id()));
+    assert!(!format!("{reg:?}").contains(&reg.device_token), "Debug redacts the token");
+    assert_eq!(shard.state().registrations_with_token, 1);
+    // Another device's token is refused as such, not taken for a lost one.
+    let mut wrong =
+        SyncClient::connect(SyncConfig { token: Some(token("tv-other")), ..fast(&endpoint) })
+            .await
+            .expect("connect");
+    match wrong.register(b.device_id(), "eu", &model).await {
+        Err(DeviceError::Rejected { code: tonic::Code::Unauthenticated, message }) => {
+            assert!(message.contains("does not match"), "{message}")
+        }
+        other => panic!("expected Rejected, got {other:?}"),
     }
 }

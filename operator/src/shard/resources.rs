@@ -60,6 +60,20 @@ pub const PGVECTOR_IMAGE: &str = "pgvector/pgvector:pg16";
 pub const CNPG_IMAGE: &str = "ghcr.io/cloudnative-pg/postgresql:16";
 /// UID/GID of `postgres` in the official (and pgvector) images.
 pub const POSTGRES_UID: i64 = 999;
+/// Seconds a shard keeps its listeners open after SIGTERM while `/ready` answers 503 and new
+/// requests get UNAVAILABLE (`DRAIN_DELAY_SECS`): endpoints and load balancers stop sending
+/// devices to the pod before its ports close. Set explicitly so that the grace period below
+/// never depends on a server default that could change.
+pub const DRAIN_DELAY_SECS: i64 = 5;
+/// Seconds the shard then waits for in-flight requests (`DRAIN_TIMEOUT_SECS`).
+pub const DRAIN_TIMEOUT_SECS: i64 = 20;
+/// Room past both for flushing the store and exiting before the kubelet's SIGKILL, which
+/// would cut the flush short.
+pub const SHUTDOWN_MARGIN_SECS: i64 = 10;
+/// `terminationGracePeriodSeconds` of a constellation pod. The server handles SIGTERM itself
+/// (drain, then flush), so no preStop hook is needed: the grace period only has to outlast it.
+pub const TERMINATION_GRACE_SECS: i64 =
+    DRAIN_DELAY_SECS + DRAIN_TIMEOUT_SECS + SHUTDOWN_MARGIN_SECS;
 
 /// Names of everything a Shard owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,6 +344,8 @@ pub fn constellation(
         env("DATA_DIR", "/data"),
         env("HNSW_M", &s.hnsw.m.to_string()),
         env("HNSW_EF_CONSTRUCTION", &s.hnsw.ef_construction.to_string()),
+        env("DRAIN_DELAY_SECS", &DRAIN_DELAY_SECS.to_string()),
+        env("DRAIN_TIMEOUT_SECS", &DRAIN_TIMEOUT_SECS.to_string()),
     ]);
     let (affinity, spread) = spread(cx, "constellation");
     let container = Container {
@@ -372,7 +388,7 @@ pub fn constellation(
                     security_context: Some(pod_security(SHARD_UID)),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
-                    termination_grace_period_seconds: Some(30),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_SECS),
                     affinity: Some(affinity),
                     topology_spread_constraints: Some(spread),
                     volumes: Some(vec![empty_dir("tmp"), empty_dir("data")]),
@@ -627,6 +643,8 @@ mod tests {
             ("METRICS_ADDR", "0.0.0.0:9090"),
             ("RUST_LOG", "info"),
             ("LOG_FORMAT", "json"),
+            ("DRAIN_DELAY_SECS", "5"),
+            ("DRAIN_TIMEOUT_SECS", "20"),
         ] {
             assert_eq!(env_value(c, name).and_then(|e| e.value.as_deref()), Some(value), "{name}");
         }
@@ -649,6 +667,40 @@ mod tests {
         assert_eq!(path(&c.readiness_probe), "/ready");
         assert_eq!(path(&c.liveness_probe), "/live");
         assert!(c.startup_probe.is_some());
+    }
+
+    /// The kubelet sends SIGKILL after `terminationGracePeriodSeconds`: it must outlast the
+    /// shard's whole drain (delay + timeout, read back from the env it is given) with room to
+    /// flush, or in-flight syncs and the store flush are cut short. SIGTERM is handled by the
+    /// server, so no preStop hook delays it further.
+    #[test]
+    fn termination_grace_outlasts_the_shard_drain() {
+        let s = shard(PostgresMode::Managed);
+        let cx = Ctx::of(&s).unwrap();
+        let sts = constellation(&s, &cx, 2, &database(&s, &cx), "t");
+        let c = container(&sts);
+        let secs = |name: &str| -> i64 {
+            env_value(c, name).and_then(|e| e.value.as_deref()).unwrap().parse().unwrap()
+        };
+        let (delay, timeout) = (secs("DRAIN_DELAY_SECS"), secs("DRAIN_TIMEOUT_SECS"));
+        let pod = sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let grace = pod.termination_grace_period_seconds.unwrap();
+        for (what, got, want) in [
+            ("drain delay", delay, 5),
+            ("drain timeout", timeout, 20),
+            ("grace period", grace, 35),
+            ("margin past the drain", grace - delay - timeout, SHUTDOWN_MARGIN_SECS),
+        ] {
+            assert_eq!(got, want, "{what}");
+        }
+        assert!(grace > delay + timeout, "grace {grace} s <= drain {} s", delay + timeout);
+        // The drain delay covers at least one readiness probe period, so a probe sees the 503.
+        let ready_period = c.readiness_probe.as_ref().unwrap().period_seconds.unwrap();
+        assert!(
+            delay >= i64::from(ready_period),
+            "delay {delay} s < probe period {ready_period} s"
+        );
+        assert!(c.lifecycle.is_none(), "no preStop: the server handles SIGTERM");
     }
 
     #[test]
