@@ -4,7 +4,11 @@
 //! same status twice is a no-op for the API server (no new resourceVersion, no watch event,
 //! no reconcile loop).
 
+use crate::metrics::DegradedSource;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::Resource;
+use kube::runtime::reflector::Store;
+use std::hash::Hash;
 
 /// Condition type: the resource does what it is for.
 pub const READY: &str = "Ready";
@@ -74,6 +78,26 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
 /// Reason of a true Degraded condition, if any (what `omega_operator_degraded` counts).
 pub fn degraded_reason(conditions: &[Condition]) -> Option<String> {
     conditions.iter().find(|c| c.type_ == DEGRADED && c.status == "True").map(|c| c.reason.clone())
+}
+
+/// What the degraded gauge counts for one controller: the Degraded reason of every object in
+/// its cache that is not being deleted (read at each scrape, so deleted objects stop counting).
+pub fn degraded_source<K>(
+    cache: Store<K>,
+    conditions: fn(&K) -> Option<&[Condition]>,
+) -> DegradedSource
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    Box::new(move || {
+        cache
+            .state()
+            .iter()
+            .filter(|o| o.meta().deletion_timestamp.is_none())
+            .filter_map(|o| degraded_reason(conditions(o)?))
+            .collect()
+    })
 }
 
 /// The condition of that type, if any.

@@ -30,7 +30,7 @@ pub struct RoundPoint {
     pub sim_time_ms: i64,
     /// Patterns the round read.
     pub patterns_in: u64,
-    /// Aggregates it published.
+    /// Aggregates it published (audience profiles and collaborative vectors).
     pub published: u64,
     /// Sampled HR@10 of the sampled users' held-out item.
     pub hr10: f64,
@@ -289,7 +289,7 @@ impl Run<'_> {
             round: self.rounds,
             sim_time_ms: at_ms,
             patterns_in: summary.patterns_in,
-            published: summary.patterns_aggregated,
+            published: summary.patterns_aggregated + summary.collaborative_vectors,
             hr10: hr,
             ndcg10: ndcg,
             duration_ms: summary.duration_ms,

@@ -53,16 +53,10 @@ pub async fn run(
     let controller = Controller::new(rounds, watcher::Config::default().any_semantic())
         .owns(jobs, watcher::Config::default().labels(job::ROUND_LABEL).any_semantic())
         .owns(children, watcher::Config::default().labels(PARENT_LABEL).any_semantic());
-    let cache = controller.store();
     ctx.metrics.watch_degraded(
         CONTROLLER,
-        Box::new(move || {
-            cache
-                .state()
-                .iter()
-                .filter(|r| r.meta().deletion_timestamp.is_none())
-                .filter_map(|r| conditions::degraded_reason(&r.status.as_ref()?.conditions))
-                .collect()
+        conditions::degraded_source(controller.store(), |r: &FederationRound| {
+            r.status.as_ref().map(|s| s.conditions.as_slice())
         }),
     );
     controller

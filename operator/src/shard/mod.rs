@@ -55,16 +55,10 @@ pub async fn run(
             .labels("app.kubernetes.io/managed-by=omega-operator")
             .any_semantic(),
     );
-    let cache = controller.store();
     ctx.metrics.watch_degraded(
         CONTROLLER,
-        Box::new(move || {
-            cache
-                .state()
-                .iter()
-                .filter(|s| s.meta().deletion_timestamp.is_none())
-                .filter_map(|s| conditions::degraded_reason(&s.status.as_ref()?.conditions))
-                .collect()
+        conditions::degraded_source(controller.store(), |s: &Shard| {
+            s.status.as_ref().map(|s| s.conditions.as_slice())
         }),
     );
     controller

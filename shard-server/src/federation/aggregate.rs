@@ -262,32 +262,28 @@ pub fn aggregate(
             continue;
         }
         let content_id = intake.contents.get(g.content).clone();
-        // The content's collaborative vector travels as an aggregate of its own, with the
-        // main group's evidence: it is not a MiniLM embedding (see `collab`).
-        if let Some(v) = collab_vectors.get(&gi) {
-            out.push(AggregatedPattern {
-                id: collaborative_vector_id(&content_id),
-                content_id: Some(content_id.clone()),
-                embedding: v.clone(),
-                quality,
-                source_devices: sources,
-                total_samples: samples,
-                context: context(intake, g),
-                region: String::new(),
-            });
-            stats.published += 1;
-        }
         let leader = (!main).then(|| &items[g.leader].embedding.values[..]);
-        out.push(AggregatedPattern {
+        let profile = AggregatedPattern {
             id: aggregate_id(&content_id, leader),
-            content_id: Some(content_id),
+            content_id: Some(content_id.clone()),
             embedding,
             quality,
             source_devices: sources,
             total_samples: samples,
             context: context(intake, g),
             region: String::new(),
-        });
+        };
+        // The content's collaborative vector travels as an aggregate of its own, with the
+        // main group's evidence: it is not a MiniLM embedding (see `collab`).
+        if let Some(v) = collab_vectors.get(&gi) {
+            out.push(AggregatedPattern {
+                id: collaborative_vector_id(&content_id),
+                embedding: v.clone(),
+                ..profile.clone()
+            });
+            stats.published += 1;
+        }
+        out.push(profile);
         stats.published += 1;
     }
     out.sort_by_key(|a| a.id);

@@ -42,10 +42,12 @@ pub fn pg_base_url() -> String {
         Ok(u) if !u.is_empty() => u,
         _ => {
             // Test runners that use one process per test (nextest) start it concurrently:
-            // serialise with flock when it is there.
+            // serialise with flock when it is there. `-o`: the Postgres daemon pg.sh starts
+            // must not inherit the lock, or it would hold it for as long as it runs.
             let dir = "/tmp/omega-pg-shard-tests";
             let script = repo_root().join("scripts/pg.sh");
             let locked = Command::new("flock")
+                .arg("-o")
                 .arg(format!("{dir}.lock"))
                 .arg(&script)
                 .args(["start", dir])
