@@ -253,6 +253,19 @@ impl<T> Ann<T> {
         self.take(key).is_some()
     }
 
+    /// Gives back the spare capacity of every list (after a bulk load, lists grown by doubling
+    /// hold up to twice what they need; at a million vectors that is ~100 MB).
+    pub fn shrink_to_fit(&mut self) {
+        for l in &mut self.lists {
+            l.keys.shrink_to_fit();
+            l.owners.shrink_to_fit();
+            l.scales.shrink_to_fit();
+            l.vecs.shrink_to_fit();
+            l.payloads.shrink_to_fit();
+        }
+        self.loc.shrink_to_fit();
+    }
+
     /// Up to `k` nearest vectors to `q` whose owner is not `exclude`, best first.
     pub fn search(&self, q: &[i8], exclude: u32, k: usize) -> Vec<Neighbour> {
         self.search_by(q, k, |owner, _| owner != exclude || exclude == NO_OWNER)

@@ -97,6 +97,8 @@ pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(3600);
 /// Longest pause between two follow steps of the in-memory index, whatever
 /// `MERGE_INTERVAL_MS` is: other processes' merges reach this one's `similar` within it.
 const FOLLOW_MAX_PAUSE: Duration = Duration::from_secs(1);
+/// Longest [`PostgresStore::open`] waits for the in-memory index to load.
+const OPEN_WAITS_FOR_LOAD: Duration = Duration::from_secs(2);
 /// How often the merge task prunes tombstones past [`TOMBSTONE_RETENTION`].
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -325,6 +327,15 @@ impl PostgresStore {
             i64::from(opts.merge_batch),
             memory.clone(),
         )));
+        if let Some(m) = &memory {
+            // A small database loads in milliseconds: wait that long, so such a server is
+            // ready at once rather than at the next readiness probe (every 2 s). A large one
+            // keeps loading in the background while the listeners start.
+            let deadline = Instant::now() + OPEN_WAITS_FOR_LOAD;
+            while m.check_loaded().is_err() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         Ok(PostgresStore {
             primary,
             readers,

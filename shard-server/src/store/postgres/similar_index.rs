@@ -323,7 +323,7 @@ impl SimilarIndex {
         let started = Instant::now();
         self.loading_rows.store(0, Ordering::Relaxed);
         let centroids = self.train(pool).await?;
-        let trained = centroids.len();
+        let (trained, train_secs) = (centroids.len(), started.elapsed().as_secs_f64());
         let (tx_rows, mut rx_rows) = tokio::sync::mpsc::channel::<Vec<Prepared>>(4);
         let (lists, probes) = (self.lists, self.probes);
         // The builder owns the new index: assigning a vector to its list (O(lists)) is the
@@ -341,6 +341,7 @@ impl SimilarIndex {
                         index.put(p);
                     }
                 }
+                index.patterns.shrink_to_fit();
                 index
             })?;
         let read = async {
@@ -388,6 +389,7 @@ impl SimilarIndex {
             generation = cursor,
             lists = lists_used,
             trained_centroids = trained,
+            train_secs,
             secs = started.elapsed().as_secs_f64(),
             "similarity index loaded"
         );
