@@ -286,7 +286,8 @@ impl<T> Ann<T> {
             .collect();
         order.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
         let want_seen = k.saturating_mul(4);
-        let mut heap: BinaryHeap<Hit> = BinaryHeap::with_capacity(k + 1);
+        // `k` comes from the caller: never let it size an allocation by itself.
+        let mut heap: BinaryHeap<Hit> = BinaryHeap::with_capacity(k.min(self.len()) + 1);
         let mut seen = 0usize;
         for (probed, &(_, li)) in order.iter().enumerate() {
             if probed >= self.probes && seen >= want_seen {
@@ -405,6 +406,8 @@ mod tests {
         assert_eq!(hits[0].key, keys[42]);
         assert!((hits[0].score - 1.0).abs() < 1e-3, "{}", hits[0].score);
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+        assert_eq!(ann.search(&vecs[42].values, NO_OWNER, usize::MAX).len(), 500, "any k");
+        assert!(ann.search(&vecs[42].values[..10], NO_OWNER, 5).is_empty(), "bad dimension");
         let excl = ann.search(&vecs[42].values, 42 % 5, 10);
         assert!(excl.iter().all(|h| h.owner != 2));
         assert!(ann.remove(&keys[42]));
