@@ -56,10 +56,16 @@ pub struct StoreArgs {
     /// small batch keeps each burst of index work short).
     #[arg(long, env = "INDEX_BATCH", default_value_t = 20)]
     pub index_batch: u32,
-    /// Embedded ANN: number of inverted lists.
+    /// Postgres: what serves similarity queries. `memory`: an in-process index of the
+    /// shareable patterns, loaded at start (`/ready` is false until it is) and following the
+    /// merge (~600 bytes per pattern); `pgvector`: the HNSW index on `pattern_vectors`, fed by
+    /// the background indexer (which runs only in this mode).
+    #[arg(long, env = "SIMILAR_INDEX", value_enum, default_value_t = crate::store::SimilarIndex::Memory)]
+    pub similar_index: crate::store::SimilarIndex,
+    /// In-process ANN (embedded store, Postgres with SIMILAR_INDEX=memory): inverted lists.
     #[arg(long, env = "ANN_LISTS", default_value_t = 256)]
     pub ann_lists: u32,
-    /// Embedded ANN: lists scanned per query (at least).
+    /// In-process ANN: lists scanned per query (at least).
     #[arg(long, env = "ANN_PROBES", default_value_t = 8)]
     pub ann_probes: u32,
     /// Embedded store: compact the write-ahead log into a snapshot past this size.
@@ -293,6 +299,21 @@ mod tests {
         assert_eq!((s.register_rate_per_minute, s.register_rate_burst), (1200, 2000));
         assert!(!parse(&["--collab-serving", "false"]).collab_serving);
         assert!(!parse(&["--collab-serving", "off"]).collab_serving);
+        assert_eq!(s.store.similar_index, crate::store::SimilarIndex::Memory);
+        let pgv = parse(&["--similar-index", "pgvector"]).store.similar_index;
+        assert_eq!(pgv, crate::store::SimilarIndex::Pgvector);
+    }
+
+    #[test]
+    fn an_unknown_similar_index_is_refused_with_the_choices() {
+        let err = Cli::try_parse_from(["omega-shard", "--similar-index", "hnsw"])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("hnsw") && err.contains("memory") && err.contains("pgvector"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -227,6 +227,11 @@ fn local(l: &TcpListener) -> String {
 pub async fn migrate(args: &crate::config::StoreArgs) -> Result<&'static str, ServerError> {
     args.validate()?;
     let opts = StoreOptions::from(args);
+    if opts.postgres_url.is_some() {
+        // Only the schema: opening the store would also start loading the similarity index.
+        store::postgres::migrate_database(&opts).await?;
+        return Ok("postgres");
+    }
     let store = store::open(&opts).await?;
     store.check_ready().await?;
     store.flush().await?;

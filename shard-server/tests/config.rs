@@ -72,3 +72,26 @@ async fn postgres_url_alone_selects_postgres() {
     assert_eq!(version, 1);
     assert!(!dir.path().join("embedded").exists(), "no embedded store was created under DATA_DIR");
 }
+
+#[test]
+fn an_unknown_similar_index_exits_2_naming_the_choices() {
+    let (status, stderr) = run_to_exit(&["serve"], &[("SIMILAR_INDEX", "hnsw")], EXIT_TIMEOUT);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("hnsw") && stderr.contains("memory") && stderr.contains("pgvector"));
+}
+
+/// `omega-shard migrate` applies the schema and exits without loading the similarity index
+/// (which would make it wait for a database-sized load, or report "not ready").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_applies_the_schema_and_exits_0() {
+    use sqlx::Connection;
+    let url = common::fresh_db().await;
+    let (status, stderr) = run_to_exit(&["migrate"], &[("DATABASE_URL", &url)], EXIT_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let generation: i64 = sqlx::query_scalar("SELECT generation FROM merge_state")
+        .fetch_one(&mut db)
+        .await
+        .expect("migration 0003 applied");
+    assert_eq!(generation, 0);
+}

@@ -1,11 +1,13 @@
 //! One test suite, run against both stores: the embedded store in a temporary directory and
-//! Postgres + pgvector (a fresh database per test on the test server).
+//! Postgres + pgvector (a fresh database per test on the test server), the latter in both
+//! similarity modes (`SIMILAR_INDEX=memory`, the default, and `pgvector`).
 
 mod common;
 
 use common::{pattern, pattern_with, unit_near};
 use omega_protocol::pb;
-use omega_shard::store::{Publish, SimilarQuery, Store, StoreError, SyncWrite};
+use omega_shard::store::{Publish, SimilarIndex, SimilarQuery, Store, StoreError, SyncWrite};
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 fn write(device: &str, version: u64, added: Vec<pb::Pattern>) -> SyncWrite {
@@ -351,6 +353,68 @@ async fn aggregates_are_what_the_last_publish_installed(s: &dyn Store) {
     assert_eq!(got[0].id, second[0].id);
 }
 
+fn query_for(device: &str, axis: usize) -> SimilarQuery {
+    SimilarQuery {
+        device_id: device.into(),
+        interest: unit_near(axis, 9),
+        limit: 10,
+        min_quality: 0.8,
+    }
+}
+
+async fn similar_ids(s: &dyn Store, q: SimilarQuery) -> Vec<Vec<u8>> {
+    match s.similar(q).await {
+        Ok(found) => found.into_iter().map(|p| p.pattern.id).collect(),
+        // The in-memory index answers UNAVAILABLE until its first load is done.
+        Err(StoreError::Unavailable(_)) => Vec::new(),
+        Err(e) => panic!("similar: {e}"),
+    }
+}
+
+/// Polls `similar` until `done` holds, for at most `within`; returns how long it took.
+async fn wait_similar(
+    s: &dyn Store,
+    q: impl Fn() -> SimilarQuery,
+    within: Duration,
+    done: impl Fn(&[Vec<u8>]) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let ids = similar_ids(s, q()).await;
+        if done(&ids) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "not within {within:?}; similar = {ids:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Without `settle()`: what the background steps give. A shareable pattern is offered to
+/// other devices within a bounded time after its sync, never to its owner; a removal and a
+/// drop below the shareable rate take it out again within the same bound.
+async fn a_synced_pattern_reaches_other_devices_promptly_and_never_its_owner(s: &dyn Store) {
+    register_all(s, &["a", "b"]).await;
+    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    let q = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.9);
+    s.apply_sync(write("a", 1, vec![p.clone(), q.clone()])).await.expect("a1");
+    let bound = Duration::from_secs(3);
+    let took = wait_similar(
+        s,
+        || query_for("b", 0),
+        bound,
+        |ids| ids.contains(&p.id) && ids.contains(&q.id),
+    )
+    .await;
+    eprintln!("searchable after {took:?}");
+    assert!(similar_ids(s, query_for("a", 0)).await.is_empty(), "offered to its owner");
+    let mut w = write("a", 2, vec![]);
+    w.removed = vec![Uuid::from_slice(&p.id).expect("id")];
+    w.updated = vec![pb::PatternUpdate { id: q.id.clone(), success_rate: 0.75, extra_samples: 1 }];
+    s.apply_sync(w).await.expect("a2");
+    wait_similar(s, || query_for("b", 0), bound, |ids| ids.is_empty()).await;
+    assert_eq!(ids_of(s, 0.0).await.len(), 1, "the dropped one is still stored");
+}
+
 macro_rules! suite {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -375,6 +439,21 @@ macro_rules! suite {
                 }
             )*
         }
+        mod postgres_pgvector {
+            use omega_shard::store::{SimilarIndex, StoreOptions, postgres::PostgresStore};
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let url = super::common::fresh_db().await;
+                    let opts = StoreOptions {
+                        similar_index: SimilarIndex::Pgvector,
+                        ..StoreOptions::postgres(&url)
+                    };
+                    let s = PostgresStore::open(&opts).await.expect("open");
+                    super::$case(&s).await;
+                }
+            )*
+        }
     };
 }
 
@@ -390,6 +469,7 @@ suite!(
     publish_is_idempotent_and_serves_aggregates_and_trends,
     device_contents_lists_each_content_once,
     aggregates_are_what_the_last_publish_installed,
+    a_synced_pattern_reaches_other_devices_promptly_and_never_its_owner,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,13 +511,18 @@ async fn embedded_state_survives_reopen() {
 async fn postgres_reads_go_to_the_read_replicas() {
     use omega_shard::store::{StoreOptions, postgres::PostgresStore};
     let url = common::fresh_db().await;
-    let primary = PostgresStore::open(&StoreOptions::postgres(&url)).await.expect("open");
+    // Similarity queries read the replicas on the SQL path; the in-memory one: next test.
+    let pgvector = |url: &str| StoreOptions {
+        similar_index: SimilarIndex::Pgvector,
+        ..StoreOptions::postgres(url)
+    };
+    let primary = PostgresStore::open(&pgvector(&url)).await.expect("open");
     register_all(&primary, &["a", "b"]).await;
     let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
     primary.apply_sync(write("a", 1, vec![p.clone()])).await.expect("sync");
     primary.settle().await.expect("settle");
     // A "replica" that is the same database: reads work through it.
-    let mut opts = StoreOptions::postgres(&url);
+    let mut opts = pgvector(&url);
     opts.read_urls = vec![url.clone(), url.clone()];
     let s = PostgresStore::open(&opts).await.expect("open with replicas");
     for _ in 0..3 {
@@ -454,7 +539,7 @@ async fn postgres_reads_go_to_the_read_replicas() {
     }
     // A replica that cannot be reached fails the reads it serves with UNAVAILABLE, not a
     // panic or a hang (exports read the primary: next test).
-    let mut opts = StoreOptions::postgres(&url);
+    let mut opts = pgvector(&url);
     opts.read_urls = vec![format!("postgres://omega@127.0.0.1:{}/x", common::free_port())];
     let s = PostgresStore::open(&opts).await.expect("open");
     let r = s
@@ -479,7 +564,9 @@ async fn postgres_exports_and_global_version_read_the_primary_not_a_lagging_repl
     let stale = common::fresh_db().await;
     // Migrated, so every query works there, but it will never see the writes below.
     drop(PostgresStore::open(&StoreOptions::postgres(&stale)).await.expect("migrate replica"));
+    // The SQL similarity path, which reads the replicas (shown at the end).
     let mut opts = StoreOptions::postgres(&url);
+    opts.similar_index = SimilarIndex::Pgvector;
     opts.read_urls = vec![stale];
     let s = PostgresStore::open(&opts).await.expect("open");
     register_all(&s, &["a", "b"]).await;
@@ -605,6 +692,7 @@ async fn postgres_indexer_catches_up_without_pauses_when_syncs_stop() {
     use std::time::{Duration, Instant};
     let url = common::fresh_db().await;
     let mut opts = StoreOptions::postgres(&url);
+    opts.similar_index = SimilarIndex::Pgvector; // the indexer runs only in this mode
     opts.merge_interval = Duration::from_millis(50);
     opts.index_interval = Duration::from_secs(3);
     opts.index_batch = 20;
@@ -673,4 +761,165 @@ async fn postgres_foreign_operations_do_not_hide_the_owners_in_one_batch() {
     opts.merge_interval = std::time::Duration::from_secs(3600); // only settle() merges
     let s = PostgresStore::open(&opts).await.expect("open");
     foreign_operations_do_not_hide_the_owners_in_one_batch(&s).await;
+}
+
+/// With the in-memory index, similarity queries never touch the database: an unreachable read
+/// replica fails only the reads that still go there (device contents).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_memory_index_serves_similar_without_the_read_replicas() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    let url = common::fresh_db().await;
+    let mut opts = StoreOptions::postgres(&url);
+    opts.read_urls = vec![format!("postgres://omega@127.0.0.1:{}/x", common::free_port())];
+    let s = PostgresStore::open(&opts).await.expect("open");
+    register_all(&s, &["a", "b"]).await;
+    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    s.apply_sync(write("a", 1, vec![p.clone()])).await.expect("sync");
+    s.settle().await.expect("settle");
+    assert_eq!(similar_ids(&s, query_for("b", 0)).await, vec![p.id.clone()]);
+    let r = s.device_contents("a").await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+}
+
+/// Two server processes on one database: `b` never merges (its merge interval is an hour), so
+/// everything it serves it learnt by following the generations `a`'s merges committed, and
+/// the removal tombstones they left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_second_process_follows_merges_it_did_not_run() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    let url = common::fresh_db().await;
+    let a = PostgresStore::open(&StoreOptions::postgres(&url)).await.expect("open a");
+    let mut opts = StoreOptions::postgres(&url);
+    opts.merge_interval = Duration::from_secs(3600);
+    let b = PostgresStore::open(&opts).await.expect("open b");
+    register_all(&a, &["tv1", "tv2"]).await;
+    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    let q = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.9);
+    let low = pattern_with(Uuid::now_v7(), &unit_near(0, 3), 0.75);
+    a.apply_sync(write("tv1", 1, vec![p.clone(), q.clone(), low.clone()])).await.expect("sync");
+    let bound = Duration::from_secs(4);
+    let took = wait_similar(
+        &b,
+        || query_for("tv2", 0),
+        bound,
+        |ids| ids.len() == 2 && ids.contains(&p.id) && ids.contains(&q.id),
+    )
+    .await;
+    eprintln!("searchable on the other process after {took:?}");
+    assert!(similar_ids(&b, query_for("tv1", 0)).await.is_empty(), "offered to its owner");
+    // A removal (a tombstone), a drop below 0.8 (a row with a new generation) and a rise
+    // above it.
+    let mut w = write("tv1", 2, vec![]);
+    w.removed = vec![Uuid::from_slice(&p.id).expect("id")];
+    w.updated = vec![
+        pb::PatternUpdate { id: q.id.clone(), success_rate: 0.75, extra_samples: 1 },
+        pb::PatternUpdate { id: low.id.clone(), success_rate: 0.95, extra_samples: 1 },
+    ];
+    a.apply_sync(w).await.expect("sync 2");
+    wait_similar(&b, || query_for("tv2", 0), bound, |ids| ids == [low.id.clone()]).await;
+    // A round published through `a` reaches `b`: at once through `aggregates()` (which catches
+    // up first), and in `similar`.
+    let agg = aggregate(0, "agg-content");
+    a.publish(Publish {
+        round_id: "r1".into(),
+        global_version: 1,
+        patterns: vec![agg.clone()],
+        trends: vec![],
+    })
+    .await
+    .expect("publish");
+    let got = b.aggregates().await.expect("aggregates");
+    assert_eq!(got.iter().map(|x| &x.id).collect::<Vec<_>>(), vec![&agg.id]);
+    wait_similar(&b, || query_for("tv2", 0), bound, |ids| ids.contains(&agg.id)).await;
+    assert_eq!(b.memory_index_len(), Some(1));
+}
+
+/// A restarted process rebuilds its index from the database: the same answers as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_rebuilds_the_memory_index() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    let url = common::fresh_db().await;
+    let opts = StoreOptions::postgres(&url);
+    let kept = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    let before = {
+        let s = PostgresStore::open(&opts).await.expect("open");
+        register_all(&s, &["a", "b"]).await;
+        let gone = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.9);
+        let added: Vec<_> = (0..300).map(|i| pattern(i, 0.9)).collect();
+        s.apply_sync(write("a", 1, [vec![kept.clone(), gone.clone()], added].concat()))
+            .await
+            .expect("sync");
+        let mut w = write("a", 2, vec![]);
+        w.removed = vec![Uuid::from_slice(&gone.id).expect("id")];
+        s.apply_sync(w).await.expect("remove");
+        s.settle().await.expect("settle");
+        assert_eq!(s.memory_index_len(), Some(301));
+        let found = similar_ids(&s, query_for("b", 0)).await;
+        s.flush().await.expect("flush");
+        found
+    };
+    assert_eq!(before.first(), Some(&kept.id));
+    let s = PostgresStore::open(&opts).await.expect("reopen");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.check_ready().await.is_err() {
+        assert!(Instant::now() < deadline, "not ready: {:?}", s.check_ready().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.memory_index_len(), Some(301));
+    assert_eq!(similar_ids(&s, query_for("b", 0)).await, before);
+}
+
+/// A process whose cursor is below pruned tombstones cannot know what was removed: it reloads.
+/// The pruning itself records the highest generation it deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_follower_behind_pruned_tombstones_reloads() {
+    use omega_shard::store::{StoreOptions, postgres::PostgresStore};
+    use sqlx::Connection;
+    let url = common::fresh_db().await;
+    let s = PostgresStore::open(&StoreOptions::postgres(&url)).await.expect("open");
+    register_all(&s, &["a", "b"]).await;
+    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    let q = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.9);
+    s.apply_sync(write("a", 1, vec![p.clone(), q.clone()])).await.expect("sync");
+    s.settle().await.expect("settle");
+    assert_eq!(similar_ids(&s, query_for("b", 0)).await.len(), 2);
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+
+    // Pruning: an old tombstone goes, and the generation it had is recorded.
+    let mut w = write("a", 2, vec![]);
+    w.removed = vec![Uuid::from_slice(&p.id).expect("id")];
+    s.apply_sync(w).await.expect("remove");
+    s.settle().await.expect("settle");
+    let g: i64 = sqlx::query_scalar("SELECT index_seq FROM pattern_removals")
+        .fetch_one(&mut db)
+        .await
+        .expect("one tombstone");
+    sqlx::query("UPDATE pattern_removals SET removed_at = now() - interval '2 hours'")
+        .execute(&mut db)
+        .await
+        .expect("age it");
+    s.prune_tombstones().await.expect("prune");
+    let (left, pruned_to): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pattern_removals), removals_pruned_to FROM merge_state",
+    )
+    .fetch_one(&mut db)
+    .await
+    .expect("state");
+    assert_eq!((left, pruned_to), (0, g));
+
+    // A merge this process never followed, whose tombstone is already pruned (written as the
+    // merge and a later prune would leave it).
+    sqlx::query(
+        "WITH gone AS (DELETE FROM patterns WHERE id = $1 RETURNING 1),
+              g AS (SELECT nextval('pattern_index_gen') AS g FROM gone)
+         UPDATE merge_state SET generation = g.g, removals_pruned_to = g.g, patterns = patterns - 1
+         FROM g",
+    )
+    .bind(Uuid::from_slice(&q.id).expect("id"))
+    .execute(&mut db)
+    .await
+    .expect("unfollowable merge");
+    s.settle().await.expect("settle reloads");
+    assert!(similar_ids(&s, query_for("b", 0)).await.is_empty());
+    assert_eq!(s.memory_index_len(), Some(0));
 }

@@ -1,6 +1,6 @@
 //! The embedded store: all state in memory, made durable by a write-ahead log with group
 //! commit and periodic snapshots under `DATA_DIR/embedded/` ([`wal`]), searched with an
-//! in-process inverted-file index ([`ann`]).
+//! in-process inverted-file index ([`super::ann`]).
 //!
 //! Every change is a [`wal::Record`] applied by one deterministic function, [`State::apply`],
 //! both live and when replaying the log at start, so what is recovered is exactly what was
@@ -14,15 +14,14 @@
 //! writes `snapshot-N+1` atomically and deletes generation N. Recovery loads the newest
 //! snapshot and replays every log of that generation or later.
 
-pub mod ann;
 pub mod wal;
 
+use super::ann::{self, Ann, NO_OWNER};
 use super::{
     Counts, ExportItem, ExportPage, GlobalState, MAX_DEVICE_CONTENTS, Publish, Published,
     Registered, SimilarPattern, SimilarQuery, Store, StoreError, StoreOptions, SyncApplied,
     SyncWrite,
 };
-use ann::{Ann, NO_OWNER};
 use async_trait::async_trait;
 use omega_protocol::pb;
 use omega_protocol::validate::{MIN_SHARED_QUALITY, MIN_STORED_QUALITY};
@@ -103,7 +102,7 @@ impl State {
     fn index(&mut self, id: Uuid, owner: u32, p: &pb::Pattern) {
         match &p.embedding {
             Some(e) if p.success_rate >= MIN_SHARED_QUALITY => {
-                self.ann.insert(id, owner, &ann::to_i8(&e.values), e.scale)
+                self.ann.insert(id, owner, &ann::to_i8(&e.values), e.scale, ())
             }
             _ => {
                 self.ann.remove(&id);
@@ -209,7 +208,7 @@ impl State {
             if let Some(e) = a.embedding.as_ref().filter(|_| !a.content_id.is_empty())
                 && a.quality >= MIN_SHARED_QUALITY
             {
-                self.ann.insert(id, NO_OWNER, &ann::to_i8(&e.values), e.scale);
+                self.ann.insert(id, NO_OWNER, &ann::to_i8(&e.values), e.scale, ());
             }
             self.aggregates.insert(id, a.clone());
         }
@@ -275,19 +274,7 @@ impl State {
     }
 }
 
-/// Converts an aggregate into the pattern form devices receive.
-pub fn aggregate_pattern(a: &pb::AggregatedPattern, at_ms: i64) -> pb::Pattern {
-    pb::Pattern {
-        id: a.id.clone(),
-        content_id: a.content_id.clone(),
-        embedding: a.embedding.clone(),
-        success_rate: a.quality,
-        sample_count: u32::try_from(a.total_samples).unwrap_or(u32::MAX).max(1),
-        context: a.context.clone(),
-        created_at_ms: at_ms,
-        updated_at_ms: at_ms,
-    }
-}
+pub use super::aggregate_pattern;
 
 enum Msg {
     Append(Vec<u8>, oneshot::Sender<Result<(), String>>),

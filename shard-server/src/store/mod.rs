@@ -14,6 +14,7 @@ use omega_protocol::pb;
 use std::sync::Arc;
 use uuid::Uuid;
 
+pub mod ann;
 pub mod embedded;
 pub mod postgres;
 
@@ -178,8 +179,10 @@ pub struct Counts {
     /// Patterns stored (Postgres: merged patterns, a counter kept by the merge, plus intake
     /// rows not merged yet, an upper bound since updates and removals count too).
     pub patterns: u64,
-    /// Postgres: intake rows not yet merged plus patterns the indexer has not reached (the
-    /// latter counted up to 100,000); 0 for the embedded store.
+    /// Postgres: intake rows not yet merged plus merged patterns similarity queries do not
+    /// reflect yet (counted up to 100,000): with `SIMILAR_INDEX=memory`, those this process's
+    /// in-memory index has not followed (all of them while it loads); with `pgvector`, those
+    /// the indexer has not reached. 0 for the embedded store.
     pub backlog: u64,
     /// Global version served.
     pub global_version: u64,
@@ -250,6 +253,17 @@ pub trait Store: Send + Sync + 'static {
 /// A shared store.
 pub type SharedStore = Arc<dyn Store>;
 
+/// What serves the Postgres store's similarity queries (`SIMILAR_INDEX`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SimilarIndex {
+    /// An in-process inverted-file index over the shareable patterns, loaded from Postgres at
+    /// start and kept in step with it by following the merge (`postgres/similar_index.rs`).
+    #[default]
+    Memory,
+    /// pgvector's HNSW index on `pattern_vectors`, fed by the background indexer.
+    Pgvector,
+}
+
 /// Options of the stores, from [`crate::config::StoreArgs`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -275,9 +289,11 @@ pub struct StoreOptions {
     pub index_interval: std::time::Duration,
     /// Rows per indexer batch.
     pub index_batch: u32,
-    /// Embedded ANN lists.
+    /// Postgres: what serves similarity queries.
+    pub similar_index: SimilarIndex,
+    /// In-process ANN lists (embedded store; Postgres with [`SimilarIndex::Memory`]).
     pub ann_lists: usize,
-    /// Embedded ANN probes.
+    /// In-process ANN probes.
     pub ann_probes: usize,
     /// Embedded WAL compaction threshold.
     pub wal_compact_bytes: u64,
@@ -297,6 +313,7 @@ impl From<&crate::config::StoreArgs> for StoreOptions {
             merge_batch: a.merge_batch,
             index_interval: std::time::Duration::from_millis(a.index_interval_ms),
             index_batch: a.index_batch,
+            similar_index: a.similar_index,
             ann_lists: a.ann_lists as usize,
             ann_probes: a.ann_probes as usize,
             wal_compact_bytes: a.wal_compact_mb << 20,
@@ -319,6 +336,7 @@ impl StoreOptions {
             merge_batch: 5000,
             index_interval: std::time::Duration::from_millis(200),
             index_batch: 20,
+            similar_index: SimilarIndex::Memory,
             ann_lists: 256,
             ann_probes: 8,
             wal_compact_bytes: 256 << 20,
@@ -336,6 +354,20 @@ pub async fn open(opts: &StoreOptions) -> Result<SharedStore, StoreError> {
     match &opts.postgres_url {
         Some(_) => Ok(Arc::new(postgres::PostgresStore::open(opts).await?)),
         None => Ok(Arc::new(embedded::EmbeddedStore::open(opts)?)),
+    }
+}
+
+/// Converts an aggregate into the pattern form devices receive.
+pub fn aggregate_pattern(a: &pb::AggregatedPattern, at_ms: i64) -> pb::Pattern {
+    pb::Pattern {
+        id: a.id.clone(),
+        content_id: a.content_id.clone(),
+        embedding: a.embedding.clone(),
+        success_rate: a.quality,
+        sample_count: u32::try_from(a.total_samples).unwrap_or(u32::MAX).max(1),
+        context: a.context.clone(),
+        created_at_ms: at_ms,
+        updated_at_ms: at_ms,
     }
 }
 

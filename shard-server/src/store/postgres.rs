@@ -14,11 +14,21 @@
 //!    pattern and apply them to `patterns`, which has only btree indexes, so it keeps up with
 //!    the intake. Removals and quality drops are also applied to `pattern_vectors` here (cheap
 //!    deletes). Exports merge first, so a federation round sees every acknowledged sync.
-//! 3. **Index** (background, `INDEX_BATCH` rows then a pause of `INDEX_INTERVAL_MS`): copy
-//!    shareable patterns (success >= 0.8) written since its cursor into `pattern_vectors`,
-//!    the HNSW-indexed table similarity queries search. This is the slow step; the pause
-//!    bounds the CPU it takes from syncs. When no sync has been written for a second, it
-//!    skips the pause and catches up batch after batch.
+//!    Each merge is one generation: rows it writes carry it in `index_seq`, rows it deletes
+//!    leave a tombstone in `pattern_removals`, and `merge_state.generation` says which
+//!    generation committed last.
+//! 3. **Similarity index**, one of two (`SIMILAR_INDEX`):
+//!    - `memory` (default): every server process keeps the shareable patterns (success >= 0.8)
+//!      in an in-process index, loaded at start and following the merge generations
+//!      ([`similar_index`]); a pattern is searchable within about two merge intervals, on
+//!      every replica, and a query never touches the database.
+//!    - `pgvector`: a background indexer (`INDEX_BATCH` rows then a pause of
+//!      `INDEX_INTERVAL_MS`) copies shareable patterns written since its cursor into
+//!      `pattern_vectors`, the HNSW-indexed table similarity queries then search. This is the
+//!      slow step; the pause bounds the CPU it takes from syncs. When no sync has been
+//!      written for a second, it skips the pause and catches up batch after batch. The
+//!      indexer runs only in this mode: with `memory`, `pattern_vectors` (and its HNSW index,
+//!      still created by the migrations) is left as it is, apart from the merge's deletes.
 //!
 //! Both background steps run small and often (by default a merge every 200 ms, 20 rows per
 //! index batch) rather than large and rarely: on the 2-core benchmark machine a merge of a
@@ -28,12 +38,15 @@
 //! one-session pool, so neither ever runs more than one statement at a time.
 //!
 //! Freshness: a pattern is in `patterns` (and exports) within one merge interval, and in other
-//! devices' `similar` answers once the indexer reaches it: immediately while the indexer keeps
-//! up, after `backlog / index rate` when it does not (`constellation_intake_backlog` counts
-//! intake rows plus rows waiting for the indexer).
+//! devices' `similar` answers: with `memory`, right after the merge in the process that ran
+//! it and within one more merge interval in the others; with `pgvector`, once the indexer
+//! reaches it: immediately while the indexer keeps up, after `backlog / index rate` when it
+//! does not (`constellation_intake_backlog` counts intake rows plus rows waiting for the
+//! indexer).
 //!
-//! Similarity queries and device contents read from the `DATABASE_READ_URLS` replicas when
-//! configured (they tolerate replication lag: both are already a merge interval behind).
+//! With `pgvector`, similarity queries read from the `DATABASE_READ_URLS` replicas when
+//! configured, and device contents always do (they tolerate replication lag: both are already
+//! a merge interval behind); the in-memory index follows the primary.
 //! Exports and the global version always read the primary: an export must contain every
 //! acknowledged sync and a device must never be handed a global version older than the one
 //! just published, neither of which a lagging replica guarantees.
@@ -41,10 +54,12 @@
 //! next use; errors that mean "cannot reach the database" become
 //! [`StoreError::Unavailable`].
 
+mod similar_index;
+
 use super::{
     Counts, ExportItem, ExportPage, GlobalState, MAX_DEVICE_CONTENTS, Publish, Published,
-    Registered, SimilarPattern, SimilarQuery, Store, StoreError, StoreOptions, SyncApplied,
-    SyncWrite,
+    Registered, SimilarIndex, SimilarPattern, SimilarQuery, Store, StoreError, StoreOptions,
+    SyncApplied, SyncWrite,
 };
 use async_trait::async_trait;
 use omega_protocol::pb;
@@ -76,6 +91,16 @@ const INDEX_LOCK: i64 = 0x6f6d_6567_6169; // "omegai"
 const MAX_BATCH: usize = 512;
 const WRITERS: usize = 2;
 const GLOBAL_TTL: Duration = Duration::from_secs(1);
+/// How long the merge keeps tombstones of deleted patterns: a process whose in-memory index
+/// fell further behind than this (a long outage) reloads it instead of following.
+pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(3600);
+/// Longest pause between two follow steps of the in-memory index, whatever
+/// `MERGE_INTERVAL_MS` is: other processes' merges reach this one's `similar` within it.
+const FOLLOW_MAX_PAUSE: Duration = Duration::from_secs(1);
+/// Longest [`PostgresStore::open`] waits for the in-memory index to load.
+const OPEN_WAITS_FOR_LOAD: Duration = Duration::from_secs(2);
+/// How often the merge task prunes tombstones past [`TOMBSTONE_RETENTION`].
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Up to this many devices, active devices are counted exactly (a scan of a few MB).
 const ACTIVE_EXACT_MAX: u64 = 10_000;
@@ -151,6 +176,8 @@ pub struct PostgresStore {
     next_reader: AtomicUsize,
     jobs: Vec<mpsc::Sender<Job>>,
     global: Mutex<Option<(Instant, GlobalState)>>,
+    /// The in-process similarity index (`SIMILAR_INDEX=memory`).
+    memory: Option<Arc<similar_index::SimilarIndex>>,
     latest_migration: i64,
     merge_batch: i64,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -222,31 +249,47 @@ pub async fn migrate(pool: &PgPool, m: u32, ef_construction: u32) -> Result<(), 
     Ok(())
 }
 
+/// Migrates the database at `url` through `pool`, retrying for up to 30 s while it comes up.
+async fn migrate_when_up(pool: &PgPool, opts: &StoreOptions) -> Result<(), StoreError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match migrate(pool, opts.hnsw_m, opts.hnsw_ef_construction).await {
+            Ok(()) => return Ok(()),
+            Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "database not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn primary_url(opts: &StoreOptions) -> Result<&str, StoreError> {
+    opts.postgres_url.as_deref().ok_or_else(|| StoreError::Database("no DATABASE_URL".into()))
+}
+
+/// `omega-shard migrate`: the migrations and the HNSW index, nothing else (no background
+/// tasks, no similarity index load).
+pub async fn migrate_database(opts: &StoreOptions) -> Result<(), StoreError> {
+    let primary = pool(primary_url(opts)?, "omega-shard-migrate", 2, opts.hnsw_ef_search)?;
+    let done = migrate_when_up(&primary, opts).await;
+    primary.close().await;
+    done
+}
+
 impl PostgresStore {
     /// Connects, migrates (retrying for up to 30 s while the database comes up) and starts
-    /// the writer and merge tasks.
+    /// the writer and merge tasks, and either the in-memory similarity index (loading in the
+    /// background: [`Store::check_ready`] fails until it is loaded) or the pgvector indexer.
     pub async fn open(opts: &StoreOptions) -> Result<Self, StoreError> {
-        let url = opts
-            .postgres_url
-            .as_deref()
-            .ok_or_else(|| StoreError::Database("no DATABASE_URL".into()))?;
+        let url = primary_url(opts)?;
         let primary = pool(url, "omega-shard", opts.pool_size, opts.hnsw_ef_search)?;
         let readers = opts
             .read_urls
             .iter()
             .map(|u| pool(u, "omega-shard-read", opts.pool_size, opts.hnsw_ef_search))
             .collect::<Result<Vec<_>, _>>()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match migrate(&primary, opts.hnsw_m, opts.hnsw_ef_construction).await {
-                Ok(()) => break,
-                Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "database not reachable yet; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        migrate_when_up(&primary, opts).await?;
         // Devices are split between the writers by hash, so two batches never lock the same
         // device row (no deadlocks) while one batch's commit overlaps the next one's work.
         let mut jobs = Vec::new();
@@ -259,23 +302,47 @@ impl PostgresStore {
         }
         // The background steps have one session each: their own pool bounds them to one
         // statement at a time, and they can be told apart in pg_stat_activity.
+        let memory = match opts.similar_index {
+            SimilarIndex::Memory => {
+                let index =
+                    Arc::new(similar_index::SimilarIndex::new(opts.ann_lists, opts.ann_probes));
+                let (follow, every) = (index.clone(), opts.merge_interval.min(FOLLOW_MAX_PAUSE));
+                let session = pool(url, "omega-shard-follow", 1, opts.hnsw_ef_search)?;
+                tasks.push(tokio::spawn(async move { follow.run(session, every).await }));
+                Some(index)
+            }
+            SimilarIndex::Pgvector => {
+                tasks.push(tokio::spawn(indexer(
+                    pool(url, "omega-shard-index", 1, opts.hnsw_ef_search)?,
+                    opts.index_interval,
+                    i64::from(opts.index_batch),
+                    activity,
+                )));
+                None
+            }
+        };
         tasks.push(tokio::spawn(merger(
             pool(url, "omega-shard-merge", 1, opts.hnsw_ef_search)?,
             opts.merge_interval,
             i64::from(opts.merge_batch),
+            memory.clone(),
         )));
-        tasks.push(tokio::spawn(indexer(
-            pool(url, "omega-shard-index", 1, opts.hnsw_ef_search)?,
-            opts.index_interval,
-            i64::from(opts.index_batch),
-            activity,
-        )));
+        if let Some(m) = &memory {
+            // A small database loads in milliseconds: wait that long, so such a server is
+            // ready at once rather than at the next readiness probe (every 2 s). A large one
+            // keeps loading in the background while the listeners start.
+            let deadline = Instant::now() + OPEN_WAITS_FOR_LOAD;
+            while m.check_loaded().is_err() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         Ok(PostgresStore {
             primary,
             readers,
             next_reader: AtomicUsize::new(0),
             jobs,
             global: Mutex::new(None),
+            memory,
             latest_migration: MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0),
             merge_batch: i64::from(opts.merge_batch),
             tasks,
@@ -293,6 +360,18 @@ impl PostgresStore {
     /// The primary pool (tools and tests).
     pub fn pool(&self) -> &PgPool {
         &self.primary
+    }
+
+    /// Deletes removal tombstones older than [`TOMBSTONE_RETENTION`] now (the merge task does
+    /// it every minute; tools and tests).
+    pub async fn prune_tombstones(&self) -> Result<(), StoreError> {
+        prune_tombstones(&self.primary).await
+    }
+
+    /// Patterns in this process's in-memory similarity index; `None` with
+    /// `SIMILAR_INDEX=pgvector` (tools and tests).
+    pub fn memory_index_len(&self) -> Option<usize> {
+        self.memory.as_ref().map(|m| m.len())
     }
 
     /// Applies the whole intake backlog to `patterns` (fast: no vector index there).
@@ -741,20 +820,30 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
     // Change in the number of rows of `patterns`, kept in `merge_state`.
     let mut added: i64 = 0;
     if !rm_id.is_empty() {
-        for table in ["patterns", "pattern_vectors"] {
-            let done = sqlx::query(&format!(
-                "DELETE FROM {table} p USING unnest($1::uuid[], $2::text[]) AS x(id, d)
-                 WHERE p.id = x.id AND p.device_id = x.d"
-            ))
-            .bind(&rm_id)
-            .bind(&rm_dev)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            if table == "patterns" {
-                added -= done.rows_affected() as i64;
-            }
-        }
+        // Each deleted row leaves a tombstone of this generation, so that processes following
+        // the merge into their in-memory index see removals too (the rows themselves are gone).
+        let done = sqlx::query(
+            "WITH gone AS (
+                 DELETE FROM patterns p USING unnest($1::uuid[], $2::text[]) AS x(id, d)
+                 WHERE p.id = x.id AND p.device_id = x.d RETURNING p.id)
+             INSERT INTO pattern_removals (index_seq, id) SELECT $3, id FROM gone",
+        )
+        .bind(&rm_id)
+        .bind(&rm_dev)
+        .bind(generation)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        added -= done.rows_affected() as i64;
+        sqlx::query(
+            "DELETE FROM pattern_vectors p USING unnest($1::uuid[], $2::text[]) AS x(id, d)
+             WHERE p.id = x.id AND p.device_id = x.d",
+        )
+        .bind(&rm_id)
+        .bind(&rm_dev)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
     }
     if !put_seq.is_empty() {
         // Ids that exist already are updated (or, another device's, left alone), not added;
@@ -840,23 +929,59 @@ async fn merge_once(pool: &PgPool, batch: i64) -> Result<usize, StoreError> {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-    if added != 0 {
-        sqlx::query("UPDATE merge_state SET patterns = patterns + $1 WHERE id = 1")
-            .bind(added)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-    }
+    // The generation commits with the changes: a follower that reads it also sees them.
+    sqlx::query("UPDATE merge_state SET patterns = patterns + $1, generation = $2 WHERE id = 1")
+        .bind(added)
+        .bind(generation)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
     tx.commit().await.map_err(db_err)?;
     Ok(rows.len())
 }
 
-async fn merger(pool: PgPool, interval: Duration, batch: i64) {
+/// Deletes tombstones older than [`TOMBSTONE_RETENTION`] and records the highest generation
+/// deleted, so that a follower behind it knows it must reload.
+async fn prune_tombstones(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query(
+        "WITH gone AS (
+             DELETE FROM pattern_removals
+             WHERE removed_at < now() - make_interval(secs => $1) RETURNING index_seq)
+         UPDATE merge_state
+         SET removals_pruned_to = GREATEST(removals_pruned_to, (SELECT max(index_seq) FROM gone))
+         WHERE id = 1 AND EXISTS (SELECT 1 FROM gone)",
+    )
+    .bind(TOMBSTONE_RETENTION.as_secs_f64())
+    .execute(pool)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+async fn merger(
+    pool: PgPool,
+    interval: Duration,
+    batch: i64,
+    memory: Option<Arc<similar_index::SimilarIndex>>,
+) {
+    let mut pruned = Instant::now();
     loop {
-        match merge_once(&pool, batch).await {
+        let merged = merge_once(&pool, batch).await;
+        if let (Ok(n), Some(m)) = (&merged, &memory)
+            && *n > 0
+        {
+            m.wake();
+        }
+        match merged {
             Ok(n) if n as i64 >= batch => continue, // backlog: keep going
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "intake merge failed; will retry"),
+        }
+        if pruned.elapsed() >= PRUNE_EVERY {
+            pruned = Instant::now();
+            if let Err(e) = prune_tombstones(&pool).await {
+                tracing::warn!(error = %e, "pruning removal tombstones failed; will retry");
+            }
         }
         tokio::time::sleep(interval).await;
     }
@@ -924,6 +1049,45 @@ async fn indexer(pool: PgPool, interval: Duration, batch: i64, activity: Arc<Act
     }
 }
 
+/// Every aggregate of the latest round.
+async fn read_aggregates<'e, E>(db: E) -> Result<Vec<pb::AggregatedPattern>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    let rows = sqlx::query(
+        "SELECT id, content_id, embedding, quality, source_devices, total_samples,
+                time_slot, day_type, content_type, genres, region
+         FROM global_patterns",
+    )
+    .fetch_all(db)
+    .await
+    .map_err(db_err)?;
+    rows.iter()
+        .map(|r| {
+            let id: Uuid = r.try_get("id")?;
+            let emb: Vector = r.try_get("embedding")?;
+            let sources: i64 = r.try_get("source_devices")?;
+            let samples: i64 = r.try_get("total_samples")?;
+            Ok(pb::AggregatedPattern {
+                id: id.as_bytes().to_vec(),
+                content_id: r.try_get("content_id")?,
+                embedding: Some(wire_embedding(&emb)),
+                quality: r.try_get("quality")?,
+                source_devices: u32::try_from(sources.max(0)).unwrap_or(u32::MAX),
+                total_samples: samples.max(0) as u64,
+                context: Some(pb::PatternContext {
+                    time_slot: i32::from(r.try_get::<i16, _>("time_slot")?),
+                    day_type: i32::from(r.try_get::<i16, _>("day_type")?),
+                    content_type: i32::from(r.try_get::<i16, _>("content_type")?),
+                    genres: r.try_get("genres")?,
+                }),
+                region: r.try_get("region")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(db_err)
+}
+
 fn trend_from_row(row: &PgRow) -> Result<pb::TrendSignal, sqlx::Error> {
     let content: Option<String> = row.try_get("content_id")?;
     let centroid: Option<Vector> = row.try_get("centroid")?;
@@ -954,7 +1118,10 @@ impl Store for PostgresStore {
                 self.latest_migration
             )));
         }
-        Ok(())
+        match &self.memory {
+            Some(m) => m.check_loaded(),
+            None => Ok(()),
+        }
     }
 
     async fn register(
@@ -1012,6 +1179,9 @@ impl Store for PostgresStore {
     }
 
     async fn similar(&self, q: SimilarQuery) -> Result<Vec<SimilarPattern>, StoreError> {
+        if let Some(m) = &self.memory {
+            return m.similar(&q);
+        }
         if super::unit(&q.interest).is_none() {
             return Ok(Vec::new());
         }
@@ -1060,6 +1230,18 @@ impl Store for PostgresStore {
 
     async fn settle(&self) -> Result<(), StoreError> {
         self.merge_all().await?;
+        if let Some(m) = &self.memory {
+            // The first load may still run (the background task holds it); wait for it, then
+            // apply everything merged since.
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while m.check_loaded().is_err() {
+                if Instant::now() > deadline {
+                    return m.check_loaded();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return m.sync(&self.primary).await;
+        }
         loop {
             match index_once(&self.primary, 10_000).await? {
                 Some(0) => return Ok(()),
@@ -1267,6 +1449,12 @@ impl Store for PostgresStore {
         .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         self.invalidate_global();
+        if let Some(m) = &self.memory
+            && let Err(e) = m.sync(&self.primary).await
+        {
+            // Published all the same; the follower installs the aggregates on its next step.
+            tracing::warn!(error = %e, "could not load the published aggregates into memory yet");
+        }
         Ok(Published { applied: true, global_version: version as u64 })
     }
 
@@ -1284,39 +1472,16 @@ impl Store for PostgresStore {
     }
 
     async fn aggregates(&self) -> Result<Vec<pb::AggregatedPattern>, StoreError> {
+        // Read when the global version changed: catch up first, so the answer is at least as
+        // new as the version the caller saw (which came from the primary).
+        if let Some(m) = &self.memory {
+            m.sync(&self.primary).await?;
+            if let Some(all) = m.aggregates()? {
+                return Ok(all);
+            }
+        }
         // The primary: the version that triggered this read may be newer than a replica.
-        let rows = sqlx::query(
-            "SELECT id, content_id, embedding, quality, source_devices, total_samples,
-                    time_slot, day_type, content_type, genres, region
-             FROM global_patterns",
-        )
-        .fetch_all(&self.primary)
-        .await
-        .map_err(db_err)?;
-        rows.iter()
-            .map(|r| {
-                let id: Uuid = r.try_get("id")?;
-                let emb: Vector = r.try_get("embedding")?;
-                let sources: i64 = r.try_get("source_devices")?;
-                let samples: i64 = r.try_get("total_samples")?;
-                Ok(pb::AggregatedPattern {
-                    id: id.as_bytes().to_vec(),
-                    content_id: r.try_get("content_id")?,
-                    embedding: Some(wire_embedding(&emb)),
-                    quality: r.try_get("quality")?,
-                    source_devices: u32::try_from(sources.max(0)).unwrap_or(u32::MAX),
-                    total_samples: samples.max(0) as u64,
-                    context: Some(pb::PatternContext {
-                        time_slot: i32::from(r.try_get::<i16, _>("time_slot")?),
-                        day_type: i32::from(r.try_get::<i16, _>("day_type")?),
-                        content_type: i32::from(r.try_get::<i16, _>("content_type")?),
-                        genres: r.try_get("genres")?,
-                    }),
-                    region: r.try_get("region")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(db_err)
+        read_aggregates(&self.primary).await
     }
 
     async fn counts(&self, active_since_ms: i64) -> Result<Counts, StoreError> {
@@ -1324,19 +1489,26 @@ impl Store for PostgresStore {
         // Devices and merged patterns are counters kept by the writes; intake rows come from
         // the ends of its sequence (an upper bound: rolled-back inserts leave gaps); rows
         // waiting for the indexer are counted up to a cap.
-        let row = sqlx::query(
+        // Not yet searchable: with the in-memory index, rows written by generations it has not
+        // applied (all of them while it loads: -1); with pgvector, rows past the indexer.
+        let unindexed = match &self.memory {
+            Some(_) => "SELECT 1 FROM patterns p WHERE p.index_seq > $2 LIMIT $1",
+            None => {
+                "SELECT 1 FROM patterns p, indexer_state i
+                 WHERE i.id = 1 AND (p.index_seq, p.id) > (i.last_seq, i.last_id) LIMIT $1"
+            }
+        };
+        let sql = format!(
             "SELECT s.devices, s.global_version, m.patterns AS merged,
                     COALESCE((SELECT max(seq) - min(seq) + 1 FROM pattern_intake), 0) AS intake,
-                    (SELECT count(*) FROM (
-                        SELECT 1 FROM patterns p, indexer_state i
-                        WHERE i.id = 1 AND (p.index_seq, p.id) > (i.last_seq, i.last_id)
-                        LIMIT $1) b) AS unindexed
-             FROM global_state s, merge_state m WHERE s.id = 1 AND m.id = 1",
-        )
-        .bind(UNINDEXED_COUNT_CAP)
-        .fetch_one(&self.primary)
-        .await
-        .map_err(db_err)?;
+                    (SELECT count(*) FROM ({unindexed}) b) AS unindexed
+             FROM global_state s, merge_state m WHERE s.id = 1 AND m.id = 1"
+        );
+        let mut query = sqlx::query(&sql).bind(UNINDEXED_COUNT_CAP);
+        if let Some(m) = &self.memory {
+            query = query.bind(m.cursor().unwrap_or(-1));
+        }
+        let row = query.fetch_one(&self.primary).await.map_err(db_err)?;
         let get = |c: &str| row.try_get::<i64, _>(c).map(|v| v.max(0) as u64).map_err(db_err);
         let devices_total = get("devices")?;
         let intake = get("intake")?;
