@@ -325,6 +325,15 @@ impl<T> Ann<T> {
     }
 }
 
+/// Sample vectors per list for [`train_centroids`] (16 per list: enough for k-means to place
+/// every centroid, small enough that training takes a fraction of a second at 256 lists).
+pub const SAMPLE_PER_LIST: usize = 16;
+/// Below this many vectors per list, training is not worth it: the first vectors inserted
+/// become the centroids.
+pub const TRAIN_MIN_PER_LIST: usize = 64;
+/// k-means rounds over the sample.
+pub const TRAIN_ITERATIONS: usize = 6;
+
 /// Centroids for an index of `lists` lists, from a sample of unit vectors: spherical k-means
 /// (`iterations` Lloyd rounds, cosine assignment, centroids re-normalised), started from
 /// evenly spaced sample members. Starting an index from these rather than from the first

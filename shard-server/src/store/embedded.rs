@@ -1,6 +1,7 @@
 //! The embedded store: all state in memory, made durable by a write-ahead log with group
 //! commit and periodic snapshots under `DATA_DIR/embedded/` ([`wal`]), searched with an
-//! in-process inverted-file index ([`super::ann`]).
+//! in-process inverted-file index ([`super::ann`]) whose centroids are trained on the data at
+//! open and retrained in the background as it grows ([`index`]).
 //!
 //! Every change is a [`wal::Record`] applied by one deterministic function, [`State::apply`],
 //! both live and when replaying the log at start, so what is recovered is exactly what was
@@ -14,9 +15,12 @@
 //! writes `snapshot-N+1` atomically and deletes generation N. Recovery loads the newest
 //! snapshot and replays every log of that generation or later.
 
+mod index;
 pub mod wal;
 
-use super::ann::{self, Ann, NO_OWNER};
+pub use index::{GROWTH, IndexInfo};
+
+use super::ann::NO_OWNER;
 use super::{
     Counts, ExportItem, ExportPage, GlobalState, MAX_DEVICE_CONTENTS, Publish, Published,
     Registered, SimilarPattern, SimilarQuery, Store, StoreError, StoreOptions, SyncApplied,
@@ -25,6 +29,7 @@ use super::{
 use async_trait::async_trait;
 use omega_protocol::pb;
 use omega_protocol::validate::{MIN_SHARED_QUALITY, MIN_STORED_QUALITY};
+use omega_protocol::vector::EMBEDDING_DIM;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -62,11 +67,41 @@ pub struct State {
     rounds: HashSet<String>,
     global: GlobalState,
     published_ms: i64,
-    ann: Ann,
+    index: index::Index,
 }
 
 fn uuid(bytes: &[u8]) -> Option<Uuid> {
     Uuid::from_slice(bytes).ok()
+}
+
+/// What the similarity index holds for an id, borrowed from the state.
+#[derive(Debug, Clone, Copy)]
+struct Indexed<'a> {
+    owner: u32,
+    values: &'a [u8],
+    scale: f32,
+}
+
+/// What the similarity index must hold for `id`: a servable aggregate (with a content id and
+/// a quality at or above the shareable rate; it wins over a device's pattern that reuses its
+/// id, so no device can shadow a published aggregate), else a shareable pattern, else
+/// nothing. The one definition of "indexed", used by live changes and every build alike.
+fn indexed<'a>(
+    patterns: &'a BTreeMap<Uuid, Stored>,
+    aggregates: &'a HashMap<Uuid, pb::AggregatedPattern>,
+    id: &Uuid,
+) -> Option<Indexed<'a>> {
+    let aggregate = aggregates
+        .get(id)
+        .filter(|a| !a.content_id.is_empty() && a.quality >= MIN_SHARED_QUALITY)
+        .and_then(|a| a.embedding.as_ref())
+        .filter(|e| e.values.len() == EMBEDDING_DIM)
+        .map(|e| Indexed { owner: NO_OWNER, values: &e.values, scale: e.scale });
+    aggregate.or_else(|| {
+        let s = patterns.get(id).filter(|s| s.pattern.success_rate >= MIN_SHARED_QUALITY)?;
+        let e = s.pattern.embedding.as_ref().filter(|e| e.values.len() == EMBEDDING_DIM)?;
+        Some(Indexed { owner: s.owner, values: &e.values, scale: e.scale })
+    })
 }
 
 impl State {
@@ -80,8 +115,20 @@ impl State {
             rounds: HashSet::new(),
             global: GlobalState::default(),
             published_ms: 0,
-            ann: Ann::new(lists, probes),
+            index: index::Index::deferred(lists, probes),
         }
+    }
+
+    fn indexed(&self, id: &Uuid) -> Option<Indexed<'_>> {
+        indexed(&self.patterns, &self.aggregates, id)
+    }
+
+    /// Brings the index in line with the state for `id`, after any change to it.
+    fn reindex(&mut self, id: Uuid) {
+        if self.index.is_deferred() {
+            return;
+        }
+        self.index.put(id, indexed(&self.patterns, &self.aggregates, &id));
     }
 
     fn add_device(&mut self, id: &str, region: &str, at_ms: i64) -> &mut Device {
@@ -99,30 +146,19 @@ impl State {
         })
     }
 
-    fn index(&mut self, id: Uuid, owner: u32, p: &pb::Pattern) {
-        match &p.embedding {
-            Some(e) if p.success_rate >= MIN_SHARED_QUALITY => {
-                self.ann.insert(id, owner, &ann::to_i8(&e.values), e.scale, ())
-            }
-            _ => {
-                self.ann.remove(&id);
-            }
-        }
-    }
-
     fn put_pattern(&mut self, owner: u32, p: pb::Pattern) {
         let Some(id) = uuid(&p.id) else { return };
         if self.patterns.get(&id).is_some_and(|s| s.owner != owner) {
             return; // another device's id: never overwritten
         }
-        self.index(id, owner, &p);
         self.owned.entry(owner).or_default().insert(id);
         self.patterns.insert(id, Stored { owner, pattern: p });
+        self.reindex(id);
     }
 
     fn drop_pattern(&mut self, id: &Uuid, owner: u32) {
         self.patterns.remove(id);
-        self.ann.remove(id);
+        self.reindex(*id);
         if let Some(ids) = self.owned.get_mut(&owner) {
             ids.remove(id);
             if ids.is_empty() {
@@ -183,8 +219,7 @@ impl State {
             st.pattern.success_rate = u.success_rate;
             st.pattern.sample_count = st.pattern.sample_count.saturating_add(u.extra_samples);
             st.pattern.updated_at_ms = s.at_ms;
-            let p = st.pattern.clone();
-            self.index(id, owner, &p);
+            self.reindex(id);
         }
         for r in &s.removed {
             let Some(id) = uuid(r) else { continue };
@@ -197,20 +232,16 @@ impl State {
     fn apply_publish(&mut self, p: &wal::PublishRec) {
         self.rounds.insert(p.round_id.clone());
         self.rounds.extend(p.published_rounds.iter().cloned());
-        for id in self.aggregates.keys() {
-            self.ann.remove(id);
-        }
-        self.aggregates.clear();
+        // Aggregates without a content id cannot be served as patterns (a device refuses a
+        // pattern without one); they still count as published (see `indexed`).
+        let mut changed: Vec<Uuid> = self.aggregates.drain().map(|(id, _)| id).collect();
         for a in &p.patterns {
             let Some(id) = uuid(&a.id) else { continue };
-            // Aggregates without a content id cannot be served as patterns (a device refuses a
-            // pattern without one); they still count as published.
-            if let Some(e) = a.embedding.as_ref().filter(|_| !a.content_id.is_empty())
-                && a.quality >= MIN_SHARED_QUALITY
-            {
-                self.ann.insert(id, NO_OWNER, &ann::to_i8(&e.values), e.scale, ());
-            }
             self.aggregates.insert(id, a.clone());
+            changed.push(id);
+        }
+        for id in changed {
+            self.reindex(id);
         }
         let mut trends = p.trends.clone();
         trends.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -285,6 +316,8 @@ enum Msg {
 pub struct EmbeddedStore {
     state: Arc<RwLock<State>>,
     tx: mpsc::Sender<Msg>,
+    /// Wakes the index rebuild thread.
+    rebuild: mpsc::Sender<()>,
     failed: Arc<AtomicBool>,
     dir: PathBuf,
 }
@@ -300,8 +333,10 @@ fn poisoned<T>(_: T) -> StoreError {
 }
 
 impl EmbeddedStore {
-    /// Opens (creating) the store under `opts.data_dir/embedded`, replaying its log.
+    /// Opens (creating) the store under `opts.data_dir/embedded`: replays its log, then builds
+    /// the similarity index with centroids trained on what was loaded.
     pub fn open(opts: &StoreOptions) -> Result<Self, StoreError> {
+        let started = std::time::Instant::now();
         let dir = opts.data_dir.join("embedded");
         std::fs::create_dir_all(&dir)?;
         let mut state = State::new(opts.ann_lists, opts.ann_probes);
@@ -340,13 +375,29 @@ impl EmbeddedStore {
         }
         let generation = logs.last().copied().unwrap_or(base);
         let log = wal::LogFile::open(&wal::wal_path(&dir, generation))?;
-        tracing::info!(
-            devices = state.devices.len(),
-            patterns = state.patterns.len(),
-            generation,
-            "embedded store opened"
-        );
+        let replay_secs = started.elapsed().as_secs_f64();
         let state = Arc::new(RwLock::new(state));
+        let built = index::build(&state, false, index::Tuning::at_open(), &mut || {})?;
+        let info = {
+            let mut st = state.write().map_err(poisoned)?;
+            index::install_at_open(&mut st, built);
+            tracing::info!(
+                devices = st.devices.len(),
+                patterns = st.patterns.len(),
+                generation,
+                "embedded store opened"
+            );
+            st.index.info()
+        };
+        tracing::info!(
+            indexed = info.indexed,
+            lists = info.lists,
+            trained_on = info.trained_on,
+            replay_secs,
+            secs = started.elapsed().as_secs_f64(),
+            "similarity index built"
+        );
+        let rebuild = index::spawn_rebuilder(state.clone())?;
         let failed = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -359,7 +410,12 @@ impl EmbeddedStore {
             compact_bytes: opts.wal_compact_bytes,
         };
         std::thread::Builder::new().name("omega-wal".into()).spawn(move || writer.run())?;
-        Ok(EmbeddedStore { state, tx, failed, dir })
+        Ok(EmbeddedStore { state, tx, rebuild, failed, dir })
+    }
+
+    /// What the similarity index is doing.
+    pub fn index_info(&self) -> Result<IndexInfo, StoreError> {
+        Ok(self.read()?.index.info())
     }
 
     fn read(&self) -> Result<RwLockReadGuard<'_, State>, StoreError> {
@@ -382,6 +438,11 @@ impl EmbeddedStore {
         let mut buf = Vec::new();
         wal::frame(&rec, &mut buf);
         st.apply(&rec);
+        // The rebuild itself runs on its own thread; here it is only flagged, so that every
+        // change from now on is recorded for it under this same lock.
+        if st.index.start_rebuild_if_due() && self.rebuild.send(()).is_err() {
+            st.index.abort();
+        }
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Append(buf, tx))
@@ -491,7 +552,7 @@ impl Store for EmbeddedStore {
         let qv = omega_protocol::vector::quantize(&unit);
         let st = self.read()?;
         let owner = st.devices.get(&q.device_id).map_or(NO_OWNER - 1, |d| d.idx);
-        let hits = st.ann.search(&qv.values, owner, q.limit);
+        let hits = st.index.ann.search(&qv.values, owner, q.limit);
         let mut out = Vec::with_capacity(hits.len());
         for h in hits {
             if h.owner == NO_OWNER {

@@ -29,7 +29,9 @@
 //! [`super::TOMBSTONE_RETENTION`]; a process that fell further behind (a long outage) reloads.
 
 use super::{MIN_SHARED_QUALITY, db_err, row_pattern};
-use crate::store::ann::{self, Ann, NO_OWNER};
+use crate::store::ann::{
+    self, Ann, NO_OWNER, SAMPLE_PER_LIST, TRAIN_ITERATIONS, TRAIN_MIN_PER_LIST,
+};
 use crate::store::{SimilarPattern, SimilarQuery, StoreError, aggregate_pattern};
 use futures::TryStreamExt;
 use omega_protocol::pb;
@@ -49,13 +51,6 @@ use uuid::Uuid;
 const FOLLOW_PAGE: i64 = 10_000;
 /// Rows handed to the builder thread at a time while loading.
 const LOAD_CHUNK: usize = 2048;
-/// Sample rows per list for training the centroids.
-const SAMPLE_PER_LIST: usize = 16;
-/// Below this many patterns per list, training is not worth it: the first vectors become the
-/// centroids, as in the embedded store.
-const TRAIN_MIN_PER_LIST: u64 = 64;
-/// k-means rounds over the sample.
-const TRAIN_ITERATIONS: usize = 6;
 
 /// What the index keeps of a pattern besides its vector.
 #[derive(Debug)]
@@ -403,7 +398,7 @@ impl SimilarIndex {
             .fetch_one(pool)
             .await
             .map_err(db_err)?;
-        if (stored.max(0) as u64) < self.lists as u64 * TRAIN_MIN_PER_LIST {
+        if (stored.max(0) as u64) < (self.lists * TRAIN_MIN_PER_LIST) as u64 {
             return Ok(Vec::new());
         }
         let want = self.lists * SAMPLE_PER_LIST;
