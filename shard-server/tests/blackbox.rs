@@ -349,21 +349,7 @@ async fn sigterm_drains_and_exits_zero() {
         })
     };
     let mut watch = sqlx::PgConnection::connect(&url).await.expect("connect");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut watch)
-        .await
-        .expect("pg_stat_activity");
-        if waiting > 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the sync never reached the row lock");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_lock_waiter(&mut watch, "the sync never reached the row lock").await;
 
     shard.signal("-TERM");
     observe_draining(&shard, &mut c, "tv-b", &tb).await;

@@ -81,11 +81,18 @@ async fn unknown_devices_are_refused(s: &dyn Store) {
     assert!(matches!(r, Err(StoreError::UnknownDevice)), "{r:?}");
 }
 
-async fn updates_and_removals_touch_only_own_patterns(s: &dyn Store) {
+/// Device a puts three patterns; device b removes and updates two of a's ids; then a removes
+/// the first, lowers the second below the stored threshold and raises the third to 0.95.
+/// `settle_after_puts` merges a's puts on their own first, so that b's and a's operations
+/// land in one batch. Returns the third pattern's id, the only one that must be left.
+async fn foreign_then_own_operations(s: &dyn Store, settle_after_puts: bool) -> Uuid {
     register_all(s, &["a", "b"]).await;
     let (p1, p2, p3) = (pattern(1, 0.9), pattern(2, 0.9), pattern(3, 0.9));
     let id = |p: &pb::Pattern| Uuid::from_slice(&p.id).expect("id");
     s.apply_sync(write("a", 1, vec![p1.clone(), p2.clone(), p3.clone()])).await.expect("a1");
+    if settle_after_puts {
+        s.settle().await.expect("settle a1 on its own");
+    }
     let mut hostile = write("b", 1, vec![]);
     hostile.removed = vec![id(&p1)];
     hostile.updated =
@@ -98,9 +105,14 @@ async fn updates_and_removals_touch_only_own_patterns(s: &dyn Store) {
         pb::PatternUpdate { id: p3.id.clone(), success_rate: 0.95, extra_samples: 2 },
     ];
     s.apply_sync(own).await.expect("a2");
+    id(&p3)
+}
+
+async fn updates_and_removals_touch_only_own_patterns(s: &dyn Store) {
+    let p3 = foreign_then_own_operations(s, false).await;
     let left = ids_of(s, 0.0).await;
     assert_eq!(left.len(), 1, "{left:?}");
-    assert_eq!(left[0].0, id(&p3));
+    assert_eq!(left[0].0, p3);
     assert_eq!(left[0].1, "a");
     assert!((left[0].2 - 0.95).abs() < 1e-6);
     assert_eq!(left[0].3, 3);
@@ -611,7 +623,7 @@ async fn postgres_exports_and_global_version_read_the_primary_not_a_lagging_repl
 async fn postgres_merge_keeps_intake_rows_that_commit_out_of_seq_order() {
     use omega_shard::store::{StoreOptions, postgres::PostgresStore};
     use sqlx::Connection;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let url = common::fresh_db().await;
     let mut opts = StoreOptions::postgres(&url);
     opts.merge_interval = Duration::from_secs(3600); // only settle() merges
@@ -652,21 +664,8 @@ async fn postgres_merge_keeps_intake_rows_that_commit_out_of_seq_order() {
         s
     });
     let mut watch = sqlx::PgConnection::connect(&url).await.expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut watch)
-        .await
-        .expect("pg_stat_activity");
-        if waiting > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the merge never waited on the open transaction");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_lock_waiter(&mut watch, "the merge never waited on the open transaction")
+        .await;
     sqlx::query("COMMIT").execute(&mut x).await.expect("commit");
     let _s = merging.await.expect("merge task");
     let merged: i64 = sqlx::query_scalar("SELECT count(*) FROM patterns WHERE id = $1")
@@ -722,26 +721,10 @@ async fn postgres_indexer_catches_up_without_pauses_when_syncs_stop() {
 /// the owner's own removal and update of them (the owner's puts merged earlier), must not
 /// hide the owner's operations.
 async fn foreign_operations_do_not_hide_the_owners_in_one_batch(s: &dyn Store) {
-    register_all(s, &["a", "b"]).await;
-    let (p1, p2, p3) = (pattern(1, 0.9), pattern(2, 0.9), pattern(3, 0.9));
-    let id = |p: &pb::Pattern| Uuid::from_slice(&p.id).expect("id");
-    s.apply_sync(write("a", 1, vec![p1.clone(), p2.clone(), p3.clone()])).await.expect("a1");
-    s.settle().await.expect("settle a1 on its own");
-    let mut hostile = write("b", 1, vec![]);
-    hostile.removed = vec![id(&p1)];
-    hostile.updated =
-        vec![pb::PatternUpdate { id: p2.id.clone(), success_rate: 0.1, extra_samples: 9 }];
-    s.apply_sync(hostile).await.expect("b1");
-    let mut own = write("a", 2, vec![]);
-    own.removed = vec![id(&p1)];
-    own.updated = vec![
-        pb::PatternUpdate { id: p2.id.clone(), success_rate: 0.5, extra_samples: 1 },
-        pb::PatternUpdate { id: p3.id.clone(), success_rate: 0.95, extra_samples: 2 },
-    ];
-    s.apply_sync(own).await.expect("a2");
+    let p3 = foreign_then_own_operations(s, true).await;
     let left = ids_of(s, 0.0).await; // one settle: b1 and a2 in one merge
     assert_eq!(left.len(), 1, "{left:?}");
-    assert_eq!((left[0].0, left[0].1.as_str(), left[0].3), (id(&p3), "a", 3));
+    assert_eq!((left[0].0, left[0].1.as_str(), left[0].3), (p3, "a", 3));
     assert_eq!(s.counts(0).await.expect("counts").patterns, 1);
 }
 

@@ -81,6 +81,27 @@ pub async fn fresh_db() -> String {
     with_db(&base, &name)
 }
 
+/// Waits (up to 20 s) until some session of `conn`'s database waits on a lock: the moment a
+/// test that holds a row lock knows the operation it started is blocked behind it. Panics
+/// with `what` otherwise.
+pub async fn wait_for_lock_waiter(conn: &mut sqlx::PgConnection, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn unit_near(axis: usize, jitter: u64) -> Vec<f32> {
     let mut v = vec![0.0f32; EMBEDDING_DIM];
     v[axis % EMBEDDING_DIM] = 1.0;
