@@ -93,24 +93,6 @@ async fn pg_fingerprint(url: &str) -> Vec<(String, i64, String)> {
     out
 }
 
-/// Waits until the merge has emptied the Postgres intake (so the fingerprint is stable).
-async fn wait_for_merge(url: &str) {
-    use sqlx::Connection;
-    let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pattern_intake)")
-            .fetch_one(&mut db)
-            .await
-            .expect("intake");
-        if !left {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "the intake never drained");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Sync outcomes counted since `before`: exactly one more `want`, nothing else.
 fn assert_one_more(shard: &Shard, before: &mut BTreeMap<String, f64>, want: &str, case: &str) {
     let now = shard.outcomes("sync");
@@ -135,7 +117,7 @@ async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing(shard: Shard,
     let mut seen = shard.outcomes("sync");
     assert_eq!(seen, BTreeMap::from([("ok".to_owned(), 1.0)]));
     if let Some(url) = db {
-        wait_for_merge(url).await;
+        common::wait_for_merge(url).await;
     }
     let stored = match db {
         Some(url) => pg_fingerprint(url).await,
@@ -226,7 +208,7 @@ async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing(shard: Shard,
     if let Some(url) = db {
         // Give a wrongly accepted write time to reach the tables before comparing.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        wait_for_merge(url).await;
+        common::wait_for_merge(url).await;
         assert_eq!(pg_fingerprint(url).await, stored, "bad input changed the database");
     }
     assert_eq!(
@@ -378,7 +360,7 @@ async fn sigterm_drains_and_exits_zero() {
     let b =
         c.sync(sync_request("tv-b", Some(&tb), delta(1, vec![]))).await.expect("tv-b").into_inner();
     assert_eq!((b.replayed, b.acknowledged_version), (false, 1), "the refused sync left nothing");
-    wait_for_merge(&url).await;
+    common::wait_for_merge(&url).await;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM patterns WHERE device_id = 'tv-a'")
         .fetch_one(&mut watch)
         .await

@@ -167,18 +167,7 @@ async fn postgres_outage_fails_cleanly_and_recovers_without_restart() {
     // version holds exactly its two patterns.
     use sqlx::Connection;
     let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pattern_intake)")
-            .fetch_one(&mut db)
-            .await
-            .expect("intake");
-        if !left {
-            break;
-        }
-        assert!(Instant::now() < deadline, "intake never drained");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_for_merge(&url).await;
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT d.device_id, d.local_version, count(p.id)
          FROM devices d LEFT JOIN patterns p ON p.device_id = d.device_id

@@ -81,6 +81,25 @@ pub async fn fresh_db() -> String {
     with_db(&base, &name)
 }
 
+/// Waits (up to 30 s) until the merge has emptied the Postgres intake: every acknowledged
+/// sync is then in `patterns`.
+pub async fn wait_for_merge(url: &str) {
+    use sqlx::Connection;
+    let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pattern_intake)")
+            .fetch_one(&mut db)
+            .await
+            .expect("intake");
+        if !left {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the intake never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits (up to 20 s) until some session of `conn`'s database waits on a lock: the moment a
 /// test that holds a row lock knows the operation it started is blocked behind it. Panics
 /// with `what` otherwise.
