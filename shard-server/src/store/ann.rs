@@ -2,11 +2,10 @@
 //! by both stores (the embedded store's only index; the Postgres store's `similar` cache).
 //!
 //! The index has up to `lists` centroids. They are either given up front ([`Ann::seeded`],
-//! e.g. from [`train_centroids`] on a sample of the data, which is what the Postgres store
-//! does when it rebuilds its index at start), or taken from the first vectors inserted (on
-//! real MiniLM embeddings these are a sample of the data, which is what k-means would start
-//! from; the embedded store grows this way). Every later vector joins the list of its nearest
-//! centroid. A query ranks the centroids and scans the closest lists until it has probed
+//! e.g. from [`train_centroids`] on a sample of the data, which is what both stores do when
+//! they build their index at start and the embedded store again as it grows), or taken from
+//! the first vectors inserted (what a small index starts from, until there is enough to
+//! train on). Every later vector joins the list of its nearest centroid. A query ranks the centroids and scans the closest lists until it has probed
 //! `probes` lists *and* seen enough candidates. Inserts and removals are O(lists) and O(1), so
 //! the index never needs a rebuild on the sync path.
 //!
