@@ -307,14 +307,7 @@ impl SyncClient {
             .call(|mut c, deadline| {
                 let req = req.clone();
                 let auth = auth.clone();
-                async move {
-                    let mut r = tonic::Request::new(req);
-                    r.set_timeout(deadline);
-                    if let Some(auth) = auth {
-                        r.metadata_mut().insert("authorization", auth);
-                    }
-                    c.register(r).await
-                }
+                async move { c.register(request(req, deadline, auth)).await }
             })
             .await;
         let (resp, _) = match answer {
@@ -531,12 +524,7 @@ impl SyncClient {
                 .call(|mut c, deadline| {
                     let req = req.clone();
                     let auth = auth.clone();
-                    async move {
-                        let mut r = tonic::Request::new(req);
-                        r.set_timeout(deadline);
-                        r.metadata_mut().insert("authorization", auth);
-                        c.sync(r).await
-                    }
+                    async move { c.sync(request(req, deadline, Some(auth))).await }
                 })
                 .await;
             let (resp, attempts) = match (answer, &delta) {
@@ -694,6 +682,20 @@ fn deadline_as_such(status: tonic::Status) -> tonic::Status {
     } else {
         status
     }
+}
+
+/// A request with this call's deadline and, when given, the device's bearer token.
+fn request<T>(
+    msg: T,
+    deadline: Duration,
+    auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(deadline);
+    if let Some(auth) = auth {
+        r.metadata_mut().insert("authorization", auth);
+    }
+    r
 }
 
 fn bearer(token: &str) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
