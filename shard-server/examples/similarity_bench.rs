@@ -85,6 +85,10 @@ struct Args {
     /// Skip loading (the database already holds the patterns of the same arguments).
     #[arg(long)]
     no_load: bool,
+    /// Postgres: load through the store's sync path (intake, merge, the index following and
+    /// retraining as it grows) into an empty database, instead of bulk-loading and opening.
+    #[arg(long)]
+    through_store: bool,
 }
 
 const PER_DEVICE_RUN: usize = 256;
@@ -156,7 +160,11 @@ fn owner(i: usize, devices: usize) -> usize {
     (i / PER_DEVICE_RUN) % devices
 }
 
-async fn load_embedded(store: &dyn Store, args: &Args, g: &mut Generator) -> anyhow::Result<()> {
+async fn load_through_store(
+    store: &dyn Store,
+    args: &Args,
+    g: &mut Generator,
+) -> anyhow::Result<()> {
     for d in 0..args.devices {
         store.register(&format!("dev-{d}"), "local", u64::MAX, 0).await?;
     }
@@ -342,9 +350,10 @@ async fn main() -> anyhow::Result<()> {
     let mut index_secs = 0.0;
     let mut load_secs = 0.0;
     let postgres = args.store == "postgres";
+    let through_store = !args.no_load && (!postgres || args.through_store);
     if postgres {
         omega_shard::store::postgres::migrate_database(&opts).await?;
-        if !args.no_load {
+        if !args.no_load && !args.through_store {
             let url = args.database_url.as_deref().unwrap_or_default();
             index_secs = load_postgres(url, &args, &mut data).await?;
             load_secs = t.elapsed().as_secs_f64() - index_secs;
@@ -352,16 +361,49 @@ async fn main() -> anyhow::Result<()> {
     }
     let rss_before = rss_mib().0;
     let opened = Instant::now();
-    let store = omega_shard::store::open(&opts).await?;
+    let pg = if postgres {
+        Some(std::sync::Arc::new(omega_shard::store::postgres::PostgresStore::open(&opts).await?))
+    } else {
+        None
+    };
+    let store: omega_shard::store::SharedStore = match &pg {
+        Some(p) => p.clone(),
+        None => omega_shard::store::open(&opts).await?,
+    };
     // With the in-memory index, the store is ready once it is loaded.
     while let Err(e) = store.check_ready().await {
         anyhow::ensure!(opened.elapsed() < Duration::from_secs(3600), "never ready: {e}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ready_secs = opened.elapsed().as_secs_f64();
-    if !postgres && !args.no_load {
-        load_embedded(store.as_ref(), &args, &mut data).await?;
+    let mut indexed_secs = 0.0;
+    let mut index_info = None;
+    if through_store {
+        load_through_store(store.as_ref(), &args, &mut data).await?;
         load_secs = t.elapsed().as_secs_f64();
+        // Postgres indexes a sync after its merge: wait until every pattern is searchable and
+        // no rebuild is due or running.
+        if let Some(p) = &pg {
+            loop {
+                let info = p.memory_index_info()?;
+                if let Some(i) = info
+                    && i.indexed >= args.patterns
+                    && !i.rebuilding
+                    && !omega_shard::store::ann::retrain_due(
+                        i.indexed,
+                        args.ann_lists,
+                        i.trained_on,
+                        i.added_since,
+                    )
+                {
+                    index_info = Some(i);
+                    break;
+                }
+                anyhow::ensure!(t.elapsed() < Duration::from_secs(3600), "never indexed: {info:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            indexed_secs = t.elapsed().as_secs_f64();
+        }
     }
     let (rss_after, rss_peak) = rss_mib();
     let stored = store.counts(0).await?.patterns;
@@ -427,6 +469,8 @@ async fn main() -> anyhow::Result<()> {
             "patterns": stored,
             "ann": [args.ann_lists, args.ann_probes],
             "load_secs": load_secs,
+            "all_searchable_secs": indexed_secs,
+            "index": index_info.map(|i| format!("{i:?}")),
             "index_build_secs": index_secs,
             "ready_after_open_secs": ready_secs,
             "rss_mib_before_open": rss_before,

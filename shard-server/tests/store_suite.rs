@@ -56,6 +56,9 @@ async fn register_is_idempotent_and_capacity_is_enforced(s: &dyn Store) {
     assert!(matches!(s.register("c", "eu", 2, 1).await, Err(StoreError::Capacity { max: 2 })));
     assert!(!s.register("b", "eu", 2, 1).await.expect("existing").created);
     assert_eq!(s.counts(0).await.expect("counts").devices_total, 2);
+    // A limit beyond what the database's integers hold is no limit (it once wrapped to -1
+    // in the Postgres store and refused every new device).
+    assert!(s.register("d", "eu", u64::MAX, 1).await.expect("no limit").created);
 }
 
 async fn sync_applies_once_per_local_version(s: &dyn Store) {

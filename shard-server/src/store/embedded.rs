@@ -18,7 +18,7 @@
 mod index;
 pub mod wal;
 
-pub use index::{GROWTH, IndexInfo};
+pub use crate::store::ann::{GROWTH, IndexInfo};
 
 use super::ann::NO_OWNER;
 use super::{

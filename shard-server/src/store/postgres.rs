@@ -56,6 +56,7 @@
 
 mod similar_index;
 
+use super::ann::IndexInfo;
 use super::{
     Counts, ExportItem, ExportPage, GlobalState, MAX_DEVICE_CONTENTS, Publish, Published,
     Registered, SimilarIndex, SimilarPattern, SimilarQuery, Store, StoreError, StoreOptions,
@@ -67,7 +68,7 @@ use omega_protocol::validate::{MIN_SHARED_QUALITY, MIN_STORED_QUALITY};
 use omega_protocol::vector::{QuantizedVector, quantize};
 use pgvector::Vector;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Executor, Row};
+use sqlx::{ConnectOptions, Executor, Row};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -191,10 +192,24 @@ impl std::fmt::Debug for PostgresStore {
 
 /// A pool on `url` whose sessions show as `name` in `pg_stat_activity`.
 fn pool(url: &str, name: &str, size: u32, ef_search: u32) -> Result<PgPool, StoreError> {
-    let opts = PgConnectOptions::from_str(url)
+    Ok(pool_of(connect_options(url, name)?, size, ef_search))
+}
+
+/// One session for reads of a whole table by design (the similarity index's load at start
+/// and its rebuilds, which log their own timing): sqlx's slow-statement warning would fire on
+/// every one of them, so statement logging is off here.
+fn bulk_read_pool(url: &str, name: &str, ef_search: u32) -> Result<PgPool, StoreError> {
+    Ok(pool_of(connect_options(url, name)?.disable_statement_logging(), 1, ef_search))
+}
+
+fn connect_options(url: &str, name: &str) -> Result<PgConnectOptions, StoreError> {
+    Ok(PgConnectOptions::from_str(url)
         .map_err(|e| StoreError::Database(format!("bad database URL: {e}")))?
-        .application_name(name);
-    Ok(PgPoolOptions::new()
+        .application_name(name))
+}
+
+fn pool_of(opts: PgConnectOptions, size: u32, ef_search: u32) -> PgPool {
+    PgPoolOptions::new()
         .max_connections(size)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(3))
@@ -208,7 +223,7 @@ fn pool(url: &str, name: &str, size: u32, ef_search: u32) -> Result<PgPool, Stor
                 Ok(())
             })
         })
-        .connect_lazy_with(opts))
+        .connect_lazy_with(opts)
 }
 
 /// Runs the migrations and creates the HNSW index (`omega-shard migrate`, and at start).
@@ -308,7 +323,8 @@ impl PostgresStore {
                     Arc::new(similar_index::SimilarIndex::new(opts.ann_lists, opts.ann_probes));
                 let (follow, every) = (index.clone(), opts.merge_interval.min(FOLLOW_MAX_PAUSE));
                 let session = pool(url, "omega-shard-follow", 1, opts.hnsw_ef_search)?;
-                tasks.push(tokio::spawn(async move { follow.run(session, every).await }));
+                let bulk = bulk_read_pool(url, "omega-shard-load", opts.hnsw_ef_search)?;
+                tasks.push(tokio::spawn(async move { follow.run(session, bulk, every).await }));
                 Some(index)
             }
             SimilarIndex::Pgvector => {
@@ -372,6 +388,15 @@ impl PostgresStore {
     /// `SIMILAR_INDEX=pgvector` (tools and tests).
     pub fn memory_index_len(&self) -> Option<usize> {
         self.memory.as_ref().map(|m| m.len())
+    }
+
+    /// What this process's in-memory similarity index is doing; `None` with
+    /// `SIMILAR_INDEX=pgvector` or before its first load (tools and tests).
+    pub fn memory_index_info(&self) -> Result<Option<IndexInfo>, StoreError> {
+        match &self.memory {
+            Some(m) => m.info(),
+            None => Ok(None),
+        }
     }
 
     /// Applies the whole intake backlog to `patterns` (fast: no vector index there).
@@ -1155,7 +1180,7 @@ impl Store for PostgresStore {
             "UPDATE global_state SET devices = devices + 1 WHERE id = 1 AND devices < $1
              RETURNING devices",
         )
-        .bind(max_devices as i64)
+        .bind(i64::try_from(max_devices).unwrap_or(i64::MAX))
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_err)?;

@@ -13,7 +13,8 @@
 //!   list, training is not worth it and the first vectors become the centroids (bootstrap);
 //! - while running, the index is rebuilt with freshly trained centroids when it has outgrown
 //!   them ([`retrain_due`]): once the bootstrap index holds enough vectors, then each time it
-//!   has taken in [`GROWTH`]` - 1` times as many new vectors as its centroids were trained on.
+//!   has taken in [`ann::GROWTH`]` - 1` times as many new vectors as its centroids were trained
+//!   on.
 //!   Rebuilds cost O(n · lists) each; growing geometrically keeps their sum within a small
 //!   multiple of the last one.
 //!
@@ -33,7 +34,8 @@
 use super::{Indexed, State, poisoned};
 use crate::store::StoreError;
 use crate::store::ann::{
-    self, Ann, SAMPLE_PER_LIST, TRAIN_ITERATIONS, TRAIN_MIN_PER_LIST, train_centroids,
+    self, Ann, IndexInfo, SAMPLE_PER_LIST, TRAIN_ITERATIONS, TRAIN_MIN_PER_LIST, retrain_due,
+    train_centroids,
 };
 use omega_protocol::vector::QuantizedVector;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -43,31 +45,8 @@ use std::sync::{Arc, RwLock, mpsc};
 use std::time::Instant;
 use uuid::Uuid;
 
-/// A rebuild is due when the index has grown this many times past the vectors its centroids
-/// were trained on (counted as new vectors taken in, so churn at a constant size counts too).
-pub const GROWTH: usize = 4;
-
 /// Seed of the training sample: the same state gives the same index.
 const SAMPLE_SEED: u64 = 0x0e6a_1dc5;
-
-/// What the embedded store's similarity index is doing (for logs, stats and tests).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IndexInfo {
-    /// Vectors indexed.
-    pub indexed: usize,
-    /// Lists in use.
-    pub lists: usize,
-    /// Vectors the centroids were trained on; 0 while they are the first vectors inserted.
-    pub trained_on: usize,
-    /// New vectors indexed since.
-    pub added_since: usize,
-    /// True while a rebuild runs in the background.
-    pub rebuilding: bool,
-    /// Rebuilds swapped in since open (the build at open not counted).
-    pub rebuilds: u64,
-    /// Ids changed during those rebuilds, caught up into the new index before each swap.
-    pub caught_up: u64,
-}
 
 #[derive(Debug)]
 enum Mode {
@@ -77,14 +56,6 @@ enum Mode {
     Live,
     /// Every change updates the index and records its id for the rebuild in progress.
     Rebuilding(HashSet<Uuid>),
-}
-
-/// Whether an index of `len` vectors over `lists` lists, whose centroids were trained on
-/// `trained_on` vectors (0: the first ones inserted) and which has taken in `added` new ones
-/// since, should be rebuilt with fresh centroids.
-pub fn retrain_due(len: usize, lists: usize, trained_on: usize, added: usize) -> bool {
-    len >= lists.saturating_mul(TRAIN_MIN_PER_LIST)
-        && added >= trained_on.saturating_mul(GROWTH - 1)
 }
 
 /// The index with its training bookkeeping.

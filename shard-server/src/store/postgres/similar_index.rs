@@ -16,6 +16,18 @@
 //! generation becomes the follow cursor. `/ready` is false until the load ends; `similar`
 //! answers `UNAVAILABLE` meanwhile (the sync itself succeeds, without `similar`).
 //!
+//! **Retraining.** Centroids trained at start fit the data of that moment; a server started on
+//! an empty or small table begins with the first vectors inserted as centroids, which find
+//! about half of the true neighbours on clustered data where trained ones find nine in ten
+//! (docs/benchmarks.md). So the index is rebuilt when it has outgrown its centroids, by the
+//! same rule as the embedded store's ([`ann::retrain_due`]): once it is large enough to train
+//! on, then each time it has taken in [`ann::GROWTH`]` - 1` times as many new patterns as its
+//! centroids saw. A rebuild is a load into a *new* index on its own database session, while
+//! the old one keeps serving and following; then, holding the step lock (so the old index's
+//! follower pauses), the new index is caught up from its snapshot's generation to the latest
+//! merge and swapped in. Queries never see an older state than before the swap, and the
+//! follower resumes from the new index's cursor. Memory holds both indexes for the duration.
+//!
 //! **Follow.** Every change to `patterns` is made by the merge, one generation per merge
 //! transaction, and merges are serialised (advisory lock), so generations commit in order:
 //! rows it writes carry `index_seq = generation`, rows it deletes leave a tombstone in
@@ -30,7 +42,7 @@
 
 use super::{MIN_SHARED_QUALITY, db_err, row_pattern};
 use crate::store::ann::{
-    self, Ann, NO_OWNER, SAMPLE_PER_LIST, TRAIN_ITERATIONS, TRAIN_MIN_PER_LIST,
+    self, Ann, IndexInfo, NO_OWNER, SAMPLE_PER_LIST, TRAIN_ITERATIONS, TRAIN_MIN_PER_LIST,
 };
 use crate::store::{SimilarPattern, SimilarQuery, StoreError, aggregate_pattern};
 use futures::TryStreamExt;
@@ -103,9 +115,24 @@ struct Index {
     /// Last merge generation applied.
     cursor: i64,
     aggregates: Aggregates,
+    /// Patterns the centroids were trained on (0: the first ones inserted).
+    trained_on: usize,
+    /// New patterns indexed since the build.
+    added_since: usize,
 }
 
 impl Index {
+    fn empty(lists: usize, probes: usize, centroids: &[QuantizedVector]) -> Self {
+        Index {
+            patterns: Ann::seeded(centroids, lists, probes),
+            owners: HashMap::new(),
+            cursor: 0,
+            aggregates: Aggregates::empty(),
+            trained_on: 0,
+            added_since: 0,
+        }
+    }
+
     fn owner(&mut self, device: &str) -> u32 {
         if let Some(&o) = self.owners.get(device) {
             return o;
@@ -117,6 +144,9 @@ impl Index {
     }
 
     fn put(&mut self, p: Prepared) {
+        if !self.patterns.contains(&p.id) {
+            self.added_since += 1;
+        }
         let owner = self.owner(&p.device);
         self.patterns.insert_into(p.id, owner, &p.values, p.scale, p.meta, p.list);
     }
@@ -150,7 +180,36 @@ pub(super) struct SimilarIndex {
     /// Copy of `Index::cursor` for lock-free reads (counts).
     cursor: AtomicI64,
     wake: Notify,
+    /// True while a retraining rebuild runs.
+    rebuilding: AtomicBool,
+    /// Retraining rebuilds swapped in since start.
+    rebuilds: AtomicU64,
+    /// Changed rows applied to rebuilt indexes between their snapshot and the swap.
+    caught_up: AtomicU64,
 }
+
+/// What a build read.
+struct Built {
+    index: Index,
+    patterns: u64,
+    trained: usize,
+    train_secs: f64,
+    started: Instant,
+}
+
+/// Clears the rebuilding flag however a rebuild ends.
+struct Rebuilding<'a>(&'a AtomicBool);
+
+impl Drop for Rebuilding<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Pause after a failed retraining rebuild before the next attempt (doubling up to
+/// [`RETRAIN_RETRY_MAX`]).
+const RETRAIN_RETRY_MIN: Duration = Duration::from_secs(30);
+const RETRAIN_RETRY_MAX: Duration = Duration::from_secs(600);
 
 fn poisoned<T>(_: T) -> StoreError {
     StoreError::Unavailable("similarity index lock poisoned by a panic".into())
@@ -216,18 +275,41 @@ impl SimilarIndex {
         SimilarIndex {
             lists,
             probes,
-            state: RwLock::new(Index {
-                patterns: Ann::new(lists, probes),
-                owners: HashMap::new(),
-                cursor: 0,
-                aggregates: Aggregates::empty(),
-            }),
+            state: RwLock::new(Index::empty(lists, probes, &[])),
             step: Mutex::new(()),
             loaded: AtomicBool::new(false),
             loading_rows: AtomicU64::new(0),
             cursor: AtomicI64::new(0),
             wake: Notify::new(),
+            rebuilding: AtomicBool::new(false),
+            rebuilds: AtomicU64::new(0),
+            caught_up: AtomicU64::new(0),
         }
+    }
+
+    /// What the index is doing; `None` before the first load.
+    pub(super) fn info(&self) -> Result<Option<IndexInfo>, StoreError> {
+        if !self.loaded.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(Some(IndexInfo {
+            indexed: st.patterns.len(),
+            lists: st.patterns.lists(),
+            trained_on: st.trained_on,
+            added_since: st.added_since,
+            rebuilding: self.rebuilding.load(Ordering::Acquire),
+            rebuilds: self.rebuilds.load(Ordering::Relaxed),
+            caught_up: self.caught_up.load(Ordering::Relaxed),
+        }))
+    }
+
+    /// True when the index has outgrown its centroids ([`ann::retrain_due`]).
+    fn retrain_due(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+            && self.state.read().is_ok_and(|st| {
+                ann::retrain_due(st.patterns.len(), self.lists, st.trained_on, st.added_since)
+            })
     }
 
     /// Asks the follower for a step now (after a merge in this process).
@@ -315,6 +397,29 @@ impl SimilarIndex {
     }
 
     async fn load_locked(&self, pool: &PgPool) -> Result<(), StoreError> {
+        let built = self.build(pool).await?;
+        let (patterns, trained, train_secs) = (built.patterns, built.trained, built.train_secs);
+        let started = built.started;
+        let index = built.index;
+        let (cursor, lists_used) = (index.cursor, index.patterns.lists());
+        *self.state.write().map_err(poisoned)? = index;
+        self.cursor.store(cursor, Ordering::Release);
+        self.loaded.store(true, Ordering::Release);
+        tracing::info!(
+            patterns,
+            generation = cursor,
+            lists = lists_used,
+            trained_centroids = trained,
+            train_secs,
+            secs = started.elapsed().as_secs_f64(),
+            "similarity index loaded"
+        );
+        Ok(())
+    }
+
+    /// A new index of the shareable patterns of one database snapshot, with centroids trained
+    /// on a sample; `self.state` is not touched.
+    async fn build(&self, pool: &PgPool) -> Result<Built, StoreError> {
         let started = Instant::now();
         self.loading_rows.store(0, Ordering::Relaxed);
         let centroids = self.train(pool).await?;
@@ -325,12 +430,7 @@ impl SimilarIndex {
         // expensive half of the load and runs here while the async side decodes rows.
         let builder =
             std::thread::Builder::new().name("omega-similar-load".into()).spawn(move || {
-                let mut index = Index {
-                    patterns: Ann::seeded(&centroids, lists, probes),
-                    owners: HashMap::new(),
-                    cursor: 0,
-                    aggregates: Aggregates::empty(),
-                };
+                let mut index = Index::empty(lists, probes, &centroids);
                 while let Some(chunk) = rx_rows.blocking_recv() {
                     for p in chunk {
                         index.put(p);
@@ -375,18 +475,56 @@ impl SimilarIndex {
             .map_err(|_| builder_stopped())?;
         index.cursor = cursor;
         index.aggregates = aggregates;
-        let lists_used = index.patterns.lists();
-        *self.state.write().map_err(poisoned)? = index;
+        // Untrained only when the table was too small to train on: the index then retrains
+        // once it has grown enough. (Counted as trained otherwise, even if the sample came
+        // back empty, so a failed sample cannot make every follow step rebuild.)
+        let untrained = trained == 0 && (n as usize) < self.lists * TRAIN_MIN_PER_LIST;
+        index.trained_on = if untrained { 0 } else { (n as usize).max(1) };
+        index.added_since = 0;
+        Ok(Built { index, patterns: n, trained, train_secs, started })
+    }
+
+    /// Rebuilds the index with freshly trained centroids while the old one keeps serving and
+    /// following, then catches the new one up and swaps it in (module doc). `bulk` is a
+    /// session of its own: the long snapshot read must not hold up the follower's.
+    async fn retrain(&self, bulk: &PgPool) -> Result<(), StoreError> {
+        self.rebuilding.store(true, Ordering::Release);
+        let _flag = Rebuilding(&self.rebuilding);
+        let (before, old_trained_on) = {
+            let st = self.state.read().map_err(poisoned)?;
+            (st.patterns.len(), st.trained_on)
+        };
+        let built = self.build(bulk).await?;
+        let (trained, read) = (built.trained, built.patterns);
+        let fresh = RwLock::new(built.index);
+        let _step = self.step.lock().await;
+        let caught_up = match self.follow(bulk, &fresh).await {
+            Ok(applied) => applied,
+            Err(FollowError::Store(e)) => return Err(e),
+            Err(FollowError::TooFarBehind) => {
+                return Err(StoreError::Unavailable(
+                    "tombstones were pruned while the similarity index was rebuilt".into(),
+                ));
+            }
+        };
+        let fresh = fresh.into_inner().map_err(poisoned)?;
+        let (cursor, indexed, trained_on) = (fresh.cursor, fresh.patterns.len(), fresh.trained_on);
+        let old = std::mem::replace(&mut *self.state.write().map_err(poisoned)?, fresh);
         self.cursor.store(cursor, Ordering::Release);
-        self.loaded.store(true, Ordering::Release);
+        self.rebuilds.fetch_add(1, Ordering::Relaxed);
+        self.caught_up.fetch_add(caught_up as u64, Ordering::Relaxed);
+        drop(old);
         tracing::info!(
-            patterns = n,
-            generation = cursor,
-            lists = lists_used,
+            before,
+            old_trained_on,
+            read,
+            caught_up,
+            indexed,
+            trained_on,
             trained_centroids = trained,
-            train_secs,
-            secs = started.elapsed().as_secs_f64(),
-            "similarity index loaded"
+            generation = cursor,
+            secs = built.started.elapsed().as_secs_f64(),
+            "similarity index rebuilt with retrained centroids"
         );
         Ok(())
     }
@@ -432,8 +570,12 @@ impl SimilarIndex {
         if !self.loaded.load(Ordering::Acquire) {
             return Ok(());
         }
-        match self.follow(pool).await {
-            Ok(()) => Ok(()),
+        match self.follow(pool, &self.state).await {
+            Ok(_) => {
+                let cursor = self.state.read().map_err(poisoned)?.cursor;
+                self.cursor.store(cursor, Ordering::Release);
+                Ok(())
+            }
             Err(FollowError::Store(e)) => Err(e),
             Err(FollowError::TooFarBehind) => {
                 tracing::warn!(
@@ -444,9 +586,11 @@ impl SimilarIndex {
         }
     }
 
-    async fn follow(&self, pool: &PgPool) -> Result<(), FollowError> {
+    /// Applies to `target` what was merged after its cursor; returns the rows applied. The
+    /// caller holds the step lock.
+    async fn follow(&self, pool: &PgPool, target: &RwLock<Index>) -> Result<usize, FollowError> {
         let (cursor, version) = {
-            let st = self.state.read().map_err(poisoned)?;
+            let st = target.read().map_err(poisoned)?;
             (st.cursor, st.aggregates.version)
         };
         // Cheap check first: most steps find nothing new.
@@ -460,7 +604,7 @@ impl SimilarIndex {
         let generation: i64 = row.try_get("generation").map_err(db_err)?;
         let global: i64 = row.try_get("global_version").map_err(db_err)?;
         if generation == cursor && global == version {
-            return Ok(());
+            return Ok(0);
         }
         let mut tx = snapshot(pool).await?;
         let row = sqlx::query(
@@ -479,6 +623,7 @@ impl SimilarIndex {
         } else {
             None
         };
+        let mut applied = 0;
         if generation != cursor {
             let gone: Vec<Uuid> = sqlx::query_scalar(
                 "SELECT id FROM pattern_removals WHERE index_seq > $1 AND index_seq <= $2",
@@ -489,11 +634,12 @@ impl SimilarIndex {
             .await
             .map_err(db_err)?;
             {
-                let mut st = self.state.write().map_err(poisoned)?;
+                let mut st = target.write().map_err(poisoned)?;
                 for id in &gone {
                     st.patterns.remove(id);
                 }
             }
+            applied += gone.len();
             let sql = format!(
                 "SELECT index_seq, success_rate >= $3 AS shareable, {PATTERN_COLUMNS}
                  FROM patterns
@@ -516,25 +662,25 @@ impl SimilarIndex {
                     last.try_get("index_seq").map_err(db_err)?,
                     last.try_get("id").map_err(db_err)?,
                 );
-                self.apply(&rows)?;
+                self.apply(target, &rows)?;
+                applied += rows.len();
                 if (rows.len() as i64) < FOLLOW_PAGE {
                     break;
                 }
             }
         }
         tx.commit().await.map_err(db_err)?;
-        let mut st = self.state.write().map_err(poisoned)?;
+        let mut st = target.write().map_err(poisoned)?;
         st.cursor = generation;
         if let Some(a) = aggregates {
             st.aggregates = a;
         }
-        self.cursor.store(generation, Ordering::Release);
-        Ok(())
+        Ok(applied)
     }
 
     /// Applies one page of changed rows: decoding and list assignment outside the write lock,
     /// so queries wait only for the O(1) inserts.
-    fn apply(&self, rows: &[PgRow]) -> Result<(), StoreError> {
+    fn apply(&self, target: &RwLock<Index>, rows: &[PgRow]) -> Result<(), StoreError> {
         let mut changes = Vec::with_capacity(rows.len());
         for r in rows {
             if r.try_get::<bool, _>("shareable").map_err(db_err)? {
@@ -544,14 +690,14 @@ impl SimilarIndex {
             }
         }
         {
-            let st = self.state.read().map_err(poisoned)?;
+            let st = target.read().map_err(poisoned)?;
             for c in &mut changes {
                 if let Change::Put(p) = c {
                     p.list = st.patterns.nearest_list(&p.values);
                 }
             }
         }
-        let mut st = self.state.write().map_err(poisoned)?;
+        let mut st = target.write().map_err(poisoned)?;
         for c in changes {
             match c {
                 Change::Put(p) => st.put(p),
@@ -564,11 +710,13 @@ impl SimilarIndex {
     }
 
     /// The background task: loads (retrying while the database is unreachable), then
-    /// follows, woken by this process's merges and at least every `interval`.
-    pub(super) async fn run(&self, pool: PgPool, interval: Duration) {
+    /// follows, woken by this process's merges and at least every `interval`, and rebuilds
+    /// with retrained centroids when the index has outgrown them. The load and the rebuilds
+    /// read on `bulk`, a session of their own, so a rebuild never holds up the follower's.
+    pub(super) async fn run(&self, pool: PgPool, bulk: PgPool, interval: Duration) {
         let mut backoff = Duration::from_millis(200);
         while !self.loaded.load(Ordering::Acquire) {
-            match self.load(&pool).await {
+            match self.load(&bulk).await {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "loading the similarity index failed; will retry");
@@ -577,13 +725,37 @@ impl SimilarIndex {
                 }
             }
         }
+        tokio::join!(self.follow_loop(&pool, interval), self.retrain_loop(&bulk, interval));
+    }
+
+    async fn follow_loop(&self, pool: &PgPool, interval: Duration) {
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(interval) => {}
             }
-            if let Err(e) = self.sync(&pool).await {
+            if let Err(e) = self.sync(pool).await {
                 tracing::warn!(error = %e, "following the merge into the similarity index failed; will retry");
+            }
+        }
+    }
+
+    /// Checks every `interval` whether a rebuild is due (a read lock and two compares).
+    async fn retrain_loop(&self, pool: &PgPool, interval: Duration) {
+        let mut pause = RETRAIN_RETRY_MIN;
+        loop {
+            tokio::time::sleep(interval).await;
+            if !self.retrain_due() {
+                continue;
+            }
+            match self.retrain(pool).await {
+                Ok(()) => pause = RETRAIN_RETRY_MIN,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_secs = pause.as_secs(),
+                        "rebuilding the similarity index failed; keeping the old one");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRAIN_RETRY_MAX);
+                }
             }
         }
     }

@@ -1,13 +1,15 @@
-//! The embedded store's similarity index: centroids trained on the data at open and retrained
-//! as it grows give the recall that first-inserted centroids do not, on clustered data; syncs
-//! running while the index is rebuilt lose nothing.
+//! Both stores' in-process similarity index: centroids trained on the data at open and
+//! retrained as it grows give the recall that first-inserted centroids do not, on clustered
+//! data; syncs running while the index is rebuilt lose nothing. The Postgres cases run the
+//! real store on a fresh database (merge, follow, retraining on its own session).
 
 mod common;
 
 use omega_protocol::pb;
 use omega_protocol::vector::{EMBEDDING_DIM, QuantizedVector, dot_i8, l2_normalize, quantize};
-use omega_shard::store::ann::{Ann, NO_OWNER};
-use omega_shard::store::embedded::{EmbeddedStore, IndexInfo};
+use omega_shard::store::ann::{Ann, IndexInfo, NO_OWNER, retrain_due};
+use omega_shard::store::embedded::EmbeddedStore;
+use omega_shard::store::postgres::PostgresStore;
 use omega_shard::store::{SimilarQuery, Store, StoreOptions, SyncWrite};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -60,8 +62,30 @@ fn opts(dir: &std::path::Path, lists: usize, probes: usize) -> StoreOptions {
     StoreOptions { ann_lists: lists, ann_probes: probes, ..StoreOptions::embedded(dir) }
 }
 
+fn pg_opts(url: &str, lists: usize, probes: usize) -> StoreOptions {
+    StoreOptions { ann_lists: lists, ann_probes: probes, ..StoreOptions::postgres(url) }
+}
+
+/// A store whose similarity index can be watched.
+trait Indexed: Store {
+    /// What the index does now; `None` while it is not loaded yet.
+    fn info(&self) -> Option<IndexInfo>;
+}
+
+impl Indexed for EmbeddedStore {
+    fn info(&self) -> Option<IndexInfo> {
+        Some(self.index_info().expect("index info"))
+    }
+}
+
+impl Indexed for PostgresStore {
+    fn info(&self) -> Option<IndexInfo> {
+        self.memory_index_info().expect("index info")
+    }
+}
+
 /// Syncs `data` in runs of 256 patterns per device over `devices` devices (registered here).
-async fn load(s: &EmbeddedStore, data: &[(Uuid, pb::Pattern, QuantizedVector)], devices: usize) {
+async fn load(s: &impl Store, data: &[(Uuid, pb::Pattern, QuantizedVector)], devices: usize) {
     for d in 0..devices {
         s.register(&format!("d{d}"), "eu", 1_000, 1).await.expect("register");
     }
@@ -81,15 +105,20 @@ async fn load(s: &EmbeddedStore, data: &[(Uuid, pb::Pattern, QuantizedVector)], 
     }
 }
 
-/// Waits until no rebuild runs.
-async fn settled(s: &EmbeddedStore) -> IndexInfo {
+/// Waits until the index holds `n` vectors, no rebuild runs and none is due (the Postgres
+/// store indexes a sync after its merge, and starts a due rebuild at its next check).
+async fn settled(s: &impl Indexed, lists: usize, n: usize) -> IndexInfo {
     let started = Instant::now();
     loop {
-        let info = s.index_info().expect("info");
-        if !info.rebuilding {
-            return info;
+        let info = s.info();
+        if let Some(i) = info
+            && i.indexed == n
+            && !i.rebuilding
+            && !retrain_due(i.indexed, lists, i.trained_on, i.added_since)
+        {
+            return i;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "rebuild never ended: {info:?}");
+        assert!(started.elapsed() < Duration::from_secs(120), "never settled at {n}: {info:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -106,7 +135,7 @@ fn exact(data: &[(Uuid, pb::Pattern, QuantizedVector)], q: &QuantizedVector) -> 
 /// recall@16 of the store's `similar` and of an index whose centroids are the first vectors
 /// inserted (the embedded store before centroid training), fed the same data in the same order.
 async fn recalls(
-    s: &EmbeddedStore,
+    s: &impl Store,
     data: &[(Uuid, pb::Pattern, QuantizedVector)],
     data_gen: &mut Clustered,
     lists: usize,
@@ -144,10 +173,31 @@ async fn recalls(
     (store_hits as f64 / n, boot_hits as f64 / n)
 }
 
+/// Loads `data` into an empty store `s` and checks that its index, which starts from
+/// first-inserted centroids, was retrained as it grew and finds far more of the true top 16
+/// than first-inserted centroids on the same data.
+async fn grows_and_retrains(
+    s: &impl Indexed,
+    data: &[(Uuid, pb::Pattern, QuantizedVector)],
+    data_gen: &mut Clustered,
+    lists: usize,
+    probes: usize,
+) {
+    let info = settled(s, lists, 0).await;
+    assert_eq!(info.trained_on, 0, "nothing to train on yet: {info:?}");
+    load(s, data, 8).await;
+    let info = settled(s, lists, data.len()).await;
+    assert!(info.rebuilds >= 1 && info.trained_on >= lists * 64, "retrained as it grew: {info:?}");
+    let (live, first_inserted) = recalls(s, data, data_gen, lists, probes).await;
+    eprintln!("{info:?}: recall@{K} {live:.3}, first-inserted centroids {first_inserted:.3}");
+    assert!(live >= 0.9, "recall@{K} {live:.3} after retraining");
+    assert!(live >= first_inserted + 0.3, "{live:.3} vs first-inserted {first_inserted:.3}");
+}
+
 /// 8,192 vectors around 128 directions in 32 lists, 2 probed: the store's index, retrained
 /// once as it grew past 2,048 vectors and trained on everything when reopened, finds far more
-/// of the true top 16 than first-inserted centroids on the same data (measured: 0.91 live and
-/// 0.95 reopened, against 0.50 and 0.46).
+/// of the true top 16 than first-inserted centroids on the same data (measured: 0.97 live and
+/// 1.00 reopened, against 0.50 and 0.46; 0.91 and 0.95 with the first, 16-per-list sample).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trained_centroids_find_the_neighbours_that_first_inserted_ones_miss() {
     let (lists, probes, n) = (32, 2, 8192);
@@ -155,15 +205,7 @@ async fn trained_centroids_find_the_neighbours_that_first_inserted_ones_miss() {
     let data: Vec<_> = (0..n).map(|_| pattern(&data_gen.vector(), 0.9)).collect();
     let dir = tempfile::tempdir().expect("tmp");
     let s = EmbeddedStore::open(&opts(dir.path(), lists, probes)).expect("open");
-    assert_eq!(s.index_info().expect("info").trained_on, 0, "nothing to train on yet");
-    load(&s, &data, 8).await;
-    let info = settled(&s).await;
-    assert_eq!(info.indexed, n, "{info:?}");
-    assert!(info.rebuilds >= 1 && info.trained_on >= lists * 64, "retrained as it grew: {info:?}");
-    let (live, first_inserted) = recalls(&s, &data, &mut data_gen, lists, probes).await;
-    eprintln!("{info:?}: recall@{K} {live:.3}, first-inserted centroids {first_inserted:.3}");
-    assert!(live >= 0.8, "recall@{K} {live:.3} after retraining");
-    assert!(live >= first_inserted + 0.2, "{live:.3} vs first-inserted {first_inserted:.3}");
+    grows_and_retrains(&s, &data, &mut data_gen, lists, probes).await;
     drop(s);
 
     let s = EmbeddedStore::open(&opts(dir.path(), lists, probes)).expect("reopen");
@@ -171,19 +213,18 @@ async fn trained_centroids_find_the_neighbours_that_first_inserted_ones_miss() {
     assert_eq!((info.indexed, info.trained_on, info.rebuilding), (n, n, false), "{info:?}");
     let (reopened, first_inserted) = recalls(&s, &data, &mut data_gen, lists, probes).await;
     eprintln!("reopened: recall@{K} {reopened:.3}, first-inserted centroids {first_inserted:.3}");
-    assert!(reopened >= 0.85, "recall@{K} {reopened:.3} after reopening");
+    assert!(reopened >= 0.9, "recall@{K} {reopened:.3} after reopening");
     assert!(reopened >= first_inserted + 0.2, "{reopened:.3} vs {first_inserted:.3}");
 }
 
 /// Eight devices sync at once (adding, lowering below the shareable rate, removing) while the
 /// index is retrained: when it settles, it holds exactly the shareable patterns, each found by
 /// its own vector, and nothing removed or demoted is served.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn syncs_running_during_a_rebuild_lose_nothing() {
-    let (lists, probes, devices) = (8, 2, 8usize);
-    let dir = tempfile::tempdir().expect("tmp");
-    let s =
-        std::sync::Arc::new(EmbeddedStore::open(&opts(dir.path(), lists, probes)).expect("open"));
+async fn syncs_running_during_a_rebuild_lose_nothing<S: Indexed + 'static>(
+    s: std::sync::Arc<S>,
+    lists: usize,
+) {
+    let devices = 8usize;
     for d in 0..devices {
         s.register(&format!("d{d}"), "eu", 1_000, 1).await.expect("register");
     }
@@ -240,10 +281,9 @@ async fn syncs_running_during_a_rebuild_lose_nothing() {
         kept.extend(k);
         gone.extend(g);
     }
-    let info = settled(&s).await;
+    let info = settled(&*s, lists, kept.len()).await;
     eprintln!("{info:?}");
     assert!(info.rebuilds >= 1, "the index was retrained while syncs ran: {info:?}");
-    assert_eq!(info.indexed, kept.len(), "{info:?}");
     // Every 20th kept pattern (about 600) is looked up by its own vector.
     for (id, v) in kept.iter().step_by(20) {
         let found = s
@@ -260,4 +300,42 @@ async fn syncs_running_during_a_rebuild_lose_nothing() {
         assert!(ids.contains(id), "{id} not found by its own vector");
         assert!(ids.iter().all(|i| !gone.contains(i)), "a removed or demoted pattern was served");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_syncs_running_during_a_rebuild_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = EmbeddedStore::open(&opts(dir.path(), 8, 2)).expect("open");
+    syncs_running_during_a_rebuild_lose_nothing(std::sync::Arc::new(s), 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_syncs_running_during_a_rebuild_lose_nothing() {
+    let url = common::fresh_db().await;
+    let s = PostgresStore::open(&pg_opts(&url, 8, 2)).await.expect("open");
+    syncs_running_during_a_rebuild_lose_nothing(std::sync::Arc::new(s), 8).await;
+}
+
+/// The Postgres store started on an empty table: its index begins with first-inserted
+/// centroids, retrains as syncs fill it (on its own session, while the follower keeps the old
+/// one current) and ends with the recall of trained centroids; a second server process
+/// opened on the same database trains on everything at its load (measured over six runs:
+/// 0.97-1.00 live, 0.97-1.00 for the second process, against 0.50 for first-inserted
+/// centroids; with the first, 16-per-list training sample the second process ranged
+/// 0.78-0.97, depending on the block sample Postgres drew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_index_started_empty_is_retrained_as_it_grows() {
+    let (lists, probes, n) = (32, 2, 8192);
+    let mut data_gen = Clustered::new(1, 128, 0.08);
+    let data: Vec<_> = (0..n).map(|_| pattern(&data_gen.vector(), 0.9)).collect();
+    let url = common::fresh_db().await;
+    let s = PostgresStore::open(&pg_opts(&url, lists, probes)).await.expect("open");
+    grows_and_retrains(&s, &data, &mut data_gen, lists, probes).await;
+
+    let other = PostgresStore::open(&pg_opts(&url, lists, probes)).await.expect("second");
+    let info = settled(&other, lists, n).await;
+    assert_eq!((info.trained_on, info.rebuilds), (n, 0), "trained at its load: {info:?}");
+    let (loaded, _) = recalls(&other, &data, &mut data_gen, lists, probes).await;
+    eprintln!("second process: recall@{K} {loaded:.3}");
+    assert!(loaded >= 0.9, "recall@{K} {loaded:.3} of an index trained at load");
 }
