@@ -398,20 +398,17 @@ impl SimilarIndex {
 
     async fn load_locked(&self, pool: &PgPool) -> Result<(), StoreError> {
         let built = self.build(pool).await?;
-        let (patterns, trained, train_secs) = (built.patterns, built.trained, built.train_secs);
-        let started = built.started;
-        let index = built.index;
-        let (cursor, lists_used) = (index.cursor, index.patterns.lists());
-        *self.state.write().map_err(poisoned)? = index;
+        let (cursor, lists_used) = (built.index.cursor, built.index.patterns.lists());
+        *self.state.write().map_err(poisoned)? = built.index;
         self.cursor.store(cursor, Ordering::Release);
         self.loaded.store(true, Ordering::Release);
         tracing::info!(
-            patterns,
+            patterns = built.patterns,
             generation = cursor,
             lists = lists_used,
-            trained_centroids = trained,
-            train_secs,
-            secs = started.elapsed().as_secs_f64(),
+            trained_centroids = built.trained,
+            train_secs = built.train_secs,
+            secs = built.started.elapsed().as_secs_f64(),
             "similarity index loaded"
         );
         Ok(())
