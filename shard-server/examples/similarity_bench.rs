@@ -388,13 +388,7 @@ async fn main() -> anyhow::Result<()> {
                 let info = p.memory_index_info()?;
                 if let Some(i) = info
                     && i.indexed >= args.patterns
-                    && !i.rebuilding
-                    && !omega_shard::store::ann::retrain_due(
-                        i.indexed,
-                        args.ann_lists,
-                        i.trained_on,
-                        i.added_since,
-                    )
+                    && !i.rebuild_pending(args.ann_lists)
                 {
                     index_info = Some(i);
                     break;

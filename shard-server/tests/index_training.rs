@@ -7,7 +7,7 @@ mod common;
 
 use omega_protocol::pb;
 use omega_protocol::vector::{EMBEDDING_DIM, QuantizedVector, dot_i8, l2_normalize, quantize};
-use omega_shard::store::ann::{Ann, IndexInfo, NO_OWNER, retrain_due};
+use omega_shard::store::ann::{Ann, IndexInfo, NO_OWNER};
 use omega_shard::store::embedded::EmbeddedStore;
 use omega_shard::store::postgres::PostgresStore;
 use omega_shard::store::{SimilarQuery, Store, StoreOptions, SyncWrite};
@@ -113,8 +113,7 @@ async fn settled(s: &impl Indexed, lists: usize, n: usize) -> IndexInfo {
         let info = s.info();
         if let Some(i) = info
             && i.indexed == n
-            && !i.rebuilding
-            && !retrain_due(i.indexed, lists, i.trained_on, i.added_since)
+            && !i.rebuild_pending(lists)
         {
             return i;
         }

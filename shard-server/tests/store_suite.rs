@@ -817,7 +817,7 @@ async fn postgres_a_second_process_follows_merges_it_did_not_run() {
     let got = b.aggregates().await.expect("aggregates");
     assert_eq!(got.iter().map(|x| &x.id).collect::<Vec<_>>(), vec![&agg.id]);
     wait_similar(&b, || query_for("tv2", 0), bound, |ids| ids.contains(&agg.id)).await;
-    assert_eq!(b.memory_index_len(), Some(1));
+    assert_eq!(b.memory_index_info().expect("index info").map(|i| i.indexed), Some(1));
 }
 
 /// A restarted process rebuilds its index from the database: the same answers as before.
@@ -839,7 +839,7 @@ async fn postgres_restart_rebuilds_the_memory_index() {
         w.removed = vec![Uuid::from_slice(&gone.id).expect("id")];
         s.apply_sync(w).await.expect("remove");
         s.settle().await.expect("settle");
-        assert_eq!(s.memory_index_len(), Some(301));
+        assert_eq!(s.memory_index_info().expect("index info").map(|i| i.indexed), Some(301));
         let found = similar_ids(&s, query_for("b", 0)).await;
         s.flush().await.expect("flush");
         found
@@ -851,7 +851,7 @@ async fn postgres_restart_rebuilds_the_memory_index() {
         assert!(Instant::now() < deadline, "not ready: {:?}", s.check_ready().await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(s.memory_index_len(), Some(301));
+    assert_eq!(s.memory_index_info().expect("index info").map(|i| i.indexed), Some(301));
     assert_eq!(similar_ids(&s, query_for("b", 0)).await, before);
 }
 
@@ -907,5 +907,5 @@ async fn postgres_a_follower_behind_pruned_tombstones_reloads() {
     .expect("unfollowable merge");
     s.settle().await.expect("settle reloads");
     assert!(similar_ids(&s, query_for("b", 0)).await.is_empty());
-    assert_eq!(s.memory_index_len(), Some(0));
+    assert_eq!(s.memory_index_info().expect("index info").map(|i| i.indexed), Some(0));
 }

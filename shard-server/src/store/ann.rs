@@ -367,6 +367,14 @@ pub struct IndexInfo {
     pub caught_up: u64,
 }
 
+impl IndexInfo {
+    /// True while a rebuild runs or one is due for an index configured with `lists` lists
+    /// (a store starts a due rebuild at its next check): the index will still change.
+    pub fn rebuild_pending(&self, lists: usize) -> bool {
+        self.rebuilding || retrain_due(self.indexed, lists, self.trained_on, self.added_since)
+    }
+}
+
 /// Centroids for an index of `lists` lists, from a sample of unit vectors: spherical k-means
 /// (`iterations` Lloyd rounds, cosine assignment, centroids re-normalised), started from
 /// evenly spaced sample members. Starting an index from these rather than from the first

@@ -384,12 +384,6 @@ impl PostgresStore {
         prune_tombstones(&self.primary).await
     }
 
-    /// Patterns in this process's in-memory similarity index; `None` with
-    /// `SIMILAR_INDEX=pgvector` (tools and tests).
-    pub fn memory_index_len(&self) -> Option<usize> {
-        self.memory.as_ref().map(|m| m.len())
-    }
-
     /// What this process's in-memory similarity index is doing; `None` with
     /// `SIMILAR_INDEX=pgvector` or before its first load (tools and tests).
     pub fn memory_index_info(&self) -> Result<Option<IndexInfo>, StoreError> {

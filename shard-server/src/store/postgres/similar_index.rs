@@ -333,11 +333,6 @@ impl SimilarIndex {
         self.loaded.load(Ordering::Acquire).then(|| self.cursor.load(Ordering::Acquire))
     }
 
-    /// Patterns indexed (0 before the first load).
-    pub(super) fn len(&self) -> usize {
-        self.state.read().map_or(0, |s| s.patterns.len())
-    }
-
     /// The aggregates held (after [`SimilarIndex::sync`]), `None` before the first load.
     pub(super) fn aggregates(&self) -> Result<Option<Vec<pb::AggregatedPattern>>, StoreError> {
         if !self.loaded.load(Ordering::Acquire) {
