@@ -7,8 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 scripts/assets.py fetch all >/dev/null
-# The Helm chart is linted and rendered through Helm's Go SDK (no helm binary needed).
-python3 -m pip install --quiet --disable-pip-version-check helm-python-sdk==0.2.2
+# The Helm chart is linted and rendered through Helm's Go SDK (no helm binary needed), its
+# output validated against Kubernetes' OpenAPI schemas; promtool (Debian `prometheus`) checks
+# and unit-tests the alert rules.
+python3 -m pip install --quiet --disable-pip-version-check helm-python-sdk==0.2.2 \
+  kubernetes-validate==1.37.0
+command -v promtool >/dev/null || { apt-get update && apt-get install -y --no-install-recommends prometheus; }
+python3 charts/omega/ci/check.py
 eval "$(python3 scripts/assets.py env)"
 python3 scripts/test_assets.py
 

@@ -27,7 +27,7 @@ enum Command {
     /// Write the CRD YAML files (or check that they are up to date).
     Crdgen {
         /// Directories to write to (the repository's `crds/` and the chart's).
-        #[arg(long, default_values = ["crds", "charts/omega/crds"])]
+        #[arg(long, default_values = ["crds", "charts/omega/files/crds"])]
         out: Vec<PathBuf>,
         /// Fail if the files on disk differ instead of writing them.
         #[arg(long)]

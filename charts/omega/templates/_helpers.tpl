@@ -1,8 +1,18 @@
+{{- define "omega.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Release-scoped base name; fullnameOverride replaces it, nameOverride replaces the chart name in it. */}}
 {{- define "omega.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "omega.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -18,7 +28,8 @@
 {{- end -}}
 {{- end -}}
 
-{{/* Selector labels. app.kubernetes.io/name=omega-operator is what the shards' NetworkPolicies admit. */}}
+{{/* Selector labels. app.kubernetes.io/name=omega-operator is what the shards' NetworkPolicies
+admit, so name overrides change object names, never this label. */}}
 {{- define "omega.selectorLabels" -}}
 app.kubernetes.io/name: omega-operator
 app.kubernetes.io/instance: {{ .Release.Name }}

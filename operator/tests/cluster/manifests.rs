@@ -5,6 +5,7 @@
 use crate::fake::schema;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -61,7 +62,8 @@ fn typed(doc: &Value) -> Result<(), String> {
         "ClusterRoleBinding" => (through::<ClusterRoleBinding>(doc), true),
         "Role" => (through::<Role>(doc), true),
         "RoleBinding" => (through::<RoleBinding>(doc), true),
-        "ServiceMonitor" | "Cluster" => (through::<DynamicObject>(doc), true),
+        "PodDisruptionBudget" => (through::<PodDisruptionBudget>(doc), true),
+        "ServiceMonitor" | "PrometheusRule" | "Cluster" => (through::<DynamicObject>(doc), true),
         other => return Err(format!("unexpected kind {other:?}")),
     };
     let back = back.map_err(|e| format!("{kind}: {e}"))?;
@@ -135,7 +137,7 @@ fn parsing_catches_typos_and_lost_fields() {
 
 #[test]
 fn crds_on_disk_match_the_types() {
-    for dir in ["crds", "charts/omega/crds"] {
+    for dir in ["crds", "charts/omega/files/crds"] {
         for (file, crd) in omega_operator::crd::all() {
             let want = omega_operator::crd::to_yaml(&crd).unwrap();
             let have = std::fs::read_to_string(repo().join(dir).join(file)).unwrap_or_default();
@@ -413,11 +415,24 @@ fn chart_lints_renders_and_grants_what_the_operator_uses() {
         "Role",
         "RoleBinding",
         "Service",
+        "PodDisruptionBudget",
     ] {
         assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
     }
-    let crds: Vec<String> = r["crds"].as_object().unwrap().keys().cloned().collect();
-    assert_eq!(crds.len(), 2, "{crds:?}");
+    // The CRDs are templates (upgraded with the chart, kept on uninstall), nothing in crds/.
+    assert_eq!(r["crds"], json!({}), "crds/ is not used");
+    let crds: Vec<&Value> =
+        docs.iter().filter(|d| d["kind"] == json!("CustomResourceDefinition")).collect();
+    assert_eq!(crds.len(), 2);
+    for crd in crds {
+        assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], json!("keep"));
+        let name = crd["metadata"]["name"].as_str().unwrap();
+        let (_, generated) = omega_operator::crd::all()
+            .into_iter()
+            .find(|(_, c)| c.metadata.name.as_deref() == Some(name))
+            .unwrap();
+        assert_eq!(crd["spec"], serde_json::to_value(&generated.spec).unwrap(), "{name}");
+    }
 
     // The operator Deployment: non-root, read-only, no capabilities, the label NetworkPolicies admit.
     let dep: Deployment = serde_json::from_value(
