@@ -94,7 +94,6 @@ fn crdgen(outs: Vec<PathBuf>, check: bool) -> anyhow::Result<()> {
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
-    omega_operator::telemetry::init(a.log_format != "text");
     let identity =
         a.identity.clone().unwrap_or_else(|| format!("omega-operator-{}", std::process::id()));
     let settings = Settings {
@@ -121,16 +120,37 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parses the command line. Unless `LOG_FORMAT=text`, a bad flag or variable is reported as
+/// one JSON log line (exit code 2, as clap's own), so a log collector never sees raw text.
+fn parse_cli() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() && std::env::var("LOG_FORMAT").map_or(true, |f| f != "text") => {
+            omega_operator::telemetry::init(true);
+            tracing::error!(error = e.to_string().trim_end(), "invalid command line");
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
+    match parse_cli().command {
         Command::Crdgen { out, check } => crdgen(out, check),
         Command::Run(a) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            omega_operator::telemetry::init(a.log_format != "text");
+            let started = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
-                .context("tokio runtime")?;
-            rt.block_on(run(a))
+                .context("tokio runtime")
+                .and_then(|rt| rt.block_on(run(a)));
+            if let Err(e) = started {
+                // One line, the context chain outermost first ("kubernetes client (kubeconfig
+                // or in-cluster): …"), in the configured format.
+                tracing::error!(error = format!("{e:#}"), "omega-operator stopped");
+                std::process::exit(1);
+            }
+            Ok(())
         }
     }
 }

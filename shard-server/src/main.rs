@@ -6,6 +6,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use omega_shard::config::{LogFormat, ServeArgs, StoreArgs};
+use std::io::IsTerminal as _;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -28,11 +29,28 @@ enum Command {
     Federate(Box<omega_shard::federation::FederateArgs>),
 }
 
+/// Text logs have colours only when stderr is a terminal (a file or a log collector gets no
+/// escape codes). In JSON mode a panic is logged as one JSON line too.
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => {
+            builder.json().flatten_event(true).init();
+            std::panic::set_hook(Box::new(|info| {
+                let location = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+                let message = info
+                    .payload()
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = message, location, "panicked");
+            }));
+        }
         LogFormat::Text => builder.init(),
     }
 }

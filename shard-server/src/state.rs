@@ -189,9 +189,14 @@ impl AppState {
             tracing::warn!(error = %e, "store not ready");
         }
         self.store_ready.store(ready.is_ok(), Ordering::Release);
+        self.metrics.ready.set(i64::from(self.ready()));
         let since = crate::server::now_ms() - ACTIVE_WINDOW.as_millis() as i64;
+        // Counted even while not ready (the similarity index loading, migrations pending):
+        // `constellation_store_up` says whether the database itself answers.
+        let counts = self.store.counts(since).await;
+        self.metrics.store_up.set(i64::from(counts.is_ok()));
         if ready.is_ok()
-            && let Ok(c) = self.store.counts(since).await
+            && let Ok(c) = counts
         {
             self.metrics.total_devices.set(c.devices_total as i64);
             self.metrics.active_devices.set(c.devices_active as i64);

@@ -267,7 +267,7 @@ async fn devices_receive_each_others_patterns_anonymised_within_budget() {
     assert_eq!(stats["store"], "embedded");
     assert_eq!(stats["syncs_total"], 2);
     assert_eq!(stats["ready"], true);
-    assert!(shard.metric("constellation_grpc_connections") >= 1.0);
+    assert!(shard.metric("constellation_grpc_connections{shard_id=\"1\"}") >= 1.0);
 }
 
 /// After SIGTERM, during the drain delay: `/ready` answers 503 (saying it is draining), and a

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 const CONTENTS: usize = 40;
-const SERIES: &str = "shard_collab_served_total";
+const SERIES: &str = "shard_collab_served_total{shard_id=\"1\"}";
 
 fn content(i: usize) -> String {
     format!("c{i:02}")

@@ -13,6 +13,7 @@ use crate::apply::{apply, apply_status};
 use crate::conditions::{self, DEGRADED, PROGRESSING, READY, Want};
 use crate::context::Context;
 use crate::crd::{FederationRound, FederationRoundSpec, FederationRoundStatus, RoundPhase, Shard};
+use crate::metrics::FinishedRound;
 use crate::{Error, Result};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -24,6 +25,7 @@ use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
+use omega_protocol::admin::RoundOutcome;
 use state::{JobView, Observed};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -59,6 +61,19 @@ pub async fn run(
             r.status.as_ref().map(|s| s.conditions.as_slice())
         }),
     );
+    let cache = controller.store();
+    ctx.metrics.watch_succeeded(Box::new(move || {
+        cache
+            .state()
+            .iter()
+            .filter_map(|r| {
+                let s = r.status.as_ref()?;
+                let finished = s.finished_at.as_ref()?;
+                (s.phase == Some(RoundPhase::Succeeded))
+                    .then(|| (series(r), finished.0.as_second() as f64))
+            })
+            .collect()
+    }));
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -68,6 +83,13 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The `round` label of the `federation_*` series: `NAMESPACE/NAME` of the scheduled parent
+/// (one series per schedule, not per child) or of the round itself.
+fn series(fr: &FederationRound) -> String {
+    let name = fr.labels().get(PARENT_LABEL).cloned().unwrap_or_else(|| fr.name_any());
+    format!("{}/{name}", fr.namespace().unwrap_or_default())
 }
 
 fn key(fr: &FederationRound) -> String {
@@ -287,6 +309,24 @@ async fn one_round(fr: &FederationRound, ctx: &Context) -> Result<Action> {
     }
     if next != previous {
         apply_status(&rounds, &fr.name_any(), &next).await?;
+    }
+    // Recorded once the status says so: a status write that failed is retried, and recorded then.
+    if step.phase.is_finished() && !previous.phase.is_some_and(RoundPhase::is_finished) {
+        let seconds = match (&next.started_at, &next.finished_at) {
+            (Some(a), Some(b)) => Some(b.0.duration_since(a.0).as_secs_f64()),
+            _ => None,
+        };
+        ctx.metrics.round_finished(&FinishedRound {
+            round: series(fr),
+            status: match (step.phase, step.summary.as_ref().map(|s| s.outcome)) {
+                (RoundPhase::Failed, _) => "failed",
+                (_, Some(RoundOutcome::Partial)) => "partial",
+                _ => "succeeded",
+            },
+            summary: step.summary.as_ref(),
+            seconds,
+            finished_at: next.finished_at.as_ref().map_or(0.0, |t| t.0.as_second() as f64),
+        });
     }
     if step.degraded.is_some() {
         // Stuck (image pull, no shard selected): look again with backoff, not at a fixed rate.

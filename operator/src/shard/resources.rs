@@ -588,6 +588,8 @@ pub fn service_monitor(cx: &Ctx) -> Value {
         "kind": "ServiceMonitor",
         "metadata": cx.meta(&cx.names.shard, "constellation"),
         "spec": {
+            // job="omega-shard" for every Shard, as the alert rules expect.
+            "jobLabel": "app.kubernetes.io/name",
             "selector": { "matchLabels": cx.selector("constellation") },
             "endpoints": [{ "port": "metrics", "path": "/metrics", "interval": "30s" }],
         },

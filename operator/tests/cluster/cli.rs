@@ -292,14 +292,15 @@ async fn kubectl_applies_the_rendered_chart() {
     let Some(r) = crate::manifests::render(values) else { return };
     namespace(&fake, "omega-system");
     foreign_crd(&fake, "monitoring.coreos.com", "ServiceMonitor", "servicemonitors");
-    let crds: Vec<String> =
-        r["crds"].as_object().unwrap().values().map(|c| c.as_str().unwrap().to_string()).collect();
-    k.exec(&["apply", "-f", "-"], Some(crds.join("\n---\n"))).await;
-    let manifests: Vec<String> = r["manifests"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|m| m.as_str().unwrap().to_string())
+    // The CRDs are chart templates: applied first, as Helm orders them; NOTES.txt is no
+    // manifest.
+    let manifests = r["manifests"].as_object().unwrap();
+    let crds = manifests["omega/templates/crds.yaml"].as_str().unwrap().to_string();
+    k.exec(&["apply", "-f", "-"], Some(crds)).await;
+    let manifests: Vec<String> = manifests
+        .iter()
+        .filter(|(path, _)| path.ends_with(".yaml") && !path.ends_with("/crds.yaml"))
+        .map(|(_, m)| m.as_str().unwrap().to_string())
         .filter(|m| !m.trim().is_empty())
         .collect();
     let out =
@@ -314,6 +315,7 @@ async fn kubectl_applies_the_rendered_chart() {
         "serviceaccount/omega-operator created",
         "configmap/omega-operator-dashboard created",
         "servicemonitor.monitoring.coreos.com/omega-operator created",
+        "poddisruptionbudget.policy/omega-operator created",
     ] {
         assert!(stdout.contains(what), "{what} missing:\n{stdout}");
     }
