@@ -30,3 +30,6 @@ else
   cargo test --workspace --no-fail-fast "$@"
 fi
 cargo test --workspace --doc
+# The dashboard's shard queries against a real Prometheus scraping a shard under omega-load
+# (the binaries the tests above built).
+python3 charts/omega/ci/dashboard_live.py "${CARGO_TARGET_DIR:-target}/debug"

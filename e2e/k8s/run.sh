@@ -62,8 +62,9 @@ else
   python3 -c 'import helm_python' 2>/dev/null || skip "neither helm nor helm-python-sdk found"
   kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f -
   kubectl apply --server-side -f crds/
-  python3 charts/omega/ci/render.py charts/omega "{\"image\":{\"repository\":\"$repo\",\"tag\":\"$tag\"},\"replicaCount\":1}" \
-    | python3 -c 'import json,sys; print("\n---\n".join(json.load(sys.stdin)["manifests"].values()))' \
+  # The CRDs were applied just above; NOTES.txt is no manifest.
+  python3 charts/omega/ci/render.py charts/omega "{\"image\":{\"repository\":\"$repo\",\"tag\":\"$tag\"},\"replicaCount\":1,\"crds\":{\"install\":false}}" \
+    | python3 -c 'import json,sys; print("\n---\n".join(v for k, v in json.load(sys.stdin)["manifests"].items() if k.endswith(".yaml")))' \
     | kubectl apply -n "$NS" -f -
   kubectl -n "$NS" rollout status deploy/omega-operator --timeout=180s
 fi
