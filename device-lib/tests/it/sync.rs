@@ -710,7 +710,7 @@ async fn a_device_id_registered_elsewhere_gives_a_clear_error_and_changes_nothin
         DeviceError::DeviceIdTaken { device_id } => assert_eq!(device_id, "tv-test"),
         other => panic!("expected DeviceIdTaken, got {other:?}"),
     }
-    assert_eq!(err.code(), omega_device::ffi::OMEGA_ERR_DEVICE_ID_TAKEN);
+    assert_eq!(err.code(), omega_device::ErrorCode::DeviceIdTaken);
     let msg = err.to_string();
     assert!(msg.contains("already registered") && msg.contains("no token"), "{msg}");
     assert!(!msg.contains(&token("tv-test")), "{msg}");

@@ -1,0 +1,167 @@
+//! Sync bookkeeping: which local changes the next delta carries, the delta awaiting the
+//! shard's acknowledgement, and the versions.
+//!
+//! A pattern not yet sent is `added` in the next delta, one changed since is `updated`, an
+//! evicted one that the shard knows is `removed`. The delta built is persisted (the outbox)
+//! and handed out again, same `local_version`, until acknowledged: retries are idempotent,
+//! and whatever happens meanwhile waits for the next delta, so nothing is lost while the
+//! shard is away.
+
+use crate::error::{DeviceError, Result};
+use crate::local::LocalPatterns;
+use omega_protocol::validate::MAX_PATTERNS_PER_DELTA;
+use omega_protocol::{PatternDelta, PatternUpdate};
+use uuid::Uuid;
+
+/// The outbox and the versions of a brain.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    pending: Option<PatternDelta>,
+    local_version: u64,
+    acked_version: u64,
+    quarantined: u64,
+}
+
+/// What the next delta carries: the removals, the updates, and the positions of the local
+/// patterns it adds and updates.
+pub(crate) struct Selection {
+    pub(crate) removed: Vec<Uuid>,
+    pub(crate) updated: Vec<PatternUpdate>,
+    pub(crate) added_idx: Vec<usize>,
+    pub(crate) updated_idx: Vec<usize>,
+}
+
+impl Selection {
+    /// Positions of every local pattern the delta carries.
+    pub(crate) fn sent_idx(&self) -> Vec<usize> {
+        self.added_idx.iter().chain(&self.updated_idx).copied().collect()
+    }
+}
+
+/// True when pattern `p` has a change the shard has not seen: an update of a pattern sent
+/// before, or a new pattern good enough to share (a shard stores only good ones).
+fn unsynced(p: &crate::store::StoredPattern, share_min_success: f32) -> bool {
+    if p.synced { p.dirty || p.pending_samples > 0 } else { p.success_rate >= share_min_success }
+}
+
+/// Changes waiting for the next delta.
+pub(crate) fn unsynced_changes(local: &LocalPatterns, share_min_success: f32) -> usize {
+    local.removed().len() + local.rows().iter().filter(|p| unsynced(p, share_min_success)).count()
+}
+
+/// The changes the next delta carries, at most [`MAX_PATTERNS_PER_DELTA`]: removals first,
+/// then updates and additions in pattern order. `None` when there are none.
+pub(crate) fn select(local: &LocalPatterns, share_min_success: f32) -> Option<Selection> {
+    let mut budget = MAX_PATTERNS_PER_DELTA;
+    let removed: Vec<Uuid> = local.removed().iter().take(budget).copied().collect();
+    budget -= removed.len();
+    let mut sel =
+        Selection { removed, updated: Vec::new(), added_idx: Vec::new(), updated_idx: Vec::new() };
+    for (i, p) in local.rows().iter().enumerate() {
+        if budget == 0 {
+            break;
+        }
+        if p.synced && (p.dirty || p.pending_samples > 0) {
+            sel.updated.push(PatternUpdate {
+                id: p.id,
+                success_rate: p.success_rate,
+                extra_samples: p.pending_samples,
+            });
+            sel.updated_idx.push(i);
+            budget -= 1;
+        }
+    }
+    for (i, p) in local.rows().iter().enumerate() {
+        if budget == 0 {
+            break;
+        }
+        if !p.synced && p.success_rate >= share_min_success {
+            sel.added_idx.push(i);
+            budget -= 1;
+        }
+    }
+    let empty = sel.removed.is_empty() && sel.updated.is_empty() && sel.added_idx.is_empty();
+    (!empty).then_some(sel)
+}
+
+impl Outbox {
+    pub(crate) fn load(
+        pending: Option<PatternDelta>,
+        local_version: u64,
+        acked_version: u64,
+        quarantined: u64,
+    ) -> Self {
+        Outbox { pending, local_version, acked_version, quarantined }
+    }
+
+    /// The delta awaiting acknowledgement.
+    pub(crate) fn pending(&self) -> Option<&PatternDelta> {
+        self.pending.as_ref()
+    }
+
+    pub(crate) fn local_version(&self) -> u64 {
+        self.local_version
+    }
+
+    pub(crate) fn acked_version(&self) -> u64 {
+        self.acked_version
+    }
+
+    pub(crate) fn quarantined(&self) -> u64 {
+        self.quarantined
+    }
+
+    /// The version the next delta gets.
+    pub(crate) fn next_version(&self) -> u64 {
+        self.local_version + 1
+    }
+
+    /// `delta` was persisted as the outbox.
+    pub(crate) fn prepared(&mut self, delta: PatternDelta) {
+        self.local_version = delta.local_version;
+        self.pending = Some(delta);
+    }
+
+    /// What acknowledging `version` does: `None` when nothing (an older version again),
+    /// else whether it clears the delta in flight. A version never handed out is an error.
+    pub(crate) fn plan_ack(&self, version: u64) -> Result<Option<bool>> {
+        if version > self.local_version {
+            return Err(DeviceError::State(format!(
+                "acknowledged version {version} was never prepared (latest is {})",
+                self.local_version
+            )));
+        }
+        let clears = self.pending.as_ref().is_some_and(|d| d.local_version <= version);
+        if !clears && version <= self.acked_version {
+            return Ok(None);
+        }
+        Ok(Some(clears))
+    }
+
+    /// `version` was acknowledged (durably).
+    pub(crate) fn acked(&mut self, version: u64, clears: bool) {
+        if clears {
+            self.pending = None;
+        }
+        self.acked_version = self.acked_version.max(version);
+    }
+
+    /// The changes the delta `version` carries, if it is the one in flight (only that one
+    /// can be quarantined).
+    pub(crate) fn plan_quarantine(&self, version: u64) -> Result<usize> {
+        match &self.pending {
+            Some(d) if d.local_version == version => {
+                Ok(d.added.len() + d.updated.len() + d.removed.len())
+            }
+            _ => Err(DeviceError::State(format!(
+                "delta {version} is not the one awaiting acknowledgement"
+            ))),
+        }
+    }
+
+    /// The delta in flight was dropped (durably); the count is now `count`.
+    pub(crate) fn quarantined_now(&mut self, count: u64) {
+        self.pending = None;
+        self.quarantined = count;
+    }
+}
