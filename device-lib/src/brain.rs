@@ -27,8 +27,8 @@ use crate::store::{Store, StoredPattern};
 use omega_protocol::validate::{self, ValidationError};
 use omega_protocol::vector::{QuantizedVector, quantize};
 use omega_protocol::{
-    ContentType, DayType, GlobalPatterns, Pattern, PatternContext, PatternDelta, TimeSlot,
-    TrendTarget, ViewingContext, ViewingEvent, pb,
+    ContentType, DayType, GlobalPatterns, Pattern, PatternDelta, TimeSlot, TrendTarget,
+    ViewingContext, ViewingEvent, pb,
 };
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -711,7 +711,11 @@ impl Brain {
         let added: Vec<Pattern> = sel
             .added_idx
             .iter()
-            .map(|&i| upload_pattern(self.local.get(i), &self.local.vector(i), model))
+            .map(|&i| {
+                let p = self.local.get(i);
+                let public = self.global.is_public(&p.content_id);
+                outbox::upload(p, &self.local.vector(i), public, model)
+            })
             .collect();
         let version = self.outbox.next_version();
         let delta = PatternDelta {
@@ -856,29 +860,10 @@ impl Brain {
     }
 }
 
-/// A new pattern's id.
+/// A new pattern's id: random (UUID version 4 bits), so that uploading it reveals no time,
+/// which a version 7 id (its first 48 bits are the creation time in ms) would.
 fn new_pattern_id() -> Uuid {
-    Uuid::now_v7()
-}
-
-/// The pattern as it is uploaded.
-fn upload_pattern(p: &StoredPattern, v: &QuantizedVector, model_id: &str) -> Pattern {
-    Pattern {
-        id: p.id,
-        content_id: p.content_id.clone(),
-        embedding: v.dequantize(),
-        model_id: model_id.into(),
-        success_rate: p.success_rate,
-        sample_count: p.sample_count.max(1),
-        context: PatternContext {
-            time_slot: p.time_slot,
-            day_type: p.day_type,
-            content_type: p.content_type,
-            genres: p.genres.clone(),
-        },
-        created_at_ms: p.created_at_ms,
-        updated_at_ms: p.updated_at_ms,
-    }
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
 
 /// The registration held for `device_id`, and whether an unusable one (tampered, or from an

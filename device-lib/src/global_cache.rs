@@ -22,6 +22,8 @@ pub(crate) struct GlobalCache {
     collab_flags: Vec<bool>,
     /// Contents whose collaborative vector is in use, by row (see `usable_collab`).
     collab: HashMap<String, usize>,
+    /// Contents with a collaborative vector of any round: their vector is public.
+    public: HashSet<String>,
     /// Rows that are not collaborative vectors, by content.
     by_content: HashMap<String, Vec<usize>>,
     /// Global version at which each aggregate was last received (this session only).
@@ -56,6 +58,7 @@ impl GlobalCache {
             index: VectorIndex::empty(),
             collab_flags: Vec::new(),
             collab: HashMap::new(),
+            public: HashSet::new(),
             by_content: HashMap::new(),
             received_in: HashMap::new(),
             version,
@@ -142,6 +145,7 @@ impl GlobalCache {
         self.rows = rows.into_iter().map(|(g, _)| g).collect();
         self.index = VectorIndex::build(matrix, IndexKind::Auto);
         self.collab_flags = self.rows.iter().map(StoredGlobal::is_collaborative).collect();
+        self.public.clear();
         self.collab.clear();
         self.by_content.clear();
         for (i, g) in self.rows.iter().enumerate() {
@@ -149,6 +153,7 @@ impl GlobalCache {
                 self.by_content.entry(g.content_id.clone()).or_default().push(i);
                 continue;
             }
+            self.public.insert(g.content_id.clone());
             // Loaded from the database: the round is unknown, so it counts as current.
             let usable =
                 current.is_none_or(|v| self.received_in.get(&g.id).is_none_or(|&r| r == v));
@@ -210,6 +215,12 @@ impl GlobalCache {
     /// Collaborative vectors in use.
     pub(crate) fn collab_count(&self) -> usize {
         self.collab.len()
+    }
+
+    /// True when the federation published a collaborative vector for `content_id` (any
+    /// round held): the content is public, known to many devices.
+    pub(crate) fn is_public(&self, content_id: &str) -> bool {
+        self.public.contains(content_id)
     }
 
     pub(crate) fn memory_bytes(&self) -> usize {

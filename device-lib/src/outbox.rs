@@ -9,8 +9,11 @@
 
 use crate::error::{DeviceError, Result};
 use crate::local::LocalPatterns;
+use crate::store::StoredPattern;
+use omega_protocol::types::utc_day_start;
 use omega_protocol::validate::MAX_PATTERNS_PER_DELTA;
-use omega_protocol::{PatternDelta, PatternUpdate};
+use omega_protocol::vector::QuantizedVector;
+use omega_protocol::{Pattern, PatternContext, PatternDelta, PatternUpdate};
 use uuid::Uuid;
 
 /// The outbox and the versions of a brain.
@@ -40,7 +43,7 @@ impl Selection {
 
 /// True when pattern `p` has a change the shard has not seen: an update of a pattern sent
 /// before, or a new pattern good enough to share (a shard stores only good ones).
-fn unsynced(p: &crate::store::StoredPattern, share_min_success: f32) -> bool {
+fn unsynced(p: &StoredPattern, share_min_success: f32) -> bool {
     if p.synced { p.dirty || p.pending_samples > 0 } else { p.success_rate >= share_min_success }
 }
 
@@ -82,6 +85,36 @@ pub(crate) fn select(local: &LocalPatterns, share_min_success: f32) -> Option<Se
     }
     let empty = sel.removed.is_empty() && sel.updated.is_empty() && sel.added_idx.is_empty();
     (!empty).then_some(sel)
+}
+
+/// A local pattern as it leaves the TV: only what the federation consumes. The content id,
+/// the coarse context (time slot, day type, content type, genre hints), the success rate
+/// and the sample count; its timestamps truncated to the start of their UTC day; the
+/// embedding of its text (which names the title) only when `public` is false, i.e. the
+/// federation has published no collaborative vector for the content. The title, the watch
+/// times and the event-by-event history stay in the TV's database.
+pub(crate) fn upload(
+    p: &StoredPattern,
+    v: &QuantizedVector,
+    public: bool,
+    model_id: &str,
+) -> Pattern {
+    Pattern {
+        id: p.id,
+        content_id: p.content_id.clone(),
+        embedding: if public { Vec::new() } else { v.dequantize() },
+        model_id: model_id.into(),
+        success_rate: p.success_rate,
+        sample_count: p.sample_count.max(1),
+        context: PatternContext {
+            time_slot: p.time_slot,
+            day_type: p.day_type,
+            content_type: p.content_type,
+            genres: p.genres.clone(),
+        },
+        created_at_ms: utc_day_start(p.created_at_ms),
+        updated_at_ms: utc_day_start(p.updated_at_ms),
+    }
 }
 
 impl Outbox {
