@@ -205,3 +205,26 @@ impl Watched {
         self.0.keys().map(|k| k.len() + 48).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_unwatched_content_is_forgotten_first_and_only_when_full() {
+        let w = Watched::load(vec![("a".into(), 30), ("b".into(), 10), ("c".into(), 10)]);
+        // (content, max, expected)
+        let cases = [
+            ("d", 4, None),
+            ("d", 3, Some("b")), // oldest, ties by id
+            ("a", 3, None),      // already known: nothing to forget
+        ];
+        for (content, max, want) in cases {
+            assert_eq!(w.to_forget(content, max).as_deref(), want, "{content} {max}");
+        }
+        let mut w = w;
+        w.record("d", 40, Some("b"));
+        w.record("a", 5, None); // an older time never moves a content back
+        assert_eq!(w.newest_first(), vec!["d", "a", "c"]);
+    }
+}

@@ -198,3 +198,98 @@ impl Outbox {
         self.quarantined = count;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use omega_protocol::vector::{EMBEDDING_DIM, quantize};
+    use omega_protocol::{ContentType, DayType, TimeSlot};
+
+    fn stored(content: &str, rate: f32, synced: bool, dirty: bool) -> StoredPattern {
+        StoredPattern {
+            id: Uuid::from_u128(content.len() as u128 * 1_000 + u128::from(content.as_bytes()[0])),
+            content_id: content.into(),
+            title: format!("The {content}"),
+            time_slot: TimeSlot::Evening,
+            day_type: DayType::Weekend,
+            content_type: ContentType::Movie,
+            genres: vec!["crime".into()],
+            success_rate: rate,
+            sample_count: 2,
+            created_at_ms: 1_704_573_000_000,
+            updated_at_ms: 1_704_659_400_123,
+            synced,
+            pending_samples: u32::from(dirty),
+            dirty,
+        }
+    }
+
+    fn vector() -> QuantizedVector {
+        quantize(&[1.0 / (EMBEDDING_DIM as f32).sqrt(); EMBEDDING_DIM])
+    }
+
+    fn delta(version: u64) -> PatternDelta {
+        PatternDelta { local_version: version, model_id: "m".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn acknowledgement_table() {
+        // (pending version, local, acked, acknowledged, expected: None for an error, else
+        // what plan_ack answers)
+        type Case = (Option<u64>, u64, u64, u64, Option<Option<bool>>);
+        let cases: [Case; 6] = [
+            (Some(3), 3, 2, 3, Some(Some(true))),
+            (Some(3), 3, 2, 4, None), // never prepared: an error
+            (Some(3), 3, 2, 2, Some(None)),
+            (Some(3), 3, 2, 1, Some(None)),
+            (None, 3, 1, 2, Some(Some(false))),
+            (None, 3, 3, 3, Some(None)),
+        ];
+        for (pending, local, acked, ack, want) in cases {
+            let o = Outbox::load(pending.map(delta), local, acked, 0);
+            assert_eq!(o.plan_ack(ack).ok(), want, "{pending:?} {local} {acked} ack {ack}");
+        }
+    }
+
+    #[test]
+    fn only_the_delta_in_flight_can_be_quarantined() {
+        let mut d = delta(5);
+        d.removed = vec![Uuid::from_u128(1), Uuid::from_u128(2)];
+        let mut o = Outbox::load(Some(d), 5, 4, 1);
+        assert!(o.plan_quarantine(4).is_err());
+        assert_eq!(o.plan_quarantine(5).ok(), Some(2));
+        o.quarantined_now(2);
+        assert!(o.pending().is_none() && o.plan_quarantine(5).is_err());
+    }
+
+    #[test]
+    fn a_delta_carries_removals_updates_and_good_new_patterns() {
+        let v = vector();
+        let rows = vec![
+            (stored("a-sent-changed", 0.9, true, true), v.clone()),
+            (stored("b-sent-same", 0.9, true, false), v.clone()),
+            (stored("c-new-good", 0.8, false, false), v.clone()),
+            (stored("d-new-poor", 0.3, false, false), v),
+        ];
+        let local = LocalPatterns::load(rows, vec![Uuid::from_u128(7)]);
+        let sel = select(&local, 0.7).expect("changes");
+        assert_eq!(sel.removed, vec![Uuid::from_u128(7)]);
+        assert_eq!((sel.updated_idx.clone(), sel.added_idx.clone()), (vec![0], vec![2]));
+        assert_eq!(sel.updated[0].extra_samples, 1);
+        assert_eq!(unsynced_changes(&local, 0.7), 3);
+        assert!(select(&LocalPatterns::load(Vec::new(), Vec::new()), 0.7).is_none());
+    }
+
+    #[test]
+    fn an_upload_is_coarse_and_leaves_the_embedding_of_a_public_content_out() {
+        let p = stored("heat", 0.9, false, false);
+        for (public, dims) in [(true, 0), (false, EMBEDDING_DIM)] {
+            let u = upload(&p, &vector(), public, "m");
+            assert_eq!(u.embedding.len(), dims, "public {public}");
+            // 2024-01-06 20:30 and 2024-01-07 20:30:00.123 UTC -> their midnights.
+            assert_eq!((u.created_at_ms, u.updated_at_ms), (1_704_499_200_000, 1_704_585_600_000));
+            assert_eq!((u.content_id.as_str(), u.success_rate, u.sample_count), ("heat", 0.9, 2));
+            assert_eq!(u.context.genres, p.genres);
+        }
+    }
+}
