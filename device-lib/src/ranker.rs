@@ -182,7 +182,9 @@ impl<'a> Ranker<'a> {
                 self.best_over_seeds(&global.vector(gi), g.success_rate, fresh, p.global_weight);
             keep(&mut best, s, Source::Global, || "liked by viewers like you".into());
         }
-        let local_pos = local.position_of_content(id);
+        // A linear scan of the local patterns: only for a content known nowhere else.
+        let known_elsewhere = best.is_some() || catalogue_pos.is_some();
+        let local_pos = if known_elsewhere { None } else { local.position_of_content(id) };
         if best.is_none()
             && let Some(i) = local_pos
         {
@@ -195,7 +197,9 @@ impl<'a> Ranker<'a> {
                 .zip(*catalogue)
                 .map(|(pos, cat)| cat.embedding(pos))
                 .or_else(|| global.content_rows(id).first().map(|&gi| global.vector(gi)))
-                .or_else(|| local_pos.map(|i| local.vector(i)));
+                .or_else(|| {
+                    local_pos.or_else(|| local.position_of_content(id)).map(|i| local.vector(i))
+                });
             if let (Some(v), Some(b)) = (vector, best.as_mut()) {
                 b.score +=
                     self.trend_centroids.iter().map(|(c, w)| w * c.dot(&v).max(0.0)).sum::<f32>();
