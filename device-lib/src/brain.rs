@@ -6,28 +6,32 @@
 //! written in one transaction first and applied in memory only once committed, so a failed
 //! write leaves both as they were.
 //!
-//! Sync bookkeeping: a pattern not yet sent is `added` in the next delta, one changed since is
-//! `updated`, an evicted one that the shard knows is `removed`. [`Brain::prepare_delta`]
-//! persists the delta it builds (the outbox) and returns that very delta, same
-//! `local_version`, until [`Brain::acknowledge`]: retries are idempotent, and whatever happens
-//! meanwhile waits for the next delta, so nothing is lost while the shard is away.
+//! The brain coordinates its parts and owns no rule itself: [`crate::local`] (what this TV
+//! learned and watched), [`crate::global_cache`] (what the federation sent),
+//! [`crate::outbox`] (sync bookkeeping: [`Brain::prepare_delta`] persists the delta it builds
+//! and returns that very delta until [`Brain::acknowledge`]) and [`crate::ranker`] (the one
+//! scoring rule of `recommend` and `score`). Time is an input: events carry theirs,
+//! [`RecommendContext::now_ms`] and [`Brain::apply_global_at`] take one, and only the
+//! entry points that take none read the clock.
 
 use crate::catalogue::{Catalogue, CatalogueItem};
 use crate::embedder::{Embedder, EmbedderConfig};
 use crate::error::{DeviceError, Result};
-use crate::index::{IndexKind, QuantMatrix, VectorIndex};
-use crate::ranking::{self, RankingParams, Recommendation, Source};
+use crate::global_cache::GlobalCache;
+use crate::local::{LocalPatterns, PatternKey, Watched};
+use crate::outbox::{self, Outbox};
+use crate::ranker::{Moment, Parts, Ranker};
+use crate::ranking::{self, RankingParams, Recommendation};
 use crate::registration::DeviceRegistration;
-use crate::store::{Store, StoredGlobal, StoredPattern};
-use omega_protocol::validate::{self, MAX_PATTERNS_PER_DELTA, ValidationError};
+use crate::store::{Store, StoredPattern};
+use omega_protocol::validate::{self, ValidationError};
 use omega_protocol::vector::{QuantizedVector, quantize};
 use omega_protocol::{
-    ContentType, DayType, GlobalPatterns, Pattern, PatternContext, PatternDelta, PatternUpdate,
-    TimeSlot, TrendSignal, TrendTarget, ViewingContext, ViewingEvent, pb,
+    ContentType, DayType, GlobalPatterns, Pattern, PatternDelta, TimeSlot, TrendTarget,
+    ViewingContext, ViewingEvent, pb,
 };
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -245,20 +249,12 @@ pub struct BrainStats {
     pub memory_budget_bytes: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct PatternKey(String, TimeSlot, DayType);
-
-/// Boosts by content id (with the trend's region), and centroid trends with their boost.
-type TrendBoosts<'a> = (HashMap<&'a str, (f32, &'a str)>, Vec<(QuantizedVector, f32)>);
-
-/// A strong local pattern, standing for the taste in the asked context.
-struct Seed {
-    vector: QuantizedVector,
-    weight: f32,
-    reason: String,
-}
-
 /// The on-device brain. `Send`; one per TV (or per simulated TV).
+///
+/// It coordinates its parts and holds no rule of its own: what it learned
+/// ([`LocalPatterns`], [`Watched`]), what the federation sent ([`GlobalCache`]), what awaits
+/// the shard ([`Outbox`]), and the one [`Ranker`] behind `recommend` and `score`. Each
+/// change is written to the database first and applied to the parts once committed.
 pub struct Brain {
     cfg: BrainConfig,
     max_patterns: usize,
@@ -266,31 +262,13 @@ pub struct Brain {
     catalogue: Option<Arc<Catalogue>>,
     store: Store,
     device_id: String,
-    local: Vec<StoredPattern>,
-    local_vecs: QuantMatrix,
-    local_by_key: HashMap<PatternKey, usize>,
-    removed: Vec<Uuid>,
-    outbox: Option<PatternDelta>,
-    local_version: u64,
-    acked_version: u64,
-    watched: HashMap<String, i64>,
-    globals: Vec<StoredGlobal>,
-    global_index: VectorIndex,
-    /// Contents whose main federated aggregate is held (its collaborative item vector), by
-    /// position in `globals`.
-    collab: HashMap<String, usize>,
-    /// Per global: true for a collaborative vector (any round). Those are not MiniLM
-    /// embeddings, so content similarity never uses them.
-    collab_flags: Vec<bool>,
-    /// Global version at which each aggregate was last received (this session only).
-    received_in: HashMap<Uuid, u64>,
+    local: LocalPatterns,
+    watched: Watched,
+    global: GlobalCache,
+    outbox: Outbox,
     /// The collaborative query over what was watched, kept current by
     /// [`Brain::refresh_collab_query`]; `None` without any vector of a watched content.
     collab_query: Option<QuantizedVector>,
-    global_version: u64,
-    trends: Vec<TrendSignal>,
-    evictions: u64,
-    quarantined_deltas: u64,
     skipped_rows: usize,
     /// The shard registration held for `device_id` (its token is a credential: never logged).
     registration: Option<DeviceRegistration>,
@@ -309,7 +287,9 @@ impl std::fmt::Debug for Brain {
     }
 }
 
-fn now_ms() -> i64 {
+/// The wall clock, unix ms: read only at the public entry points that do not take a time
+/// (replays and tests pass theirs).
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -399,9 +379,6 @@ impl Brain {
             Ok(())
         })?;
         let (registration, bad_registration) = load_registration(&store, &device_id)?;
-        let mut local = Vec::new();
-        let mut local_vecs = QuantMatrix::new();
-        let mut local_by_key = HashMap::new();
         let loaded = store.patterns()?;
         let loaded_globals = store.globals()?;
         // A row edited behind the library's back (NaN, out of range) is left in the file and
@@ -411,13 +388,7 @@ impl Brain {
         for why in loaded.skipped.iter().chain(&loaded_globals.skipped) {
             tracing::warn!(db = store.path(), row = %why, "skipping an unusable database row");
         }
-        for (p, v) in loaded.rows {
-            local_by_key
-                .insert(PatternKey(p.content_id.clone(), p.time_slot, p.day_type), local.len());
-            local_vecs.push(&v);
-            local.push(p);
-        }
-        let outbox = match store.outbox()? {
+        let pending = match store.outbox()? {
             Some((_, bytes)) => {
                 let wire = pb::PatternDelta::decode(bytes.as_slice())
                     .map_err(|e| DeviceError::db(store.path(), format!("outbox: {e}")))?;
@@ -425,9 +396,6 @@ impl Brain {
             }
             None => None,
         };
-        let (globals, global_vecs): (Vec<_>, Vec<_>) = loaded_globals.rows.into_iter().unzip();
-        let mut gm = QuantMatrix::new();
-        global_vecs.iter().for_each(|v| gm.push(v));
         let trends = match store.meta::<Vec<u8>>(META_TRENDS)? {
             Some(bytes) => {
                 let wire = pb::GlobalPatterns::decode(bytes.as_slice())
@@ -446,28 +414,20 @@ impl Brain {
         embedder.prewarm_in_background(ranking::context_vocabulary(genres));
         let mut brain = Brain {
             max_patterns: cfg.effective_max_patterns(),
-            local_version: version(META_LOCAL_VERSION)?,
-            acked_version: version(META_ACKED)?,
-            global_version: version(META_GLOBAL_VERSION)?,
-            removed: store.removed()?,
-            watched: store.watched()?.into_iter().collect(),
+            local: LocalPatterns::load(loaded.rows, store.removed()?),
+            watched: Watched::load(store.watched()?),
+            global: GlobalCache::load(loaded_globals.rows, version(META_GLOBAL_VERSION)?, trends),
+            outbox: Outbox::load(
+                pending,
+                version(META_LOCAL_VERSION)?,
+                version(META_ACKED)?,
+                version(META_QUARANTINED)?,
+            ),
             cfg,
             embedder,
             catalogue,
             device_id,
-            local,
-            local_vecs,
-            local_by_key,
-            outbox,
-            collab: collab_index(&globals, &HashMap::new(), None),
-            collab_flags: globals.iter().map(StoredGlobal::is_collaborative).collect(),
-            received_in: HashMap::new(),
             collab_query: None,
-            globals,
-            global_index: VectorIndex::build(gm, IndexKind::Auto),
-            trends,
-            evictions: 0,
-            quarantined_deltas: version(META_QUARANTINED)?,
             skipped_rows,
             registration,
             id_generated,
@@ -494,7 +454,7 @@ impl Brain {
 
     /// Version of the global patterns held (sent as `known_global_version`).
     pub fn global_version(&self) -> u64 {
-        self.global_version
+        self.global.version()
     }
 
     /// The shard registration held for this device, if any (kept across reopens).
@@ -527,7 +487,7 @@ impl Brain {
     /// count twice among the distinct devices behind an aggregate (k-anonymity), which is why
     /// an id that may have carried patterns is never replaced.
     pub fn can_renew_device_id(&self) -> bool {
-        self.id_generated && self.registration.is_none() && self.local_version == 0
+        self.id_generated && self.registration.is_none() && self.outbox.local_version() == 0
     }
 
     /// Replaces the device id with a fresh UUID v7 (see [`Brain::can_renew_device_id`]) and
@@ -552,17 +512,17 @@ impl Brain {
         Ok(&self.device_id)
     }
 
-    /// Learns from one viewing event.
+    /// Learns from one viewing event (its own `started_at_ms` is the time of every decision).
     pub fn observe(&mut self, event: &ViewingEvent) -> Result<ObserveOutcome> {
         event.validate()?;
         let ctx = event.context.unwrap_or_else(|| {
             ViewingContext::at(event.started_at_ms, self.cfg.utc_offset_minutes)
         });
-        let key = PatternKey(event.content_id.clone(), ctx.time_slot, ctx.day_type);
+        let key = PatternKey::new(&event.content_id, ctx.time_slot, ctx.day_type);
         let window = self.cfg.ranking.success_window;
-        let (pattern, vector, index, evict) = match self.local_by_key.get(&key) {
-            Some(&i) => {
-                let mut p = self.local[i].clone();
+        let (pattern, vector, index, evict) = match self.local.find(&key) {
+            Some(i) => {
+                let mut p = self.local.get(i).clone();
                 p.success_rate = ranking::smoothed_success(
                     p.success_rate,
                     p.sample_count,
@@ -573,7 +533,7 @@ impl Brain {
                 p.updated_at_ms = p.updated_at_ms.max(event.started_at_ms);
                 p.pending_samples = p.pending_samples.saturating_add(1);
                 p.dirty = true;
-                (p, self.local_vecs.get(i), Some(i), None)
+                (p, self.local.vector(i), Some(i), None)
             }
             None => {
                 let (title, genres, content_type) = self.describe(event);
@@ -586,7 +546,7 @@ impl Brain {
                 );
                 let vector = quantize(&self.embedder.embed_shared(&text)?);
                 let p = StoredPattern {
-                    id: Uuid::now_v7(),
+                    id: new_pattern_id(),
                     content_id: event.content_id.clone(),
                     title,
                     time_slot: ctx.time_slot,
@@ -602,28 +562,19 @@ impl Brain {
                     dirty: false,
                 };
                 let evict = (self.local.len() >= self.max_patterns)
-                    .then(|| self.eviction_victim(event.started_at_ms))
+                    .then(|| self.local.eviction_victim(event.started_at_ms, &self.cfg.ranking))
                     .flatten();
                 (p, vector, None, evict)
             }
         };
-        let forget_watched = (!self.watched.contains_key(&event.content_id)
-            && self.watched.len() >= self.cfg.max_watched)
-            .then(|| {
-                self.watched
-                    .iter()
-                    .min_by_key(|(id, t)| (**t, (*id).clone()))
-                    .map(|(id, _)| id.clone())
-            })
-            .flatten();
-        let evicted = evict.map(|i| (self.local[i].id, self.local[i].synced));
-        let stored_vec = vector;
+        let forget = self.watched.to_forget(&event.content_id, self.cfg.max_watched);
+        let evicted = evict.map(|i| (self.local.get(i).id, self.local.get(i).synced));
         self.store.write(|tx| {
             if let Some((id, synced)) = evicted {
                 tx.delete_pattern(id, synced)?;
             }
-            tx.put_pattern(&pattern, &stored_vec)?;
-            if let Some(old) = &forget_watched {
+            tx.put_pattern(&pattern, &vector)?;
+            if let Some(old) = &forget {
                 tx.delete_watched(old)?;
             }
             tx.put_watched(&event.content_id, event.started_at_ms)
@@ -636,22 +587,13 @@ impl Brain {
             sample_count: pattern.sample_count,
             evicted: evicted.map(|e| e.0),
         };
-        if let Some(old) = forget_watched {
-            self.watched.remove(&old);
-        }
-        let seen = self.watched.entry(event.content_id.clone()).or_insert(event.started_at_ms);
-        *seen = (*seen).max(event.started_at_ms);
+        self.watched.record(&event.content_id, event.started_at_ms, forget.as_deref());
         if let Some(i) = evict {
-            self.remove_local(i);
-            self.evictions += 1;
+            self.local.evict(i);
         }
         match index {
-            Some(i) => self.local[i] = pattern,
-            None => {
-                self.local_by_key.insert(key, self.local.len());
-                self.local_vecs.push(&stored_vec);
-                self.local.push(pattern);
-            }
+            Some(i) => self.local.replace(i, pattern),
+            None => self.local.insert(pattern, &vector),
         }
         self.refresh_collab_query();
         Ok(outcome)
@@ -676,117 +618,19 @@ impl Brain {
         (title, genres, content_type)
     }
 
-    fn eviction_victim(&self, now: i64) -> Option<usize> {
-        let p = &self.cfg.ranking;
-        self.local
-            .iter()
-            .enumerate()
-            .min_by(|(_, a), (_, b)| {
-                let ra = ranking::retention(
-                    a.success_rate,
-                    ranking::freshness(now.saturating_sub(a.updated_at_ms), p),
-                );
-                let rb = ranking::retention(
-                    b.success_rate,
-                    ranking::freshness(now.saturating_sub(b.updated_at_ms), p),
-                );
-                ra.total_cmp(&rb).then(a.updated_at_ms.cmp(&b.updated_at_ms))
-            })
-            .map(|(i, _)| i)
-    }
-
-    fn remove_local(&mut self, i: usize) {
-        let gone = self.local.swap_remove(i);
-        self.local_vecs.swap_remove(i);
-        self.local_by_key.remove(&PatternKey(gone.content_id, gone.time_slot, gone.day_type));
-        if i < self.local.len() {
-            let moved = &self.local[i];
-            self.local_by_key
-                .insert(PatternKey(moved.content_id.clone(), moved.time_slot, moved.day_type), i);
-        }
-        if gone.synced {
-            self.removed.push(gone.id);
-        }
-    }
-
-    fn resolve_context(&self, ctx: &RecommendContext) -> (i64, TimeSlot, DayType) {
-        let now = ctx.now_ms.unwrap_or_else(now_ms);
-        let at = ViewingContext::at(now, self.cfg.utc_offset_minutes);
-        (now, ctx.time_slot.unwrap_or(at.time_slot), ctx.day_type.unwrap_or(at.day_type))
-    }
-
-    /// The strongest local patterns for the context (or the context itself when none).
-    fn seeds(&self, ctx: &RecommendContext) -> Result<(Vec<Seed>, i64)> {
-        let (now, slot, day) = self.resolve_context(ctx);
-        let p = &self.cfg.ranking;
-        // The slot/day/type part has a few hundred possible texts and genre hints are single
-        // words: embedded separately, both stay in the embedder's cache, so a recommendation
-        // almost never waits for the model.
-        let base =
-            self.embedder.embed_shared(&ranking::context_text(slot, day, ctx.content_type, &[]))?;
-        let hints =
-            ctx.genres.iter().map(|g| self.embedder.embed_shared(g)).collect::<Result<Vec<_>>>()?;
-        let hint_refs: Vec<&[f32]> = hints.iter().map(|h| &h[..]).collect();
-        let q = quantize(&ranking::compose_context(&base, &hint_refs, p.genre_hint_weight));
-        let text = ranking::context_text(slot, day, ctx.content_type, &ctx.genres);
-        let sims = self.local_vecs.scan(&q);
-        let weights = self.local.iter().zip(&sims).enumerate().map(|(i, (pat, sim))| {
-            let fresh = ranking::freshness(now.saturating_sub(pat.updated_at_ms), p);
-            (i as u32, ranking::seed_weight(*sim, pat.success_rate, fresh))
-        });
-        let top = crate::index::top_k(weights.filter(|(_, w)| *w > 0.0), p.seeds);
-        let mut seeds: Vec<Seed> = top
-            .into_iter()
-            .map(|(i, w)| {
-                let pat = &self.local[i as usize];
-                Seed {
-                    vector: self.local_vecs.get(i as usize),
-                    weight: w,
-                    reason: format!("because you watched {}", pat.title),
-                }
-            })
-            .collect();
-        if seeds.is_empty() {
-            let label = if text.is_empty() { "for now".to_string() } else { format!("for {text}") };
-            seeds.push(Seed { vector: q, weight: p.cold_start_weight, reason: label });
-        }
-        Ok((seeds, now))
-    }
-
-    fn trend_boosts(&self) -> TrendBoosts<'_> {
-        let max = self.trends.iter().map(|t| t.score).fold(0.0f32, f32::max);
-        let p = &self.cfg.ranking;
-        let mut by_content: HashMap<&str, (f32, &str)> = HashMap::new();
-        let mut centroids = Vec::new();
-        for t in &self.trends {
-            let b = ranking::trend_boost(t.score, max, p);
-            match &t.target {
-                TrendTarget::ContentId(c) => {
-                    let e = by_content.entry(c.as_str()).or_insert((0.0, t.region.as_str()));
-                    e.0 = e.0.max(b);
-                }
-                TrendTarget::Centroid(v) => centroids.push((quantize(v), b)),
-            }
-        }
-        (by_content, centroids)
-    }
-
     /// Recomputes the collaborative query (`omega_protocol::collab::query`) over the watched
     /// contents, newest first, with the item vectors this TV holds. Called whenever what was
     /// watched or which vectors are held changes, so ranking never sorts the history.
     fn refresh_collab_query(&mut self) {
         self.collab_query = None;
-        if self.collab.is_empty() || self.cfg.ranking.collaborative_weight <= 0.0 {
+        if self.global.collab_count() == 0 || self.cfg.ranking.collaborative_weight <= 0.0 {
             return;
         }
-        let mut order: Vec<(i64, &str)> =
-            self.watched.iter().map(|(c, &t)| (t, c.as_str())).collect();
-        // Newest first; equal times by content id, so the sum is the same on every run.
-        order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-        let m = self.global_index.matrix();
-        let vectors: Vec<Option<Vec<f32>>> = order
-            .iter()
-            .map(|(_, c)| self.collab.get(*c).map(|&gi| m.get(gi).dequantize()))
+        let vectors: Vec<Option<Vec<f32>>> = self
+            .watched
+            .newest_first()
+            .into_iter()
+            .map(|c| self.global.collab_vector(c).map(|v| v.dequantize()))
             .collect();
         self.collab_query = omega_protocol::collab::query(
             vectors.iter().map(Option::as_deref),
@@ -795,151 +639,49 @@ impl Brain {
         .map(|q| quantize(&q));
     }
 
-    /// Up to `k` contents to watch now, best first, never one already watched.
+    /// The ranker for `ctx`: the context embedded (slot/day/type and genre hints separately,
+    /// so both stay in the embedder's cache and a recommendation almost never waits for the
+    /// model), "now" from `ctx.now_ms`, else the clock.
+    fn ranker(&self, ctx: &RecommendContext) -> Result<Ranker<'_>> {
+        ctx.check()?;
+        let now = ctx.now_ms.unwrap_or_else(now_ms);
+        let at = ViewingContext::at(now, self.cfg.utc_offset_minutes);
+        let (slot, day) =
+            (ctx.time_slot.unwrap_or(at.time_slot), ctx.day_type.unwrap_or(at.day_type));
+        let p = &self.cfg.ranking;
+        let base =
+            self.embedder.embed_shared(&ranking::context_text(slot, day, ctx.content_type, &[]))?;
+        let hints =
+            ctx.genres.iter().map(|g| self.embedder.embed_shared(g)).collect::<Result<Vec<_>>>()?;
+        let hint_refs: Vec<&[f32]> = hints.iter().map(|h| &h[..]).collect();
+        let vector = quantize(&ranking::compose_context(&base, &hint_refs, p.genre_hint_weight));
+        let text = ranking::context_text(slot, day, ctx.content_type, &ctx.genres);
+        let parts = Parts {
+            params: p,
+            catalogue: self.catalogue.as_deref(),
+            local: &self.local,
+            global: &self.global,
+            watched: &self.watched,
+            collab_query: self.collab_query.as_ref(),
+        };
+        Ok(Ranker::new(parts, Moment { vector, text: &text, now_ms: now }))
+    }
+
+    /// Up to `k` contents to watch now, best first, never one already watched. Each score is
+    /// the one [`Brain::score`] gives the content for the same context.
     pub fn recommend(&self, ctx: &RecommendContext, k: usize) -> Result<Vec<Recommendation>> {
         ctx.check()?;
         let k = k.min(MAX_K);
         if k == 0 {
             return Ok(Vec::new());
         }
-        let (seeds, now) = self.seeds(ctx)?;
-        let p = &self.cfg.ranking;
-        let n = p.neighbours_per_seed.max(k);
-        // Candidates with the position of their vector, for centroid trends.
-        let mut cands: Vec<(Recommendation, Option<QuantizedVector>)> = Vec::new();
-        for seed in &seeds {
-            if let Some(cat) = &self.catalogue {
-                for (pos, sim) in cat.search(&seed.vector, n) {
-                    let item = cat.item(pos as usize);
-                    if self.watched.contains_key(&item.content_id) {
-                        continue;
-                    }
-                    let score =
-                        ranking::candidate_score(seed.weight, sim, 1.0, 1.0, p.catalogue_weight);
-                    cands.push((
-                        Recommendation {
-                            content_id: item.content_id.clone(),
-                            score,
-                            reason: seed.reason.clone(),
-                            source: Source::Catalogue,
-                        },
-                        None,
-                    ));
-                }
-            }
-            for (gi, sim) in self.global_index.search(&seed.vector, n) {
-                let g = &self.globals[gi as usize];
-                if self.collab_flags[gi as usize] || self.watched.contains_key(&g.content_id) {
-                    continue;
-                }
-                let fresh = ranking::freshness(now.saturating_sub(g.updated_at_ms), p);
-                let score = ranking::candidate_score(
-                    seed.weight,
-                    sim,
-                    g.success_rate,
-                    fresh,
-                    p.global_weight,
-                );
-                cands.push((
-                    Recommendation {
-                        content_id: g.content_id.clone(),
-                        score,
-                        reason: "liked by viewers like you".into(),
-                        source: Source::Global,
-                    },
-                    None,
-                ));
-            }
-        }
-        if let Some(profile) = &self.collab_query {
-            let m = self.global_index.matrix();
-            for (content, &gi) in &self.collab {
-                if self.watched.contains_key(content) {
-                    continue;
-                }
-                let dot = m.get(gi).dot(profile);
-                cands.push((
-                    Recommendation {
-                        content_id: content.clone(),
-                        score: ranking::collaborative_score(dot, p),
-                        reason: "watched by viewers who share your taste".into(),
-                        source: Source::Global,
-                    },
-                    None,
-                ));
-            }
-        }
-        let (by_content, centroids) = self.trend_boosts();
-        // Vectors for centroid boosts, looked up only when there are centroids.
-        for (rec, vec) in &mut cands {
-            if !centroids.is_empty() {
-                *vec = self.content_vector(&rec.content_id);
-            }
-        }
-        let mut merged: HashMap<String, Recommendation> = HashMap::new();
-        for (mut rec, vec) in cands {
-            if let Some(v) = vec {
-                rec.score += centroids.iter().map(|(c, b)| b * c.dot(&v).max(0.0)).sum::<f32>();
-            }
-            match merged.get(&rec.content_id) {
-                Some(b) if b.score >= rec.score => {}
-                _ => {
-                    merged.insert(rec.content_id.clone(), rec);
-                }
-            }
-        }
-        for (content, (boost, region)) in by_content {
-            if self.watched.contains_key(content) {
-                continue;
-            }
-            match merged.get_mut(content) {
-                Some(rec) => rec.score += boost,
-                None => {
-                    let reason = if region.is_empty() {
-                        "trending".to_string()
-                    } else {
-                        format!("trending in {region}")
-                    };
-                    merged.insert(
-                        content.to_owned(),
-                        Recommendation {
-                            content_id: content.to_owned(),
-                            score: boost,
-                            reason,
-                            source: Source::Trending,
-                        },
-                    );
-                }
-            }
-        }
-        Ok(ranking::merge(merged.into_values(), |id| self.watched.contains_key(id), k))
+        Ok(self.ranker(ctx)?.recommend(k))
     }
 
-    /// The vector that stands for a content: catalogue item, else best global pattern, else a
-    /// local pattern.
-    fn content_vector(&self, content_id: &str) -> Option<QuantizedVector> {
-        if let Some(cat) = &self.catalogue
-            && let Some(pos) = cat.position(content_id)
-        {
-            return Some(cat.embedding(pos));
-        }
-        self.globals
-            .iter()
-            .zip(&self.collab_flags)
-            .position(|(g, &collab)| !collab && g.content_id == content_id)
-            .map(|i| self.global_index.matrix().get(i))
-            .or_else(|| {
-                self.local
-                    .iter()
-                    .position(|p| p.content_id == content_id)
-                    .map(|i| self.local_vecs.get(i))
-            })
-    }
-
-    /// One score per candidate content, in order, on the same scale as
-    /// [`Brain::recommend`] (for evaluation harnesses that rank held-out items). Watched
-    /// contents are scored like any other; a content known neither to the catalogue, the
-    /// global patterns, the trends nor the local patterns gets [`UNKNOWN_SCORE`].
+    /// One score per candidate content, in order, by the rule [`Brain::recommend`] ranks with
+    /// (for evaluation harnesses that rank held-out items). Watched contents are scored like
+    /// any other; a content known neither to the catalogue, the global patterns, the trends
+    /// nor the local patterns gets [`UNKNOWN_SCORE`].
     pub fn score(&self, ctx: &RecommendContext, content_ids: &[String]) -> Result<Vec<f32>> {
         ctx.check()?;
         if content_ids.len() > MAX_SCORE_CANDIDATES {
@@ -950,118 +692,44 @@ impl Brain {
             }
             .into());
         }
-        let (seeds, now) = self.seeds(ctx)?;
-        let p = &self.cfg.ranking;
-        let (by_content, centroids) = self.trend_boosts();
-        let mut global_by_content: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, g) in self.globals.iter().enumerate().filter(|(i, _)| !self.collab_flags[*i]) {
-            global_by_content.entry(g.content_id.as_str()).or_default().push(i);
-        }
-        let best_over_seeds = |v: &QuantizedVector, success: f32, fresh: f32, w: f32| {
-            seeds
-                .iter()
-                .map(|s| ranking::candidate_score(s.weight, s.vector.dot(v), success, fresh, w))
-                .fold(0.0f32, f32::max)
-        };
-        let mut out = Vec::with_capacity(content_ids.len());
         for id in content_ids {
             validate::check_string("content_ids[]", id)?;
-            let mut known = false;
-            let mut score = 0.0f32;
-            let mut vector = None;
-            if let Some(q) = &self.collab_query
-                && let Some(&gi) = self.collab.get(id.as_str())
-            {
-                let v = self.global_index.matrix().get(gi);
-                score = ranking::collaborative_score(v.dot(q), p);
-                vector = Some(v);
-                known = true;
-            } else if let Some(cat) = &self.catalogue
-                && let Some(pos) = cat.position(id)
-            {
-                let v = cat.embedding(pos);
-                score = score.max(best_over_seeds(&v, 1.0, 1.0, p.catalogue_weight));
-                vector = Some(v);
-                known = true;
-            }
-            for &gi in global_by_content.get(id.as_str()).map(Vec::as_slice).unwrap_or(&[]) {
-                let g = &self.globals[gi];
-                let v = self.global_index.matrix().get(gi);
-                let fresh = ranking::freshness(now.saturating_sub(g.updated_at_ms), p);
-                score = score.max(best_over_seeds(&v, g.success_rate, fresh, p.global_weight));
-                vector.get_or_insert(v);
-                known = true;
-            }
-            if !known && let Some(i) = self.local.iter().position(|l| &l.content_id == id) {
-                let v = self.local_vecs.get(i);
-                score = best_over_seeds(&v, 1.0, 1.0, p.catalogue_weight);
-                vector = Some(v);
-                known = true;
-            }
-            if let Some(v) = &vector {
-                score += centroids.iter().map(|(c, b)| b * c.dot(v).max(0.0)).sum::<f32>();
-            }
-            if let Some((boost, _)) = by_content.get(id.as_str()) {
-                score += boost;
-                known = true;
-            }
-            out.push(if known { score } else { UNKNOWN_SCORE });
         }
-        Ok(out)
+        Ok(self.ranker(ctx)?.scores(content_ids))
     }
 
     /// The changes the shard has not acknowledged, or `None` when there are none. The same
     /// delta (same `local_version`) comes back until [`Brain::acknowledge`].
     pub fn prepare_delta(&mut self) -> Result<Option<PatternDelta>> {
-        if let Some(d) = &self.outbox {
+        if let Some(d) = self.outbox.pending() {
             return Ok(Some(d.clone()));
         }
-        let mut budget = MAX_PATTERNS_PER_DELTA;
-        let removed: Vec<Uuid> = self.removed.iter().take(budget).copied().collect();
-        budget -= removed.len();
-        let mut updated = Vec::new();
-        let mut added_idx = Vec::new();
-        let mut updated_idx = Vec::new();
-        for (i, p) in self.local.iter().enumerate() {
-            if budget == 0 {
-                break;
-            }
-            if p.synced && (p.dirty || p.pending_samples > 0) {
-                updated.push(PatternUpdate {
-                    id: p.id,
-                    success_rate: p.success_rate,
-                    extra_samples: p.pending_samples,
-                });
-                updated_idx.push(i);
-                budget -= 1;
-            }
-        }
-        for (i, p) in self.local.iter().enumerate() {
-            if budget == 0 {
-                break;
-            }
-            if !p.synced && p.success_rate >= self.cfg.share_min_success {
-                added_idx.push(i);
-                budget -= 1;
-            }
-        }
-        if removed.is_empty() && updated.is_empty() && added_idx.is_empty() {
+        let Some(sel) = outbox::select(&self.local, self.cfg.share_min_success) else {
             return Ok(None);
-        }
-        let added: Vec<Pattern> = added_idx.iter().map(|&i| self.to_pattern(i)).collect();
-        let version = self.local_version + 1;
+        };
+        let model = self.embedder.model_id();
+        let added: Vec<Pattern> = sel
+            .added_idx
+            .iter()
+            .map(|&i| {
+                let p = self.local.get(i);
+                let public = self.global.is_public(&p.content_id);
+                outbox::upload(p, &self.local.vector(i), public, model)
+            })
+            .collect();
+        let version = self.outbox.next_version();
         let delta = PatternDelta {
             added,
-            updated,
-            removed,
+            updated: sel.updated.clone(),
+            removed: sel.removed.clone(),
             local_version: version,
-            model_id: self.embedder.model_id().into(),
+            model_id: model.into(),
         };
         let wire = delta.to_wire();
-        validate::check_delta("delta", &wire, self.embedder.model_id())?;
+        validate::check_delta("delta", &wire, model)?;
         let encoded = wire.encode_to_vec();
-        let ids: Vec<Uuid> =
-            added_idx.iter().chain(&updated_idx).map(|&i| self.local[i].id).collect();
+        let sent = sel.sent_idx();
+        let ids: Vec<Uuid> = sent.iter().map(|&i| self.local.get(i).id).collect();
         self.store.write(|tx| {
             tx.put_outbox(version, &encoded)?;
             for id in &ids {
@@ -1070,59 +738,22 @@ impl Brain {
             tx.clear_removed(&delta.removed)?;
             tx.set_meta(META_LOCAL_VERSION, version as i64)
         })?;
-        for &i in added_idx.iter().chain(&updated_idx) {
-            let p = &mut self.local[i];
-            p.synced = true;
-            p.pending_samples = 0;
-            p.dirty = false;
-        }
-        self.removed.retain(|id| !delta.removed.contains(id));
-        self.local_version = version;
-        self.outbox = Some(delta.clone());
+        self.local.mark_sent(&sent, &delta.removed);
+        self.outbox.prepared(delta.clone());
         Ok(Some(delta))
-    }
-
-    fn to_pattern(&self, i: usize) -> Pattern {
-        let p = &self.local[i];
-        Pattern {
-            id: p.id,
-            content_id: p.content_id.clone(),
-            embedding: self.local_vecs.get(i).dequantize(),
-            model_id: self.embedder.model_id().into(),
-            success_rate: p.success_rate,
-            sample_count: p.sample_count.max(1),
-            context: PatternContext {
-                time_slot: p.time_slot,
-                day_type: p.day_type,
-                content_type: p.content_type,
-                genres: p.genres.clone(),
-            },
-            created_at_ms: p.created_at_ms,
-            updated_at_ms: p.updated_at_ms,
-        }
     }
 
     /// The shard stored the delta `local_version`: drop it from the outbox. Acknowledging an
     /// older version again is a no-op; one never handed out is an error.
     pub fn acknowledge(&mut self, local_version: u64) -> Result<()> {
-        if local_version > self.local_version {
-            return Err(DeviceError::State(format!(
-                "acknowledged version {local_version} was never prepared (latest is {})",
-                self.local_version
-            )));
-        }
-        let clears = self.outbox.as_ref().is_some_and(|d| d.local_version <= local_version);
-        if !clears && local_version <= self.acked_version {
+        let Some(clears) = self.outbox.plan_ack(local_version)? else {
             return Ok(());
-        }
+        };
         self.store.write(|tx| {
             tx.clear_outbox(local_version)?;
             tx.set_meta(META_ACKED, local_version as i64)
         })?;
-        if clears {
-            self.outbox = None;
-        }
-        self.acked_version = self.acked_version.max(local_version);
+        self.outbox.acked(local_version, clears);
         Ok(())
     }
 
@@ -1133,29 +764,26 @@ impl Brain {
     /// as updates, which a shard ignores for ids it does not hold. Counted in
     /// [`BrainStats::quarantined_deltas`].
     pub fn quarantine_delta(&mut self, local_version: u64) -> Result<usize> {
-        let changes = match &self.outbox {
-            Some(d) if d.local_version == local_version => {
-                d.added.len() + d.updated.len() + d.removed.len()
-            }
-            _ => {
-                return Err(DeviceError::State(format!(
-                    "delta {local_version} is not the one awaiting acknowledgement"
-                )));
-            }
-        };
-        let count = self.quarantined_deltas + 1;
+        let changes = self.outbox.plan_quarantine(local_version)?;
+        let count = self.outbox.quarantined() + 1;
         self.store.write(|tx| {
             tx.clear_outbox(local_version)?;
             tx.set_meta(META_QUARANTINED, count as i64)
         })?;
-        self.outbox = None;
-        self.quarantined_deltas = count;
+        self.outbox.quarantined_now(count);
         Ok(changes)
     }
 
-    /// Takes in what the shard sent: similar patterns of other devices (merged, capped) and
-    /// trends (replaced). Validated whole first; a bad message changes nothing.
+    /// [`Brain::apply_global_at`] at the wall clock's time.
     pub fn apply_global(&mut self, global: GlobalPatterns) -> Result<()> {
+        self.apply_global_at(global, now_ms())
+    }
+
+    /// Takes in what the shard sent, as of `now_ms` (unix ms; the freshness that decides
+    /// which global patterns the cap keeps is measured from it): published aggregates
+    /// (merged, capped) and trends (replaced). Validated whole first; a bad message changes
+    /// nothing, and one older than what is held is ignored.
+    pub fn apply_global_at(&mut self, global: GlobalPatterns, now_ms: i64) -> Result<()> {
         check_global(&global)?;
         let carries_vectors = !global.similar.is_empty()
             || global.trending.iter().any(|t| matches!(t.target, TrendTarget::Centroid(_)));
@@ -1165,146 +793,65 @@ impl Brain {
                 got: global.model_id,
             });
         }
-        if global.global_version < self.global_version {
-            return Ok(()); // out of order: what we hold is newer
-        }
-        let now = now_ms();
-        let p = &self.cfg.ranking;
-        let mut merged: HashMap<Uuid, (StoredGlobal, QuantizedVector)> = self
-            .globals
-            .iter()
-            .enumerate()
-            .map(|(i, g)| (g.id, (g.clone(), self.global_index.matrix().get(i))))
-            .collect();
-        let mut written = Vec::new();
-        for s in &global.similar {
-            let g = StoredGlobal {
-                id: s.id,
-                content_id: s.content_id.clone(),
-                success_rate: s.success_rate,
-                sample_count: s.sample_count,
-                time_slot: s.context.time_slot,
-                day_type: s.context.day_type,
-                content_type: s.context.content_type,
-                genres: s.context.genres.clone(),
-                updated_at_ms: s.updated_at_ms,
-            };
-            let v = quantize(&s.embedding);
-            written.push(s.id);
-            merged.insert(s.id, (g, v));
-        }
-        let mut all: Vec<(StoredGlobal, QuantizedVector)> = merged.into_values().collect();
-        all.sort_by(|a, b| {
-            let ra = ranking::retention(
-                a.0.success_rate,
-                ranking::freshness(now.saturating_sub(a.0.updated_at_ms), p),
-            );
-            let rb = ranking::retention(
-                b.0.success_rate,
-                ranking::freshness(now.saturating_sub(b.0.updated_at_ms), p),
-            );
-            rb.total_cmp(&ra).then(a.0.id.cmp(&b.0.id))
+        let Some(merge) =
+            self.global.plan(&global, now_ms, &self.cfg.ranking, self.cfg.max_global_patterns)
+        else {
+            return Ok(());
+        };
+        let trends_blob = merge.trends.as_ref().map(|trending| {
+            GlobalPatterns {
+                similar: Vec::new(),
+                trending: trending.clone(),
+                global_version: global.global_version,
+                model_id: global.model_id.clone(),
+            }
+            .to_wire()
+            .encode_to_vec()
         });
-        let dropped: Vec<Uuid> =
-            all.iter().skip(self.cfg.max_global_patterns).map(|(g, _)| g.id).collect();
-        all.truncate(self.cfg.max_global_patterns);
-        let replace_trends =
-            global.global_version > self.global_version || !global.trending.is_empty();
-        let trends_blob = GlobalPatterns {
-            similar: Vec::new(),
-            trending: global.trending.clone(),
-            global_version: global.global_version,
-            model_id: global.model_id.clone(),
-        }
-        .to_wire()
-        .encode_to_vec();
         self.store.write(|tx| {
-            for id in &dropped {
+            for id in &merge.dropped {
                 tx.delete_global(*id)?;
             }
-            for (g, v) in all.iter().filter(|(g, _)| written.contains(&g.id)) {
+            for (g, v) in merge.rows.iter().filter(|(g, _)| merge.written.contains(&g.id)) {
                 tx.put_global(g, v)?;
             }
-            if replace_trends {
-                tx.set_meta(META_TRENDS, &trends_blob)?;
+            if let Some(blob) = &trends_blob {
+                tx.set_meta(META_TRENDS, blob)?;
             }
-            tx.set_meta(META_GLOBAL_VERSION, global.global_version as i64)
+            tx.set_meta(META_GLOBAL_VERSION, merge.version as i64)
         })?;
-        let mut matrix = QuantMatrix::new();
-        all.iter().for_each(|(_, v)| matrix.push(v));
-        self.globals = all.into_iter().map(|(g, _)| g).collect();
-        self.collab_flags = self.globals.iter().map(StoredGlobal::is_collaborative).collect();
-        self.global_index = VectorIndex::build(matrix, IndexKind::Auto);
-        for s in &global.similar {
-            self.received_in.insert(s.id, global.global_version);
-        }
-        for id in &dropped {
-            self.received_in.remove(id);
-        }
-        let current =
-            self.cfg.ranking.collaborative_current_round_only.then_some(global.global_version);
-        self.collab = collab_index(&self.globals, &self.received_in, current);
+        self.global.commit(merge, self.cfg.ranking.collaborative_current_round_only);
         self.refresh_collab_query();
-        if replace_trends {
-            self.trends = global.trending;
-        }
-        self.global_version = global.global_version;
         Ok(())
     }
 
     /// Counters and sizes.
     pub fn stats(&self) -> BrainStats {
-        let unsynced = self.removed.len()
-            + self
-                .local
-                .iter()
-                .filter(|p| {
-                    (p.synced && (p.dirty || p.pending_samples > 0))
-                        || (!p.synced && p.success_rate >= self.cfg.share_min_success)
-                })
-                .count();
         BrainStats {
             device_id: self.device_id.clone(),
             model_id: self.embedder.model_id().into(),
             patterns: self.local.len(),
             max_patterns: self.max_patterns,
-            global_patterns: self.globals.len(),
-            global_index_hnsw: self.global_index.is_hnsw(),
-            collaborative_vectors: self.collab.len(),
-            trends: self.trends.len(),
+            global_patterns: self.global.len(),
+            global_index_hnsw: self.global.is_hnsw(),
+            collaborative_vectors: self.global.collab_count(),
+            trends: self.global.trends().len(),
             watched: self.watched.len(),
             catalogue_items: self.catalogue.as_ref().map_or(0, |c| c.len()),
-            local_version: self.local_version,
-            acked_version: self.acked_version,
-            delta_in_flight: self.outbox.is_some(),
-            unsynced_changes: unsynced,
-            global_version: self.global_version,
-            evictions: self.evictions,
-            quarantined_deltas: self.quarantined_deltas,
+            local_version: self.outbox.local_version(),
+            acked_version: self.outbox.acked_version(),
+            delta_in_flight: self.outbox.pending().is_some(),
+            unsynced_changes: outbox::unsynced_changes(&self.local, self.cfg.share_min_success),
+            global_version: self.global.version(),
+            evictions: self.local.evictions(),
+            quarantined_deltas: self.outbox.quarantined(),
             skipped_rows: self.skipped_rows,
             has_token: self.registration.is_some(),
-            memory_bytes: self.memory_bytes(),
+            memory_bytes: self.local.memory_bytes()
+                + self.global.memory_bytes()
+                + self.watched.memory_bytes(),
             memory_budget_bytes: self.cfg.memory_budget_bytes,
         }
-    }
-
-    fn memory_bytes(&self) -> usize {
-        let strings: usize = self
-            .local
-            .iter()
-            .map(|p| {
-                p.content_id.len()
-                    + p.title.len()
-                    + p.genres.iter().map(|g| g.len() + 24).sum::<usize>()
-            })
-            .sum();
-        self.local.capacity() * std::mem::size_of::<StoredPattern>()
-            + strings
-            + self.local_vecs.heap_bytes()
-            + self.local_by_key.capacity() * (std::mem::size_of::<PatternKey>() + 8)
-            + self.globals.capacity() * std::mem::size_of::<StoredGlobal>()
-            + self.global_index.heap_bytes()
-            + self.watched.keys().map(|k| k.len() + 48).sum::<usize>()
     }
 
     /// Writes everything out and closes the database.
@@ -1313,22 +860,10 @@ impl Brain {
     }
 }
 
-/// Positions of the globals that are a content's collaborative vector; with `current`, only
-/// those received at that global version (or loaded from the database: unknown).
-fn collab_index(
-    globals: &[StoredGlobal],
-    received_in: &HashMap<Uuid, u64>,
-    current: Option<u64>,
-) -> HashMap<String, usize> {
-    globals
-        .iter()
-        .enumerate()
-        .filter(|(_, g)| {
-            g.is_collaborative()
-                && current.is_none_or(|v| received_in.get(&g.id).is_none_or(|&r| r == v))
-        })
-        .map(|(i, g)| (g.content_id.clone(), i))
-        .collect()
+/// A new pattern's id: random (UUID version 4 bits), so that uploading it reveals no time,
+/// which a version 7 id (its first 48 bits are the creation time in ms) would.
+fn new_pattern_id() -> Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
 
 /// The registration held for `device_id`, and whether an unusable one (tampered, or from an

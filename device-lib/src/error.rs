@@ -1,13 +1,13 @@
-//! The crate's one error type, and the integer codes it maps to at the C boundary.
+//! The crate's one error type and its stable codes; the C ABI maps each code to its integer
+//! (`OMEGA_ERR_*`, see `ffi`).
 
-use crate::ffi;
 use omega_protocol::ValidationError;
 use std::path::PathBuf;
 
 /// Everything that can go wrong in the device library.
 ///
-/// Each variant maps to one stable C error code ([`DeviceError::code`]); the codes are part
-/// of the C ABI (`omega.h`) and never change meaning.
+/// Each variant has one stable [`ErrorCode`] ([`DeviceError::code`]); the C ABI gives each
+/// code its integer (`omega.h`), and neither ever changes meaning.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// An input broke a limit of the contract (size, range, NaN…).
@@ -104,24 +104,58 @@ pub enum DeviceError {
 /// Result with [`DeviceError`].
 pub type Result<T, E = DeviceError> = std::result::Result<T, E>;
 
+/// What kind of failure a [`DeviceError`] is: stable across versions, one per variant, so
+/// callers (and the C ABI) branch on it, never on a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// [`DeviceError::Invalid`].
+    Invalid,
+    /// [`DeviceError::Json`].
+    Json,
+    /// [`DeviceError::Asset`].
+    Asset,
+    /// [`DeviceError::Embedding`].
+    Embedding,
+    /// [`DeviceError::Database`].
+    Database,
+    /// [`DeviceError::SchemaTooNew`].
+    SchemaTooNew,
+    /// [`DeviceError::ModelMismatch`].
+    ModelMismatch,
+    /// [`DeviceError::State`].
+    State,
+    /// [`DeviceError::Unavailable`].
+    Unavailable,
+    /// [`DeviceError::Rejected`].
+    Rejected,
+    /// [`DeviceError::DeviceIdTaken`].
+    DeviceIdTaken,
+    /// [`DeviceError::SyncConfig`].
+    SyncConfig,
+    /// [`DeviceError::Null`].
+    Null,
+    /// [`DeviceError::Internal`].
+    Internal,
+}
+
 impl DeviceError {
-    /// The C error code of this error (see `OMEGA_ERR_*` in `omega.h`).
-    pub fn code(&self) -> i32 {
+    /// The stable code of this error.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            DeviceError::Invalid(_) => ffi::OMEGA_ERR_INVALID,
-            DeviceError::Json(_) => ffi::OMEGA_ERR_JSON,
-            DeviceError::Asset { .. } => ffi::OMEGA_ERR_ASSET,
-            DeviceError::Embedding(_) => ffi::OMEGA_ERR_EMBEDDING,
-            DeviceError::Database { .. } => ffi::OMEGA_ERR_DATABASE,
-            DeviceError::SchemaTooNew { .. } => ffi::OMEGA_ERR_SCHEMA_TOO_NEW,
-            DeviceError::ModelMismatch { .. } => ffi::OMEGA_ERR_MODEL_MISMATCH,
-            DeviceError::State(_) => ffi::OMEGA_ERR_STATE,
-            DeviceError::Unavailable { .. } => ffi::OMEGA_ERR_UNAVAILABLE,
-            DeviceError::Rejected { .. } => ffi::OMEGA_ERR_REJECTED,
-            DeviceError::DeviceIdTaken { .. } => ffi::OMEGA_ERR_DEVICE_ID_TAKEN,
-            DeviceError::SyncConfig(_) => ffi::OMEGA_ERR_SYNC_CONFIG,
-            DeviceError::Null(_) => ffi::OMEGA_ERR_NULL,
-            DeviceError::Internal(_) => ffi::OMEGA_ERR_INTERNAL,
+            DeviceError::Invalid(_) => ErrorCode::Invalid,
+            DeviceError::Json(_) => ErrorCode::Json,
+            DeviceError::Asset { .. } => ErrorCode::Asset,
+            DeviceError::Embedding(_) => ErrorCode::Embedding,
+            DeviceError::Database { .. } => ErrorCode::Database,
+            DeviceError::SchemaTooNew { .. } => ErrorCode::SchemaTooNew,
+            DeviceError::ModelMismatch { .. } => ErrorCode::ModelMismatch,
+            DeviceError::State(_) => ErrorCode::State,
+            DeviceError::Unavailable { .. } => ErrorCode::Unavailable,
+            DeviceError::Rejected { .. } => ErrorCode::Rejected,
+            DeviceError::DeviceIdTaken { .. } => ErrorCode::DeviceIdTaken,
+            DeviceError::SyncConfig(_) => ErrorCode::SyncConfig,
+            DeviceError::Null(_) => ErrorCode::Null,
+            DeviceError::Internal(_) => ErrorCode::Internal,
         }
     }
 
@@ -135,42 +169,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_variant_has_its_own_c_code() {
-        let cases: Vec<(DeviceError, i32)> = vec![
-            (ValidationError::Missing { field: "f".into() }.into(), ffi::OMEGA_ERR_INVALID),
-            (serde_json::from_str::<u8>("x").expect_err("bad").into(), ffi::OMEGA_ERR_JSON),
+    fn each_variant_has_its_own_code() {
+        let cases: Vec<(DeviceError, ErrorCode)> = vec![
+            (ValidationError::Missing { field: "f".into() }.into(), ErrorCode::Invalid),
+            (serde_json::from_str::<u8>("x").expect_err("bad").into(), ErrorCode::Json),
             (
                 DeviceError::Asset { what: "model", path: "m".into(), reason: "r".into() },
-                ffi::OMEGA_ERR_ASSET,
+                ErrorCode::Asset,
             ),
-            (DeviceError::Embedding("e".into()), ffi::OMEGA_ERR_EMBEDDING),
-            (DeviceError::db("p", "r"), ffi::OMEGA_ERR_DATABASE),
+            (DeviceError::Embedding("e".into()), ErrorCode::Embedding),
+            (DeviceError::db("p", "r"), ErrorCode::Database),
             (
                 DeviceError::SchemaTooNew { path: "p".into(), found: 2, supported: 1 },
-                ffi::OMEGA_ERR_SCHEMA_TOO_NEW,
+                ErrorCode::SchemaTooNew,
             ),
             (
                 DeviceError::ModelMismatch { expected: "a".into(), got: "b".into() },
-                ffi::OMEGA_ERR_MODEL_MISMATCH,
+                ErrorCode::ModelMismatch,
             ),
-            (DeviceError::State("s".into()), ffi::OMEGA_ERR_STATE),
-            (
-                DeviceError::Unavailable { attempts: 1, message: "m".into() },
-                ffi::OMEGA_ERR_UNAVAILABLE,
-            ),
+            (DeviceError::State("s".into()), ErrorCode::State),
+            (DeviceError::Unavailable { attempts: 1, message: "m".into() }, ErrorCode::Unavailable),
             (
                 DeviceError::Rejected { code: tonic::Code::Unauthenticated, message: "m".into() },
-                ffi::OMEGA_ERR_REJECTED,
+                ErrorCode::Rejected,
             ),
-            (DeviceError::SyncConfig("c".into()), ffi::OMEGA_ERR_SYNC_CONFIG),
-            (DeviceError::DeviceIdTaken { device_id: "tv".into() }, ffi::OMEGA_ERR_DEVICE_ID_TAKEN),
-            (DeviceError::Null("out"), ffi::OMEGA_ERR_NULL),
-            (DeviceError::Internal("i".into()), ffi::OMEGA_ERR_INTERNAL),
+            (DeviceError::SyncConfig("c".into()), ErrorCode::SyncConfig),
+            (DeviceError::DeviceIdTaken { device_id: "tv".into() }, ErrorCode::DeviceIdTaken),
+            (DeviceError::Null("out"), ErrorCode::Null),
+            (DeviceError::Internal("i".into()), ErrorCode::Internal),
         ];
         let mut seen = std::collections::HashSet::new();
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err}");
-            assert!(code < 0 && seen.insert(code), "codes are negative and distinct");
+            assert!(seen.insert(code), "codes are distinct");
             assert!(!err.to_string().is_empty());
         }
     }

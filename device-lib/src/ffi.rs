@@ -22,7 +22,7 @@
 #![allow(unsafe_code)]
 
 use crate::brain::{Brain, BrainConfig, RecommendContext};
-use crate::error::{DeviceError, Result};
+use crate::error::{DeviceError, ErrorCode, Result};
 use crate::sync::{BrainAccess, SyncClient, SyncConfig};
 use omega_protocol::validate::{MAX_MESSAGE_BYTES, ValidationError};
 use omega_protocol::{GlobalPatterns, ViewingEvent};
@@ -65,6 +65,26 @@ pub const OMEGA_ERR_DEVICE_ID_TAKEN: i32 = -13;
 /// A bug (a caught panic).
 pub const OMEGA_ERR_INTERNAL: i32 = -99;
 
+/// The integer a C caller sees for an error code.
+pub fn c_code(code: ErrorCode) -> i32 {
+    match code {
+        ErrorCode::Null => OMEGA_ERR_NULL,
+        ErrorCode::Invalid => OMEGA_ERR_INVALID,
+        ErrorCode::Json => OMEGA_ERR_JSON,
+        ErrorCode::Asset => OMEGA_ERR_ASSET,
+        ErrorCode::Embedding => OMEGA_ERR_EMBEDDING,
+        ErrorCode::Database => OMEGA_ERR_DATABASE,
+        ErrorCode::SchemaTooNew => OMEGA_ERR_SCHEMA_TOO_NEW,
+        ErrorCode::ModelMismatch => OMEGA_ERR_MODEL_MISMATCH,
+        ErrorCode::State => OMEGA_ERR_STATE,
+        ErrorCode::Unavailable => OMEGA_ERR_UNAVAILABLE,
+        ErrorCode::Rejected => OMEGA_ERR_REJECTED,
+        ErrorCode::SyncConfig => OMEGA_ERR_SYNC_CONFIG,
+        ErrorCode::DeviceIdTaken => OMEGA_ERR_DEVICE_ID_TAKEN,
+        ErrorCode::Internal => OMEGA_ERR_INTERNAL,
+    }
+}
+
 /// An open brain. Opaque to C.
 pub struct OmegaBrain {
     inner: Mutex<Handle>,
@@ -103,7 +123,7 @@ fn guard<T: From<i32>>(f: impl FnOnce() -> Result<T>) -> T {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             set_last_error(&e.to_string());
-            T::from(e.code())
+            T::from(c_code(e.code()))
         }
         Err(panic) => {
             let what = panic
@@ -519,6 +539,30 @@ mod tests {
     }
 
     #[test]
+    fn every_error_code_has_its_own_negative_integer() {
+        use ErrorCode::*;
+        let all = [
+            Null,
+            Invalid,
+            Json,
+            Asset,
+            Embedding,
+            Database,
+            SchemaTooNew,
+            ModelMismatch,
+            State,
+            Unavailable,
+            Rejected,
+            SyncConfig,
+            DeviceIdTaken,
+            Internal,
+        ];
+        let ints: std::collections::HashSet<i32> = all.iter().map(|&c| c_code(c)).collect();
+        assert_eq!(ints.len(), all.len(), "distinct");
+        assert!(ints.iter().all(|&i| i < OMEGA_OK), "{ints:?}");
+    }
+
+    #[test]
     fn errors_map_to_their_code_and_message() {
         let code: i32 = guard(|| Err(DeviceError::State("nope".into())));
         assert_eq!(code, OMEGA_ERR_STATE);
@@ -572,18 +616,21 @@ mod tests {
         let big = CString::new(vec![b' '; MAX_MESSAGE_BYTES + 1]).expect("no NUL");
         // SAFETY: NUL-terminated.
         let err = unsafe { text(big.as_ptr(), "event_json") }.expect_err("too large");
-        assert_eq!(err.code(), OMEGA_ERR_INVALID, "{err}");
+        assert_eq!(c_code(err.code()), OMEGA_ERR_INVALID, "{err}");
         let ok = CString::new(vec![b' '; MAX_MESSAGE_BYTES]).expect("no NUL");
         // SAFETY: NUL-terminated.
         assert!(unsafe { text(ok.as_ptr(), "event_json") }.is_ok());
         let latin1 = CString::new(vec![0xE9u8, b'a']).expect("no NUL");
         // SAFETY: NUL-terminated.
         let err = unsafe { text(latin1.as_ptr(), "event_json") }.expect_err("not UTF-8");
-        assert_eq!(err.code(), OMEGA_ERR_JSON);
+        assert_eq!(c_code(err.code()), OMEGA_ERR_JSON);
         assert!(err.to_string().contains("event_json is not UTF-8"), "{err}");
         // SAFETY: NULL is allowed.
         let err = unsafe { required(std::ptr::null(), "global_json") }.expect_err("NULL");
-        assert_eq!((err.code(), err.to_string().as_str()), (OMEGA_ERR_NULL, "global_json is NULL"));
+        assert_eq!(
+            (c_code(err.code()), err.to_string().as_str()),
+            (OMEGA_ERR_NULL, "global_json is NULL")
+        );
     }
 
     #[test]

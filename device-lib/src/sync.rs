@@ -482,6 +482,12 @@ impl SyncClient {
         self.sync_with(&mut &mut *brain).await
     }
 
+    /// [`SyncClient::sync`] as of `now_ms` (unix ms): the global patterns that come back are
+    /// taken in with [`Brain::apply_global_at`] at that time, so a replay controls it.
+    pub async fn sync_at(&mut self, brain: &mut Brain, now_ms: i64) -> Result<SyncReport> {
+        self.sync_inner(&mut &mut *brain, Some(now_ms)).await
+    }
+
     /// [`SyncClient::sync`] with the brain reached through `brain` only to prepare and to
     /// take in each answer.
     ///
@@ -489,6 +495,15 @@ impl SyncClient {
     /// either, this is [`DeviceError::State`] (see [`SyncClient::register_and_sync`]). Once the
     /// shard has accepted the token, the brain keeps it (if it did not already).
     pub async fn sync_with(&mut self, brain: &mut impl BrainAccess) -> Result<SyncReport> {
+        self.sync_inner(brain, None).await
+    }
+
+    /// The sync; `now_ms` is the time global patterns are taken in at (`None`: the clock).
+    async fn sync_inner(
+        &mut self,
+        brain: &mut impl BrainAccess,
+        now_ms: Option<i64>,
+    ) -> Result<SyncReport> {
         let started = Instant::now();
         if self.cfg.token.is_none() {
             let stored = brain.with_brain(|b| {
@@ -593,7 +608,7 @@ impl SyncClient {
                     let global = GlobalPatterns::from_wire(g)?;
                     report.similar_received += global.similar.len();
                     report.trends_received += global.trending.len();
-                    b.apply_global(global)?;
+                    b.apply_global_at(global, now_ms.unwrap_or_else(crate::brain::now_ms))?;
                 }
                 Ok(())
             })?;

@@ -270,6 +270,14 @@ impl PatternContext {
     }
 }
 
+/// Milliseconds in a day.
+pub const MS_PER_DAY: i64 = 86_400_000;
+
+/// The start (00:00 UTC) of the UTC day of `ms`, unix ms: how coarse a time a TV uploads.
+pub fn utc_day_start(ms: i64) -> i64 {
+    ms - ms.rem_euclid(MS_PER_DAY)
+}
+
 /// Quantises an f32 embedding for the wire.
 pub fn embedding_to_wire(v: &[f32]) -> pb::Embedding {
     let q = vector::quantize(v);
@@ -298,7 +306,10 @@ pub struct Pattern {
     pub id: Uuid,
     /// Catalogue id of the content the pattern is about.
     pub content_id: String,
-    /// L2-normalised embedding (384 f32) of the context + content text.
+    /// L2-normalised embedding (384 f32) of the context + content text. Empty only in an
+    /// uploaded pattern (`PatternDelta.added`) whose content's collaborative vector is public:
+    /// the TV leaves the embedding of its title text out (see
+    /// [`validate::check_uploaded_pattern`]).
     pub embedding: Vec<f32>,
     /// The model that produced `embedding`.
     pub model_id: String,
@@ -320,7 +331,7 @@ impl Pattern {
         pb::Pattern {
             id: self.id.as_bytes().to_vec(),
             content_id: self.content_id.clone(),
-            embedding: Some(embedding_to_wire(&self.embedding)),
+            embedding: (!self.embedding.is_empty()).then(|| embedding_to_wire(&self.embedding)),
             success_rate: self.success_rate,
             sample_count: self.sample_count,
             context: Some(self.context.to_wire()),
@@ -329,12 +340,32 @@ impl Pattern {
         }
     }
 
-    /// Validates and decodes a wire pattern whose envelope carried `model_id`.
+    /// Validates and decodes a wire pattern whose envelope carried `model_id`; it must carry
+    /// its embedding.
     pub fn from_wire(field: &str, p: pb::Pattern, model_id: &str) -> Result<Self, ValidationError> {
         validate::check_pattern(field, &p)?;
+        Self::decode(field, p, model_id)
+    }
+
+    /// Validates and decodes a pattern a device uploaded: its embedding may be absent (then
+    /// `embedding` is empty), see [`validate::check_uploaded_pattern`].
+    pub fn from_uploaded_wire(
+        field: &str,
+        p: pb::Pattern,
+        model_id: &str,
+    ) -> Result<Self, ValidationError> {
+        validate::check_uploaded_pattern(field, &p)?;
+        Self::decode(field, p, model_id)
+    }
+
+    fn decode(field: &str, p: pb::Pattern, model_id: &str) -> Result<Self, ValidationError> {
+        let embedding = match &p.embedding {
+            Some(e) => embedding_from_wire(&format!("{field}.embedding"), Some(e))?,
+            None => Vec::new(),
+        };
         Ok(Pattern {
             id: uuid_from_wire(&format!("{field}.id"), &p.id)?,
-            embedding: embedding_from_wire(&format!("{field}.embedding"), p.embedding.as_ref())?,
+            embedding,
             context: PatternContext::from_wire(&format!("{field}.context"), p.context)?,
             content_id: p.content_id,
             model_id: model_id.into(),
@@ -407,7 +438,7 @@ impl PatternDelta {
             .added
             .into_iter()
             .enumerate()
-            .map(|(i, p)| Pattern::from_wire(&format!("delta.added[{i}]"), p, &model))
+            .map(|(i, p)| Pattern::from_uploaded_wire(&format!("delta.added[{i}]"), p, &model))
             .collect::<Result<_, _>>()?;
         let updated = d
             .updated
@@ -712,6 +743,38 @@ mod tests {
             assert_eq!((a.id, &a.content_id, &a.context), (b.id, &b.content_id, &b.context));
             assert!(cosine(&a.embedding, &b.embedding) >= 0.99);
         }
+    }
+
+    #[test]
+    fn utc_day_start_truncates_to_midnight_utc() {
+        let cases = [
+            (0, 0),
+            (1, 0),
+            (MS_PER_DAY - 1, 0),
+            (MS_PER_DAY, MS_PER_DAY),
+            // 2024-01-06 20:30 UTC -> 2024-01-06 00:00 UTC.
+            (1_704_573_000_000, 1_704_499_200_000),
+            (-1, -MS_PER_DAY),
+        ];
+        for (ms, want) in cases {
+            assert_eq!(utc_day_start(ms), want, "{ms}");
+        }
+    }
+
+    #[test]
+    fn an_uploaded_pattern_without_embedding_round_trips_and_a_global_one_is_refused() {
+        let mut bare = pattern(1);
+        bare.embedding.clear();
+        let d =
+            PatternDelta { added: vec![bare.clone()], model_id: "m".into(), ..Default::default() };
+        assert!(d.to_wire().added[0].embedding.is_none());
+        let back = PatternDelta::from_wire(d.to_wire(), "m").expect("valid");
+        assert_eq!(back.added, vec![bare.clone()]);
+        let g = GlobalPatterns { similar: vec![bare], model_id: "m".into(), ..Default::default() };
+        assert!(matches!(
+            GlobalPatterns::from_wire(g.to_wire()),
+            Err(ValidationError::Missing { .. })
+        ));
     }
 
     #[test]

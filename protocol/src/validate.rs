@@ -257,11 +257,35 @@ pub fn check_context(field: &str, c: Option<&pb::PatternContext>) -> Result<(), 
     check_genres(&format!("{field}.genres"), &c.genres)
 }
 
-/// Checks one pattern as a device sends it.
+/// Checks one pattern with its embedding: what a shard sends down (`similar`) and what it
+/// stores.
 pub fn check_pattern(field: &str, p: &pb::Pattern) -> Result<(), ValidationError> {
+    check_pattern_as(field, p, false)
+}
+
+/// Checks one pattern as a device uploads it (`PatternDelta.added`): as strict as
+/// [`check_pattern`], except that the embedding may be absent when `content_id` is set. A TV
+/// leaves it out for a content whose collaborative vector the federation published (the
+/// content id says all the federation needs), so no embedding of the title text leaves it.
+/// An embedding that is present is checked in full.
+pub fn check_uploaded_pattern(field: &str, p: &pb::Pattern) -> Result<(), ValidationError> {
+    check_pattern_as(field, p, true)
+}
+
+fn check_pattern_as(
+    field: &str,
+    p: &pb::Pattern,
+    embedding_optional: bool,
+) -> Result<(), ValidationError> {
     check_id(&format!("{field}.id"), &p.id)?;
+    let embedding = format!("{field}.embedding");
+    if p.embedding.is_none() && (!embedding_optional || p.content_id.is_empty()) {
+        return Err(ValidationError::Missing { field: embedding });
+    }
     check_required_string(&format!("{field}.content_id"), &p.content_id)?;
-    check_embedding(&format!("{field}.embedding"), p.embedding.as_ref())?;
+    if p.embedding.is_some() {
+        check_embedding(&embedding, p.embedding.as_ref())?;
+    }
     check_rate(&format!("{field}.success_rate"), p.success_rate)?;
     if p.sample_count == 0 {
         return Err(ValidationError::OutOfRange {
@@ -306,7 +330,7 @@ pub fn check_delta(
     let mut seen = std::collections::HashSet::with_capacity(total);
     for (i, p) in d.added.iter().enumerate() {
         let f = format!("{field}.added[{i}]");
-        check_pattern(&f, p)?;
+        check_uploaded_pattern(&f, p)?;
         unique(&mut seen, &f, &p.id)?;
     }
     for (i, u) in d.updated.iter().enumerate() {
@@ -464,8 +488,11 @@ mod tests {
                 "dimension 385",
             ),
             (
-                "missing embedding",
-                |d| d.added[0].embedding = None,
+                "missing embedding and content id",
+                |d| {
+                    d.added[0].embedding = None;
+                    d.added[0].content_id.clear();
+                },
                 "delta.added[0].embedding is required",
             ),
             (
@@ -554,6 +581,39 @@ mod tests {
             let err = check_delta("delta", &d, "m").expect_err(name);
             assert!(err.to_string().contains(want), "{name}: got {err}");
         }
+    }
+
+    #[test]
+    fn an_uploaded_pattern_may_leave_out_the_embedding_only_with_a_content_id() {
+        let mut bare = pattern(1);
+        bare.embedding = None;
+        assert_eq!(check_uploaded_pattern("p", &bare), Ok(()));
+        assert_eq!(check_delta("delta", &delta(vec![bare.clone(), pattern(2)]), "m"), Ok(()));
+        // Without a content id there is nothing to go by: refused, naming the embedding.
+        let mut anonymous = bare.clone();
+        anonymous.content_id.clear();
+        let err = check_delta("delta", &delta(vec![anonymous]), "m").expect_err("no content id");
+        assert_eq!(err, ValidationError::Missing { field: "delta.added[0].embedding".into() });
+        // Everything else stays as strict.
+        let mut bad = bare.clone();
+        bad.sample_count = 0;
+        assert!(check_uploaded_pattern("p", &bad).is_err());
+        let mut bad = bare.clone();
+        bad.created_at_ms = -1;
+        assert!(check_uploaded_pattern("p", &bad).is_err());
+        let mut short = pattern(1);
+        short.embedding.as_mut().map(|e| e.values.pop());
+        assert!(matches!(
+            check_uploaded_pattern("p", &short),
+            Err(ValidationError::Dimension { .. })
+        ));
+        // What a shard sends down and stores always carries the embedding.
+        assert_eq!(
+            check_pattern("p", &bare),
+            Err(ValidationError::Missing { field: "p.embedding".into() })
+        );
+        let g = pb::GlobalPatterns { similar: vec![bare], ..Default::default() };
+        assert!(matches!(check_global("g", &g), Err(ValidationError::Missing { .. })));
     }
 
     #[test]

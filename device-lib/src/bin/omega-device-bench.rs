@@ -1,6 +1,6 @@
 //! Benchmark of the device library: cold start, embedding, end-to-end recommendation, ANN vs
 //! exact search (recall, latency, crossover), peak memory, and the wire size of a typical
-//! 5-15 minute delta.
+//! 5-15 minute delta (with and without published collaborative vectors for what is watched).
 //!
 //! `cargo run --release -p omega-device --bin omega-device-bench -- --patterns 10000 --json`
 //!
@@ -441,11 +441,42 @@ fn ann(vectors: &QuantMatrix, queries: &[QuantizedVector], sizes: &[usize]) -> V
 }
 
 /// Wire bytes of typical pushes: each 5-15 minute interval brings 1-2 viewing events, some
-/// new content, some more of what is being watched.
-fn deltas(embedder: &Arc<Embedder>, intervals: usize) -> Result<Vec<f64>> {
+/// new content, some more of what is being watched. With `public`, the TV holds a published
+/// collaborative vector for every content first, so no pattern carries its embedding.
+fn deltas(embedder: &Arc<Embedder>, intervals: usize, public: bool) -> Result<Vec<f64>> {
     let mut rng = StdRng::seed_from_u64(3);
     let mut brain = Brain::open_shared(BrainConfig::default(), embedder.clone(), None)?;
     let items: Vec<CatalogueItem> = (0..400).map(|i| synthetic_item(i, &mut rng)).collect();
+    if public {
+        let mut vrng = StdRng::seed_from_u64(4);
+        for chunk in items.chunks(omega_protocol::validate::MAX_SIMILAR) {
+            let similar = chunk
+                .iter()
+                .map(|it| {
+                    let mut embedding = vec![0.0f32; omega_protocol::vector::EMBEDDING_DIM];
+                    embedding[..16].iter_mut().for_each(|x| *x = vrng.random_range(-0.2..0.2));
+                    Pattern {
+                        id: omega_protocol::types::collaborative_vector_id(&it.content_id),
+                        content_id: it.content_id.clone(),
+                        embedding,
+                        model_id: embedder.model_id().into(),
+                        success_rate: 0.9,
+                        sample_count: 10,
+                        context: PatternContext::default(),
+                        created_at_ms: START_MS,
+                        updated_at_ms: START_MS,
+                    }
+                })
+                .collect();
+            let global = GlobalPatterns {
+                similar,
+                trending: Vec::new(),
+                global_version: 1,
+                model_id: embedder.model_id().into(),
+            };
+            brain.apply_global_at(global, START_MS)?;
+        }
+    }
     let mut watched: Vec<usize> = Vec::new();
     let mut sizes = Vec::new();
     let pb = bar(intervals, "typical deltas");
@@ -564,7 +595,8 @@ fn main() -> Result<()> {
     let crossover = ann(&vectors, &queries, &sizes);
     let at_n =
         crossover.iter().find(|r| r["n"] == json!(args.patterns)).cloned().unwrap_or(Value::Null);
-    let mut delta_sizes = deltas(&embedder, args.intervals)?;
+    let mut delta_sizes = deltas(&embedder, args.intervals, false)?;
+    let mut public_delta_sizes = deltas(&embedder, args.intervals, true)?;
 
     let mut report = json!({
         "patterns": args.patterns,
@@ -577,6 +609,8 @@ fn main() -> Result<()> {
         "ann_crossover": crossover,
         "delta_bytes_p50": percentile(&mut delta_sizes, 0.5),
         "delta_bytes_p90": percentile(&mut delta_sizes, 0.9),
+        "delta_bytes_public_p50": percentile(&mut public_delta_sizes, 0.5),
+        "delta_bytes_public_p90": percentile(&mut public_delta_sizes, 0.9),
         "embedder_session_settings": session_settings,
         "setup_s": setup_s,
         "threads": 1,

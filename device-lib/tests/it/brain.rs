@@ -364,7 +364,7 @@ fn a_missing_model_is_an_asset_error_through_brain_open() {
     match Brain::open(cfg) {
         Err(e @ DeviceError::Asset { .. }) => {
             assert!(e.to_string().contains("no-model.onnx"), "{e}");
-            assert_eq!(e.code(), omega_device::ffi::OMEGA_ERR_ASSET);
+            assert_eq!(e.code(), omega_device::ErrorCode::Asset);
         }
         other => panic!("expected an asset error, got {other:?}"),
     }
@@ -571,4 +571,42 @@ fn only_the_delta_in_flight_can_be_quarantined() {
     b.observe(&event("heat", 0.5, 2)).expect("observe");
     let next = b.prepare_delta().expect("delta").expect("the update");
     assert_eq!((next.local_version, next.added.len(), next.updated.len()), (2, 0, 1));
+}
+
+/// `recommend` and `score` rank by one rule: a recommended content's score is what `score`
+/// gives it, whatever it is known by (catalogue, global pattern, collaborative vector,
+/// trend). A centroid trend boosts a content by its MiniLM vector, never by its
+/// collaborative vector (another space).
+#[test]
+fn recommend_and_score_agree_on_every_recommended_content() {
+    let mut b = brain();
+    b.observe(&event("heat", 1.0, 0)).expect("observe");
+    b.observe(&event("godfather", 0.9, 10)).expect("observe");
+    let mut g = collaborative_global(4);
+    // A catalogue content with a collaborative vector, and a rising region right on it.
+    g.similar.push(collaborative("goodfellas", &[0.6, 0.6]));
+    g.similar.extend(global(4).similar);
+    let centroid = embedder().embed("movie: Goodfellas. crime, drama").expect("embed");
+    g.trending = vec![
+        TrendSignal { target: TrendTarget::Centroid(centroid), score: 2.0, region: "eu".into() },
+        TrendSignal {
+            target: TrendTarget::ContentId("worldcup".into()),
+            score: 3.0,
+            region: "eu".into(),
+        },
+    ];
+    b.apply_global(g).expect("apply");
+    let recs = b.recommend(&evening(), 40).expect("recommend");
+    let ids: Vec<String> = recs.iter().map(|r| r.content_id.clone()).collect();
+    for want in ["goodfellas", "cand-good", "sopranos", "worldcup", "casino"] {
+        assert!(ids.iter().any(|i| i == want), "{want} recommended: {ids:?}");
+    }
+    let scores = b.score(&evening(), &ids).expect("score");
+    for (r, s) in recs.iter().zip(&scores) {
+        assert!((r.score - s).abs() < 1e-4, "{}: recommend {} vs score {s}", r.content_id, r.score);
+    }
+    // The centroid sits on goodfellas' MiniLM vector: its boost lifts it above cand-good,
+    // whose collaborative score alone is higher.
+    let pos = |id: &str| ids.iter().position(|i| i == id).expect("recommended");
+    assert!(pos("goodfellas") < pos("cand-good"), "{ids:?}");
 }

@@ -44,6 +44,8 @@ pub struct ShardState {
     pub calls: u32,
     pub zstd_requests: u32,
     pub global: Option<GlobalPatterns>,
+    /// Every delta received, as it came off the wire (before any decoding of ours).
+    pub wire_deltas: Vec<pb::PatternDelta>,
 }
 
 /// A loopback `Constellation` shard (also used by the C ABI tests).
@@ -151,6 +153,7 @@ impl Constellation for TestShard {
         let mut s = self.state();
         let mut resp = pb::SyncResponse::default();
         if let Some(d) = r.delta {
+            s.wire_deltas.push(d.clone());
             if s.refuse_deltas > 0 {
                 s.refuse_deltas -= 1;
                 return Err(Status::invalid_argument(
@@ -710,7 +713,7 @@ async fn a_device_id_registered_elsewhere_gives_a_clear_error_and_changes_nothin
         DeviceError::DeviceIdTaken { device_id } => assert_eq!(device_id, "tv-test"),
         other => panic!("expected DeviceIdTaken, got {other:?}"),
     }
-    assert_eq!(err.code(), omega_device::ffi::OMEGA_ERR_DEVICE_ID_TAKEN);
+    assert_eq!(err.code(), omega_device::ErrorCode::DeviceIdTaken);
     let msg = err.to_string();
     assert!(msg.contains("already registered") && msg.contains("no token"), "{msg}");
     assert!(!msg.contains(&token("tv-test")), "{msg}");
@@ -758,5 +761,78 @@ async fn register_presents_the_token_it_holds() {
             assert!(message.contains("does not match"), "{message}")
         }
         other => panic!("expected Rejected, got {other:?}"),
+    }
+}
+
+/// What leaves the TV, checked on the delta as the shard received it over gRPC: only the
+/// federation's fields, timestamps at 00:00 UTC, random ids, no title, no event time, and no
+/// embedding for a content whose collaborative vector the TV holds.
+#[tokio::test]
+async fn an_upload_carries_only_coarse_fields_and_no_embedding_for_public_contents() {
+    const DAY: i64 = 86_400_000;
+    let shard = shard();
+    let endpoint = serve(shard.clone()).await;
+    let mut b = brain();
+    // Heat's collaborative vector is published; casino's is not.
+    let mut embedding = vec![0.0f32; omega_protocol::vector::EMBEDDING_DIM];
+    embedding[0] = 0.8;
+    let heat_vector = omega_protocol::Pattern {
+        id: omega_protocol::types::collaborative_vector_id("heat"),
+        content_id: "heat".into(),
+        embedding,
+        model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+        success_rate: 0.9,
+        sample_count: 30,
+        context: Default::default(),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    b.apply_global(GlobalPatterns {
+        similar: vec![heat_vector],
+        global_version: 2,
+        model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+        ..Default::default()
+    })
+    .expect("apply");
+    let events = [event("heat", 0.9, 0), event("casino", 0.95, 10), event("heat", 1.0, 95)];
+    for e in &events {
+        b.observe(e).expect("observe");
+    }
+    let mut client = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    client.register(b.device_id(), "eu", embedder().model_id()).await.expect("register");
+    client.sync(&mut b).await.expect("sync");
+    // A later change travels as an update: id, rate, samples.
+    b.observe(&event("casino", 0.8, 300)).expect("observe");
+    client.sync(&mut b).await.expect("sync");
+
+    let sent = shard.state().wire_deltas.clone();
+    assert_eq!(sent.len(), 2, "two pushes");
+    let added: Vec<&pb::Pattern> = sent.iter().flat_map(|d| &d.added).collect();
+    let ids: Vec<&str> = added.iter().map(|p| p.content_id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    for p in &added {
+        for (field, t) in [("created_at_ms", p.created_at_ms), ("updated_at_ms", p.updated_at_ms)] {
+            assert_eq!(t % DAY, 0, "{} {field} = {t} is finer than a UTC day", p.content_id);
+        }
+        let id = uuid::Uuid::from_slice(&p.id).expect("id");
+        assert_ne!(id.get_version_num(), 7, "a v7 id would carry the creation time");
+        let public = p.content_id == "heat";
+        assert_eq!(p.embedding.is_none(), public, "{}: embedding only if not public", p.content_id);
+    }
+    assert_eq!(sent[1].updated.len(), 1, "casino again: an update");
+    for d in &sent {
+        let bytes = prost::Message::encode_to_vec(d);
+        let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        for title in ["Heat", "Casino"] {
+            assert!(!contains(title.as_bytes()), "the title {title:?} left the TV");
+        }
+        for e in &events {
+            let mut varint = Vec::new();
+            prost::encoding::encode_varint(e.started_at_ms as u64, &mut varint);
+            assert!(!contains(&varint), "an event time ({}) left the TV", e.started_at_ms);
+        }
+        // The shard accepts it under the upload contract.
+        omega_protocol::validate::check_delta("delta", d, omega_protocol::DEFAULT_MODEL_ID)
+            .expect("valid upload");
     }
 }

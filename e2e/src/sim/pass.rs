@@ -230,7 +230,7 @@ impl Run<'_> {
         self.rng.random_range(5 * MINUTE_MS..=15 * MINUTE_MS)
     }
 
-    async fn sync(&mut self, u: usize) -> Result<(), SimError> {
+    async fn sync(&mut self, u: usize, at: i64) -> Result<(), SimError> {
         let tv = &mut self.tvs[u];
         if tv.client.is_none() {
             let mut c = SyncClient::connect(SyncConfig {
@@ -243,7 +243,7 @@ impl Run<'_> {
             tv.client = Some(c);
         }
         let Some(client) = tv.client.as_mut() else { return Ok(()) };
-        match client.sync(&mut tv.brain).await {
+        match client.sync_at(&mut tv.brain, at).await {
             Ok(r) => {
                 self.syncs += 1;
                 self.bytes_up.push(r.bytes_up as u64);
@@ -437,7 +437,7 @@ pub(crate) async fn run(
             next_event += 1;
             pb.inc(1);
         } else if let Some(Reverse((at, u))) = syncs.pop() {
-            run.sync(u).await?;
+            run.sync(u, at).await?;
             let next = at + run.jitter();
             if next <= run.tvs[u].on_until {
                 syncs.push(Reverse((next, u)));
