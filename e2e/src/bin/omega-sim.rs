@@ -38,6 +38,9 @@ struct Args {
     /// Seeds every method runs with (1 by default, 5 with `--full`).
     #[arg(long)]
     seeds: Option<usize>,
+    /// Seeds whose fleets run at the same time (each uses about one core).
+    #[arg(long, default_value_t = 2)]
+    parallel_seeds: usize,
     /// How equal timestamps are ordered in the leave-one-out split.
     #[arg(long, value_enum, default_value_t = Ties::FileOrder)]
     ties: Ties,
@@ -130,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             (None, false) => Some(QUICK_USERS),
         },
         seeds: args.seeds.unwrap_or(if args.full { 5 } else { 1 }),
+        parallel_seeds: args.parallel_seeds,
         ties: args.ties,
         holdout: match args.holdout {
             Holdout::Test => Stage::Test,

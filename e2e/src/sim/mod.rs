@@ -81,6 +81,8 @@ pub struct SimConfig {
     pub seed: u64,
     /// Seeds every method runs with.
     pub seeds: usize,
+    /// Seeds whose fleets run at the same time.
+    pub parallel_seeds: usize,
     /// How equal timestamps are ordered in the leave-one-out split.
     pub ties: Ties,
     /// The held-out item ranked: `Test` for reported numbers, `Validation` (fit on train
@@ -123,6 +125,7 @@ impl Default for SimConfig {
             database_url: None,
             seed: eval::DEFAULT_SEED,
             seeds: 1,
+            parallel_seeds: 2,
             ties: Ties::FileOrder,
             holdout: Stage::Test,
             tune: false,
@@ -414,13 +417,12 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
             tmp.path().to_path_buf()
         }
     };
-    let mut per_method: BTreeMap<&str, Vec<Vec<UserQuality>>> = BTreeMap::new();
-    let mut first: Option<(PassOutcome, Option<PassOutcome>)> = None;
-    let mut events_n = 0;
+    // Seeds' fleets are independent: up to `parallel_seeds` run at once, one per core.
+    let limit = Arc::new(tokio::sync::Semaphore::new(cfg.parallel_seeds.max(1)));
+    let mut tasks = Vec::with_capacity(seeds.len());
     for (i, &seed) in seeds.iter().enumerate() {
         let split = splits[i].clone();
         let events = events(&ml, &split, cfg.holdout);
-        events_n = events.len() as u64;
         let world = World {
             split,
             seed,
@@ -431,23 +433,42 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
             progress: progress.clone(),
         };
         let dir = base.join(format!("seed-{seed}"));
-        note(&format!("seed {seed}: federated pass (k-anonymity)"));
-        let fed = pass::run(&world, &cfg, &dir.join("federated"), None, true).await?;
+        let (cfg, limit, note) = (cfg.clone(), limit.clone(), note.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit
+                .acquire_owned()
+                .await
+                .map_err(|e| SimError::Config(format!("seed scheduler closed: {e}")))?;
+            note(&format!("seed {seed}: federated pass (k-anonymity)"));
+            let fed = pass::run(&world, &cfg, &dir.join("federated"), None, true).await?;
+            let dp = match cfg.dp {
+                Some(dp) => {
+                    note(&format!(
+                        "seed {seed}: federated_dp pass (epsilon {}, delta {})",
+                        dp.0, dp.1
+                    ));
+                    Some(pass::run(&world, &cfg, &dir.join("federated_dp"), Some(dp), false).await?)
+                }
+                None => None,
+            };
+            Ok::<_, SimError>((fed, dp, world.events.len() as u64))
+        }));
+    }
+    let mut per_method: BTreeMap<&str, Vec<Vec<UserQuality>>> = BTreeMap::new();
+    let mut first: Option<(PassOutcome, Option<PassOutcome>)> = None;
+    let mut events_n = 0;
+    for t in tasks {
+        let (fed, dp, n) =
+            t.await.map_err(|e| SimError::Config(format!("a seed's fleet failed: {e}")))??;
+        events_n = n;
         per_method
             .entry("local_only")
             .or_default()
             .push(fed.local_only.clone().unwrap_or_default());
         per_method.entry("federated").or_default().push(fed.quality.clone());
-        let dp = match cfg.dp {
-            Some(dp) => {
-                note(&format!("seed {seed}: federated_dp pass (epsilon {}, delta {})", dp.0, dp.1));
-                let out =
-                    pass::run(&world, &cfg, &dir.join("federated_dp"), Some(dp), false).await?;
-                per_method.entry("federated_dp").or_default().push(out.quality.clone());
-                Some(out)
-            }
-            None => None,
-        };
+        if let Some(d) = &dp {
+            per_method.entry("federated_dp").or_default().push(d.quality.clone());
+        }
         if first.is_none() {
             first = Some((fed, dp));
         }
