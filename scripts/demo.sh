@@ -5,7 +5,7 @@
 # method is evaluated next to the fleet (popularity, MF with BPR and BCE, EASE, the federated
 # scorer fitted centrally, local-only, federated, and with --full federated with DP).
 #
-#   scripts/demo.sh           the quick run: the first 150 users, one seed, a few minutes
+#   scripts/demo.sh           the quick run: the first 100 users, one seed, a few minutes
 #   scripts/demo.sh --full    the whole evaluation: 943 users, 5 seeds, baselines searched on
 #                             the validation item, the DP pass
 #

@@ -13,7 +13,7 @@ use omega_e2e::sim::{self, SimConfig};
 use std::path::PathBuf;
 
 /// Users of the quick run (the first ones of the data set, a fixed subset).
-const QUICK_USERS: usize = 150;
+const QUICK_USERS: usize = 100;
 
 /// The held-out item a run ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -32,7 +32,7 @@ struct Args {
     /// item, the DP pass.
     #[arg(long)]
     full: bool,
-    /// Only the first N users (150 by default, all 943 with `--full`).
+    /// Only the first N users (100 by default, all 943 with `--full`).
     #[arg(long)]
     users: Option<usize>,
     /// Seeds every method runs with (1 by default, 5 with `--full`).

@@ -17,11 +17,18 @@ pub const DEFAULT_LAMBDAS: [f64; 8] = [50.0, 100.0, 200.0, 300.0, 500.0, 800.0, 
 /// `docs/quality.md` for the command.
 pub const CHOSEN_LAMBDA: f64 = 300.0;
 
-/// A fitted model.
+/// A fitted model, over the items with at least one training interaction (any other item
+/// has an all-zero row and column in `G`, so its weights are exactly zero: leaving it out
+/// changes no score and shrinks the inversion).
 #[derive(Debug, Clone)]
 pub struct Ease {
-    n: usize,
+    /// Items of the model.
+    m: usize,
+    /// Catalogue item -> model index.
+    index: Vec<Option<u32>>,
+    /// `m × m`, row-major.
     b: Vec<f32>,
+    /// Per user, model indices of the history.
     histories: Vec<Vec<u32>>,
 }
 
@@ -52,7 +59,8 @@ pub fn invert_spd(a: &mut [f64], n: usize) {
 impl Ease {
     /// Fits on the interactions of `stage` with ridge `lambda`.
     pub fn fit(split: &Split, stage: Stage, lambda: f64) -> Self {
-        let n = split.n_items;
+        let mut index: Vec<Option<u32>> = vec![None; split.n_items];
+        let mut m = 0u32;
         let histories: Vec<Vec<u32>> = split
             .users
             .iter()
@@ -60,32 +68,40 @@ impl Ease {
                 let mut h: Vec<u32> = us.history(stage).iter().map(|r| r.item).collect();
                 h.sort_unstable();
                 h.dedup();
-                h
+                h.iter()
+                    .map(|&i| {
+                        *index[i as usize].get_or_insert_with(|| {
+                            m += 1;
+                            m - 1
+                        })
+                    })
+                    .collect()
             })
             .collect();
-        let mut g = vec![0.0f64; n * n];
+        let m = m as usize;
+        let mut g = vec![0.0f64; m * m];
         for h in &histories {
             for &i in h {
-                let row = &mut g[i as usize * n..(i as usize + 1) * n];
+                let row = &mut g[i as usize * m..(i as usize + 1) * m];
                 for &j in h {
                     row[j as usize] += 1.0;
                 }
             }
         }
-        for i in 0..n {
-            g[i * n + i] += lambda;
+        for i in 0..m {
+            g[i * m + i] += lambda;
         }
-        invert_spd(&mut g, n);
-        let diag: Vec<f64> = (0..n).map(|j| g[j * n + j]).collect();
+        invert_spd(&mut g, m);
+        let diag: Vec<f64> = (0..m).map(|j| g[j * m + j]).collect();
         let b = g
             .iter()
             .enumerate()
             .map(|(idx, p)| {
-                let (i, j) = (idx / n, idx % n);
+                let (i, j) = (idx / m, idx % m);
                 if i == j { 0.0 } else { (-p / diag[j]) as f32 }
             })
             .collect();
-        Ease { n, b, histories }
+        Ease { m, index, b, histories }
     }
 }
 
@@ -94,7 +110,10 @@ impl Scorer for Ease {
         let h = &self.histories[user as usize];
         items
             .iter()
-            .map(|&i| h.iter().map(|&j| self.b[j as usize * self.n + i as usize]).sum())
+            .map(|&i| match self.index.get(i as usize).copied().flatten() {
+                Some(c) => h.iter().map(|&j| self.b[j as usize * self.m + c as usize]).sum(),
+                None => 0.0,
+            })
             .collect()
     }
 }

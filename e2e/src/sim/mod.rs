@@ -354,7 +354,10 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
         let progress = progress.clone();
         let on = cfg.progress;
         move |m: &str| {
-            if on {
+            // Above the bars on a terminal; plain lines when stderr is a file or a pipe.
+            if on && progress.is_hidden() {
+                eprintln!("omega-sim: {m}");
+            } else if on {
                 let _ = progress.println(format!("omega-sim: {m}"));
             }
         }
