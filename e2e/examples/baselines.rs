@@ -1,7 +1,8 @@
 //! The centralised baselines and the offline round on MovieLens-100K (the harness alone, no
 //! devices): MF (BPR and BCE) and EASE searched on the validation item of the first seed, then
 //! every offline method on the test item of each seed, mean ± 95 % interval over seeds.
-//! `cargo run --release -p omega-e2e --example baselines [-- file-order|item-index [SEEDS]]`.
+//! `cargo run --release -p omega-e2e --example baselines [-- file-order|item-index [SEEDS
+//! [recorded]]]`: `recorded` skips the search and uses the settings `eval::suite` records.
 use omega_e2e::eval::mf::TuneOptions;
 use omega_e2e::eval::stats::{self, Metric};
 use omega_e2e::eval::{self, Stage, Ties, suite};
@@ -21,8 +22,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = std::time::Instant::now();
     let command =
         format!("cargo run --release -p omega-e2e --example baselines -- {ties} {n_seeds}");
-    let (chosen, selection) =
-        suite::select(&splits[0], &suite::recorded().0, TuneOptions::default(), &command);
+    let (chosen, selection) = if std::env::args().nth(3).as_deref() == Some("recorded") {
+        suite::recorded()
+    } else {
+        suite::select(&splits[0], &suite::recorded().0, TuneOptions::default(), &command)
+    };
     for s in &selection {
         println!(
             "{}: {} ({} configurations, validation HR@10 {:?})",

@@ -13,8 +13,8 @@ use serde::Serialize;
 /// The λ values [`tune`] tries by default.
 pub const DEFAULT_LAMBDAS: [f64; 8] = [50.0, 100.0, 200.0, 300.0, 500.0, 800.0, 1200.0, 2000.0];
 
-/// λ chosen on the validation item of MovieLens-100K (file-order ties), see
-/// `docs/quality.md` for the command.
+/// λ used without `--tune`: not searched (near the λ = 500 of the numpy prototype in
+/// `docs/quality.md`); a `--tune` run chooses it on the validation item.
 pub const CHOSEN_LAMBDA: f64 = 300.0;
 
 /// A fitted model, over the items with at least one training interaction (any other item

@@ -18,12 +18,14 @@ use omega_shard::federation::round::RoundConfig;
 use rayon::prelude::*;
 use serde::Serialize;
 
-/// The command whose validation search chose the recorded defaults.
-pub const SELECTION_COMMAND: &str = "scripts/demo.sh --full --no-dp --seeds 1 (omega-sim --tune)";
+/// The command whose validation search chose the recorded BPR setting: the `baselines`
+/// example of commit 03a58b7 (12 configurations, learning rate fixed, item-index ties).
+pub const MF_SELECTION_COMMAND: &str =
+    "cargo run --release -p omega-e2e --example baselines (at 03a58b7, item-index ties)";
 
 /// The command that chose the federated scorer's round rank, ridge and query.
 pub const FEDERATED_SELECTION_COMMAND: &str =
-    "cargo run --release -p omega-e2e --example federation_quality";
+    "cargo run --release -p omega-e2e --example federation_quality (item-index ties)";
 
 /// One hyper-parameter choice and how it was made.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -59,8 +61,10 @@ pub struct Chosen {
     pub query: QueryParams,
 }
 
-/// The defaults chosen on the validation item by [`SELECTION_COMMAND`] (MF, EASE) and
-/// [`FEDERATED_SELECTION_COMMAND`] (round and query), with their selection records.
+/// The settings a run uses without `--tune`, with the selection records of those that were
+/// chosen on the validation item: BPR by [`MF_SELECTION_COMMAND`], the round and query by
+/// [`FEDERATED_SELECTION_COMMAND`]. MF with BCE (`MfConfig::default()`: dim 32, lr 0.05, L2 0.01, 30 epochs) and
+/// EASE's λ were not searched and have no record; a `--tune` run searches and records both.
 pub fn recorded() -> (Chosen, Vec<Selection>) {
     let mf_bpr = MfConfig {
         dim: 64,
@@ -71,7 +75,7 @@ pub fn recorded() -> (Chosen, Vec<Selection>) {
         loss: Loss::Bpr,
         seed: 0,
     };
-    let mf_bce = MfConfig { loss: Loss::Bce, epochs: 30, dim: 32, ..mf_bpr };
+    let mf_bce = MfConfig { loss: Loss::Bce, seed: 0, ..MfConfig::default() };
     let chosen = Chosen {
         mf_bpr,
         mf_bce,
@@ -88,16 +92,8 @@ pub fn recorded() -> (Chosen, Vec<Selection>) {
         validation_hr10: None,
         command: command.into(),
     };
-    let grid = mf::search_grid(Loss::Bpr, 0).len();
     let selections = vec![
-        sel("mf_bpr", describe_mf(&mf_bpr), grid, SELECTION_COMMAND),
-        sel("mf_bce", describe_mf(&mf_bce), grid, SELECTION_COMMAND),
-        sel(
-            "ease",
-            format!("lambda {}", chosen.ease_lambda),
-            ease::DEFAULT_LAMBDAS.len(),
-            SELECTION_COMMAND,
-        ),
+        sel("mf_bpr", describe_mf(&mf_bpr), 12, MF_SELECTION_COMMAND),
         sel(
             "federated (round rank and ridge, TV query)",
             describe_federated(&chosen.collab, &chosen.query),
@@ -153,7 +149,7 @@ pub fn select(
         sel("mf_bce", describe_mf(&bce.0), bce.2, Some(bce.1.hr10)),
         sel("ease", format!("lambda {lambda}"), ease_trials.len(), ease_hr),
     ];
-    selections.extend(recorded_sel.into_iter().skip(3));
+    selections.extend(recorded_sel.into_iter().filter(|s| s.what.starts_with("federated")));
     (chosen, selections)
 }
 
