@@ -2,10 +2,31 @@
 //! gRPC, real brains with the real model and SQLite files, real federation rounds (plain and
 //! DP), the evaluation harness.
 
+use omega_e2e::eval::suite::{self, Chosen};
+use omega_e2e::eval::{Stage, Ties};
 use omega_e2e::sim::{self, SimConfig};
 
-const METHODS: [&str; 5] =
-    ["popularity", "local_only", "centralized_mf", "federated", "federated_dp"];
+const METHODS: [&str; 9] = [
+    "popularity",
+    "local_only",
+    "mf_bpr",
+    "mf_bce",
+    "ease",
+    "central_reference",
+    "federated_offline",
+    "federated",
+    "federated_dp",
+];
+
+/// The recorded settings with short MF training (the tests check plumbing, not quality).
+fn quick_chosen() -> Chosen {
+    let c = suite::recorded().0;
+    Chosen {
+        mf_bpr: omega_e2e::eval::mf::MfConfig { epochs: 5, ..c.mf_bpr },
+        mf_bce: omega_e2e::eval::mf::MfConfig { epochs: 5, ..c.mf_bce },
+        ..c
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_constellation_learns_syncs_federates_and_is_evaluated() {
@@ -13,11 +34,12 @@ async fn a_small_constellation_learns_syncs_federates_and_is_evaluated() {
     let cfg = SimConfig {
         users: Some(40),
         shards: 2,
+        seeds: 2,
         eval_hours: 3.0,
         curve_users: 10,
         data_dir: Some(dir.path().to_path_buf()),
         progress: false,
-        mf: omega_e2e::eval::mf::MfConfig { epochs: 10, ..sim::chosen_mf(1) },
+        chosen: quick_chosen(),
         ..SimConfig::default()
     };
     let r = sim::run(cfg).await.expect("simulation runs");
@@ -28,6 +50,22 @@ async fn a_small_constellation_learns_syncs_federates_and_is_evaluated() {
             assert!((0.0..=1.0).contains(&v), "{name}[{m}] = {v}");
         }
     }
+    // Every method ran once per seed, with an interval around its mean.
+    assert_eq!(r.seeds, vec![42, 43]);
+    assert_eq!(r.ties, Ties::FileOrder);
+    for m in &r.methods {
+        assert_eq!(m.hr10_per_seed.len(), 2, "{}", m.method);
+        assert!(m.hr10.half_width >= 0.0 && m.hr10.low() <= m.hr10.mean, "{m:?}");
+        let mean = m.hr10_per_seed.iter().sum::<f64>() / 2.0;
+        assert!((mean - m.hr10.mean).abs() < 1e-12, "{m:?}");
+    }
+    // The paired comparisons of the issue: federated against its central reference and MF.
+    let pairs: Vec<(&str, &str)> = r.paired.iter().map(|p| (p.a.as_str(), p.b.as_str())).collect();
+    assert_eq!(pairs, vec![("federated", "central_reference"), ("federated", "mf_bpr")]);
+    assert!(r.paired.iter().all(|p| p.hr10.seeds == 2 && p.hr10.users == r.users_evaluated));
+    // The report says how each setting was chosen, and the checker accepts it.
+    let json = serde_json::to_value(&r).expect("json");
+    assert_eq!(sim::check_selection(&json), Ok(r.selection.len()));
     assert_eq!(r.users, 40);
     assert!(r.users_evaluated >= 35, "{}", r.users_evaluated);
     // Every TV synced, rounds ran in both passes and each left a point on the curve.
@@ -52,8 +90,34 @@ async fn a_small_constellation_learns_syncs_federates_and_is_evaluated() {
     // The markdown table has a row per method.
     let md = sim::markdown(&r);
     assert!(METHODS.iter().all(|m| md.contains(&format!("| {m} |"))), "{md}");
+    assert!(md.contains("| federated − central_reference |"), "{md}");
     // The TVs' own SQLite files are where they were asked to be.
-    assert!(dir.path().join("federated").join("tv-0000.sqlite").is_file());
+    assert!(dir.path().join("seed-42/federated/tv-0000.sqlite").is_file());
+    assert!(dir.path().join("seed-43/federated_dp/tv-0000.sqlite").is_file());
+}
+
+/// The selection checker fails a report whose selection names the test split, or that has
+/// none.
+#[test]
+fn a_selection_made_on_the_test_split_fails_the_check() {
+    let ok = serde_json::json!({"selection": [
+        {"what": "mf_bpr", "split": "validation"},
+        {"what": "ease", "split": "validation"},
+    ]});
+    assert_eq!(sim::check_selection(&ok), Ok(2));
+    let bad = serde_json::json!({"selection": [
+        {"what": "mf_bpr", "split": "validation"},
+        {"what": "ease", "split": "test"},
+    ]});
+    let err = sim::check_selection(&bad).expect_err("test split named");
+    assert!(err.contains("ease") && err.contains("test"), "{err}");
+    assert!(sim::check_selection(&serde_json::json!({"selection": []})).is_err());
+    assert!(sim::check_selection(&serde_json::json!({"hr10": {}})).is_err());
+    // The selections the code records itself are all on validation.
+    let (_, recorded) = suite::recorded();
+    assert!(recorded.iter().all(|s| s.split == Stage::Validation));
+    let json = serde_json::json!({ "selection": recorded });
+    assert_eq!(sim::check_selection(&json), Ok(recorded.len()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,6 +127,8 @@ async fn bad_settings_are_refused_before_anything_starts() {
         SimConfig { users: Some(0), ..SimConfig::default() },
         SimConfig { eval_hours: 0.0, ..SimConfig::default() },
         SimConfig { min_sources: 0, ..SimConfig::default() },
+        SimConfig { seeds: 0, ..SimConfig::default() },
+        SimConfig { tune: true, holdout: Stage::Validation, ..SimConfig::default() },
         SimConfig {
             shards: 2,
             database_url: Some("postgres://x@127.0.0.1/x".into()),
@@ -102,7 +168,7 @@ async fn the_federated_pass_runs_on_postgres() {
         eval_hours: 3.0,
         curve_users: 5,
         progress: false,
-        mf: omega_e2e::eval::mf::MfConfig { epochs: 5, ..sim::chosen_mf(1) },
+        chosen: quick_chosen(),
         ..SimConfig::default()
     };
     let r = sim::run(cfg).await.expect("simulation runs on Postgres");

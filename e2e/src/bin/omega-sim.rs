@@ -1,26 +1,66 @@
 //! `omega-sim`: a local constellation on MovieLens-100K — shard servers, one simulated TV per
 //! user, federation rounds every simulated hour — and the quality of every method.
+//!
+//! Without arguments, the quick main job: the first [`QUICK_USERS`] users, one seed, the
+//! recorded baseline settings, no DP pass (a few minutes on 2 cores). `--full` is the whole
+//! evaluation: every user, 5 seeds, the baselines searched on the validation item, the DP pass.
 
 use anyhow::Context;
 use clap::Parser;
 use omega_e2e::eval::report::{self, Series};
+use omega_e2e::eval::{Stage, Ties};
 use omega_e2e::sim::{self, SimConfig};
 use std::path::PathBuf;
+
+/// Users of the quick run (the first ones of the data set, a fixed subset).
+const QUICK_USERS: usize = 100;
+
+/// The held-out item a run ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Holdout {
+    /// The latest interaction (reported numbers).
+    Test,
+    /// The second latest, models fitted on train only (choosing settings).
+    Validation,
+}
 
 /// Runs the fleet simulation and prints the quality report.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Only the first N users (a quick run); all 943 by default.
+    /// The whole evaluation: all users, `--seeds 5`, baselines searched on the validation
+    /// item, the DP pass.
+    #[arg(long)]
+    full: bool,
+    /// Only the first N users (100 by default, all 943 with `--full`).
     #[arg(long)]
     users: Option<usize>,
+    /// Seeds every method runs with (1 by default, 5 with `--full`).
+    #[arg(long)]
+    seeds: Option<usize>,
+    /// Seeds whose fleets run at the same time (each uses about one core).
+    #[arg(long, default_value_t = 2)]
+    parallel_seeds: usize,
+    /// How equal timestamps are ordered in the leave-one-out split.
+    #[arg(long, value_enum, default_value_t = Ties::FileOrder)]
+    ties: Ties,
+    /// The held-out item ranked (`validation` to choose a setting without touching the test
+    /// item).
+    #[arg(long, value_enum, default_value_t = Holdout::Test)]
+    holdout: Holdout,
+    /// Search the baselines' hyper-parameters on the validation item (on with `--full`).
+    #[arg(long)]
+    tune: bool,
+    /// Use the recorded baseline settings even with `--full`.
+    #[arg(long, conflicts_with = "tune")]
+    no_tune: bool,
     /// Shard servers, in-process on loopback gRPC.
     #[arg(long, default_value_t = 1)]
     shards: usize,
     /// Postgres (with pgvector) for the shard instead of the embedded store.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
-    /// Seed of the negative draw, sync jitter and MF.
+    /// First seed of the negative draw, sync jitter and MF (seed i is seed + i).
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Hours a TV stays on after a viewing event.
@@ -44,8 +84,11 @@ struct Args {
     /// δ of the DP pass.
     #[arg(long, default_value_t = 1e-6)]
     delta: f64,
-    /// Skip the DP pass.
+    /// Run the DP pass (on with `--full`).
     #[arg(long)]
+    dp: bool,
+    /// Skip the DP pass even with `--full`.
+    #[arg(long, conflicts_with = "dp")]
     no_dp: bool,
     /// Users sampled after every round for the quality-per-round curve.
     #[arg(long, default_value_t = 200)]
@@ -79,8 +122,25 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = rlimit::increase_nofile_limit(65_536) {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
+    let command = std::iter::once("omega-sim".to_string())
+        .chain(std::env::args().skip(1).filter(|a| !a.contains("://")))
+        .collect::<Vec<_>>()
+        .join(" ");
     let cfg = SimConfig {
-        users: args.users,
+        users: match (args.users, args.full) {
+            (Some(n), _) => Some(n),
+            (None, true) => None,
+            (None, false) => Some(QUICK_USERS),
+        },
+        seeds: args.seeds.unwrap_or(if args.full { 5 } else { 1 }),
+        parallel_seeds: args.parallel_seeds,
+        ties: args.ties,
+        holdout: match args.holdout {
+            Holdout::Test => Stage::Test,
+            Holdout::Validation => Stage::Validation,
+        },
+        tune: args.tune || (args.full && !args.no_tune),
+        command,
         shards: args.shards,
         database_url: args.database_url.filter(|u| !u.is_empty()),
         seed: args.seed,
@@ -89,8 +149,8 @@ async fn main() -> anyhow::Result<()> {
         round_every_hours: args.round_every_hours,
         round_min_growth: args.round_min_growth,
         min_sources: args.min_sources,
-        dp: (!args.no_dp).then_some((args.epsilon, args.delta)),
-        mf: sim::chosen_mf(args.seed),
+        dp: ((args.full || args.dp) && !args.no_dp).then_some((args.epsilon, args.delta)),
+        chosen: omega_e2e::eval::suite::recorded().0,
         data_dir: args.data_dir,
         curve_users: args.curve_users,
         progress: true,
@@ -108,13 +168,14 @@ async fn main() -> anyhow::Result<()> {
         .filter(|(_, c)| !c.is_empty())
         .map(|(name, c)| Series {
             name: name.into(),
-            points: c.iter().map(|p| (f64::from(p.round), p.hr10)).collect(),
+            points: c.iter().map(|p| (p.round, p.hr10)).collect(),
         })
         .collect();
-    let refs: Vec<(String, f64)> = ["popularity", "local_only", "centralized_mf"]
-        .iter()
-        .filter_map(|m| r.hr10.get(*m).map(|v| (format!("{m} (end)"), *v)))
-        .collect();
+    let refs: Vec<(String, f64)> =
+        ["popularity", "local_only", "mf_bpr", "central_reference", "federated"]
+            .iter()
+            .filter_map(|m| r.hr10.get(*m).map(|v| (format!("{m} (end)"), *v)))
+            .collect();
     report::plot_rounds(
         &args.out.join("sim-quality.svg"),
         "HR@10 of a user sample after each federation round",

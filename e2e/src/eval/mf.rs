@@ -3,11 +3,12 @@
 //! Implicit feedback with sampled negatives, either BPR (pairwise) or binary cross-entropy
 //! with `negatives` sampled non-interacted items per positive (the NCF/GMF recipe). Plain
 //! SGD with L2 regularisation; deterministic for a seed. [`tune`] picks the hyper-parameters
-//! and the number of epochs on the **validation** item only, then refits on train +
-//! validation to score the test item.
+//! (learning rate, dimension, penalty) and the number of epochs on the **validation** item
+//! only, then refits on train + validation to score the test item.
 
 use super::{EvalOptions, Quality, Scorer, Split, Stage, evaluate};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -208,46 +209,87 @@ pub struct Tuned {
     pub model: Mf,
 }
 
-/// Grid search over `grid` on the validation item, each configuration trained for up to
-/// `max_epochs` epochs and checked every `check_every` epochs (the best check picks its epoch
-/// count); then a refit on train + validation.
-pub fn tune(split: &Split, grid: &[MfConfig], max_epochs: usize, check_every: usize) -> Tuned {
-    let opts = EvalOptions { stage: Stage::Validation, full_ranking: false };
-    let better = |a: &Quality, b: &Quality| (a.hr10, a.ndcg10) > (b.hr10, b.ndcg10);
-    let mut trials = Vec::new();
-    for &cfg in grid {
-        let mut t = Trainer::new(split, Stage::Validation, cfg);
-        let mut best: Option<Trial> = None;
-        for epoch in 1..=max_epochs {
-            t.epoch();
-            if epoch.is_multiple_of(check_every.max(1)) || epoch == max_epochs {
-                let q = evaluate(split, &mut t.mf, opts);
-                if best.as_ref().is_none_or(|b| better(&q, &b.validation)) {
-                    best = Some(Trial { config: MfConfig { epochs: epoch, ..cfg }, validation: q });
-                }
-            }
-        }
-        trials.extend(best);
+/// How long [`tune`] trains each configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TuneOptions {
+    /// Most epochs a configuration trains.
+    pub max_epochs: usize,
+    /// Validation check every this many epochs (the best check picks the epoch count).
+    pub check_every: usize,
+    /// Stop a configuration after this many checks without a better validation HR@10.
+    pub patience: usize,
+}
+
+impl Default for TuneOptions {
+    fn default() -> Self {
+        TuneOptions { max_epochs: 100, check_every: 5, patience: 3 }
     }
-    let best = trials
-        .iter()
-        .fold(None::<&Trial>, |acc, t| match acc {
-            Some(a) if !better(&t.validation, &a.validation) => Some(a),
-            _ => Some(t),
-        })
-        .map(|t| t.config)
-        .unwrap_or_default();
+}
+
+/// Grid search over `grid` on the validation item, configurations in parallel, each trained
+/// for up to `opts.max_epochs` epochs and checked every `opts.check_every` epochs (the best
+/// check picks its epoch count, early stopping after `opts.patience` checks without
+/// progress); then a refit on train + validation.
+pub fn tune(split: &Split, grid: &[MfConfig], opts: TuneOptions) -> Tuned {
+    let trials = search(split, grid, opts);
+    let best = best_of(&trials).map(|t| t.config).unwrap_or_default();
     let model = Mf::fit(split, Stage::Test, best);
     Tuned { trials, best, model }
 }
 
-/// The grid `omega-sim` searches: both losses, a few sizes and penalties.
-pub fn default_grid(seed: u64) -> Vec<MfConfig> {
+fn better(a: &Quality, b: &Quality) -> bool {
+    (a.hr10, a.ndcg10) > (b.hr10, b.ndcg10)
+}
+
+/// The trial with the best validation HR@10 (NDCG@10 breaks ties; the first of equals).
+pub fn best_of(trials: &[Trial]) -> Option<Trial> {
+    trials.iter().fold(None::<Trial>, |acc, t| match acc {
+        Some(a) if !better(&t.validation, &a.validation) => Some(a),
+        _ => Some(*t),
+    })
+}
+
+/// The validation search of [`tune`] without the refit: the best check of every
+/// configuration, in grid order.
+pub fn search(split: &Split, grid: &[MfConfig], opts: TuneOptions) -> Vec<Trial> {
+    let val = EvalOptions { stage: Stage::Validation, full_ranking: false };
+    grid.par_iter()
+        .filter_map(|&cfg| {
+            let mut t = Trainer::new(split, Stage::Validation, cfg);
+            let mut best: Option<Trial> = None;
+            let mut since_best = 0;
+            for epoch in 1..=opts.max_epochs {
+                t.epoch();
+                if epoch.is_multiple_of(opts.check_every.max(1)) || epoch == opts.max_epochs {
+                    let q = evaluate(split, &mut t.mf, val);
+                    if best.as_ref().is_none_or(|b| better(&q, &b.validation)) {
+                        best = Some(Trial {
+                            config: MfConfig { epochs: epoch, ..cfg },
+                            validation: q,
+                        });
+                        since_best = 0;
+                    } else {
+                        since_best += 1;
+                        if since_best >= opts.patience.max(1) {
+                            break;
+                        }
+                    }
+                }
+            }
+            best
+        })
+        .collect()
+}
+
+/// The grid the full evaluation searches for one loss: learning rate × dimension × L2
+/// penalty (36 configurations; the epoch count is searched inside each, every 5 epochs up to
+/// 100, with early stopping).
+pub fn search_grid(loss: Loss, seed: u64) -> Vec<MfConfig> {
     let mut grid = Vec::new();
-    for loss in [Loss::Bce, Loss::Bpr] {
-        for dim in [32, 64] {
-            for reg in [0.001, 0.01, 0.03] {
-                grid.push(MfConfig { dim, reg, loss, seed, ..MfConfig::default() });
+    for lr in [0.01, 0.03, 0.1] {
+        for dim in [32, 64, 128] {
+            for reg in [0.001, 0.003, 0.01, 0.03] {
+                grid.push(MfConfig { dim, lr, reg, loss, seed, ..MfConfig::default() });
             }
         }
     }
@@ -309,9 +351,13 @@ mod tests {
             MfConfig { dim: 8, reg: 0.01, ..MfConfig::default() },
             MfConfig { dim: 8, lr: 0.0, ..MfConfig::default() }, // never learns
         ];
-        let tuned = tune(&split, &grid, 20, 5);
+        let opts = TuneOptions { max_epochs: 20, check_every: 5, patience: 2 };
+        let tuned = tune(&split, &grid, opts);
         assert_eq!(tuned.trials.len(), 2);
         assert_eq!(tuned.best.lr, 0.05);
         assert!(tuned.best.epochs.is_multiple_of(5) && tuned.best.epochs <= 20);
+        // The learner that never learns stops early: it never beats its first check.
+        assert_eq!(tuned.trials[1].config.epochs, 5);
+        assert_eq!(search_grid(Loss::Bpr, 1).len(), 36);
     }
 }

@@ -3,8 +3,10 @@
 //! - Implicit feedback: every rating counts as an interaction, whatever its stars.
 //! - Leave-one-out by time: per user the latest interaction is the **test** item and the
 //!   second latest the **validation** item. Ratings with equal timestamps (common in
-//!   MovieLens, where users rate in bursts) are ordered by dense item index, so the split is
-//!   the same in every run.
+//!   MovieLens, where users rate in bursts: 415 of 943 users rated two or more films in their
+//!   last second) are ordered by [`Ties`]: file order by default, as PFedRec's
+//!   `rank(method='first')` does, or by dense item index. Either way the split is the same in
+//!   every run.
 //! - Sampled ranking: the target is ranked among 99 items the user never interacted with,
 //!   drawn per user from a fixed seed (the draw depends only on the seed and the user's
 //!   original id, so `--users N` runs see the same candidates). HR@10 and NDCG@10.
@@ -16,10 +18,14 @@
 //!   expected metric under a uniformly random order of the tied items, so a constant scorer
 //!   scores like a random one, no better.
 
+pub mod ease;
 pub mod federated;
 pub mod mf;
 pub mod popularity;
+pub mod reference;
 pub mod report;
+pub mod stats;
+pub mod suite;
 
 use crate::movielens::{MovieLens, Rating};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -33,8 +39,31 @@ pub const NEGATIVES: usize = 99;
 /// Seed of the negative draw unless told otherwise.
 pub const DEFAULT_SEED: u64 = 42;
 
+/// How ratings with equal timestamps are ordered when the latest ones are held out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ties {
+    /// The order of the data file (PFedRec's `rank(method='first')`): of two ratings in the
+    /// same second, the one further down the file is the later one.
+    #[default]
+    FileOrder,
+    /// Dense item index: of two ratings in the same second, the higher index is the later
+    /// one (this harness's rule before file order became the default).
+    ItemIndex,
+}
+
+impl std::fmt::Display for Ties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ties::FileOrder => "file-order",
+            Ties::ItemIndex => "item-index",
+        })
+    }
+}
+
 /// Which held-out item a metric is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Stage {
     /// Fit on train, rank the validation item (model selection).
     Validation,
@@ -94,9 +123,15 @@ pub struct Split {
 }
 
 impl Split {
-    /// Splits `ml`; users with fewer than 3 interactions keep everything as training and are
-    /// not evaluated.
+    /// Splits `ml` with file-order ties (the literature's rule); see [`Split::with_ties`].
     pub fn new(ml: &MovieLens, seed: u64) -> Self {
+        Self::with_ties(ml, seed, Ties::FileOrder)
+    }
+
+    /// Splits `ml`, ordering equal timestamps by `ties`; users with fewer than 3 interactions
+    /// keep everything as training and are not evaluated.
+    pub fn with_ties(ml: &MovieLens, seed: u64, ties: Ties) -> Self {
+        // `ml.ratings` is in file order, so a stable sort by time alone keeps it for ties.
         let mut per_user: Vec<Vec<Rating>> = vec![Vec::new(); ml.n_users()];
         for r in &ml.ratings {
             per_user[r.user as usize].push(*r);
@@ -105,7 +140,10 @@ impl Split {
             .into_iter()
             .enumerate()
             .map(|(u, mut rs)| {
-                rs.sort_by_key(|r| (r.timestamp, r.item));
+                match ties {
+                    Ties::FileOrder => rs.sort_by_key(|r| r.timestamp),
+                    Ties::ItemIndex => rs.sort_by_key(|r| (r.timestamp, r.item)),
+                }
                 if rs.len() < 3 {
                     return UserSplit { train: rs, ..Default::default() };
                 }
@@ -204,10 +242,55 @@ pub struct EvalOptions {
     pub full_ranking: bool,
 }
 
+/// One user's metrics (for paired comparisons between methods).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserQuality {
+    /// Dense user index.
+    pub user: u32,
+    /// Sampled HR@10.
+    pub hr10: f64,
+    /// Sampled NDCG@10.
+    pub ndcg10: f64,
+    /// Full-ranking HR@10 (0 when not computed).
+    pub full_hr10: f64,
+    /// Full-ranking NDCG@10 (0 when not computed).
+    pub full_ndcg10: f64,
+}
+
+impl Quality {
+    /// The mean of per-user metrics.
+    pub fn mean_of(per_user: &[UserQuality]) -> Quality {
+        let mut q = Quality { users: per_user.len(), ..Default::default() };
+        for p in per_user {
+            q.hr10 += p.hr10;
+            q.ndcg10 += p.ndcg10;
+            q.full_hr10 += p.full_hr10;
+            q.full_ndcg10 += p.full_ndcg10;
+        }
+        if q.users > 0 {
+            let n = q.users as f64;
+            q.hr10 /= n;
+            q.ndcg10 /= n;
+            q.full_hr10 /= n;
+            q.full_ndcg10 /= n;
+        }
+        q
+    }
+}
+
 /// Evaluates `scorer` on every user of `split` that has a target at `stage`.
 pub fn evaluate(split: &Split, scorer: &mut dyn Scorer, opts: EvalOptions) -> Quality {
+    Quality::mean_of(&evaluate_per_user(split, scorer, opts))
+}
+
+/// Like [`evaluate`], one entry per evaluated user, in user order.
+pub fn evaluate_per_user(
+    split: &Split,
+    scorer: &mut dyn Scorer,
+    opts: EvalOptions,
+) -> Vec<UserQuality> {
     let all_items: Vec<u32> = (0..split.n_items as u32).collect();
-    let mut q = Quality::default();
+    let mut out = Vec::new();
     for (u, us) in split.users.iter().enumerate() {
         let Some(target) = us.target(opts.stage) else { continue };
         let u = u as u32;
@@ -215,8 +298,7 @@ pub fn evaluate(split: &Split, scorer: &mut dyn Scorer, opts: EvalOptions) -> Qu
         items.extend_from_slice(us.negatives(opts.stage));
         let scores = scorer.score(u, &items);
         let (hr, ndcg) = hit_and_ndcg(scores[0], scores[1..].iter().copied(), TOP_K);
-        q.hr10 += hr;
-        q.ndcg10 += ndcg;
+        let mut q = UserQuality { user: u, hr10: hr, ndcg10: ndcg, ..Default::default() };
         if opts.full_ranking {
             let seen: HashSet<u32> = us.history(opts.stage).iter().map(|r| r.item).collect();
             let scores = scorer.score(u, &all_items);
@@ -227,19 +309,12 @@ pub fn evaluate(split: &Split, scorer: &mut dyn Scorer, opts: EvalOptions) -> Qu
                 .filter(|(i, _)| *i as u32 != target.item && !seen.contains(&(*i as u32)))
                 .map(|(_, s)| *s);
             let (hr, ndcg) = hit_and_ndcg(t, others, TOP_K);
-            q.full_hr10 += hr;
-            q.full_ndcg10 += ndcg;
+            q.full_hr10 = hr;
+            q.full_ndcg10 = ndcg;
         }
-        q.users += 1;
+        out.push(q);
     }
-    if q.users > 0 {
-        let n = q.users as f64;
-        q.hr10 /= n;
-        q.ndcg10 /= n;
-        q.full_hr10 /= n;
-        q.full_ndcg10 /= n;
-    }
-    q
+    out
 }
 
 #[cfg(test)]
@@ -271,7 +346,7 @@ mod tests {
     fn latest_is_test_second_latest_validation_and_ties_go_by_item() {
         // user 0: item 5 and 3 share the latest timestamp: 5 (higher index) is the test item.
         let d = ml(&[(0, 5, 30), (0, 1, 10), (0, 3, 30), (0, 2, 20), (1, 0, 1)], 300);
-        let s = Split::new(&d, DEFAULT_SEED);
+        let s = Split::with_ties(&d, DEFAULT_SEED, Ties::ItemIndex);
         let u = &s.users[0];
         assert_eq!(u.test.map(|r| r.item), Some(5));
         assert_eq!(u.validation.map(|r| r.item), Some(3));
@@ -280,6 +355,23 @@ mod tests {
         // A user with one interaction is not evaluated.
         assert!(s.users[1].test.is_none());
         assert_eq!(s.users[1].train.len(), 1);
+    }
+
+    #[test]
+    fn file_order_ties_make_the_rating_further_down_the_file_the_later_one() {
+        // Items 5 and 3 share the latest timestamp; 3 comes later in the file.
+        let d = ml(&[(0, 5, 30), (0, 1, 10), (0, 3, 30), (0, 2, 20), (1, 0, 1)], 300);
+        for s in [Split::new(&d, DEFAULT_SEED), Split::with_ties(&d, 1, Ties::FileOrder)] {
+            let u = &s.users[0];
+            assert_eq!(u.test.map(|r| r.item), Some(3));
+            assert_eq!(u.validation.map(|r| r.item), Some(5));
+            assert_eq!(u.train.iter().map(|r| r.item).collect::<Vec<_>>(), vec![1, 2]);
+        }
+        // Without ties both rules agree.
+        let d = ml(&[(0, 5, 3), (0, 1, 1), (0, 3, 2)], 300);
+        let (a, b) = (Split::new(&d, 1), Split::with_ties(&d, 1, Ties::ItemIndex));
+        assert_eq!(a.users[0].test, b.users[0].test);
+        assert_eq!(a.users[0].validation, b.users[0].validation);
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub struct Series {
     /// Legend.
     pub name: String,
     /// (round, value) points.
-    pub points: Vec<(f64, f64)>,
+    pub points: Vec<(u32, f64)>,
 }
 
 /// The quality table in markdown, one row per method, in the given order.
@@ -78,6 +78,8 @@ pub fn write_text(path: &Path, text: &str) -> Result<(), ReportError> {
 }
 
 /// Draws `series` (quality per round) and horizontal `references` (baselines) as an SVG.
+/// The legend sits in a panel right of the plot, so it never covers a curve; the round axis
+/// has integer ticks.
 pub fn plot_rounds(
     path: &Path,
     title: &str,
@@ -93,54 +95,58 @@ pub fn plot_rounds(
         std::fs::create_dir_all(dir)
             .map_err(|source| ReportError::Io { path: dir.display().to_string(), source })?;
     }
-    let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-    let x_max = xs.fold(1.0f64, f64::max);
+    let x_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).fold(1, u32::max);
     let ys = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
         .chain(references.iter().map(|r| r.1));
     let y_max = (ys.fold(0.0f64, f64::max) * 1.1).clamp(0.1, 1.0);
 
-    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    let root = SVGBackend::new(path, (1100, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
+    let (plot_area, legend_area) = root.split_horizontally(820);
+    let mut chart = ChartBuilder::on(&plot_area)
+        .caption(title, ("sans-serif", 20))
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(56)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+        .build_cartesian_2d(0..x_max, 0.0..y_max)
         .map_err(|e| err(&e))?;
+    // At most ~10 ticks, each a round number (1, 2, 5 × 10^k rounds apart).
+    let step = [1u32, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000]
+        .into_iter()
+        .find(|s| x_max / s <= 10)
+        .unwrap_or(x_max.max(1));
     chart
         .configure_mesh()
         .x_desc("federation round")
         .y_desc(y_label)
+        .x_labels((x_max / step + 1) as usize)
+        .x_label_formatter(&|x| x.to_string())
         .draw()
         .map_err(|e| err(&e))?;
-    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK, RGBColor(230, 120, 0)];
+    let mut legend: Vec<(String, ShapeStyle)> = Vec::new();
     for (i, s) in series.iter().enumerate() {
-        let color = palette[i % palette.len()];
-        chart
-            .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        let style = palette[i % palette.len()].stroke_width(2);
+        chart.draw_series(LineSeries::new(s.points.iter().copied(), style)).map_err(|e| err(&e))?;
+        legend.push((s.name.clone(), style));
     }
     for (i, (name, y)) in references.iter().enumerate() {
         let color = palette[(series.len() + i) % palette.len()];
-        let style = ShapeStyle { color: color.mix(0.6), filled: false, stroke_width: 1 };
+        let style = ShapeStyle { color: color.mix(0.7), filled: false, stroke_width: 1 };
         chart
-            .draw_series(LineSeries::new([(0.0, *y), (x_max, *y)], style))
-            .map_err(|e| err(&e))?
-            .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            .draw_series(DashedLineSeries::new([(0, *y), (x_max, *y)], 6, 4, style))
+            .map_err(|e| err(&e))?;
+        legend.push((format!("{name}: {y:.3}"), style));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| err(&e))?;
+    for (i, (name, style)) in legend.iter().enumerate() {
+        let y = 60 + 26 * i as i32;
+        legend_area.draw(&PathElement::new(vec![(8, y), (40, y)], *style)).map_err(|e| err(&e))?;
+        legend_area
+            .draw(&Text::new(name.clone(), (48, y - 8), ("sans-serif", 15)))
+            .map_err(|e| err(&e))?;
+    }
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
@@ -173,11 +179,15 @@ mod tests {
         write_json(&json, &vec![row("popularity", 0.4)]).expect("json");
         assert!(std::fs::read_to_string(&json).expect("read").contains("\"hr10\": 0.4"));
         let svg = dir.path().join("out/quality.svg");
-        let s =
-            Series { name: "federated".into(), points: vec![(0.0, 0.2), (1.0, 0.5), (2.0, 0.6)] };
+        let s = Series { name: "federated".into(), points: vec![(1, 0.2), (2, 0.5), (177, 0.6)] };
         plot_rounds(&svg, "HR@10 per round", "HR@10", &[s], &[("centralized_mf".into(), 0.65)])
             .expect("plot");
         let text = std::fs::read_to_string(&svg).expect("read");
         assert!(text.starts_with("<svg") && text.contains("federated"));
+        assert!(text.contains("centralized_mf: 0.650"), "the legend names every line");
+        // Round ticks are whole numbers.
+        let labels: Vec<&str> = text.lines().map(str::trim).collect();
+        assert!(labels.contains(&"50") && labels.contains(&"100"), "integer round ticks");
+        assert!(!labels.contains(&"50.0"), "no fractional round ticks");
     }
 }

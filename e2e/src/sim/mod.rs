@@ -14,18 +14,25 @@
 //! hour without enough new data is idle and skipped; ML-100K has 2,222 hours with ratings
 //! spread over 215 days, and a round reads everything).
 //!
-//! Methods, one run: `popularity` and `centralized_mf` (pooled data, [`crate::eval::mf`]),
-//! `local_only` (a twin brain per user that never syncs), `federated` (the syncing TVs,
-//! k-anonymity on) and `federated_dp` (a second pass with fresh shards and TVs whose rounds
-//! add Gaussian noise for (ε, δ)-DP).
+//! Methods, one run, each over `seeds` seeds (negatives, MF's initialisation and sampling,
+//! the sync jitter): `popularity`, `mf_bpr`, `mf_bce`, `ease` (full rank),
+//! `central_reference` (the federated scorer fitted centrally) and `federated_offline` (one
+//! round in-process, every vector held), all from [`crate::eval::suite`] on a thread of their
+//! own (rayon inside) while the fleet runs; `local_only` (a twin brain per user that never
+//! syncs), `federated` (the syncing TVs, k-anonymity on) and `federated_dp` (a second pass
+//! with fresh shards and TVs whose rounds add Gaussian noise for (ε, δ)-DP). The report
+//! gives every metric as mean ± 95 % interval ([`crate::eval::stats`]) and paired
+//! comparisons of `federated` with its central reference and with the better MF.
 
 mod pass;
 
 use crate::eval::federated::{content_id, watch_fraction};
-use crate::eval::mf::{Loss, Mf, MfConfig};
-use crate::eval::popularity::Popularity;
-use crate::eval::{self, EvalOptions, Quality, Split, Stage};
+use crate::eval::mf::{Loss, TuneOptions};
+use crate::eval::stats::{self, Interval, Metric, Paired};
+use crate::eval::suite::{self, Chosen, Selection};
+use crate::eval::{self, Quality, Split, Stage, Ties, UserQuality};
 use crate::movielens::{MovieLens, MovieLensError};
+use indicatif::{MultiProgress, ProgressDrawTarget};
 use omega_device::{Catalogue, CatalogueItem, DeviceError, Embedder, EmbedderConfig};
 use omega_protocol::{ContentType, ViewingEvent};
 use serde::Serialize;
@@ -69,8 +76,23 @@ pub struct SimConfig {
     pub shards: usize,
     /// Postgres for the shard (one shard only); the embedded store otherwise.
     pub database_url: Option<String>,
-    /// Seed of the negative draw, sync jitter and MF.
+    /// First seed of the negative draw, sync jitter and MF; seed `i` of `seeds` is
+    /// `seed + i`.
     pub seed: u64,
+    /// Seeds every method runs with.
+    pub seeds: usize,
+    /// Seeds whose fleets run at the same time.
+    pub parallel_seeds: usize,
+    /// How equal timestamps are ordered in the leave-one-out split.
+    pub ties: Ties,
+    /// The held-out item ranked: `Test` for reported numbers, `Validation` (fit on train
+    /// only) to choose a setting of the TVs or the federation.
+    pub holdout: Stage,
+    /// Search the baselines' hyper-parameters on the validation item in this run (otherwise
+    /// `chosen` is used as given).
+    pub tune: bool,
+    /// The command line, recorded in the report's selections when `tune` is on.
+    pub command: String,
     /// How long a TV stays on after a viewing event.
     pub session_hours: f64,
     /// How long every TV is on after the replay, before it is evaluated.
@@ -83,8 +105,8 @@ pub struct SimConfig {
     pub min_sources: u32,
     /// Run the DP pass (ε, δ).
     pub dp: Option<(f64, f64)>,
-    /// Centralised MF hyper-parameters.
-    pub mf: MfConfig,
+    /// Hyper-parameters of the centralised baselines and the federated scorer.
+    pub chosen: Chosen,
     /// Where the TVs' SQLite files go (a fresh temporary directory when `None`).
     pub data_dir: Option<PathBuf>,
     /// Users evaluated after every round for the quality-per-round curve.
@@ -102,25 +124,25 @@ impl Default for SimConfig {
             shards: 1,
             database_url: None,
             seed: eval::DEFAULT_SEED,
+            seeds: 1,
+            parallel_seeds: 2,
+            ties: Ties::FileOrder,
+            holdout: Stage::Test,
+            tune: false,
+            command: "omega-sim".into(),
             session_hours: 2.0,
             eval_hours: 6.0,
             round_every_hours: 1.0,
             round_min_growth: 0.02,
             min_sources: 3,
             dp: Some((8.0, 1e-6)),
-            mf: chosen_mf(eval::DEFAULT_SEED),
+            chosen: suite::recorded().0,
             data_dir: None,
             curve_users: 200,
             progress: true,
             ranking: omega_device::RankingParams::default(),
         }
     }
-}
-
-/// The MF configuration `cargo run --release -p omega-e2e --example baselines` picks on the
-/// validation item (BPR, dim 64, L2 0.01, 45 epochs; see `docs/quality.md`).
-pub fn chosen_mf(seed: u64) -> MfConfig {
-    MfConfig { dim: 64, reg: 0.01, epochs: 45, loss: Loss::Bpr, seed, ..MfConfig::default() }
 }
 
 impl SimConfig {
@@ -144,60 +166,115 @@ impl SimConfig {
         if self.users == Some(0) {
             return bad("--users must be >= 1");
         }
+        if !(1..=20).contains(&self.seeds) {
+            return bad("--seeds must be 1..=20");
+        }
+        if self.tune && self.holdout == Stage::Validation {
+            return bad("--tune selects on the validation item; it cannot also report it");
+        }
         Ok(())
     }
+}
+
+/// One method over all seeds.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodSummary {
+    /// Method name.
+    pub method: String,
+    /// Sampled HR@10, mean ± 95 % interval.
+    pub hr10: Interval,
+    /// Sampled NDCG@10.
+    pub ndcg10: Interval,
+    /// Full-ranking HR@10.
+    pub full_hr10: Interval,
+    /// Full-ranking NDCG@10.
+    pub full_ndcg10: Interval,
+    /// Sampled HR@10 of each seed, in seed order.
+    pub hr10_per_seed: Vec<f64>,
+}
+
+/// `a` against `b`, user by user.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedRow {
+    /// The first method.
+    pub a: String,
+    /// The method it is compared with.
+    pub b: String,
+    /// Sampled HR@10, a − b.
+    pub hr10: Paired,
+    /// Sampled NDCG@10, a − b.
+    pub ndcg10: Paired,
+    /// Full-ranking HR@10, a − b.
+    pub full_hr10: Paired,
 }
 
 /// The JSON report (`omega-sim --json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct SimReport {
-    /// Sampled HR@10 per method.
+    /// Sampled HR@10 per method (mean over seeds).
     pub hr10: BTreeMap<String, f64>,
-    /// Sampled NDCG@10 per method.
+    /// Sampled NDCG@10 per method (mean over seeds).
     pub ndcg10: BTreeMap<String, f64>,
-    /// Full-ranking HR@10 per method.
+    /// Full-ranking HR@10 per method (mean over seeds).
     pub full_hr10: BTreeMap<String, f64>,
-    /// Full-ranking NDCG@10 per method.
+    /// Full-ranking NDCG@10 per method (mean over seeds).
     pub full_ndcg10: BTreeMap<String, f64>,
-    /// Wire sizes, latency and what the TVs hold, of the federated pass.
+    /// Every method with its intervals, in table order.
+    pub methods: Vec<MethodSummary>,
+    /// Paired comparisons.
+    pub paired: Vec<PairedRow>,
+    /// How every hyper-parameter was chosen (always on the validation item).
+    pub selection: Vec<Selection>,
+    /// Tie rule of the split.
+    pub ties: Ties,
+    /// The held-out item ranked.
+    pub holdout: Stage,
+    /// Seeds run.
+    pub seeds: Vec<u64>,
+    /// Wire sizes, latency and what the TVs hold, of the first seed's federated pass.
     #[serde(flatten)]
     pub transport: Transport,
-    /// Federation rounds of the federated pass.
+    /// Federation rounds of the first seed's federated pass.
     pub rounds: u32,
-    /// Federation rounds of the DP pass.
+    /// Federation rounds of the first seed's DP pass.
     pub rounds_dp: u32,
     /// Users (TVs) simulated.
     pub users: usize,
     /// Users evaluated (with a held-out item).
     pub users_evaluated: usize,
-    /// Syncs of the federated pass.
+    /// Syncs of the first seed's federated pass.
     pub syncs: u64,
     /// Viewing events replayed per pass.
     pub events: u64,
-    /// Quality per round (federated pass).
+    /// Quality per round (first seed's federated pass).
     pub curve: Vec<RoundPoint>,
-    /// Quality per round (DP pass).
+    /// Quality per round (first seed's DP pass).
     pub curve_dp: Vec<RoundPoint>,
     /// Privacy spent by the DP pass per round, as the last round reported it.
     pub dp_epsilon: Option<f64>,
     /// δ of the DP pass.
     pub dp_delta: Option<f64>,
-    /// Diagnostic: what one round over everyone's training interactions teaches when every
-    /// TV could hold every published vector (`eval::federated`, in-process, no transport,
-    /// no simulated time): the federated pass's ceiling.
-    pub federated_offline: Quality,
     /// Wall-clock seconds of the whole run.
     pub wall_secs: f64,
 }
 
-/// Everything the passes share: data, split, catalogue, events.
+impl SimReport {
+    /// The summary of `method`, if it ran.
+    pub fn method(&self, method: &str) -> Option<&MethodSummary> {
+        self.methods.iter().find(|m| m.method == method)
+    }
+}
+
+/// Everything a pass needs: the split of its seed, catalogue, events.
 pub(crate) struct World {
-    pub ml: MovieLens,
     pub split: Split,
+    pub seed: u64,
+    pub holdout: Stage,
     pub embedder: Arc<Embedder>,
     pub catalogue: Arc<Catalogue>,
-    /// Every user's interactions at [`Stage::Test`] as viewing events, in time order.
+    /// Every user's interactions at `holdout` as viewing events, in time order.
     pub events: Vec<(u32, ViewingEvent)>,
+    pub progress: MultiProgress,
 }
 
 fn genres(ml: &MovieLens, item: u32) -> Vec<String> {
@@ -221,12 +298,12 @@ fn catalogue_items(ml: &MovieLens) -> Vec<CatalogueItem> {
         .collect()
 }
 
-fn events(ml: &MovieLens, split: &Split) -> Vec<(u32, ViewingEvent)> {
+fn events(ml: &MovieLens, split: &Split, holdout: Stage) -> Vec<(u32, ViewingEvent)> {
     let mut out: Vec<(u32, ViewingEvent)> = split
         .users
         .iter()
         .enumerate()
-        .flat_map(|(u, us)| us.history(Stage::Test).into_iter().map(move |r| (u as u32, r)))
+        .flat_map(|(u, us)| us.history(holdout).into_iter().map(move |r| (u as u32, r)))
         .map(|(u, r)| {
             let ev = ViewingEvent {
                 content_id: content_id(r.item),
@@ -244,6 +321,19 @@ fn events(ml: &MovieLens, split: &Split) -> Vec<(u32, ViewingEvent)> {
     out
 }
 
+/// Table order of the methods.
+const METHOD_ORDER: [&str; 9] = [
+    "popularity",
+    "local_only",
+    "mf_bpr",
+    "mf_bce",
+    "ease",
+    "central_reference",
+    "federated_offline",
+    "federated",
+    "federated_dp",
+];
+
 /// Runs the whole simulation and evaluation.
 pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
     cfg.check()?;
@@ -252,31 +342,74 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
     if let Some(n) = cfg.users {
         ml = ml.first_users(n);
     }
-    let split = Split::new(&ml, cfg.seed);
-    let embedder =
-        Arc::new(Embedder::new(EmbedderConfig { cache_capacity: 80_000, ..Default::default() })?);
-    let note = |m: &str| {
-        if cfg.progress {
-            eprintln!("omega-sim: {m}");
+    let seeds: Vec<u64> = (0..cfg.seeds as u64).map(|i| cfg.seed.wrapping_add(i)).collect();
+    let splits: Arc<Vec<Split>> =
+        Arc::new(seeds.iter().map(|&s| Split::with_ties(&ml, s, cfg.ties)).collect());
+    let progress = if cfg.progress {
+        MultiProgress::new()
+    } else {
+        MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+    };
+    let note = {
+        let progress = progress.clone();
+        let on = cfg.progress;
+        move |m: &str| {
+            // Above the bars on a terminal; plain lines when stderr is a file or a pipe.
+            if on && progress.is_hidden() {
+                eprintln!("omega-sim: {m}");
+            } else if on {
+                let _ = progress.println(format!("omega-sim: {m}"));
+            }
         }
     };
+    let embedder =
+        Arc::new(Embedder::new(EmbedderConfig { cache_capacity: 80_000, ..Default::default() })?);
     note(&format!(
-        "{} users, {} films, {} ratings; embedding the catalogue",
+        "{} users, {} films, {} ratings, {} seed(s), {} ties, holdout {:?}; embedding the catalogue",
         ml.n_users(),
         ml.n_items(),
-        ml.ratings.len()
+        ml.ratings.len(),
+        seeds.len(),
+        cfg.ties,
+        cfg.holdout,
     ));
     let catalogue = Arc::new(Catalogue::build(catalogue_items(&ml), &embedder)?);
-    let events = events(&ml, &split);
-    let world = World { ml, split, embedder, catalogue, events };
 
-    note("baselines: popularity, centralised MF");
-    let test = EvalOptions { stage: Stage::Test, full_ranking: true };
-    let mut qualities: Vec<(String, Quality)> = Vec::new();
-    let pop = eval::evaluate(&world.split, &mut Popularity::fit(&world.split, Stage::Test), test);
-    qualities.push(("popularity".into(), pop));
-    let mut mf = Mf::fit(&world.split, Stage::Test, cfg.mf);
-    qualities.push(("centralized_mf".into(), eval::evaluate(&world.split, &mut mf, test)));
+    // The centralised baselines and the offline round run beside the fleet.
+    let offline = {
+        let (splits, seeds, note) = (splits.clone(), seeds.clone(), note.clone());
+        let (base, tune, command) = (cfg.chosen, cfg.tune, cfg.command.clone());
+        let (holdout, k) = (cfg.holdout, cfg.min_sources);
+        tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let (chosen, selection) = if tune {
+                note("baselines: searching MF (BPR, BCE) and EASE on the validation item");
+                suite::select(&splits[0], &base, TuneOptions::default(), &command)
+            } else {
+                (base, suite::recorded().1)
+            };
+            for s in &selection {
+                note(&format!("chosen on validation: {}: {}", s.what, s.chosen));
+            }
+            let runs: Vec<Vec<suite::MethodRun>> = seeds
+                .iter()
+                .zip(splits.iter())
+                .map(|(&seed, split)| {
+                    let r = suite::run_seed(split, &chosen, holdout, seed, k);
+                    note(&format!(
+                        "baselines of seed {seed} done ({:.0} s): {}",
+                        t.elapsed().as_secs_f64(),
+                        r.iter()
+                            .map(|(m, q)| format!("{m} {:.3}", Quality::mean_of(q).hr10))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                    r
+                })
+                .collect();
+            (chosen, selection, runs)
+        })
+    };
 
     let tmp;
     let base = match &cfg.data_dir {
@@ -287,74 +420,179 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
             tmp.path().to_path_buf()
         }
     };
-    note("federated pass (k-anonymity)");
-    let fed = pass::run(&world, &cfg, &base.join("federated"), None, true).await?;
-    qualities.push(("local_only".into(), fed.local_only.unwrap_or_default()));
-    qualities.push(("federated".into(), fed.quality));
-    let dp = match cfg.dp {
-        Some(dp) => {
-            note(&format!("federated_dp pass (epsilon {}, delta {})", dp.0, dp.1));
-            let out = pass::run(&world, &cfg, &base.join("federated_dp"), Some(dp), false).await?;
-            qualities.push(("federated_dp".into(), out.quality));
-            Some(out)
+    // Seeds' fleets are independent: up to `parallel_seeds` run at once, one per core.
+    let limit = Arc::new(tokio::sync::Semaphore::new(cfg.parallel_seeds.max(1)));
+    let mut tasks = Vec::with_capacity(seeds.len());
+    for (i, &seed) in seeds.iter().enumerate() {
+        let split = splits[i].clone();
+        let events = events(&ml, &split, cfg.holdout);
+        let world = World {
+            split,
+            seed,
+            holdout: cfg.holdout,
+            embedder: embedder.clone(),
+            catalogue: catalogue.clone(),
+            events,
+            progress: progress.clone(),
+        };
+        let dir = base.join(format!("seed-{seed}"));
+        let (cfg, limit, note) = (cfg.clone(), limit.clone(), note.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit
+                .acquire_owned()
+                .await
+                .map_err(|e| SimError::Config(format!("seed scheduler closed: {e}")))?;
+            note(&format!("seed {seed}: federated pass (k-anonymity)"));
+            let fed = pass::run(&world, &cfg, &dir.join("federated"), None, true).await?;
+            let dp = match cfg.dp {
+                Some(dp) => {
+                    note(&format!(
+                        "seed {seed}: federated_dp pass (epsilon {}, delta {})",
+                        dp.0, dp.1
+                    ));
+                    Some(pass::run(&world, &cfg, &dir.join("federated_dp"), Some(dp), false).await?)
+                }
+                None => None,
+            };
+            Ok::<_, SimError>((fed, dp, world.events.len() as u64))
+        }));
+    }
+    let mut per_method: BTreeMap<&str, Vec<Vec<UserQuality>>> = BTreeMap::new();
+    let mut first: Option<(PassOutcome, Option<PassOutcome>)> = None;
+    let mut events_n = 0;
+    for t in tasks {
+        let (fed, dp, n) =
+            t.await.map_err(|e| SimError::Config(format!("a seed's fleet failed: {e}")))??;
+        events_n = n;
+        per_method
+            .entry("local_only")
+            .or_default()
+            .push(fed.local_only.clone().unwrap_or_default());
+        per_method.entry("federated").or_default().push(fed.quality.clone());
+        if let Some(d) = &dp {
+            per_method.entry("federated_dp").or_default().push(d.quality.clone());
         }
-        None => None,
+        if first.is_none() {
+            first = Some((fed, dp));
+        }
+    }
+    note("fleet done; waiting for the baselines");
+    let (chosen, selection, offline_runs) = offline
+        .await
+        .map_err(|e| SimError::Config(format!("the baselines' thread failed: {e}")))?;
+    for runs in offline_runs {
+        for (m, q) in runs {
+            if let Some(name) = METHOD_ORDER.iter().find(|n| **n == m) {
+                per_method.entry(name).or_default().push(q);
+            }
+        }
+    }
+    let methods: Vec<MethodSummary> = METHOD_ORDER
+        .iter()
+        .filter_map(|m| per_method.get(m).map(|runs| (m, runs)))
+        .map(|(m, runs)| MethodSummary {
+            method: m.to_string(),
+            hr10: stats::over_seeds(runs, Metric::Hr10),
+            ndcg10: stats::over_seeds(runs, Metric::Ndcg10),
+            full_hr10: stats::over_seeds(runs, Metric::FullHr10),
+            full_ndcg10: stats::over_seeds(runs, Metric::FullNdcg10),
+            hr10_per_seed: runs.iter().map(|r| Quality::mean_of(r).hr10).collect(),
+        })
+        .collect();
+    let mf = match chosen.mf_best {
+        Loss::Bpr => "mf_bpr",
+        Loss::Bce => "mf_bce",
     };
-    let round_cfg =
-        omega_shard::federation::RoundConfig { min_sources: cfg.min_sources, ..Default::default() };
-    let offline = crate::eval::federated::round(&world.split, Stage::Test, &round_cfg, "offline");
-    let mut offline_scorer = crate::eval::federated::FederatedScorer::new(
-        &world.split,
-        Stage::Test,
-        &offline.patterns,
-        cfg.min_sources,
-        &cfg.ranking.collaborative_query,
-    );
-    let federated_offline = eval::evaluate(&world.split, &mut offline_scorer, test);
-    let pick = |f: fn(&Quality) -> f64| -> BTreeMap<String, f64> {
-        qualities.iter().map(|(m, q)| (m.clone(), f(q))).collect()
+    let paired: Vec<PairedRow> = [("federated", "central_reference"), ("federated", mf)]
+        .into_iter()
+        .filter_map(|(a, b)| Some((a, b, per_method.get(a)?, per_method.get(b)?)))
+        .map(|(a, b, ra, rb)| PairedRow {
+            a: a.into(),
+            b: b.into(),
+            hr10: stats::paired(ra, rb, Metric::Hr10),
+            ndcg10: stats::paired(ra, rb, Metric::Ndcg10),
+            full_hr10: stats::paired(ra, rb, Metric::FullHr10),
+        })
+        .collect();
+    let pick = |f: fn(&MethodSummary) -> f64| -> BTreeMap<String, f64> {
+        methods.iter().map(|m| (m.method.clone(), f(m))).collect()
     };
+    let (fed, dp) = first.ok_or_else(|| SimError::Config("no seed ran".into()))?;
     Ok(SimReport {
-        hr10: pick(|q| q.hr10),
-        ndcg10: pick(|q| q.ndcg10),
-        full_hr10: pick(|q| q.full_hr10),
-        full_ndcg10: pick(|q| q.full_ndcg10),
+        hr10: pick(|m| m.hr10.mean),
+        ndcg10: pick(|m| m.ndcg10.mean),
+        full_hr10: pick(|m| m.full_hr10.mean),
+        full_ndcg10: pick(|m| m.full_ndcg10.mean),
+        methods,
+        paired,
+        selection,
+        ties: cfg.ties,
+        holdout: cfg.holdout,
+        seeds,
         transport: fed.transport.clone(),
         rounds: fed.rounds,
         rounds_dp: dp.as_ref().map_or(0, |d| d.rounds),
-        users: world.ml.n_users(),
-        users_evaluated: pop.users,
+        users: ml.n_users(),
+        users_evaluated: fed.quality.len(),
         syncs: fed.syncs,
-        events: world.events.len() as u64,
+        events: events_n,
         curve: fed.curve,
         curve_dp: dp.as_ref().map(|d| d.curve.clone()).unwrap_or_default(),
         dp_epsilon: dp.as_ref().and_then(|d| d.epsilon_spent),
         dp_delta: cfg.dp.map(|d| d.1),
-        federated_offline,
         wall_secs: start.elapsed().as_secs_f64(),
     })
 }
 
-/// The report as a markdown table (one row per method), plus the transport numbers.
+/// The report as markdown: the quality table (mean ± 95 % interval), the paired
+/// comparisons, the selections and the transport numbers.
 pub fn markdown(r: &SimReport) -> String {
-    let mut s = String::from(
-        "| method | HR@10 | NDCG@10 | full HR@10 | full NDCG@10 |\n|---|---:|---:|---:|---:|\n",
+    let interval = if r.seeds.len() > 1 {
+        format!("mean of {} seeds ± 95 % t-interval over seeds", r.seeds.len())
+    } else {
+        "one seed ± 95 % interval over users".to_string()
+    };
+    let mut s = format!(
+        "{} ties, {:?} item, seeds {:?}; {interval}\n\n\
+         | method | HR@10 | NDCG@10 | full HR@10 | full NDCG@10 |\n|---|---:|---:|---:|---:|\n",
+        r.ties, r.holdout, r.seeds
     );
-    for m in ["popularity", "local_only", "centralized_mf", "federated", "federated_dp"] {
-        let Some(hr) = r.hr10.get(m) else { continue };
-        let g = |t: &BTreeMap<String, f64>| t.get(m).copied().unwrap_or(0.0);
+    for m in &r.methods {
         s.push_str(&format!(
-            "| {m} | {hr:.4} | {:.4} | {:.4} | {:.4} |\n",
-            g(&r.ndcg10),
-            g(&r.full_hr10),
-            g(&r.full_ndcg10)
+            "| {} | {} | {} | {} | {} |\n",
+            m.method, m.hr10, m.ndcg10, m.full_hr10, m.full_ndcg10
         ));
     }
-    let o = &r.federated_offline;
-    s.push_str(&format!(
-        "| *diagnostic: one round offline, every vector held* | {:.4} | {:.4} | {:.4} | {:.4} |\n",
-        o.hr10, o.ndcg10, o.full_hr10, o.full_ndcg10
-    ));
+    if !r.paired.is_empty() {
+        s.push_str(
+            "\nPaired, per user (a − b, averaged over seeds, ± 95 % interval over users):\n\n\
+             | a − b | HR@10 | NDCG@10 | full HR@10 | seeds a > b (HR@10) |\n|---|---:|---:|---:|---:|\n",
+        );
+        for p in &r.paired {
+            s.push_str(&format!(
+                "| {} − {} | {:+.4} ± {:.4} | {:+.4} ± {:.4} | {:+.4} ± {:.4} | {}/{} |\n",
+                p.a,
+                p.b,
+                p.hr10.difference.mean,
+                p.hr10.difference.half_width,
+                p.ndcg10.difference.mean,
+                p.ndcg10.difference.half_width,
+                p.full_hr10.difference.mean,
+                p.full_hr10.difference.half_width,
+                p.hr10.seeds_a_above,
+                p.hr10.seeds
+            ));
+        }
+    }
+    s.push_str("\nChosen on the validation item:\n\n");
+    for sel in &r.selection {
+        let hr =
+            sel.validation_hr10.map(|h| format!(", validation HR@10 {h:.4}")).unwrap_or_default();
+        s.push_str(&format!(
+            "- {}: {} ({} configurations{hr}; `{}`)\n",
+            sel.what, sel.chosen, sel.configurations, sel.command
+        ));
+    }
     s.push_str(&format!(
         "\n{} users ({} evaluated), {} events, {} syncs, {} rounds ({} DP); bytes per sync p50: \
          up {} B (pushing syncs {} B), down {} B (max {} B); recommend p99 {:.2} ms; {:.0} s\n",
@@ -372,4 +610,22 @@ pub fn markdown(r: &SimReport) -> String {
         r.wall_secs
     ));
     s
+}
+
+/// Checks that every selection of a JSON report was made on the validation item: an error
+/// names the first selection made on any other split (or a report without selections).
+pub fn check_selection(report: &serde_json::Value) -> Result<usize, String> {
+    let sel = report
+        .get("selection")
+        .and_then(|s| s.as_array())
+        .filter(|s| !s.is_empty())
+        .ok_or("the report has no selection records")?;
+    for s in sel {
+        let split = s.get("split").and_then(|v| v.as_str()).unwrap_or("(missing)");
+        if split != "validation" {
+            let what = s.get("what").and_then(|v| v.as_str()).unwrap_or("(unnamed)");
+            return Err(format!("{what} was selected on the {split} split"));
+        }
+    }
+    Ok(sel.len())
 }

@@ -2,7 +2,7 @@
 
 use super::{SimConfig, SimError, World};
 use crate::eval::federated::content_id;
-use crate::eval::{self, EvalOptions, Quality, Stage, TOP_K};
+use crate::eval::{self, EvalOptions, TOP_K, UserQuality};
 use crate::load::spawn::free_port;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -43,10 +43,10 @@ pub struct RoundPoint {
 /// What a pass measured.
 #[derive(Debug, Clone, Default)]
 pub struct PassOutcome {
-    /// The syncing TVs' quality.
-    pub quality: Quality,
-    /// The never-syncing twins' quality, when they ran.
-    pub local_only: Option<Quality>,
+    /// The syncing TVs' quality, per evaluated user.
+    pub quality: Vec<UserQuality>,
+    /// The never-syncing twins' quality per evaluated user, when they ran.
+    pub local_only: Option<Vec<UserQuality>>,
     /// Wire sizes, latency and what the TVs hold.
     pub transport: Transport,
     /// Rounds run.
@@ -185,7 +185,7 @@ fn context_at(ms: i64) -> RecommendContext {
 /// Scores `items` for user `u` with `brain`, as of the user's held-out interaction.
 fn score(brain: &Brain, world: &World, u: u32, items: &[u32]) -> Vec<f32> {
     let us = &world.split.users[u as usize];
-    let at = us.test.map_or(0, |r| r.timestamp * 1000);
+    let at = us.target(world.holdout).map_or(0, |r| r.timestamp * 1000);
     let ids: Vec<String> = items.iter().map(|&i| content_id(i)).collect();
     brain.score(&context_at(at), &ids).unwrap_or_else(|e| {
         tracing::warn!(error = %e, user = u, "score failed");
@@ -193,11 +193,11 @@ fn score(brain: &Brain, world: &World, u: u32, items: &[u32]) -> Vec<f32> {
     })
 }
 
-fn bar(cfg: &SimConfig, len: u64, template: &str) -> ProgressBar {
+fn bar(cfg: &SimConfig, world: &World, len: u64, template: &str) -> ProgressBar {
     if !cfg.progress {
         return ProgressBar::hidden();
     }
-    let pb = ProgressBar::new(len);
+    let pb = world.progress.add(ProgressBar::new(len));
     if let Ok(style) = ProgressStyle::with_template(template) {
         pb.set_style(style.progress_chars("=> "));
     }
@@ -223,6 +223,7 @@ struct Run<'a> {
     epsilon_spent: Option<f64>,
     metrics: FederationMetrics,
     label: &'static str,
+    seed: u64,
 }
 
 impl Run<'_> {
@@ -269,7 +270,7 @@ impl Run<'_> {
         self.accepted_at_round = self.accepted_total;
         self.rounds += 1;
         let mut args = FederateArgs::new(
-            &format!("sim-{}-{}-{}", self.label, self.rounds, at_ms),
+            &format!("sim-{}-{}-{}-{}", self.label, self.seed, self.rounds, at_ms),
             self.shards.admin.clone(),
         );
         args.min_sources = self.cfg.min_sources;
@@ -300,9 +301,9 @@ impl Run<'_> {
         let (mut hr, mut ndcg) = (0.0, 0.0);
         for &u in &self.curve_users {
             let us = &self.world.split.users[u as usize];
-            let Some(t) = us.test else { continue };
+            let Some(t) = us.target(self.world.holdout) else { continue };
             let mut items = vec![t.item];
-            items.extend_from_slice(us.negatives(Stage::Test));
+            items.extend_from_slice(us.negatives(self.world.holdout));
             let s = score(&self.tvs[u as usize].brain, self.world, u, &items);
             let (h, n) = eval::hit_and_ndcg(s[0], s[1..].iter().copied(), TOP_K);
             hr += h;
@@ -362,7 +363,7 @@ pub(crate) async fn run(
         .users
         .iter()
         .enumerate()
-        .filter(|(_, us)| us.test.is_some())
+        .filter(|(_, us)| us.target(world.holdout).is_some())
         .map(|(u, _)| u as u32)
         .collect();
     let step = (evaluable.len() / cfg.curve_users.max(1)).max(1);
@@ -374,7 +375,7 @@ pub(crate) async fn run(
         dp,
         shards,
         tvs,
-        rng: StdRng::seed_from_u64(cfg.seed ^ 0x51_u64),
+        rng: StdRng::seed_from_u64(world.seed ^ 0x51_u64),
         syncs: 0,
         bytes_up: Vec::new(),
         bytes_down: Vec::new(),
@@ -387,6 +388,7 @@ pub(crate) async fn run(
         epsilon_spent: None,
         metrics: FederationMetrics::default(),
         label: if dp.is_some() { "dp" } else { "fed" },
+        seed: world.seed,
     };
 
     // The replay: events, syncs and rounds in simulated time.
@@ -398,10 +400,11 @@ pub(crate) async fn run(
     let mut syncs: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
     let pb = bar(
         cfg,
+        world,
         world.events.len() as u64,
         "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} events {msg}",
     );
-    pb.set_prefix(run.label);
+    pb.set_prefix(format!("{} seed {}", run.label, world.seed));
     let mut next_event = 0;
     let mut eval_started = false;
     let mut now = first;
@@ -471,9 +474,13 @@ pub(crate) async fn run(
     pb.finish_with_message(format!("{} syncs · {} rounds", run.syncs, run.rounds));
 
     // Evaluation.
-    let test = EvalOptions { stage: Stage::Test, full_ranking: true };
-    let pe =
-        bar(cfg, evaluable.len() as u64, "eval [{elapsed_precise}] {bar:30} {pos}/{len} users");
+    let test = EvalOptions { stage: world.holdout, full_ranking: true };
+    let pe = bar(
+        cfg,
+        world,
+        evaluable.len() as u64,
+        "eval [{elapsed_precise}] {bar:30} {pos}/{len} users",
+    );
     let tvs = &run.tvs;
     let mut fed_scorer = |u: u32, items: &[u32]| {
         if items.len() == world.split.n_items {
@@ -481,20 +488,21 @@ pub(crate) async fn run(
         }
         score(&tvs[u as usize].brain, world, u, items)
     };
-    let quality = eval::evaluate(&world.split, &mut fed_scorer, test);
+    let quality = eval::evaluate_per_user(&world.split, &mut fed_scorer, test);
     pe.finish();
     let local_only = if with_local {
         let mut local_scorer = |u: u32, items: &[u32]| match &tvs[u as usize].twin {
             Some(twin) => score(twin, world, u, items),
             None => vec![UNKNOWN_SCORE; items.len()],
         };
-        Some(eval::evaluate(&world.split, &mut local_scorer, test))
+        Some(eval::evaluate_per_user(&world.split, &mut local_scorer, test))
     } else {
         None
     };
     let mut latencies: Vec<u64> = Vec::with_capacity(evaluable.len());
     for &u in &evaluable {
-        let at = world.split.users[u as usize].test.map_or(0, |r| r.timestamp * 1000);
+        let at =
+            world.split.users[u as usize].target(world.holdout).map_or(0, |r| r.timestamp * 1000);
         let t = Instant::now();
         if tvs[u as usize].brain.recommend(&context_at(at), 10).is_ok() {
             latencies.push(t.elapsed().as_micros() as u64);
@@ -506,10 +514,10 @@ pub(crate) async fn run(
     let (mut held_targets, mut watched_held) = (0usize, Vec::with_capacity(evaluable.len()));
     for &u in &evaluable {
         let us = &world.split.users[u as usize];
-        let Some(t) = us.test else { continue };
+        let Some(t) = us.target(world.holdout) else { continue };
         let s = score(&tvs[u as usize].brain, world, u, &[t.item]);
         held_targets += usize::from(s[0] >= tier);
-        let history: Vec<u32> = us.history(Stage::Test).iter().map(|r| r.item).collect();
+        let history: Vec<u32> = us.history(world.holdout).iter().map(|r| r.item).collect();
         if !history.is_empty() {
             let s = score(&tvs[u as usize].brain, world, u, &history);
             let held = s.iter().filter(|&&x| x >= tier).count();
