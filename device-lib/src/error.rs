@@ -26,6 +26,15 @@ pub enum DeviceError {
         /// What went wrong.
         reason: String,
     },
+    /// No path was given for a run-time asset: neither the config nor the environment names
+    /// it (the library never guesses a location).
+    #[error("{what} not configured: {how}")]
+    AssetNotConfigured {
+        /// Which asset.
+        what: &'static str,
+        /// The config field and environment variables that can name it.
+        how: &'static str,
+    },
     /// ONNX Runtime or the tokenizer failed while embedding.
     #[error("embedding failed: {0}")]
     Embedding(String),
@@ -110,7 +119,9 @@ impl DeviceError {
         match self {
             DeviceError::Invalid(_) => ffi::OMEGA_ERR_INVALID,
             DeviceError::Json(_) => ffi::OMEGA_ERR_JSON,
-            DeviceError::Asset { .. } => ffi::OMEGA_ERR_ASSET,
+            DeviceError::Asset { .. } | DeviceError::AssetNotConfigured { .. } => {
+                ffi::OMEGA_ERR_ASSET
+            }
             DeviceError::Embedding(_) => ffi::OMEGA_ERR_EMBEDDING,
             DeviceError::Database { .. } => ffi::OMEGA_ERR_DATABASE,
             DeviceError::SchemaTooNew { .. } => ffi::OMEGA_ERR_SCHEMA_TOO_NEW,
