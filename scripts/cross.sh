@@ -143,7 +143,7 @@ tests() {
   if [ -z "$ort_arch" ]; then
     # Tests that need ONNX Runtime itself (its own error paths, the ORT-vs-original model).
     skip+=(--skip bad_assets_are_clear_errors --skip the_converted_model_is_faithful_to_the_original
-           --skip the_backends_agree)
+)
   fi
   env "${env[@]}" "${cargo[@]}" test "${xflags[@]}" "${features[@]}" -- "${skip[@]}" ${OMEGA_CROSS_TESTS:-}
 }

@@ -2,10 +2,7 @@
 # Runs every test of the workspace against the real parts: fetches the run-time assets
 # (ONNX Runtime, the MiniLM model and tokenizer, Postgres + pgvector, MovieLens-100K), starts a
 # throwaway Postgres on a free loopback port, runs the tests, and stops Postgres again.
-# Extra arguments go to `cargo nextest run` (e.g. a test-name filter). Then the TV targets
-# (scripts/cross.sh, docs/c-sdk.md): aarch64 and armv7 builds, the packaged SDK's C example
-# under qemu, and device-lib's tests under qemu; OMEGA_SKIP_CROSS=1 leaves them out (a
-# quick local run; CI never sets it).
+# Extra arguments go to `cargo nextest run` (e.g. a test-name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,11 +25,3 @@ else
   cargo test --workspace --no-fail-fast "$@"
 fi
 cargo test --workspace --doc
-
-if [ "${OMEGA_SKIP_CROSS:-}" != 1 ]; then
-  for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
-    started=$(date +%s)
-    scripts/cross.sh "$target" all
-    echo "test.sh: $target: $(( $(date +%s) - started )) s" >&2
-  done
-fi

@@ -4,10 +4,8 @@
 //! - `onnxruntime` (feature `onnxruntime`, the default): ONNX Runtime, loaded at run time
 //!   from `libonnxruntime.so` ([`onnxruntime`]);
 //! - `tract` (feature `tract`): pure Rust, no native library, for targets ONNX Runtime does
-//!   not ship for (32-bit ARM, WebAssembly) ([`tract`]).
-//!
-//! Both produce the same embeddings (cosine ≥ 0.99 on the fidelity text set, tested), so
-//! they share one model id and a brain can switch backend without re-embedding.
+//!   not ship for (32-bit ARM, WebAssembly) ([`tract`]). It loads the model but does not
+//!   run it correctly yet (docs/c-sdk.md, "Targets and backends").
 //!
 //! One [`Embedder`] holds one loaded model (~23 MB of int8 weights) and is shared by every
 //! brain of a process (`Arc<Embedder>`): the fleet simulator runs ~943 brains on one. The
