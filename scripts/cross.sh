@@ -142,7 +142,7 @@ tests() {
   local skip=(--skip a_c_program_uses_the_static_library --skip the_guides_example_runs)
   if [ -z "$ort_arch" ]; then
     # Tests that need ONNX Runtime itself (its own error paths, the ORT-vs-original model).
-    skip+=(--skip bad_assets_are_clear_errors --skip the_converted_model_is_faithful_to_the_original
+    skip+=(--skip missing_or_broken_assets_give_clear_errors --skip the_converted_model_is_faithful_to_the_original
 )
   fi
   env "${env[@]}" "${cargo[@]}" test "${xflags[@]}" "${features[@]}" -- "${skip[@]}" ${OMEGA_CROSS_TESTS:-}
