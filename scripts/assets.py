@@ -12,7 +12,9 @@ build time: cargo never downloads anything by itself. Tests: scripts/test_assets
     scripts/assets.py env                # shell exports for the fetched assets
     scripts/assets.py list
 
-NAME is one of: ort, model, tokenizer, postgres, movielens.
+NAME is one of: ort, ort-aarch64, model, model-tract, tokenizer, postgres, movielens.
+`ort-aarch64` is ONNX Runtime for 64-bit ARM TVs (scripts/cross.sh tests with it under qemu);
+`model-tract` is the model in standard ONNX operators for the pure-Rust embedder backend.
 The cache is $OMEGA_CACHE, or .omega-cache/ at the repository root.
 """
 import hashlib
@@ -35,6 +37,14 @@ WHEELS = {
         "wheel_sha256": "5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f",
         "single": {
             "onnxruntime/capi/libonnxruntime.so.1.31.1": "onnxruntime/libonnxruntime.so.1.31.1",
+        },
+    },
+    "ort-aarch64": {
+        "spec": "onnxruntime==1.31.1",
+        "pip_args": ["--only-binary=:all:", "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11"],
+        "wheel_sha256": "da05378364c44d4407e463982d2bf8d5e4cfea873283757e48beeb41df97b7f3",
+        "single": {
+            "onnxruntime/capi/libonnxruntime.so.1.31.1": "onnxruntime-aarch64/libonnxruntime.so.1.31.1",
         },
     },
     "model": {
@@ -73,7 +83,9 @@ FILE_SHA256 = {
     "onnxruntime/libonnxruntime.so.1.31.1": "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3",
     "minilm/model-original.onnx": "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
     "minilm/tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "onnxruntime-aarch64/libonnxruntime.so.1.31.1": "8aa3b76b28c778a2b1dd660d34161adb1d508c9ccd04ff9dc80e26eca5df8467",
     "minilm/model.onnx": "c592531989bbe6249f6d798f8bcc2e073cdd8b506fd633fae44a9acf581083e4",
+    "minilm/model-tract.onnx": "d9afe7489501f298329057bc7e88233522adb3e70b843a081804f8696e03131b",
     "pgserver/pgserver/pginstall/bin/postgres": "ae05b2a1b0685f2c69b8b9eb3765b1429a5c173c64b248f7f157de2af9db768d",
     "ml-100k/ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
     "ml-100k/ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
@@ -85,7 +97,9 @@ CONVERTER_PINS = ["onnx==1.23.2", "numpy==2.4.6", "protobuf==7.36.2", "ml_dtypes
 # What `path NAME` answers and `fetch NAME` guarantees.
 TARGETS = {
     "ort": "onnxruntime/libonnxruntime.so.1.31.1",
+    "ort-aarch64": "onnxruntime-aarch64/libonnxruntime.so.1.31.1",
     "model": "minilm/model.onnx",
+    "model-tract": "minilm/model-tract.onnx",
     "tokenizer": "minilm/tokenizer.json",
     "postgres": "pgserver/pgserver/pginstall",
     "movielens": "ml-100k",
@@ -212,31 +226,33 @@ def extract(name):
                 log(f"extracted {rel_root}")
 
 
-def convert_model():
+def convert_model(rel="minilm/model.onnx", flags=()):
     """Rewrite the weight-only int8 graph so that weights stay int8 at run time.
 
     The published graph dequantises every weight with Cast+Mul; ONNX Runtime folds those into
     fp32 constants at load, which is where ~170 MB of its memory goes. The converted graph feeds
     the same int8 weights and per-column scales into DynamicQuantizeMatMul and gathers int8
     embedding rows before scaling them, so the weights are never materialised as fp32.
+    `--standard-ops` writes the same arithmetic in standard ONNX operators (the pure-Rust
+    backend's model, minilm/model-tract.onnx).
     """
-    if check_file("minilm/model.onnx"):
+    if check_file(rel):
         return
     extract("model")
     py = converter_python()
-    out = CACHE / "minilm" / "model.onnx.part"
-    res = run([str(py), str(REPO / "scripts" / "convert_model.py"),
+    out = CACHE / (rel + ".part")
+    res = run([str(py), str(REPO / "scripts" / "convert_model.py"), *flags,
                str(CACHE / "minilm" / "model-original.onnx"), str(out)])
     if res.returncode != 0:
         out.unlink(missing_ok=True)
         raise AssetError(f"the model converter failed (exit {res.returncode}):\n  {tail(res.stderr)}")
     got = sha256(out)
-    want = FILE_SHA256["minilm/model.onnx"]
+    want = FILE_SHA256[rel]
     if got != want:
         out.unlink()
         raise AssetError(f"converted model sha256 {got} != expected {want}: converter dependencies drifted?")
-    os.replace(out, CACHE / "minilm" / "model.onnx")
-    log("converted minilm/model.onnx")
+    os.replace(out, CACHE / rel)
+    log(f"converted {rel}")
 
 
 def run(cmd):
@@ -274,6 +290,8 @@ def converter_python():
 def fetch(name):
     if name == "model":
         convert_model()
+    elif name == "model-tract":
+        convert_model("minilm/model-tract.onnx", ["--standard-ops"])
     elif name in WHEELS:
         extract(name)
     else:

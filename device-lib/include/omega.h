@@ -24,6 +24,24 @@
 #define OMEGA_MAX_SCORE_CANDIDATES 10000
 
 /**
+ * ABI major version: changes when a change breaks existing callers (a removed or changed
+ * function, a changed meaning). It is the shared library's SONAME
+ * (`libomega_device.so.<major>`); build.rs reads it from here.
+ */
+#define OMEGA_ABI_VERSION_MAJOR 1
+
+/**
+ * ABI minor version: changes when functions or error codes are added.
+ */
+#define OMEGA_ABI_VERSION_MINOR 0
+
+/**
+ * `(major << 16) | minor`, what `omega_abi_version()` returns for this header: a caller
+ * compares the two majors at start-up to catch a mismatched library.
+ */
+#define OMEGA_ABI_VERSION ((OMEGA_ABI_VERSION_MAJOR << 16) | OMEGA_ABI_VERSION_MINOR)
+
+/**
  * Success.
  */
 #define OMEGA_OK 0
@@ -156,7 +174,9 @@ int64_t omega_brain_observe(struct OmegaBrain *brain,
 
 /**
  * Recommends up to `k` contents for a `RecommendContext` (NULL or "" = now). Writes a JSON
- * array of `{content_id, score, reason, source}`.
+ * array of `{content_id, score, reason, source}`. `k` above `OMEGA_MAX_K` is refused
+ * (`OMEGA_ERR_INVALID`). The array is empty while the brain knows no content to propose: a
+ * catalogue (`BrainConfig.catalogue_path`) or global patterns from a sync are the sources.
  *
  * # Safety
  * As `omega_brain_observe`.
@@ -225,7 +245,8 @@ int64_t omega_brain_stats(struct OmegaBrain *brain, char *out, size_t out_cap);
 int64_t omega_brain_last_result(struct OmegaBrain *brain, char *out, size_t out_cap);
 
 /**
- * Closes the brain and frees the handle (NULL is a no-op). The handle is invalid afterwards,
+ * Closes the brain and frees the handle (NULL is a no-op). The background pre-warm thread
+ * is stopped and joined first, so no thread of the library is left running. The handle is invalid afterwards,
  * even when an error is returned (the database could not be checkpointed; it stays
  * consistent).
  *
@@ -242,6 +263,13 @@ int32_t omega_brain_close(struct OmegaBrain *brain);
  * `out` is NULL or valid for `out_cap` bytes.
  */
 int64_t omega_last_error_message(char *out, size_t out_cap);
+
+/**
+ * The ABI version of the loaded library, `(major << 16) | minor` (`OMEGA_ABI_VERSION` is
+ * the header's). A program built against major M works with a library of major M and a
+ * minor at least its header's.
+ */
+uint32_t omega_abi_version(void);
 
 /**
  * The library version, a static NUL-terminated string.

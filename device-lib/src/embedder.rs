@@ -1,46 +1,96 @@
-//! Text → 384-dim unit vector with all-MiniLM-L6-v2 (int8 ONNX) through ONNX Runtime.
+//! Text → 384-dim unit vector with all-MiniLM-L6-v2 (int8 ONNX).
 //!
-//! One [`Embedder`] holds one ONNX Runtime session (~23 MB of int8 weights) and is shared by
-//! every brain of a process (`Arc<Embedder>`): the fleet simulator runs ~943 brains on one.
-//! The session is run under a mutex; one intra-op thread by default, because a TV has other
-//! work to do and a single 10-token text does not parallelise well.
+//! Two backends run the model, chosen by cargo feature and [`EmbedderConfig::backend`]:
+//! - `onnxruntime` (feature `onnxruntime`, the default): ONNX Runtime, loaded at run time
+//!   from `libonnxruntime.so` ([`onnxruntime`]);
+//! - `tract` (feature `tract`): pure Rust, no native library, for targets ONNX Runtime does
+//!   not ship for (32-bit ARM, WebAssembly) ([`tract`]). It loads the model but does not
+//!   run it correctly yet (docs/c-sdk.md, "Targets and backends").
 //!
-//! Memory: ONNX Runtime's CPU arena and memory-pattern planner keep freed buffers for reuse;
-//! for one short sequence at a time they only add resident memory, so both are off. Weight
-//! prepacking is off as well: it copies every `MatMul` weight into a second, packed layout.
-//! `omega-device-bench` reports the resulting peak RSS.
+//! One [`Embedder`] holds one loaded model (~23 MB of int8 weights) and is shared by every
+//! brain of a process (`Arc<Embedder>`): the fleet simulator runs ~943 brains on one. The
+//! model is run under a mutex; one intra-op thread by default, because a TV has other work
+//! to do and a single 10-token text does not parallelise well.
+
+#[cfg(not(any(feature = "onnxruntime", feature = "tract")))]
+compile_error!("omega-device needs an embedder backend: enable feature `onnxruntime` or `tract`");
+
+#[cfg(feature = "onnxruntime")]
+mod onnxruntime;
+#[cfg(feature = "tract")]
+mod tract;
 
 use crate::assets;
 use crate::error::{DeviceError, Result};
 use lru::LruCache;
 use omega_protocol::validate::{self, ValidationError};
 use omega_protocol::vector::{EMBEDDING_DIM, l2_normalize};
-use ort::session::Session;
-use ort::session::builder::GraphOptimizationLevel;
-use ort::value::Tensor;
 use serde::{Deserialize, Serialize};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use tokenizers::Tokenizer;
 
 /// Longest text the tokenizer sees, in bytes: 128 tokens never need more, and it bounds the
 /// work an oversized input can cause.
 const MAX_TEXT_BYTES: usize = 4096;
 
-/// How to load the model. Every path defaults to the environment / asset cache
-/// ([`crate::assets`]).
+/// Which engine runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbedderBackend {
+    /// ONNX Runtime (`libonnxruntime.so`, feature `onnxruntime`).
+    Onnxruntime,
+    /// tract, pure Rust (feature `tract`).
+    Tract,
+}
+
+impl EmbedderBackend {
+    /// `OMEGA_EMBEDDER_BACKEND` (`onnxruntime` or `tract`) when set, else ONNX Runtime when
+    /// it is compiled in, else tract.
+    pub fn from_env_or_build() -> Self {
+        match std::env::var("OMEGA_EMBEDDER_BACKEND").as_deref() {
+            Ok("tract") => EmbedderBackend::Tract,
+            Ok("onnxruntime") => EmbedderBackend::Onnxruntime,
+            _ if cfg!(feature = "onnxruntime") => EmbedderBackend::Onnxruntime,
+            _ => EmbedderBackend::Tract,
+        }
+    }
+
+    /// The backends compiled into this library.
+    pub fn compiled() -> Vec<EmbedderBackend> {
+        let mut v = Vec::new();
+        if cfg!(feature = "onnxruntime") {
+            v.push(EmbedderBackend::Onnxruntime);
+        }
+        if cfg!(feature = "tract") {
+            v.push(EmbedderBackend::Tract);
+        }
+        v
+    }
+}
+
+/// How to load the model. A path left out comes from its environment variable
+/// ([`crate::assets`]); there is no other fallback.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EmbedderConfig {
-    /// The ONNX model (`OMEGA_MODEL_PATH`, else `.omega-cache/minilm/model.onnx`).
+    /// Which engine runs the model (default: [`EmbedderBackend::from_env_or_build`]).
+    pub backend: EmbedderBackend,
+    /// The ONNX model: `minilm/model.onnx` for ONNX Runtime (`OMEGA_MODEL_PATH`),
+    /// `minilm/model-tract.onnx` for tract (`OMEGA_TRACT_MODEL_PATH`); else under
+    /// `$OMEGA_CACHE`.
     pub model_path: Option<PathBuf>,
-    /// `tokenizer.json` (`OMEGA_TOKENIZER_PATH`, else the cache).
+    /// `tokenizer.json` (`OMEGA_TOKENIZER_PATH`, else under `$OMEGA_CACHE`).
     pub tokenizer_path: Option<PathBuf>,
-    /// `libonnxruntime.so` (`ORT_DYLIB_PATH`, else the cache). Only the first successful
-    /// load of a process counts: ONNX Runtime is a process-wide singleton.
+    /// `libonnxruntime.so` (`ORT_DYLIB_PATH`, else under `$OMEGA_CACHE`; ONNX Runtime
+    /// backend only). Only the first successful load of a process counts: ONNX Runtime is a
+    /// process-wide singleton.
     pub ort_dylib_path: Option<PathBuf>,
-    /// Intra-op threads of the session, 1-64.
+    /// Intra-op threads of the ONNX Runtime session, 1-64 (tract always uses the calling
+    /// thread).
     pub intra_threads: usize,
     /// Texts whose embeddings are kept (LRU), 1-1,000,000.
     pub cache_capacity: usize,
@@ -49,7 +99,7 @@ pub struct EmbedderConfig {
     /// Identifier of the model, put on every delta.
     pub model_id: String,
     /// Memory-lean session: no CPU arena, no memory-pattern planning, no weight prepacking
-    /// (`omega-device-bench` measures both settings).
+    /// (`omega-device-bench` measures both settings). ONNX Runtime backend only.
     pub lean_memory: bool,
 }
 
@@ -78,6 +128,7 @@ impl EmbedderConfig {
 impl Default for EmbedderConfig {
     fn default() -> Self {
         EmbedderConfig {
+            backend: EmbedderBackend::from_env_or_build(),
             model_path: None,
             tokenizer_path: None,
             ort_dylib_path: None,
@@ -92,13 +143,15 @@ impl Default for EmbedderConfig {
 
 /// The sentence embedder. `Send + Sync`; share it as `Arc<Embedder>`.
 pub struct Embedder {
-    session: Mutex<Session>,
+    model: Mutex<Model>,
     tokenizer: Tokenizer,
-    wants_token_types: bool,
     cache: Mutex<LruCache<String, Arc<[f32]>>>,
     model_id: String,
-    warming: std::sync::atomic::AtomicBool,
-    warmed: Arc<std::sync::atomic::AtomicBool>,
+    warming: AtomicBool,
+    warmed: AtomicBool,
+    /// Asks the pre-warm thread to stop after its current text.
+    stop_warming: AtomicBool,
+    prewarm: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -107,31 +160,28 @@ impl std::fmt::Debug for Embedder {
     }
 }
 
-static ORT_ENV: Mutex<Option<ort::environment::Environment>> = Mutex::new(None);
+/// A loaded model, on one of the compiled backends.
+enum Model {
+    #[cfg(feature = "onnxruntime")]
+    Onnxruntime(onnxruntime::OrtModel),
+    #[cfg(feature = "tract")]
+    Tract(tract::TractModel),
+}
 
-/// The process's ONNX Runtime environment, loading the library on first use. A failed load
-/// leaves nothing behind, so a later call with a correct path still works.
-fn ort_environment(dylib: &Path) -> Result<ort::environment::Environment> {
-    let asset = |reason: String| DeviceError::Asset {
-        what: "ONNX Runtime library",
-        path: dylib.to_path_buf(),
-        reason,
-    };
-    if !dylib.is_file() {
-        return Err(asset("no such file".into()));
+impl Model {
+    fn hidden(
+        &mut self,
+        ids: Vec<i64>,
+        mask: Vec<i64>,
+        types: Vec<i64>,
+    ) -> Result<(Vec<usize>, Vec<f32>)> {
+        match self {
+            #[cfg(feature = "onnxruntime")]
+            Model::Onnxruntime(m) => m.hidden(ids, mask, types),
+            #[cfg(feature = "tract")]
+            Model::Tract(m) => m.hidden(ids, mask, types),
+        }
     }
-    let mut env = ORT_ENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(e) = env.as_ref() {
-        return Ok(e.clone());
-    }
-    let built = ort::init_from(dylib)
-        .map_err(|e| asset(e.to_string()))?
-        .with_name("omega")
-        .with_telemetry(false)
-        .build()
-        .map_err(|e| asset(e.to_string()))?;
-    *env = Some(built.clone());
-    Ok(built)
 }
 
 fn check_file(what: &'static str, path: &Path) -> Result<()> {
@@ -142,61 +192,108 @@ fn check_file(what: &'static str, path: &Path) -> Result<()> {
     }
 }
 
+/// The configured path, else its environment variable, else an error saying what to set.
+fn configured(
+    given: Option<&PathBuf>,
+    from_env: fn() -> Option<PathBuf>,
+    what: &'static str,
+    how: &'static str,
+) -> Result<PathBuf> {
+    given.cloned().or_else(from_env).ok_or(DeviceError::AssetNotConfigured { what, how })
+}
+
+/// Both backends need these inputs (`token_type_ids` is optional).
+fn check_inputs(model_path: &Path, names: &[&str]) -> Result<()> {
+    for needed in ["input_ids", "attention_mask"] {
+        if !names.contains(&needed) {
+            return Err(DeviceError::Asset {
+                what: "model",
+                path: model_path.to_path_buf(),
+                reason: format!("no input {needed:?} (inputs: {names:?})"),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Embedder {
-    /// Loads ONNX Runtime (once per process), the tokenizer and the model.
+    /// Loads the tokenizer and the model on the configured backend (ONNX Runtime itself
+    /// once per process).
     pub fn new(config: EmbedderConfig) -> Result<Self> {
         config.check("")?;
-        let model_path = config.model_path.clone().unwrap_or_else(assets::model_path);
-        let tokenizer_path = config.tokenizer_path.clone().unwrap_or_else(assets::tokenizer_path);
-        let dylib = config.ort_dylib_path.clone().unwrap_or_else(assets::ort_dylib_path);
+        let tokenizer_path = configured(
+            config.tokenizer_path.as_ref(),
+            assets::tokenizer_path,
+            "tokenizer",
+            "set embedder.tokenizer_path in the config, or OMEGA_TOKENIZER_PATH (or \
+             OMEGA_CACHE, the asset folder)",
+        )?;
         check_file("tokenizer", &tokenizer_path)?;
-        check_file("model", &model_path)?;
         let tokenizer = load_tokenizer(&tokenizer_path, config.max_tokens)?;
-        let env = ort_environment(&dylib)?;
-        let model_err = |e: ort::Error| DeviceError::Asset {
-            what: "model",
-            path: model_path.clone(),
-            reason: e.to_string(),
-        };
-        let opt = |e: ort::Error<ort::session::builder::SessionBuilder>| model_err(e.into());
-        let lean = config.lean_memory;
-        let cpu = ort::ep::CPU::default().with_arena_allocator(!lean).build();
-        let session = Session::builder(&env)
-            .map_err(model_err)?
-            .with_execution_providers([cpu])
-            .map_err(opt)?
-            .with_intra_threads(config.intra_threads)
-            .map_err(opt)?
-            .with_inter_threads(1)
-            .map_err(opt)?
-            .with_memory_pattern(!lean)
-            .map_err(opt)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(opt)?
-            .with_config_entry("session.disable_prepacking", if lean { "1" } else { "0" })
-            .map_err(opt)?
-            .commit_from_file(&model_path)
-            .map_err(model_err)?;
-        let names: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
-        for needed in ["input_ids", "attention_mask"] {
-            if !names.contains(&needed) {
-                return Err(DeviceError::Asset {
-                    what: "model",
-                    path: model_path,
-                    reason: format!("no input {needed:?} (inputs: {names:?})"),
+        let model = match config.backend {
+            #[cfg(feature = "onnxruntime")]
+            EmbedderBackend::Onnxruntime => {
+                let model_path = configured(
+                    config.model_path.as_ref(),
+                    assets::model_path,
+                    "model",
+                    "set embedder.model_path in the config, or OMEGA_MODEL_PATH (or \
+                     OMEGA_CACHE, the asset folder)",
+                )?;
+                let dylib = configured(
+                    config.ort_dylib_path.as_ref(),
+                    assets::ort_dylib_path,
+                    "ONNX Runtime library",
+                    "set embedder.ort_dylib_path in the config, or ORT_DYLIB_PATH (or \
+                     OMEGA_CACHE, the asset folder)",
+                )?;
+                check_file("model", &model_path)?;
+                Model::Onnxruntime(onnxruntime::OrtModel::load(
+                    &model_path,
+                    &dylib,
+                    config.intra_threads,
+                    config.lean_memory,
+                )?)
+            }
+            #[cfg(feature = "tract")]
+            EmbedderBackend::Tract => {
+                let model_path = configured(
+                    config.model_path.as_ref(),
+                    assets::tract_model_path,
+                    "model",
+                    "set embedder.model_path in the config, or OMEGA_TRACT_MODEL_PATH (or \
+                     OMEGA_CACHE, the asset folder)",
+                )?;
+                check_file("model", &model_path)?;
+                Model::Tract(tract::TractModel::load(&model_path)?)
+            }
+            #[allow(unreachable_patterns)]
+            other => {
+                return Err(DeviceError::AssetNotConfigured {
+                    what: "embedder backend",
+                    how: match other {
+                        EmbedderBackend::Onnxruntime => {
+                            "this library was built without the onnxruntime feature: use \
+                             backend \"tract\""
+                        }
+                        EmbedderBackend::Tract => {
+                            "this library was built without the tract feature: use backend \
+                             \"onnxruntime\""
+                        }
+                    },
                 });
             }
-        }
-        let wants_token_types = names.contains(&"token_type_ids");
+        };
         let capacity = NonZeroUsize::new(config.cache_capacity).unwrap_or(NonZeroUsize::MIN);
         Ok(Embedder {
-            session: Mutex::new(session),
+            model: Mutex::new(model),
             tokenizer,
-            wants_token_types,
             cache: Mutex::new(LruCache::new(capacity)),
             model_id: config.model_id,
-            warming: std::sync::atomic::AtomicBool::new(false),
-            warmed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            warming: AtomicBool::new(false),
+            warmed: AtomicBool::new(false),
+            stop_warming: AtomicBool::new(false),
+            prewarm: Mutex::new(None),
         })
     }
 
@@ -224,25 +321,47 @@ impl Embedder {
     /// Embeds `texts` into the cache on a background thread, once per embedder (later calls
     /// do nothing), so the first recommendations in each context do not wait for the model.
     /// Failures are ignored: the texts are simply embedded on first use.
+    /// [`Embedder::stop_prewarm`] ends the thread early.
     pub fn prewarm_in_background(self: &Arc<Self>, texts: Vec<String>) {
-        if self.warming.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if self.warming.swap(true, Ordering::SeqCst) {
             return;
         }
         let me = Arc::clone(self);
         let spawned = std::thread::Builder::new().name("omega-prewarm".into()).spawn(move || {
             for t in texts {
+                if me.stop_warming.load(Ordering::SeqCst) {
+                    return;
+                }
                 let _ = me.embed_shared(&t);
             }
-            me.warmed.store(true, std::sync::atomic::Ordering::SeqCst);
+            me.warmed.store(true, Ordering::SeqCst);
         });
-        if spawned.is_err() {
-            self.warming.store(false, std::sync::atomic::Ordering::SeqCst);
+        match spawned {
+            Ok(handle) => {
+                *self.prewarm.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(handle);
+            }
+            Err(_) => self.warming.store(false, Ordering::SeqCst),
+        }
+    }
+
+    /// Stops the background pre-warm after the text it is embedding and waits for its thread
+    /// to end (no-op without one). A library must not leave a thread running inside the
+    /// model runtime once its caller is done with it: at process exit, ONNX Runtime tears
+    /// its state down under such a thread and reports errors. Texts not yet warmed are
+    /// embedded on first use; a stopped embedder never pre-warms again.
+    pub fn stop_prewarm(&self) {
+        self.stop_warming.store(true, Ordering::SeqCst);
+        let handle = self.prewarm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(h) = handle {
+            // A panic on the thread was already reported by the panic hook; nothing to add.
+            let _ = h.join();
         }
     }
 
     /// True once a background pre-warm has finished.
     pub fn is_warm(&self) -> bool {
-        self.warmed.load(std::sync::atomic::Ordering::SeqCst)
+        self.warmed.load(Ordering::SeqCst)
     }
 
     /// Embeds without the cache (for one-off texts such as catalogue items).
@@ -258,29 +377,14 @@ impl Embedder {
         let n = enc.get_ids().len();
         let ids: Vec<i64> = enc.get_ids().iter().map(|&x| i64::from(x)).collect();
         let mask: Vec<i64> = enc.get_attention_mask().iter().map(|&x| i64::from(x)).collect();
-        let ort_err = |e: ort::Error| DeviceError::Embedding(e.to_string());
-        let t_ids = Tensor::from_array(([1usize, n], ids)).map_err(ort_err)?;
-        let t_mask = Tensor::from_array(([1usize, n], mask.clone())).map_err(ort_err)?;
-        let mut session = lock(&self.session)?;
-        let outputs = if self.wants_token_types {
-            let types: Vec<i64> = enc.get_type_ids().iter().map(|&x| i64::from(x)).collect();
-            let t_types = Tensor::from_array(([1usize, n], types)).map_err(ort_err)?;
-            session.run(ort::inputs![
-                "input_ids" => t_ids,
-                "attention_mask" => t_mask,
-                "token_type_ids" => t_types,
-            ])
-        } else {
-            session.run(ort::inputs!["input_ids" => t_ids, "attention_mask" => t_mask])
-        }
-        .map_err(ort_err)?;
-        let (shape, hidden) = outputs[0].try_extract_tensor::<f32>().map_err(ort_err)?;
-        if shape.len() != 3 || shape[2] as usize != EMBEDDING_DIM || shape[1] as usize != n {
+        let types: Vec<i64> = enc.get_type_ids().iter().map(|&x| i64::from(x)).collect();
+        let (shape, hidden) = lock(&self.model)?.hidden(ids, mask.clone(), types)?;
+        if shape != [1, n, EMBEDDING_DIM] {
             return Err(DeviceError::Embedding(format!(
                 "unexpected output shape {shape:?}, expected [1, {n}, {EMBEDDING_DIM}]"
             )));
         }
-        mean_pool_normalised(hidden, &mask)
+        mean_pool_normalised(&hidden, &mask)
     }
 }
 

@@ -26,6 +26,15 @@ pub enum DeviceError {
         /// What went wrong.
         reason: String,
     },
+    /// No path was given for a run-time asset: neither the config nor the environment names
+    /// it (the library never guesses a location).
+    #[error("{what} not configured: {how}")]
+    AssetNotConfigured {
+        /// Which asset.
+        what: &'static str,
+        /// The config field and environment variables that can name it.
+        how: &'static str,
+    },
     /// ONNX Runtime or the tokenizer failed while embedding.
     #[error("embedding failed: {0}")]
     Embedding(String),
@@ -144,7 +153,7 @@ impl DeviceError {
         match self {
             DeviceError::Invalid(_) => ErrorCode::Invalid,
             DeviceError::Json(_) => ErrorCode::Json,
-            DeviceError::Asset { .. } => ErrorCode::Asset,
+            DeviceError::Asset { .. } | DeviceError::AssetNotConfigured { .. } => ErrorCode::Asset,
             DeviceError::Embedding(_) => ErrorCode::Embedding,
             DeviceError::Database { .. } => ErrorCode::Database,
             DeviceError::SchemaTooNew { .. } => ErrorCode::SchemaTooNew,

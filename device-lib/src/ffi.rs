@@ -21,16 +21,26 @@
 // The C boundary needs raw pointers and exported symbols; `unsafe` is confined to this module.
 #![allow(unsafe_code)]
 
-use crate::brain::{Brain, BrainConfig, RecommendContext};
+use crate::brain::{Brain, BrainConfig, MAX_K, RecommendContext};
 use crate::error::{DeviceError, ErrorCode, Result};
 use crate::sync::{BrainAccess, SyncClient, SyncConfig};
-use omega_protocol::validate::{MAX_MESSAGE_BYTES, ValidationError};
+use omega_protocol::validate::{MAX_MESSAGE_BYTES, ValidationError, check_range};
 use omega_protocol::{GlobalPatterns, ViewingEvent};
 use serde::Serialize;
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Mutex, MutexGuard};
+
+/// ABI major version: changes when a change breaks existing callers (a removed or changed
+/// function, a changed meaning). It is the shared library's SONAME
+/// (`libomega_device.so.<major>`); build.rs reads it from here.
+pub const OMEGA_ABI_VERSION_MAJOR: u32 = 1;
+/// ABI minor version: changes when functions or error codes are added.
+pub const OMEGA_ABI_VERSION_MINOR: u32 = 0;
+/// `(major << 16) | minor`, what `omega_abi_version()` returns for this header: a caller
+/// compares the two majors at start-up to catch a mismatched library.
+pub const OMEGA_ABI_VERSION: u32 = (OMEGA_ABI_VERSION_MAJOR << 16) | OMEGA_ABI_VERSION_MINOR;
 
 /// Success.
 pub const OMEGA_OK: i32 = 0;
@@ -321,7 +331,9 @@ pub unsafe extern "C" fn omega_brain_observe(
 }
 
 /// Recommends up to `k` contents for a `RecommendContext` (NULL or "" = now). Writes a JSON
-/// array of `{content_id, score, reason, source}`.
+/// array of `{content_id, score, reason, source}`. `k` above `OMEGA_MAX_K` is refused
+/// (`OMEGA_ERR_INVALID`). The array is empty while the brain knows no content to propose: a
+/// catalogue (`BrainConfig.catalogue_path`) or global patterns from a sync are the sources.
 ///
 /// # Safety
 /// As `omega_brain_observe`.
@@ -337,6 +349,7 @@ pub unsafe extern "C" fn omega_brain_recommend(
         // SAFETY: forwarded from the caller.
         let ctx: RecommendContext =
             parse(unsafe { text(context_json, "context_json") }?)?.unwrap_or_default();
+        check_range("k", f64::from(k), 0.0, MAX_K as f64)?;
         let mut h = lock(&b.inner)?;
         let recs = h.brain.recommend(&ctx, k as usize)?;
         // SAFETY: forwarded from the caller.
@@ -393,6 +406,7 @@ pub unsafe extern "C" fn omega_brain_sync(
         // SAFETY: forwarded from the caller.
         let cfg_json = unsafe { text(sync_config_json, "sync_config_json") }?.unwrap_or("");
         let cfg: SyncConfig = parse(Some(cfg_json))?.unwrap_or_default();
+        check_endpoint_scheme(&cfg.endpoint)?;
         let mut net = lock(&b.net)?;
         if net.runtime.is_none() {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -415,6 +429,17 @@ pub unsafe extern "C" fn omega_brain_sync(
         // SAFETY: forwarded from the caller.
         unsafe { emit(&mut h, &report, out, out_cap) }
     })
+}
+
+/// The sync client speaks gRPC over HTTP/2: an endpoint without an `http://` or `https://`
+/// scheme is a configuration mistake, not a transport failure worth retrying.
+fn check_endpoint_scheme(endpoint: &str) -> Result<()> {
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        return Ok(());
+    }
+    Err(DeviceError::SyncConfig(format!(
+        "endpoint {endpoint:?} must start with http:// or https://"
+    )))
 }
 
 /// Takes in global patterns given as `GlobalPatterns` JSON (for a transport other than
@@ -470,7 +495,8 @@ pub unsafe extern "C" fn omega_brain_last_result(
     })
 }
 
-/// Closes the brain and frees the handle (NULL is a no-op). The handle is invalid afterwards,
+/// Closes the brain and frees the handle (NULL is a no-op). The background pre-warm thread
+/// is stopped and joined first, so no thread of the library is left running. The handle is invalid afterwards,
 /// even when an error is returned (the database could not be checkpointed; it stays
 /// consistent).
 ///
@@ -489,6 +515,9 @@ pub unsafe extern "C" fn omega_brain_close(brain: *mut OmegaBrain) -> i32 {
             .inner
             .into_inner()
             .map_err(|_| DeviceError::Internal("brain lock poisoned".into()))?;
+        // No thread of the library outlives the handle (the caller may unload the library or
+        // exit right after this call).
+        inner.brain.embedder().stop_prewarm();
         inner.brain.close()?;
         Ok(OMEGA_OK)
     })
@@ -504,6 +533,14 @@ pub unsafe extern "C" fn omega_last_error_message(out: *mut c_char, out_cap: usi
     let msg = LAST_ERROR.with(|e| e.borrow().clone());
     // SAFETY: forwarded from the caller.
     unsafe { copy_out(msg.as_bytes(), out, out_cap) }.0
+}
+
+/// The ABI version of the loaded library, `(major << 16) | minor` (`OMEGA_ABI_VERSION` is
+/// the header's). A program built against major M works with a library of major M and a
+/// minor at least its header's.
+#[unsafe(no_mangle)]
+pub extern "C" fn omega_abi_version() -> u32 {
+    OMEGA_ABI_VERSION
 }
 
 /// The library version, a static NUL-terminated string.

@@ -4,6 +4,9 @@
 //!
 //! `cargo run --release -p omega-device --bin omega-device-bench -- --patterns 10000 --json`
 //!
+//! The embedder backend is `--backend onnxruntime|tract` (build with `--features tract` for
+//! tract); the report names it, with the size of this executable.
+//!
 //! The brain's database is built first (every pattern embedded by the real model); the cold
 //! start, recommendation latencies and peak RSS are then measured in a fresh child process
 //! that opens that database, so they include loading ONNX Runtime, the model, the tokenizer,
@@ -12,6 +15,7 @@
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use omega_device::embedder::EmbedderBackend;
 use omega_device::index::{IndexKind, QuantMatrix, VectorIndex};
 use omega_device::{Brain, BrainConfig, CatalogueItem, Embedder, EmbedderConfig, RecommendContext};
 use omega_protocol::vector::{QuantizedVector, l2_normalize, quantize};
@@ -63,6 +67,25 @@ struct Args {
     /// Internal: load the embedder alone, lean (`lean`) or with ONNX Runtime's defaults.
     #[arg(long, hide = true)]
     child_embedder: Option<String>,
+    /// Embedder backend: `onnxruntime` or `tract` (default: `OMEGA_EMBEDDER_BACKEND`, else
+    /// ONNX Runtime when compiled in).
+    #[arg(long, value_parser = parse_backend)]
+    backend: Option<EmbedderBackend>,
+}
+
+fn parse_backend(s: &str) -> Result<EmbedderBackend, String> {
+    match s {
+        "onnxruntime" => Ok(EmbedderBackend::Onnxruntime),
+        "tract" => Ok(EmbedderBackend::Tract),
+        other => Err(format!("unknown backend {other:?} (onnxruntime, tract)")),
+    }
+}
+
+fn backend_name(b: EmbedderBackend) -> &'static str {
+    match b {
+        EmbedderBackend::Onnxruntime => "onnxruntime",
+        EmbedderBackend::Tract => "tract",
+    }
 }
 
 const ADJECTIVES: &[&str] = &[
@@ -244,12 +267,19 @@ fn missed(targets: &Value) -> Vec<String> {
 }
 
 /// Child process: open the prepared database cold and time the device-side operations.
-fn child(db: &Path, catalogue: &Path, queries: usize, samples: usize) -> Result<Value> {
+fn child(
+    db: &Path,
+    catalogue: &Path,
+    queries: usize,
+    samples: usize,
+    backend: EmbedderBackend,
+) -> Result<Value> {
     let started = Instant::now();
     let brain = Brain::open(BrainConfig {
         db_path: Some(db.to_path_buf()),
         catalogue_path: Some(catalogue.to_path_buf()),
         durable: false,
+        embedder: EmbedderConfig { backend, ..Default::default() },
         ..Default::default()
     })?;
     let open_ms = ms(started.elapsed());
@@ -381,6 +411,7 @@ fn build_db(
         db_path: Some(db.clone()),
         catalogue_path: Some(catalogue_path.clone()),
         durable: false,
+        embedder: EmbedderConfig { backend: args.backend_or_default(), ..Default::default() },
         ..Default::default()
     })?
     .close()?;
@@ -511,9 +542,9 @@ fn deltas(embedder: &Arc<Embedder>, intervals: usize, public: bool) -> Result<Ve
 }
 
 /// Child process: the embedder alone, to compare session settings (RSS, speed).
-fn child_embedder(lean: bool, samples: usize) -> Result<Value> {
+fn child_embedder(lean: bool, samples: usize, backend: EmbedderBackend) -> Result<Value> {
     let started = Instant::now();
-    let e = Embedder::new(EmbedderConfig { lean_memory: lean, ..Default::default() })?;
+    let e = Embedder::new(EmbedderConfig { lean_memory: lean, backend, ..Default::default() })?;
     let load_ms = ms(started.elapsed());
     let mut times = Vec::new();
     for i in 0..samples {
@@ -522,7 +553,7 @@ fn child_embedder(lean: bool, samples: usize) -> Result<Value> {
         times.push(ms(t.elapsed()));
     }
     Ok(
-        json!({"lean_memory": lean, "load_ms": load_ms, "embed_p50_ms": percentile(&mut times, 0.5), "rss_mb": peak_rss_mb()}),
+        json!({"backend": backend_name(backend), "lean_memory": lean, "load_ms": load_ms, "embed_p50_ms": percentile(&mut times, 0.5), "rss_mb": peak_rss_mb()}),
     )
 }
 
@@ -538,20 +569,31 @@ fn run_child(args: &[&str]) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("child output")
 }
 
+impl Args {
+    fn backend_or_default(&self) -> EmbedderBackend {
+        self.backend.unwrap_or_else(EmbedderBackend::from_env_or_build)
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    let backend = args.backend_or_default();
     if let Some(mode) = &args.child_embedder {
-        println!("{}", child_embedder(mode == "lean", args.samples)?);
+        println!("{}", child_embedder(mode == "lean", args.samples, backend)?);
         return Ok(());
     }
     if let Some(db) = &args.child_db {
         let catalogue = db.with_file_name("catalogue.json");
-        println!("{}", child(db, &catalogue, args.queries, args.samples)?);
+        println!("{}", child(db, &catalogue, args.queries, args.samples, backend)?);
         return Ok(());
     }
     let tmp = tempfile_dir(&args)?;
     let dir = tmp.as_path();
-    let embedder = Arc::new(Embedder::new(EmbedderConfig::default()).context("loading the model")?);
+    let embedder = Arc::new(
+        Embedder::new(EmbedderConfig { backend, ..Default::default() })
+            .context("loading the model")?,
+    );
+    let backend_arg = ["--backend", backend_name(backend)];
     let t = Instant::now();
     let (db, _catalogue, vectors) = build_db(&args, dir, &embedder)?;
     let setup_s = t.elapsed().as_secs_f64();
@@ -564,11 +606,40 @@ fn main() -> Result<()> {
         &args.queries.to_string(),
         "--samples",
         &samples,
+        backend_arg[0],
+        backend_arg[1],
     ])?;
-    let session_settings = vec![
-        run_child(&["--child-embedder", "lean", "--samples", &samples])?,
-        run_child(&["--child-embedder", "default", "--samples", &samples])?,
-    ];
+    // The embedder alone; lean vs default compares ONNX Runtime's session options.
+    let session_settings = match backend {
+        EmbedderBackend::Onnxruntime => vec![
+            run_child(&[
+                "--child-embedder",
+                "lean",
+                "--samples",
+                &samples,
+                "--backend",
+                "onnxruntime",
+            ])?,
+            run_child(&[
+                "--child-embedder",
+                "default",
+                "--samples",
+                &samples,
+                "--backend",
+                "onnxruntime",
+            ])?,
+        ],
+        EmbedderBackend::Tract => {
+            vec![run_child(&[
+                "--child-embedder",
+                "lean",
+                "--samples",
+                &samples,
+                "--backend",
+                "tract",
+            ])?]
+        }
+    };
     let mut rng = StdRng::seed_from_u64(9);
     let queries: Vec<QuantizedVector> = (0..args.samples)
         .map(|i| -> Result<QuantizedVector> {
@@ -598,7 +669,10 @@ fn main() -> Result<()> {
     let mut delta_sizes = deltas(&embedder, args.intervals, false)?;
     let mut public_delta_sizes = deltas(&embedder, args.intervals, true)?;
 
+    let exe_bytes = std::env::current_exe().and_then(std::fs::metadata).map(|m| m.len()).ok();
     let mut report = json!({
+        "backend": backend_name(backend),
+        "bench_exe_bytes": exe_bytes,
         "patterns": args.patterns,
         "catalogue": args.catalogue,
         "queries": args.queries,

@@ -97,11 +97,9 @@ fn artifact_dir() -> PathBuf {
     exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
 }
 
-#[test]
-fn a_c_program_uses_the_static_library() {
-    require_assets();
-    // `cargo test` builds the library as an rlib only; build the staticlib (same profile,
-    // same target folder, so only the final archive step runs).
+/// Builds the static library (`cargo test` builds the crate as an rlib only; same profile,
+/// same target folder, so only the final archive step runs) and links `source` against it.
+fn compile_c(source: &Path, exe: &Path) {
     let profile = artifact_dir();
     let mut build = Command::new(env!("CARGO"));
     build.args(["build", "--lib", "-p", "omega-device", "--message-format", "short"]);
@@ -115,18 +113,24 @@ fn a_c_program_uses_the_static_library() {
     assert!(status.success(), "cargo build of the staticlib failed");
     let lib = profile.join("libomega_device.a");
     assert!(lib.is_file(), "{} not built", lib.display());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let exe = dir.path().join("smoke");
     let status = Command::new("cc")
-        .arg(crate_dir().join("tests/c/smoke.c"))
+        .arg(source)
         .arg("-I")
         .arg(crate_dir().join("include"))
         .arg(&lib)
         .args(["-lpthread", "-ldl", "-lm", "-lgcc_s", "-lrt", "-lutil", "-lstdc++", "-o"])
-        .arg(&exe)
+        .arg(exe)
         .status()
         .expect("run cc");
-    assert!(status.success(), "cc failed");
+    assert!(status.success(), "cc failed on {}", source.display());
+}
+
+#[test]
+fn a_c_program_uses_the_static_library() {
+    require_assets();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = dir.path().join("smoke");
+    compile_c(&crate_dir().join("tests/c/smoke.c"), &exe);
     let not_a_library = crate_dir().join("tests/c/smoke.c");
     // A real shard on loopback for the program's register + sync.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -145,6 +149,105 @@ fn a_c_program_uses_the_static_library() {
     let s = shard.state();
     assert_eq!(s.patterns.len(), 2, "the C program's patterns reached the shard");
     assert_eq!(s.registrations, 1, "registered once, synced again after the reopen");
+}
+
+/// The guide's example (`examples/c/omega_example.c`), run as a vendor's program would be,
+/// with its assets named only by the explicit variables:
+/// - without a catalogue it prints `[]` and says why; with one it recommends from it;
+/// - it exits right after `omega_brain_close`, while the pre-warm thread would still be
+///   embedding: nothing may show on stderr (ONNX Runtime used to print
+///   "[E:onnxruntime … GetElementType is not implemented]" at exit from a thread left
+///   running), in 5 runs of 5;
+/// - with no variable at all, run from inside the repository (which has an asset cache), it
+///   finds nothing and says what to set: no path is guessed.
+#[test]
+fn the_guides_example_runs() {
+    require_assets();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = dir.path().join("omega_example");
+    let repo = crate_dir().parent().expect("repository").to_path_buf();
+    compile_c(&repo.join("examples/c/omega_example.c"), &exe);
+    let var = |name: &str| std::env::var_os(name);
+    let cache = PathBuf::from(var("OMEGA_CACHE").expect("OMEGA_CACHE (scripts/assets.py env)"));
+    let ort = var("ORT_DYLIB_PATH").expect("ORT_DYLIB_PATH (scripts/assets.py env)");
+    let run = |db: &str, catalogue: Option<&Path>, with_assets: bool| {
+        let mut cmd = Command::new(&exe);
+        cmd.env_clear().current_dir(&repo).arg(dir.path().join(db));
+        if let Some(c) = catalogue {
+            cmd.arg(c);
+        }
+        if with_assets {
+            cmd.env("ORT_DYLIB_PATH", &ort)
+                .env("OMEGA_MODEL_PATH", cache.join("minilm/model.onnx"))
+                .env("OMEGA_TOKENIZER_PATH", cache.join("minilm/tokenizer.json"));
+        }
+        let out = cmd.output().expect("run the example");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    for i in 0..5 {
+        let (code, stdout, stderr) = run(&format!("run{i}.sqlite"), None, true);
+        assert_eq!(code, Some(0), "run {i}:\n{stdout}\n{stderr}");
+        assert!(stdout.contains("\nrecommend: []\n(empty: no catalogue"), "{stdout}");
+        assert!(stdout.ends_with("example done\n"), "{stdout}");
+        assert!(stderr.is_empty(), "run {i} wrote to stderr at exit:\n{stderr}");
+    }
+    let catalogue = dir.path().join("catalogue.json");
+    let items = serde_json::json!([
+        {"content_id": "ronin", "title": "Ronin", "genres": ["crime", "thriller"],
+         "content_type": "movie"},
+        {"content_id": "toy-story", "title": "Toy Story", "genres": ["animation", "children"],
+         "content_type": "movie"},
+    ]);
+    std::fs::write(&catalogue, items.to_string()).expect("write catalogue");
+    let (code, stdout, stderr) = run("cat.sqlite", Some(&catalogue), true);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("\nrecommend: [{\"content_id\":\"ronin\""), "{stdout}");
+    assert!(!stdout.contains("(empty"), "{stdout}");
+    let (code, stdout, stderr) = run("none.sqlite", None, false);
+    assert_eq!(code, Some(1), "found assets nobody named:\n{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("not configured") && stderr.contains("OMEGA_TOKENIZER_PATH"),
+        "{stderr}"
+    );
+}
+
+/// `k` above `OMEGA_MAX_K` is refused, not clamped; an endpoint without a scheme is a
+/// configuration error (not a transport failure to retry).
+#[test]
+fn out_of_range_k_and_a_schemeless_endpoint_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let brain = open(dir.path(), "tv-limits");
+    observe(brain, "heat", 0).expect("observe");
+    let k_of = |k: u32| {
+        // SAFETY: a live handle; NULL context; a length query.
+        unsafe {
+            omega_brain_recommend(brain as *mut _, std::ptr::null(), k, std::ptr::null_mut(), 0)
+        }
+    };
+    let max_k = u32::try_from(omega_device::brain::MAX_K).expect("small");
+    assert!(k_of(max_k) >= 0, "{}", last_error());
+    assert_eq!(k_of(max_k + 1), i64::from(OMEGA_ERR_INVALID));
+    assert!(last_error().contains('k'), "{}", last_error());
+    assert_eq!(k_of(1000), i64::from(OMEGA_ERR_INVALID));
+    assert_eq!(k_of(u32::MAX), i64::from(OMEGA_ERR_INVALID));
+    for endpoint in ["127.0.0.1:50051", "shard.example:443", "ftp://shard.example", ""] {
+        let cfg = c(&serde_json::json!({"endpoint": endpoint}).to_string());
+        assert_eq!(sync(brain, &cfg), Err(i64::from(OMEGA_ERR_SYNC_CONFIG)), "{endpoint:?}");
+        assert!(last_error().contains("http://"), "{}", last_error());
+    }
+    assert_eq!(stats(brain)["acked_version"], 0, "nothing was sent");
+    close(brain);
+}
+
+#[test]
+fn the_abi_version_is_the_headers() {
+    assert_eq!(omega_abi_version(), OMEGA_ABI_VERSION);
+    assert_eq!(OMEGA_ABI_VERSION >> 16, OMEGA_ABI_VERSION_MAJOR);
+    assert_eq!(OMEGA_ABI_VERSION & 0xffff, OMEGA_ABI_VERSION_MINOR);
+    let header = std::fs::read_to_string(crate_dir().join("include/omega.h")).expect("header");
+    assert!(header.contains("uint32_t omega_abi_version(void);"), "declared in omega.h");
+    assert!(header.contains("#define OMEGA_ABI_VERSION_MAJOR 1"), "macros in omega.h");
 }
 
 /// Up to 64 KiB of JSON out of a C call, or its error code.

@@ -1,21 +1,26 @@
 //! Shared fixtures: one embedder per test process, a small catalogue, events.
 
+use omega_device::embedder::EmbedderBackend;
 use omega_device::{Catalogue, CatalogueItem, Embedder, EmbedderConfig, assets};
 use omega_protocol::{ContentType, DayType, TimeSlot, ViewingContext, ViewingEvent};
 use std::sync::{Arc, OnceLock};
 
-/// Fails (never skips) when an asset is missing, saying how to fetch it.
+/// Fails (never skips) when an asset of the default backend (`OMEGA_EMBEDDER_BACKEND`) is
+/// missing, saying how to fetch it.
 pub fn require_assets() {
-    for (what, path) in [
-        ("ONNX Runtime", assets::ort_dylib_path()),
-        ("model", assets::model_path()),
-        ("tokenizer", assets::tokenizer_path()),
-    ] {
+    let mut needed = vec![("tokenizer", assets::tokenizer_path())];
+    match EmbedderBackend::from_env_or_build() {
+        EmbedderBackend::Onnxruntime => {
+            needed.push(("ONNX Runtime", assets::ort_dylib_path()));
+            needed.push(("model", assets::model_path()));
+        }
+        EmbedderBackend::Tract => needed.push(("tract model", assets::tract_model_path())),
+    }
+    for (what, path) in needed {
         assert!(
-            path.is_file(),
-            "{what} not found at {}: run `python3 scripts/assets.py fetch` (and \
-             `eval \"$(python3 scripts/assets.py env)\"`) first",
-            path.display()
+            path.as_ref().is_some_and(|p| p.is_file()),
+            "{what} not found ({path:?}): run `python3 scripts/assets.py fetch all` and \
+             `eval \"$(python3 scripts/assets.py env)\"` first"
         );
     }
 }

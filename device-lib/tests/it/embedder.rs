@@ -2,6 +2,7 @@
 //! contract, bad assets.
 
 use crate::common::{embedder, require_assets};
+use omega_device::embedder::EmbedderBackend;
 use omega_device::{DeviceError, Embedder, EmbedderConfig, assets};
 use omega_protocol::vector::{EMBEDDING_DIM, cosine, dot, norm, quantize};
 use std::sync::Arc;
@@ -137,7 +138,7 @@ fn missing_or_broken_assets_give_clear_errors() {
     let msg = asset_error(EmbedderConfig { tokenizer_path: Some(junk), ..Default::default() });
     assert!(msg.contains("tokenizer"), "{msg}");
     // The real ones still load afterwards.
-    assert!(assets::model_path().is_file());
+    assert!(assets::model_path().is_some_and(|p| p.is_file()));
     assert!(embedder().embed("still fine").is_ok());
 }
 
@@ -160,7 +161,8 @@ fn prewarm_fills_the_cache_once_in_the_background() {
 #[test]
 fn long_texts_are_truncated_at_128_tokens() {
     let e = embedder();
-    let mut tok = tokenizers::Tokenizer::from_file(assets::tokenizer_path()).expect("tokenizer");
+    let path = assets::tokenizer_path().expect("OMEGA_CACHE or OMEGA_TOKENIZER_PATH is set");
+    let mut tok = tokenizers::Tokenizer::from_file(path).expect("tokenizer");
     tok.with_padding(None);
     tok.with_truncation(None).expect("no truncation");
     let subjects = ["crime", "family", "ocean", "football", "cooking", "space", "war", "jazz"];
@@ -183,41 +185,28 @@ fn long_texts_are_truncated_at_128_tokens() {
 #[test]
 fn the_converted_model_is_faithful_to_the_original() {
     require_assets();
-    let original = assets::model_path().with_file_name("model-original.onnx");
+    // Both on ONNX Runtime: this is about the model files.
+    let original = assets::model_path()
+        .expect("OMEGA_CACHE or OMEGA_MODEL_PATH is set")
+        .with_file_name("model-original.onnx");
     assert!(
         original.is_file(),
         "{} not found: `python3 scripts/assets.py fetch model` extracts it",
         original.display()
     );
     let orig = Embedder::new(EmbedderConfig {
+        backend: EmbedderBackend::Onnxruntime,
         model_path: Some(original),
         cache_capacity: 1,
         ..Default::default()
     })
     .expect("the original model loads");
-    let e = embedder();
-    let slots = ["morning", "afternoon", "evening", "night"];
-    let kinds = ["movie", "series", "documentary", "sports", "kids"];
-    let titles = [
-        "Heat",
-        "Toy Story",
-        "Planet Earth",
-        "MasterChef",
-        "The Wire",
-        "Das Boot",
-        "Champions League Final",
-        "Amélie",
-        "Evening News",
-        "Breaking Bad",
-    ];
+    let e = on_backend(EmbedderBackend::Onnxruntime);
     let mut cosines = Vec::new();
-    for (i, title) in titles.iter().enumerate() {
-        for j in 0..5 {
-            let text = format!("{} {}: {title}. genre {}", slots[(i + j) % 4], kinds[j], i * 5 + j);
-            let a = e.embed_uncached(&text).expect("converted");
-            let b = orig.embed_uncached(&text).expect("original");
-            cosines.push(cosine(&a, &b));
-        }
+    for text in fidelity_texts() {
+        let a = e.embed_uncached(&text).expect("converted");
+        let b = orig.embed_uncached(&text).expect("original");
+        cosines.push(cosine(&a, &b));
     }
     assert_eq!(cosines.len(), 50);
     cosines.sort_by(f32::total_cmp);
@@ -232,4 +221,59 @@ fn the_converted_model_is_faithful_to_the_original() {
     assert!(mean >= 0.99, "{summary}");
     assert!(cosines[5] >= 0.99, "90% of texts at cosine >= 0.99: {summary}");
     assert!(cosines[0] >= 0.985, "{summary}");
+}
+
+/// The fidelity text set: 50 short texts shaped like the brain's pattern texts.
+fn fidelity_texts() -> Vec<String> {
+    let slots = ["morning", "afternoon", "evening", "night"];
+    let kinds = ["movie", "series", "documentary", "sports", "kids"];
+    let titles = [
+        "Heat",
+        "Toy Story",
+        "Planet Earth",
+        "MasterChef",
+        "The Wire",
+        "Das Boot",
+        "Champions League Final",
+        "Amélie",
+        "Evening News",
+        "Breaking Bad",
+    ];
+    let mut texts = Vec::new();
+    for (i, title) in titles.iter().enumerate() {
+        for j in 0..5 {
+            texts.push(format!(
+                "{} {}: {title}. genre {}",
+                slots[(i + j) % 4],
+                kinds[j],
+                i * 5 + j
+            ));
+        }
+    }
+    texts
+}
+
+fn on_backend(backend: EmbedderBackend) -> Embedder {
+    Embedder::new(EmbedderConfig { backend, cache_capacity: 1, ..Default::default() })
+        .unwrap_or_else(|e| panic!("the {backend:?} backend loads: {e}"))
+}
+
+/// tract cannot run the ONNX Runtime model (it has a Microsoft contrib operator): a clear
+/// asset error naming the file, not a panic; a missing tract model likewise.
+#[test]
+fn the_tract_backend_refuses_a_model_it_cannot_run() {
+    require_assets();
+    let ort_model = assets::model_path().expect("OMEGA_CACHE or OMEGA_MODEL_PATH is set");
+    let msg = asset_error(EmbedderConfig {
+        backend: EmbedderBackend::Tract,
+        model_path: Some(ort_model),
+        ..Default::default()
+    });
+    assert!(msg.contains("model") && msg.contains("model.onnx"), "{msg}");
+    let msg = asset_error(EmbedderConfig {
+        backend: EmbedderBackend::Tract,
+        model_path: Some("/nonexistent/model-tract.onnx".into()),
+        ..Default::default()
+    });
+    assert!(msg.contains("model-tract.onnx") && msg.contains("no such file"), "{msg}");
 }
