@@ -1,6 +1,6 @@
 //! The federation's output, evaluated offline: every user's training interactions become the
 //! quality patterns their TV would export, one federation round runs in-process
-//! (`omega_shard::federation::federate`, the same code `omega-shard federate` runs), the
+//! (`omega_federation::federate`, the same code `omega-shard federate` runs), the
 //! published aggregates go through the wire encoding (int8) and its validation, and each
 //! user ranks candidates the way a TV does with collaborative vectors: `score(i) = a_i · q`,
 //! `q` the collaborative query over the history (`omega_protocol::collab`).
@@ -13,14 +13,14 @@
 //! the real model elsewhere.
 
 use super::{Scorer, Split, Stage};
+use omega_federation::intake::Intake;
+use omega_federation::round::{RoundConfig, RoundOutput, federate};
 use omega_protocol::collab::{self, QueryParams};
 use omega_protocol::pb;
 use omega_protocol::types::{
     AggregatedPattern, content_aggregate_id, embedding_to_wire, is_collaborative_vector,
 };
 use omega_protocol::vector::{EMBEDDING_DIM, dot, l2_normalize};
-use omega_shard::federation::intake::Intake;
-use omega_shard::federation::round::{RoundConfig, RoundOutput, federate};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::collections::{HashMap, HashSet};
 

@@ -301,7 +301,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
         None => None,
     };
     let round_cfg =
-        omega_shard::federation::RoundConfig { min_sources: cfg.min_sources, ..Default::default() };
+        omega_federation::RoundConfig { min_sources: cfg.min_sources, ..Default::default() };
     let offline = crate::eval::federated::round(&world.split, Stage::Test, &round_cfg, "offline");
     let mut offline_scorer = crate::eval::federated::FederatedScorer::new(
         &world.split,

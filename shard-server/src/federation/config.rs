@@ -1,9 +1,9 @@
 //! The flags of `omega-shard federate` (docs/architecture.md); each is also an env var.
 
-use super::collab::CollabConfig;
-use super::group::DEFAULT_THRESHOLD;
-use super::privacy::DpParams;
-use super::round::{DEFAULT_DP_MAX_GROUPS, DEFAULT_PROFILE_MIX, RoundConfig};
+use omega_federation::collab::CollabConfig;
+use omega_federation::group::DEFAULT_THRESHOLD;
+use omega_federation::privacy::DpParams;
+use omega_federation::round::{DEFAULT_DP_MAX_GROUPS, DEFAULT_PROFILE_MIX, RoundConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,12 +1,13 @@
 //! The round over real gRPC: export from every shard (resumable cursor, zstd), aggregate,
 //! publish to every shard (idempotent on round id), with a checkpoint between the steps.
 
+use super::FederationError;
 use super::checkpoint::{OutputCounts, RoundState, Store, from_hex, to_hex};
 use super::config::FederateArgs;
-use super::intake::Intake;
 use super::metrics::FederationMetrics;
-use super::round::{self, RoundConfig};
-use super::{FederationError, privacy};
+use omega_federation::intake::Intake;
+use omega_federation::privacy;
+use omega_federation::round::{self, RoundConfig};
 use omega_protocol::admin::{RoundOutcome, RoundSummary, ShardFailure};
 use omega_protocol::pb::{self, shard_admin_client::ShardAdminClient};
 use omega_protocol::types::is_collaborative_vector;

@@ -1,11 +1,11 @@
 //! One round as a pure function: what the shards exported in, what to publish out.
 
-use super::aggregate::{self, AggregateConfig, AggregateStats, DpRound, Interests};
-use super::collab::CollabConfig;
-use super::group;
-use super::intake::Intake;
-use super::privacy::{self, DpParams};
-use super::trends::{self, TrendConfig};
+use crate::aggregate::{self, AggregateConfig, AggregateStats, DpRound, Interests};
+use crate::collab::CollabConfig;
+use crate::group;
+use crate::intake::Intake;
+use crate::privacy::{self, DpParams};
+use crate::trends::{self, TrendConfig};
 use omega_protocol::admin::PrivacyAccounting;
 use omega_protocol::types::{AggregatedPattern, TrendSignal};
 use sha2::{Digest, Sha256};
@@ -109,9 +109,9 @@ pub fn federate(intake: &Intake, cfg: &RoundConfig, round_id: &str) -> RoundOutp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::federation::aggregate::aggregate_id;
-    use crate::federation::collab::CollabConfig;
-    use crate::federation::privacy::DpParams;
+    use crate::aggregate::aggregate_id;
+    use crate::collab::CollabConfig;
+    use crate::privacy::DpParams;
     use omega_protocol::pb;
     use omega_protocol::types::embedding_to_wire;
     use omega_protocol::types::{AggregatedPattern, is_collaborative_vector};

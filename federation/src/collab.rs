@@ -150,7 +150,7 @@ fn top_eigen(
 ) -> (Vec<f64>, Vec<f64>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut q: Vec<f64> =
-        (0..n * r).map(|_| f64::from(super::privacy::gaussian(&mut rng, 1.0))).collect();
+        (0..n * r).map(|_| f64::from(crate::privacy::gaussian(&mut rng, 1.0))).collect();
     orthonormalize(&mut q, n, r);
     for _ in 0..iterations {
         q = apply(&q);
@@ -254,7 +254,7 @@ pub fn dp_item_vectors(
     let mut rng = StdRng::seed_from_u64(seed ^ 0x0dd5_eed5);
     for a in 0..n {
         for b in a..n {
-            let z = f64::from(super::privacy::gaussian(&mut rng, sigma));
+            let z = f64::from(crate::privacy::gaussian(&mut rng, sigma));
             g[a * n + b] += z;
             if a != b {
                 g[b * n + a] += z;

@@ -18,10 +18,10 @@
 //! also gets its collaborative item vector ([`collab`]) as a second aggregate under
 //! [`collaborative_vector_id`], with the main group's evidence (quality, devices, samples).
 
-use super::collab::{self, CollabConfig};
-use super::group::Group;
-use super::intake::{Contribution, Intake};
-use super::privacy::{Calibration, gaussian};
+use crate::collab::{self, CollabConfig};
+use crate::group::Group;
+use crate::intake::{Contribution, Intake};
+use crate::privacy::{Calibration, gaussian};
 use omega_protocol::types::{AggregatedPattern, ContentType, DayType, PatternContext, TimeSlot};
 use omega_protocol::vector::{EMBEDDING_DIM, l2_normalize};
 use rand::{SeedableRng, rngs::StdRng};
@@ -84,9 +84,9 @@ pub struct AggregateConfig {
 /// Noise settings of a DP round.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DpRound {
-    /// From [`super::privacy::calibrate`] (noisy profiles).
+    /// From [`crate::privacy::calibrate`] (noisy profiles).
     pub calibration: Calibration,
-    /// From [`super::privacy::calibrate_gram`] (collaborative vectors).
+    /// From [`crate::privacy::calibrate_gram`] (collaborative vectors).
     pub gram: Calibration,
     /// Most groups per device.
     pub max_groups_per_device: u32,
