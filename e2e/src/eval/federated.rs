@@ -14,6 +14,7 @@
 
 use super::{Scorer, Split, Stage};
 use omega_federation::intake::Intake;
+use omega_federation::privacy::NoiseSeed;
 use omega_federation::round::{RoundConfig, RoundOutput, federate};
 use omega_protocol::collab::{self, QueryParams};
 use omega_protocol::pb;
@@ -89,7 +90,10 @@ pub fn round(split: &Split, stage: Stage, cfg: &RoundConfig, round_id: &str) -> 
     let mut intake = Intake::default();
     // One model for the whole batch: this cannot fail.
     let _ = intake.add_batch(&export_batch(split, stage), cfg.min_quality);
-    federate(&intake, cfg, round_id)
+    // A fixed evaluation key: offline measurements must be repeatable; production rounds draw
+    // from the OS or a secret key.
+    let seed = NoiseSeed::keyed(b"omega offline evaluation, not a secret", round_id);
+    federate(&intake, cfg, &seed.unwrap_or_else(|_| NoiseSeed::fixed([7; 32])))
 }
 
 /// Ranks with the published aggregates, as a TV would after receiving them.

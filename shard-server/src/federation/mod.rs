@@ -56,6 +56,9 @@ pub enum FederationError {
     /// The checkpoint could not be used.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    /// No noise could be had, or the privacy budget refuses the round (nothing released).
+    #[error(transparent)]
+    Privacy(#[from] omega_federation::privacy::PrivacyError),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
