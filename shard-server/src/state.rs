@@ -189,7 +189,7 @@ impl AppState {
             tracing::warn!(error = %e, "store not ready");
         }
         self.store_ready.store(ready.is_ok(), Ordering::Release);
-        let since = crate::server::now_ms() - ACTIVE_WINDOW.as_millis() as i64;
+        let since = crate::clock::now_ms() - ACTIVE_WINDOW.as_millis() as i64;
         if ready.is_ok()
             && let Ok(c) = self.store.counts(since).await
         {

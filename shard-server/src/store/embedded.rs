@@ -616,7 +616,7 @@ impl Store for EmbeddedStore {
                 (self.barrier()?, Published { applied: false, global_version: st.global.version })
             } else {
                 let version = p.global_version.max(st.global.version + 1);
-                st.published_ms = now_ms();
+                st.published_ms = crate::clock::now_ms();
                 let rec = Record {
                     kind: Some(Kind::Publish(wal::PublishRec {
                         round_id: p.round_id,
@@ -672,12 +672,6 @@ impl Store for EmbeddedStore {
     async fn flush(&self) -> Result<(), StoreError> {
         durable(self.barrier()?).await
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 struct Writer {

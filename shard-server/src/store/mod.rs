@@ -264,7 +264,7 @@ pub enum SimilarIndex {
     Pgvector,
 }
 
-/// Options of the stores, from [`crate::config::StoreArgs`].
+/// Options of the stores (`omega-shard` builds them from its `StoreArgs`).
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// Postgres URL, or `None` for the embedded store.
@@ -297,28 +297,6 @@ pub struct StoreOptions {
     pub ann_probes: usize,
     /// Embedded WAL compaction threshold.
     pub wal_compact_bytes: u64,
-}
-
-impl From<&crate::config::StoreArgs> for StoreOptions {
-    fn from(a: &crate::config::StoreArgs) -> Self {
-        StoreOptions {
-            postgres_url: a.postgres_url(),
-            read_urls: a.database_read_urls.clone(),
-            data_dir: a.data_dir.clone(),
-            pool_size: a.db_pool_size,
-            hnsw_m: a.hnsw_m,
-            hnsw_ef_construction: a.hnsw_ef_construction,
-            hnsw_ef_search: a.hnsw_ef_search,
-            merge_interval: std::time::Duration::from_millis(a.merge_interval_ms),
-            merge_batch: a.merge_batch,
-            index_interval: std::time::Duration::from_millis(a.index_interval_ms),
-            index_batch: a.index_batch,
-            similar_index: a.similar_index,
-            ann_lists: a.ann_lists as usize,
-            ann_probes: a.ann_probes as usize,
-            wal_compact_bytes: a.wal_compact_mb << 20,
-        }
-    }
 }
 
 impl StoreOptions {

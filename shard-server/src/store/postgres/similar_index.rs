@@ -40,13 +40,15 @@
 //! searchable within about two merge intervals of its sync on every replica. Tombstones are kept for
 //! [`super::TOMBSTONE_RETENTION`]; a process that fell further behind (a long outage) reloads.
 
-use super::{MIN_SHARED_QUALITY, db_err, row_pattern};
+use super::pool::db_err;
+use super::rows::row_pattern;
 use crate::store::ann::{
     self, Ann, IndexInfo, NO_OWNER, SAMPLE_PER_LIST, TRAIN_ITERATIONS, TRAIN_MIN_PER_LIST,
 };
 use crate::store::{SimilarPattern, SimilarQuery, StoreError, aggregate_pattern};
 use futures::TryStreamExt;
 use omega_protocol::pb;
+use omega_protocol::validate::MIN_SHARED_QUALITY;
 use omega_protocol::vector::{QuantizedVector, quantize};
 use pgvector::Vector;
 use prost::Message;
@@ -253,7 +255,7 @@ async fn read_aggregates(tx: &mut Transaction<'_, Postgres>) -> Result<Aggregate
     .fetch_one(&mut **tx)
     .await
     .map_err(db_err)?;
-    let all = super::read_aggregates(&mut **tx).await?;
+    let all = super::publish::read_aggregates(&mut **tx).await?;
     let mut ann = Aggregates::empty().ann;
     for (i, a) in all.iter().enumerate() {
         if let Some(e) = a.embedding.as_ref().filter(|_| !a.content_id.is_empty())
