@@ -122,7 +122,7 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
                     let budget = args.budget(p)?;
                     let ledger = args.ledger()?;
                     let (ledger, composed) =
-                        privacy::charge(&ledger, &budget, &plan, crate::server::now_ms())?;
+                        privacy::charge(&ledger, &budget, &plan, crate::clock::now_ms())?;
                     Some((budget, ledger, composed))
                 }
                 None => None,
