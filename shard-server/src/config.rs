@@ -174,6 +174,10 @@ pub struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub collab_serving: bool,
+    /// k: a device is only ever served published aggregates that at least this many distinct
+    /// devices back (aggregates below it are kept but never served).
+    #[arg(long, env = "MIN_SOURCES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_sources: u32,
     /// Seconds between SIGTERM and closing the listeners. Meanwhile `/ready` answers 503 (so
     /// the load balancer takes the replica out of rotation: it needs a probe period or two to
     /// notice), new syncs and registrations get UNAVAILABLE, and in-flight requests finish.

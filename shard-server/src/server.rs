@@ -116,6 +116,7 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
             model_id: args.model_id.clone(),
             similar_cache: Duration::from_secs(args.similar_cache_secs),
             collab_serving: args.collab_serving,
+            min_sources: args.min_sources,
         },
     ));
     state.refresh().await;

@@ -32,6 +32,8 @@ pub struct Settings {
     pub similar_cache: Duration,
     /// `COLLAB_SERVING`: page collaborative item vectors instead of interest-based `similar`.
     pub collab_serving: bool,
+    /// `MIN_SOURCES`: k of everything a device is served.
+    pub min_sources: u32,
 }
 
 const CACHE_SHARDS: usize = 16;

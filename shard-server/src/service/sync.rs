@@ -49,10 +49,10 @@ impl Service {
         }
         let Some(interest) = interest else { return Arc::default() };
         let q = SimilarQuery {
-            device_id: device_id.to_owned(),
             interest,
             limit: SIMILAR_CANDIDATES,
             min_quality: MIN_SHARED_QUALITY,
+            min_sources: st.settings.min_sources,
         };
         match st.store.similar(q).await {
             Ok(found) => {
@@ -62,8 +62,8 @@ impl Service {
                 let served: Arc<Vec<pb::Pattern>> = Arc::new(
                     found
                         .into_iter()
-                        .filter(|s| !(s.aggregate && is_collaborative(&s.pattern)))
-                        .map(|s| logic::anonymize(s.pattern, &st.keys, s.aggregate))
+                        .filter(|s| !is_collaborative(&s.pattern))
+                        .map(|s| logic::coarse_times(s.pattern))
                         .collect(),
                 );
                 // An empty answer is not cached: on a young shard (or before the Postgres
@@ -95,7 +95,11 @@ impl Service {
         if !st.settings.collab_serving {
             return None;
         }
-        let catalog = match st.collab.catalog(st.store.as_ref(), version, &st.keys, now_ms).await {
+        let catalog = match st
+            .collab
+            .catalog(st.store.as_ref(), version, st.settings.min_sources, now_ms)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "reading aggregates failed; serving by interest");

@@ -93,25 +93,26 @@ pub struct SyncApplied {
 /// A pattern offered to a device, with where it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimilarPattern {
-    /// Wire form, with the owner's id (the service re-keys it).
+    /// A published aggregate in wire form (its group id, the publication time).
     pub pattern: pb::Pattern,
-    /// True for a federated aggregate, false for another device's pattern.
-    pub aggregate: bool,
+    /// Distinct devices behind it (as the round published it: noisy in a DP round).
+    pub sources: u32,
     /// Cosine similarity to the query.
     pub score: f32,
 }
 
-/// A similarity query.
+/// A similarity query. Only published aggregates are searched, never a device's own
+/// patterns: what a TV receives is always something `min_sources` devices agree on.
 #[derive(Debug, Clone)]
 pub struct SimilarQuery {
-    /// Patterns of this device are excluded.
-    pub device_id: String,
     /// Interest vector (any length > 0; cosine is scale-free).
     pub interest: Vec<f32>,
     /// Most results.
     pub limit: usize,
-    /// Lowest success rate (quality for aggregates).
+    /// Lowest quality.
     pub min_quality: f32,
+    /// k: aggregates with fewer distinct devices are never returned.
+    pub min_sources: u32,
 }
 
 /// The state a federation round published last.
@@ -211,7 +212,8 @@ pub trait Store: Send + Sync + 'static {
     /// crash of the process.
     async fn apply_sync(&self, write: SyncWrite) -> Result<SyncApplied, StoreError>;
 
-    /// Nearest shareable patterns of other devices and federated aggregates.
+    /// Nearest published aggregates with at least `min_sources` devices (never a device's
+    /// pattern).
     async fn similar(&self, query: SimilarQuery) -> Result<Vec<SimilarPattern>, StoreError>;
 
     /// Makes every applied sync visible to [`Store::similar`] and [`Store::export`] now

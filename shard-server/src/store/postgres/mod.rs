@@ -386,31 +386,22 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         let query = Vector::from(q.interest.clone());
+        // Published aggregates only: a TV never receives another device's pattern.
         let rows = sqlx::query(
-            "SELECT * FROM (
-               (SELECT p.id, p.content_id, p.embedding, p.success_rate, p.sample_count,
-                       p.time_slot, p.day_type, p.content_type, p.genres, p.created_at_ms,
-                       p.updated_at_ms, false AS aggregate, v.distance
-                FROM (SELECT id, embedding <=> $1 AS distance FROM pattern_vectors
-                      WHERE device_id <> $2 AND success_rate >= $3
-                      ORDER BY embedding <=> $1 LIMIT $4) v
-                JOIN patterns p ON p.id = v.id
-                WHERE p.success_rate >= $3)
-               UNION ALL
-               (SELECT g.id, g.content_id, g.embedding, g.quality AS success_rate,
-                       LEAST(g.total_samples, 4294967295) AS sample_count, g.time_slot,
-                       g.day_type, g.content_type, g.genres,
-                       (extract(epoch FROM s.published_at) * 1000)::bigint AS created_at_ms,
-                       (extract(epoch FROM s.published_at) * 1000)::bigint AS updated_at_ms,
-                       true AS aggregate, g.embedding <=> $1 AS distance
-                FROM global_patterns g, global_state s
-                WHERE g.quality >= $3 AND g.content_id <> '' AND s.id = 1
-                ORDER BY g.embedding <=> $1 LIMIT $4)
-             ) s ORDER BY distance LIMIT $4",
+            "SELECT g.id, g.content_id, g.embedding, g.quality AS success_rate,
+                    LEAST(g.total_samples, 4294967295) AS sample_count, g.time_slot,
+                    g.day_type, g.content_type, g.genres, g.source_devices,
+                    (extract(epoch FROM s.published_at) * 1000)::bigint AS created_at_ms,
+                    (extract(epoch FROM s.published_at) * 1000)::bigint AS updated_at_ms,
+                    g.embedding <=> $1 AS distance
+             FROM global_patterns g, global_state s
+             WHERE g.quality >= $2 AND g.content_id <> '' AND g.source_devices >= $3
+               AND s.id = 1
+             ORDER BY g.embedding <=> $1 LIMIT $4",
         )
         .bind(&query)
-        .bind(&q.device_id)
         .bind(q.min_quality)
+        .bind(i64::from(q.min_sources))
         .bind(q.limit as i64)
         .fetch_all(self.reader())
         .await
@@ -418,9 +409,10 @@ impl Store for PostgresStore {
         rows.iter()
             .map(|r| {
                 let distance: f64 = r.try_get("distance")?;
+                let sources: i64 = r.try_get("source_devices")?;
                 Ok(SimilarPattern {
                     pattern: row_pattern(r)?,
-                    aggregate: r.try_get("aggregate")?,
+                    sources: u32::try_from(sources.max(0)).unwrap_or(u32::MAX),
                     score: (1.0 - distance) as f32,
                 })
             })
