@@ -87,6 +87,11 @@ pub struct BrainConfig {
     pub durable: bool,
     /// Learning and ranking parameters.
     pub ranking: RankingParams,
+    /// `true`: a pattern whose content has a published collaborative vector is uploaded
+    /// without its title embedding (content id and coarse context only). Off by default:
+    /// today's shards keep only patterns that carry an embedding, so an upload without one
+    /// would be left out of federation rounds.
+    pub omit_public_embeddings: bool,
 }
 
 impl Default for BrainConfig {
@@ -104,6 +109,7 @@ impl Default for BrainConfig {
             utc_offset_minutes: 0,
             durable: true,
             ranking: RankingParams::default(),
+            omit_public_embeddings: false,
         }
     }
 }
@@ -713,7 +719,8 @@ impl Brain {
             .iter()
             .map(|&i| {
                 let p = self.local.get(i);
-                let public = self.global.is_public(&p.content_id);
+                let public =
+                    self.cfg.omit_public_embeddings && self.global.is_public(&p.content_id);
                 outbox::upload(p, &self.local.vector(i), public, model)
             })
             .collect();

@@ -4,10 +4,10 @@
 use omega_e2e::eval::federated::{FederatedScorer, round};
 use omega_e2e::eval::{self, EvalOptions, Stage, popularity::Popularity, report};
 use omega_e2e::movielens::MovieLens;
+use omega_federation::collab::CollabConfig;
+use omega_federation::privacy::DpParams;
+use omega_federation::round::RoundConfig;
 use omega_protocol::collab::QueryParams;
-use omega_shard::federation::collab::CollabConfig;
-use omega_shard::federation::privacy::DpParams;
-use omega_shard::federation::round::RoundConfig;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ml = MovieLens::load_default()?;

@@ -61,7 +61,8 @@ async fn load_run_reports_syncs_latency_and_bytes() {
     assert!(report.p50_ms > 0.0 && report.p99_ms >= report.p50_ms);
     assert!(report.bytes_up_p50 > 500, "two patterns are ~900 B: {report:?}");
     assert!(report.bytes_down_p50 <= 5 * 1024, "{report:?}");
-    assert!(report.similar_p50 > 0, "devices get each other's patterns: {report:?}");
+    // No round runs here, and devices never receive each other's patterns: nothing to serve.
+    assert_eq!(report.similar_p50, 0, "devices got each other's patterns: {report:?}");
 }
 
 fn repo_root() -> PathBuf {

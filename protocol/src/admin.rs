@@ -83,14 +83,56 @@ pub struct ShardFailure {
 /// The differential-privacy accounting of a round, when noise was added.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyAccounting {
-    /// Epsilon of the round.
+    /// Epsilon of the round alone.
     pub epsilon: f64,
-    /// Delta of the round.
+    /// Delta of the round alone.
     pub delta: f64,
-    /// Standard deviation of the Gaussian noise added to each published mean component.
+    /// Standard deviation of the Gaussian noise added to each released coordinate.
     pub noise_sigma: f64,
     /// L2 sensitivity the noise was calibrated for.
     pub l2_sensitivity: f64,
+    /// zCDP ρ of the round alone.
+    #[serde(default)]
+    pub rho: f64,
+    /// Epsilon per device composed over every round of the period, this one included.
+    #[serde(default)]
+    pub composed_epsilon: f64,
+    /// Delta of [`PrivacyAccounting::composed_epsilon`].
+    #[serde(default)]
+    pub composed_delta: f64,
+    /// Rounds composed (this one included).
+    #[serde(default)]
+    pub rounds_in_period: u32,
+    /// Budget: most composed epsilon per device per period.
+    #[serde(default)]
+    pub budget_epsilon: f64,
+    /// Length of the period, days.
+    #[serde(default)]
+    pub period_days: u32,
+    /// What the period has spent, this round included: the next round starts from it.
+    #[serde(default)]
+    pub ledger: PrivacyLedger,
+}
+
+/// What differentially private rounds spent, per UTC day (the composition is by days, so the
+/// ledger stays small: one entry per day of the period).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PrivacyLedger {
+    /// Days, oldest first.
+    pub days: Vec<LedgerDay>,
+}
+
+/// The rounds of one UTC day.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LedgerDay {
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    /// Total zCDP ρ of the day's rounds.
+    pub rho: f64,
+    /// Total δ the day's rounds spent on selecting what to release.
+    pub delta_select: f64,
+    /// Rounds.
+    pub rounds: u32,
 }
 
 /// The JSON summary `omega-shard federate` prints on one line when a round ends.

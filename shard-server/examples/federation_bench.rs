@@ -2,12 +2,14 @@
 //! loopback gRPC with zstd. `cargo run --release -p omega-shard --example federation_bench
 //! [-- PATTERNS SHARDS]`. Prints the round summary and the time of each phase.
 
+use omega_federation::federate;
+use omega_federation::intake::Intake;
+use omega_federation::privacy::NoiseSeed;
 use omega_protocol::pb;
 use omega_protocol::types::embedding_to_wire;
 use omega_protocol::vector::{EMBEDDING_DIM, l2_normalize};
 use omega_shard::federation::fixture::{self, MemoryShard};
-use omega_shard::federation::intake::Intake;
-use omega_shard::federation::{FederateArgs, FederationMetrics, federate, run};
+use omega_shard::federation::{FederateArgs, FederationMetrics, run};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::time::Instant;
 
@@ -97,7 +99,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         r.stop().await;
     }
     let t = Instant::now();
-    let out = federate(&intake, &args.round_config()?, "bench-round");
+    let out = federate(&intake, &args.round_config()?, &NoiseSeed::from_os()?);
     eprintln!(
         "of which computation (grouping, aggregation, collaborative vectors, trends): {:.2} s for {} aggregates",
         t.elapsed().as_secs_f64(),

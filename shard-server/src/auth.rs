@@ -2,8 +2,8 @@
 //!
 //! - A device token is `base64url(HMAC-SHA256(secret, device_id))` (architecture.md), so a
 //!   shard needs no token table and every replica of a shard accepts the same tokens.
-//! - The export `source` and the ids of patterns served to other devices use keys *derived*
-//!   from the secret, so neither can be turned back into a device id or a token.
+//! - The export `source` uses a key *derived* from the secret, so it cannot be turned back
+//!   into a device id or a token.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -25,7 +25,6 @@ pub const SECRET_FILE: &str = "device-secret";
 pub struct DeviceKeys {
     token: HmacSha256,
     source: HmacSha256,
-    served: HmacSha256,
 }
 
 impl std::fmt::Debug for DeviceKeys {
@@ -53,8 +52,7 @@ impl DeviceKeys {
     pub fn new(secret: &[u8]) -> Self {
         let token = keyed(secret);
         let source = keyed(&mac(&token, b"omega/v1 export source key"));
-        let served = keyed(&mac(&token, b"omega/v1 served pattern id key"));
-        DeviceKeys { token, source, served }
+        DeviceKeys { token, source }
     }
 
     /// The bearer token of `device_id`.
@@ -75,15 +73,6 @@ impl DeviceKeys {
     /// The pseudonymous export source of a device: stable within this shard, 16 bytes.
     pub fn source(&self, device_id: &str) -> Vec<u8> {
         mac(&self.source, device_id.as_bytes())[..16].to_vec()
-    }
-
-    /// The id under which another device's pattern is served: stable (a device can update
-    /// what it received) but unlinkable to the owner's own id.
-    pub fn served_id(&self, id: &[u8]) -> Vec<u8> {
-        let h = mac(&self.served, id);
-        let mut b = [0u8; 16];
-        b.copy_from_slice(&h[..16]);
-        uuid::Builder::from_random_bytes(b).into_uuid().as_bytes().to_vec()
     }
 }
 
@@ -133,7 +122,6 @@ pub fn bearer(value: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use uuid::Uuid;
 
     #[test]
     fn tokens_verify_only_for_their_device_and_secret() {
@@ -164,11 +152,6 @@ mod tests {
         assert_eq!(k.source("a").len(), 16);
         let token = URL_SAFE_NO_PAD.decode(k.token("a")).expect("b64");
         assert_ne!(&token[..16], &k.source("a")[..]);
-        let id = Uuid::now_v7();
-        let served = k.served_id(id.as_bytes());
-        assert_eq!(served, k.served_id(id.as_bytes()));
-        assert_ne!(served, id.as_bytes().to_vec());
-        assert!(Uuid::from_slice(&served).is_ok());
     }
 
     #[test]

@@ -20,10 +20,9 @@
 //!   moves past what was sent, back to 0 at the end of the list (or when the global version
 //!   changes). Losing a cursor (eviction, restart, another replica) only restarts the paging.
 
-use crate::auth::DeviceKeys;
 use crate::store::embedded::aggregate_pattern;
 use crate::store::{Store, StoreError};
-use crate::sync::anonymize;
+use crate::sync::coarse_times;
 use omega_protocol::collab::{QueryParams, query};
 use omega_protocol::pb;
 use omega_protocol::types::collaborative_vector_id;
@@ -68,17 +67,17 @@ impl Catalog {
     /// Builds the catalog of `version` from the published aggregates. Kept: aggregates whose
     /// id is their content's collaborative vector id and whose embedding is a non-zero, finite
     /// 384-dim vector; ignored: every other one (no content id, audience profiles, bad ids).
-    /// Served patterns are anonymised like every aggregate (timestamps at `at_ms`, rounded
-    /// down to the hour; the group id is kept).
+    /// Aggregates that fewer than `min_sources` devices back are ignored too. Served
+    /// patterns carry the group id and `at_ms` rounded down to the hour.
     pub fn build(
         version: u64,
         aggregates: &[pb::AggregatedPattern],
-        keys: &DeviceKeys,
+        min_sources: u32,
         at_ms: i64,
     ) -> Self {
         let mut entries: Vec<Entry> = aggregates
             .iter()
-            .filter(|a| !a.content_id.is_empty())
+            .filter(|a| !a.content_id.is_empty() && a.source_devices >= min_sources)
             .filter(|a| {
                 Uuid::from_slice(&a.id).is_ok_and(|id| id == collaborative_vector_id(&a.content_id))
             })
@@ -89,7 +88,7 @@ impl Catalog {
                 (norm.is_finite() && norm > 0.0).then(|| Entry {
                     content_id: a.content_id.clone(),
                     vector,
-                    pattern: anonymize(aggregate_pattern(a, at_ms), keys, true),
+                    pattern: coarse_times(aggregate_pattern(a, at_ms)),
                 })
             })
             .collect();
@@ -291,7 +290,7 @@ impl Collab {
         &self,
         store: &dyn Store,
         version: u64,
-        keys: &DeviceKeys,
+        min_sources: u32,
         now_ms: i64,
     ) -> Result<Arc<Catalog>, StoreError> {
         if let Some(c) = self.cached(version) {
@@ -302,7 +301,7 @@ impl Collab {
             return Ok(c);
         }
         let aggregates = store.aggregates().await?;
-        let built = Arc::new(Catalog::build(version, &aggregates, keys, now_ms));
+        let built = Arc::new(Catalog::build(version, &aggregates, min_sources, now_ms));
         tracing::debug!(version, contents = built.len(), "collaborative catalog rebuilt");
         if let Ok(mut c) = self.catalog.write() {
             *c = Some(built.clone());
@@ -340,10 +339,6 @@ mod tests {
     use super::*;
     use omega_protocol::types::aggregate_id;
     use omega_protocol::vector::quantize;
-
-    fn keys() -> DeviceKeys {
-        DeviceKeys::new(b"0123456789abcdef")
-    }
 
     fn vector(parts: &[(usize, f32)]) -> Vec<f32> {
         let mut v = vec![0.0f32; EMBEDDING_DIM];
@@ -392,14 +387,14 @@ mod tests {
             collab_vector("zero", &vector(&[])),
             pb::AggregatedPattern { id: vec![1, 2, 3], ..collab_vector("short-id", &v) },
         ];
-        let c = Catalog::build(7, &aggs, &keys(), 1_700_000_123_456);
+        let c = Catalog::build(7, &aggs, 3, 1_700_000_123_456);
         assert_eq!(c.len(), 1);
         assert_eq!(c.version(), 7);
         let p = c.pattern("a").expect("a");
         assert_eq!(p.id, collaborative_vector_id("a").as_bytes().to_vec(), "group id kept");
         assert_eq!(p.created_at_ms % 3_600_000, 0, "time rounded to the hour");
         assert!(c.pattern("b").is_none() && c.pattern("c").is_none() && c.pattern("p").is_none());
-        assert!(Catalog::build(1, &[], &keys(), 0).is_empty());
+        assert!(Catalog::build(1, &[], 3, 0).is_empty());
     }
 
     #[test]
@@ -412,7 +407,7 @@ mod tests {
             collab_vector("x-third", &vector(&[(1, 0.5)])),
             collab_vector("x-none", &vector(&[(2, 1.0)])),
         ];
-        let c = Catalog::build(1, &aggs, &keys(), 0);
+        let c = Catalog::build(1, &aggs, 3, 0);
         let r = c.ranked(&contents(&["B", "unknown", "A", "B"]));
         // Own contents newest first (B, then A; the repeated B is older and ignored).
         // q = unit(B + 2^(-2/3) A) + unit(B + A) ~ (1.78, 0.91): x-best 1.69,
@@ -428,7 +423,7 @@ mod tests {
             collab_vector("y0", &vector(&[(0, 0.5)])),
             collab_vector("y1", &vector(&[(1, 0.5)])),
         ];
-        let c1 = Catalog::build(1, &aggs_1, &keys(), 0);
+        let c1 = Catalog::build(1, &aggs_1, 3, 0);
         let r1 = c1.ranked(&contents(&["C", "D"]));
         assert_eq!(names(&c1, &r1), ["C", "y1", "D", "y0"]);
         let r1 = c1.ranked(&contents(&["D", "C"]));
@@ -446,7 +441,7 @@ mod tests {
         for i in 0..OTHER_CANDIDATES + 50 {
             aggs.push(collab_vector(&format!("c{i:04}"), &vector(&[(0, 0.001 * i as f32 + 0.01)])));
         }
-        let c = Catalog::build(1, &aggs, &keys(), 0);
+        let c = Catalog::build(1, &aggs, 3, 0);
         let r = c.ranked(&contents(&["own"]));
         assert_eq!(r.len(), 1 + OTHER_CANDIDATES);
         let n = names(&c, &r);
@@ -480,7 +475,7 @@ mod tests {
         for i in 0..30 {
             aggs.push(collab_vector(&format!("c{i:02}"), &vector(&[(0, 0.01 * (i + 1) as f32)])));
         }
-        let catalog = Catalog::build(3, &aggs, &keys(), 0);
+        let catalog = Catalog::build(3, &aggs, 3, 0);
         let collab = Collab::new(100);
         let mine = contents(&["own"]);
         let mut seen = Vec::new();

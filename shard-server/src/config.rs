@@ -2,6 +2,7 @@
 //! and defaults), checked once at start-up so a bad value stops the process with a message
 //! that names the variable.
 
+use crate::store::{SimilarIndex, StoreOptions};
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,8 +61,8 @@ pub struct StoreArgs {
     /// shareable patterns, loaded at start (`/ready` is false until it is) and following the
     /// merge (~600 bytes per pattern); `pgvector`: the HNSW index on `pattern_vectors`, fed by
     /// the background indexer (which runs only in this mode).
-    #[arg(long, env = "SIMILAR_INDEX", value_enum, default_value_t = crate::store::SimilarIndex::Memory)]
-    pub similar_index: crate::store::SimilarIndex,
+    #[arg(long, env = "SIMILAR_INDEX", value_enum, default_value_t = SimilarIndex::Memory)]
+    pub similar_index: SimilarIndex,
     /// In-process ANN (embedded store, Postgres with SIMILAR_INDEX=memory): inverted lists.
     #[arg(long, env = "ANN_LISTS", default_value_t = 256)]
     pub ann_lists: u32,
@@ -173,6 +174,10 @@ pub struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub collab_serving: bool,
+    /// k: a device is only ever served published aggregates that at least this many distinct
+    /// devices back (aggregates below it are kept but never served).
+    #[arg(long, env = "MIN_SOURCES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_sources: u32,
     /// Seconds between SIGTERM and closing the listeners. Meanwhile `/ready` answers 503 (so
     /// the load balancer takes the replica out of rotation: it needs a probe period or two to
     /// notice), new syncs and registrations get UNAVAILABLE, and in-flight requests finish.
@@ -265,6 +270,28 @@ impl ServeArgs {
     }
 }
 
+impl From<&StoreArgs> for StoreOptions {
+    fn from(a: &StoreArgs) -> Self {
+        StoreOptions {
+            postgres_url: a.postgres_url(),
+            read_urls: a.database_read_urls.clone(),
+            data_dir: a.data_dir.clone(),
+            pool_size: a.db_pool_size,
+            hnsw_m: a.hnsw_m,
+            hnsw_ef_construction: a.hnsw_ef_construction,
+            hnsw_ef_search: a.hnsw_ef_search,
+            merge_interval: std::time::Duration::from_millis(a.merge_interval_ms),
+            merge_batch: a.merge_batch,
+            index_interval: std::time::Duration::from_millis(a.index_interval_ms),
+            index_batch: a.index_batch,
+            similar_index: a.similar_index,
+            ann_lists: a.ann_lists as usize,
+            ann_probes: a.ann_probes as usize,
+            wal_compact_bytes: a.wal_compact_mb << 20,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,9 +326,9 @@ mod tests {
         assert_eq!((s.register_rate_per_minute, s.register_rate_burst), (1200, 2000));
         assert!(!parse(&["--collab-serving", "false"]).collab_serving);
         assert!(!parse(&["--collab-serving", "off"]).collab_serving);
-        assert_eq!(s.store.similar_index, crate::store::SimilarIndex::Memory);
+        assert_eq!(s.store.similar_index, SimilarIndex::Memory);
         let pgv = parse(&["--similar-index", "pgvector"]).store.similar_index;
-        assert_eq!(pgv, crate::store::SimilarIndex::Pgvector);
+        assert_eq!(pgv, SimilarIndex::Pgvector);
     }
 
     #[test]

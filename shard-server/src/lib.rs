@@ -3,13 +3,17 @@
 //!
 //! Layers, outermost first:
 //! - [`server`] wires listeners, background tasks and graceful shutdown for `omega-shard serve`;
-//! - [`grpc`] and [`rest`] are the transports, each converting errors to its own status codes;
+//! - [`grpc`] and [`rest`] are thin transports: they decode, call [`service`] and convert its
+//!   error to their own status codes;
+//! - [`service`] holds the use cases (register, sync, stats) with one error type and no
+//!   transport types;
 //! - [`collab`] pages collaborative item vectors to devices (catalog, ranking, cursors);
 //! - [`sync`] holds the transport-free sync decisions (quality filter, interest vector,
 //!   anonymisation, the 5 KB response budget);
 //! - [`store`] is the storage trait with its `postgres` and `embedded` implementations.
 
 pub mod auth;
+pub mod clock;
 pub mod collab;
 pub mod config;
 pub mod federation;
@@ -18,6 +22,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod rest;
 pub mod server;
+pub mod service;
 pub mod state;
 pub mod store;
 pub mod sync;

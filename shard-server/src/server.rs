@@ -17,6 +17,7 @@ use crate::grpc::{self, SyncMetricsLayer, admin::AdminService, sync::Constellati
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::rest;
+use crate::service::Service;
 use crate::state::{AppState, Settings};
 use crate::store::{self, StoreError, StoreOptions};
 use omega_protocol::pb::constellation_server::ConstellationServer;
@@ -59,13 +60,6 @@ pub enum ServerError {
     /// A server failed while running.
     #[error("{0}")]
     Transport(String),
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn bind(var: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -122,6 +116,7 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
             model_id: args.model_id.clone(),
             similar_cache: Duration::from_secs(args.similar_cache_secs),
             collab_serving: args.collab_serving,
+            min_sources: args.min_sources,
         },
     ));
     state.refresh().await;
@@ -173,7 +168,8 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
         });
     }
 
-    let device = ConstellationServer::new(ConstellationService::new(state.clone()))
+    let service = Service::new(state.clone());
+    let device = ConstellationServer::new(ConstellationService::new(service.clone()))
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -184,15 +180,15 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
             grpc::counted_incoming(grpc_l, metrics.grpc_connections.clone()),
             stopped(stop_rx.clone()),
         );
-    let admin = ShardAdminServer::new(AdminService::new(state.clone()))
+    let admin = ShardAdminServer::new(AdminService::new(service.clone()))
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES);
     let admin_srv = tonic::transport::Server::builder()
         .add_service(admin)
         .serve_with_incoming_shutdown(grpc::incoming(admin_l), stopped(stop_rx.clone()));
-    let rest_srv = axum::serve(rest_l, rest::router(state.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let rest_srv =
+        axum::serve(rest_l, rest::router(service)).with_graceful_shutdown(stopped(stop_rx.clone()));
     let metrics_srv = axum::serve(metrics_l, rest::metrics_router(registry))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
 

@@ -32,6 +32,8 @@ pub struct Settings {
     pub similar_cache: Duration,
     /// `COLLAB_SERVING`: page collaborative item vectors instead of interest-based `similar`.
     pub collab_serving: bool,
+    /// `MIN_SOURCES`: k of everything a device is served.
+    pub min_sources: u32,
 }
 
 const CACHE_SHARDS: usize = 16;
@@ -190,7 +192,7 @@ impl AppState {
         }
         self.store_ready.store(ready.is_ok(), Ordering::Release);
         self.metrics.ready.set(i64::from(self.ready()));
-        let since = crate::server::now_ms() - ACTIVE_WINDOW.as_millis() as i64;
+        let since = crate::clock::now_ms() - ACTIVE_WINDOW.as_millis() as i64;
         // Counted even while not ready (the similarity index loading, migrations pending):
         // `constellation_store_up` says whether the database itself answers.
         let counts = self.store.counts(since).await;

@@ -18,7 +18,6 @@
 //! it fits; if compression left room, the next similar pattern (else trend) is tried once.
 //! At most two or three compressions per answer, with a reused zstd context.
 
-use crate::auth::DeviceKeys;
 use crate::store::SyncWrite;
 use omega_protocol::ValidationError;
 use omega_protocol::pb;
@@ -121,12 +120,9 @@ pub fn prepare(
 
 const HOUR_MS: i64 = 3_600_000;
 
-/// What another device may see of a pattern: its id re-keyed (stable, unlinkable to the
-/// owner's id) and its timestamps rounded down to the hour. Aggregates keep their group id.
-pub fn anonymize(mut p: pb::Pattern, keys: &DeviceKeys, aggregate: bool) -> pb::Pattern {
-    if !aggregate {
-        p.id = keys.served_id(&p.id);
-    }
+/// A published aggregate as a device receives it: timestamps rounded down to the hour, so
+/// the moment of publication is no finer than that. (Devices only ever receive aggregates.)
+pub fn coarse_times(mut p: pb::Pattern) -> pb::Pattern {
     p.created_at_ms -= p.created_at_ms.rem_euclid(HOUR_MS);
     p.updated_at_ms -= p.updated_at_ms.rem_euclid(HOUR_MS);
     p
@@ -325,15 +321,13 @@ mod tests {
     }
 
     #[test]
-    fn anonymize_rekeys_and_coarsens_time() {
-        let keys = DeviceKeys::new(b"0123456789abcdef");
+    fn served_aggregates_have_hour_times() {
         let mut rng = StdRng::seed_from_u64(3);
         let p = random_pattern(&mut rng, 0.9);
-        let a = anonymize(p.clone(), &keys, false);
-        assert_ne!(a.id, p.id);
-        assert_eq!(a.created_at_ms % HOUR_MS, 0);
+        let a = coarse_times(p.clone());
+        assert_eq!((a.created_at_ms % HOUR_MS, a.updated_at_ms % HOUR_MS), (0, 0));
         assert!(p.created_at_ms - a.created_at_ms < HOUR_MS);
-        assert_eq!(anonymize(p.clone(), &keys, true).id, p.id);
+        assert_eq!(a.id, p.id, "an aggregate keeps its group id");
     }
 
     #[test]

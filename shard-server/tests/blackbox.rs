@@ -239,7 +239,7 @@ async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing_postgres() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn devices_receive_each_others_patterns_anonymised_within_budget() {
+async fn devices_receive_only_published_aggregates_with_k_sources_within_budget() {
     let dir = tempfile::tempdir().expect("tmp");
     let shard = Shard::start(dir.path(), None, &[("SIMILAR_CACHE_SECS", "0")]);
     let mut c = shard.client().await;
@@ -247,15 +247,46 @@ async fn devices_receive_each_others_patterns_anonymised_within_budget() {
     let tb = register(&mut c, "tv-b").await;
     let mine: Vec<_> = (0..40).map(|i| pattern(i, 0.9)).collect();
     let mine_ids: Vec<Vec<u8>> = mine.iter().map(|p| p.id.clone()).collect();
-    c.sync(sync_request("tv-a", Some(&ta), delta(1, mine))).await.expect("a");
+    c.sync(sync_request("tv-a", Some(&ta), delta(1, mine.clone()))).await.expect("a");
     let resp = c
         .sync(sync_request("tv-b", Some(&tb), delta(1, vec![pattern(7, 0.9)])))
         .await
         .expect("b")
         .into_inner();
     let g = resp.global.as_ref().expect("global");
+    assert!(g.similar.is_empty(), "no round yet: tv-a's patterns are never relayed: {g:?}");
+    // A round publishes aggregates where tv-a's patterns are: 30 that 5 devices back and 10
+    // that only 2 do (below the shard's k = 3).
+    let aggregate = |i: usize, sources: u32| pb::AggregatedPattern {
+        id: Uuid::now_v7().as_bytes().to_vec(),
+        content_id: format!("content-{i}"),
+        embedding: mine[i].embedding.clone(),
+        quality: 0.9,
+        source_devices: sources,
+        total_samples: 50,
+        context: mine[i].context.clone(),
+        region: String::new(),
+    };
+    let aggs: Vec<_> = (0..40).map(|i| aggregate(i, if i < 30 { 5 } else { 2 })).collect();
+    let servable: Vec<Vec<u8>> = aggs.iter().take(30).map(|a| a.id.clone()).collect();
+    let mut admin = pb::shard_admin_client::ShardAdminClient::new(
+        common::channel(&format!("http://127.0.0.1:{}", shard.admin)).await,
+    );
+    let round = pb::PublishGlobalRequest {
+        round_id: "round-1".into(),
+        global_version: 1,
+        patterns: aggs,
+        trends: vec![],
+        model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
+    };
+    admin.publish_global(round).await.expect("publish");
+    let mut pull = sync_request("tv-b", Some(&tb), delta(1, vec![]));
+    pull.get_mut().delta = None;
+    let resp = c.sync(pull).await.expect("pull").into_inner();
+    let g = resp.global.as_ref().expect("global");
     assert!(g.similar.len() >= 8, "{} similar", g.similar.len());
-    assert!(g.similar.iter().all(|p| !mine_ids.contains(&p.id)), "ids are re-keyed");
+    assert!(g.similar.iter().all(|p| servable.contains(&p.id)), "only aggregates with k sources");
+    assert!(g.similar.iter().all(|p| !mine_ids.contains(&p.id)), "never a device's pattern");
     assert!(g.similar.iter().all(|p| p.created_at_ms % 3_600_000 == 0));
     assert!(omega_protocol::validate::check_global("global", g).is_ok());
     let size = omega_protocol::wire::grpc_zstd_size(&resp);
@@ -265,7 +296,7 @@ async fn devices_receive_each_others_patterns_anonymised_within_budget() {
     }
     let stats = shard.stats();
     assert_eq!(stats["store"], "embedded");
-    assert_eq!(stats["syncs_total"], 2);
+    assert_eq!(stats["syncs_total"], 3);
     assert_eq!(stats["ready"], true);
     assert!(shard.metric("constellation_grpc_connections{shard_id=\"1\"}") >= 1.0);
 }
@@ -606,7 +637,7 @@ async fn a_sync_without_a_delta_pulls_and_writes_nothing() {
     assert_eq!(resp.acknowledged_version, 1, "the stored version comes back unchanged");
     assert_eq!(resp.patterns_accepted, 0);
     let g = resp.global.expect("global");
-    assert!(!g.similar.is_empty(), "a pull still gets similar patterns");
+    assert!(g.similar.is_empty(), "no round yet: nothing to serve, never tv-a's patterns");
     assert_eq!(shard.stats()["patterns"], patterns_before);
     assert_eq!(shard.metric(&status_series("pull")), 1.0);
 

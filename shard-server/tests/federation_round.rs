@@ -213,3 +213,40 @@ async fn no_reachable_shard_is_a_failed_round_with_a_reason() {
     assert_eq!(s.outcome, RoundOutcome::Failed);
     assert!(s.message.is_some() && s.shards_failed.len() == 1, "{s:?}");
 }
+
+#[tokio::test]
+async fn dp_rounds_compose_over_the_ledger_and_a_round_over_the_budget_releases_nothing() {
+    let (shards, running) = shards(2).await;
+    let metrics = FederationMetrics::new();
+    let dp = |id: &str, ledger: &str| {
+        let mut a = args(id, &running);
+        a.epsilon = Some(1.0);
+        a.delta = Some(1e-7);
+        a.budget_epsilon = Some(1.3);
+        a.period_days = 7;
+        a.privacy_ledger = ledger.to_string();
+        a
+    };
+    let first = run(&dp("dp-1", ""), &metrics).await;
+    assert_eq!(first.outcome, RoundOutcome::Succeeded, "{first:?}");
+    let acc = first.privacy.clone().expect("accounting");
+    assert_eq!(acc.rounds_in_period, 1);
+    assert!((acc.composed_epsilon - 1.0).abs() < 1e-9, "{acc:?}");
+    assert_eq!((acc.budget_epsilon, acc.period_days), (1.3, 7));
+    // The next round carries the first one's ledger in: two rounds of ε = 1 compose to more
+    // than 1.3 (about 1.41), so it is refused before anything is drawn or published.
+    let ledger = serde_json::to_string(&acc.ledger).expect("json");
+    let published_before: Vec<usize> = shards.iter().map(|s| s.published().len()).collect();
+    let second = run(&dp("dp-2", &ledger), &metrics).await;
+    assert_eq!(second.outcome, RoundOutcome::Failed);
+    let msg = second.message.clone().unwrap_or_default();
+    assert!(msg.starts_with("privacy budget exhausted"), "{msg}");
+    assert!(second.privacy.is_none());
+    let published_after: Vec<usize> = shards.iter().map(|s| s.published().len()).collect();
+    assert_eq!(published_before, published_after, "nothing released");
+    // Without the ledger the same round would fit: the refusal came from the ledger.
+    assert_eq!(run(&dp("dp-3", ""), &metrics).await.outcome, RoundOutcome::Succeeded);
+    let bad = run(&dp("dp-4", "{\"days\": 3}"), &metrics).await;
+    assert_eq!(bad.outcome, RoundOutcome::Failed);
+    assert!(bad.message.unwrap_or_default().starts_with("--privacy-ledger"));
+}

@@ -150,61 +150,68 @@ async fn pattern_count_follows_every_kind_of_change(s: &dyn Store) {
     assert_eq!(ids_of(s, 0.0).await.len(), 2);
 }
 
-async fn similar_excludes_own_and_low_quality_patterns(s: &dyn Store) {
+/// The invariant of what a TV receives: `similar` returns published aggregates that at least
+/// k devices back, and never a device's pattern, however close and good it is.
+async fn similar_serves_only_aggregates_with_k_sources(s: &dyn Store) {
     register_all(s, &["a", "b", "c"]).await;
-    let a_good = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
-    let a_low = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.75);
-    let b_own = pattern_with(Uuid::now_v7(), &unit_near(0, 3), 0.9);
-    let c_far = pattern_with(Uuid::now_v7(), &unit_near(7, 4), 0.95);
-    s.apply_sync(write("a", 1, vec![a_good.clone(), a_low.clone()])).await.expect("a");
-    s.apply_sync(write("b", 1, vec![b_own.clone()])).await.expect("b");
-    s.apply_sync(write("c", 1, vec![c_far.clone()])).await.expect("c");
-    s.settle().await.expect("settle");
-    let q = |device: &str| SimilarQuery {
-        device_id: device.into(),
-        interest: unit_near(0, 9),
-        limit: 10,
-        min_quality: 0.8,
+    // Devices' patterns right on the query, of the best quality.
+    let mut device_ids = Vec::new();
+    for (i, d) in ["a", "b", "c"].iter().enumerate() {
+        let p = pattern_with(Uuid::now_v7(), &unit_near(0, i as u64), 0.99);
+        device_ids.push(p.id.clone());
+        s.apply_sync(write(d, 1, vec![p])).await.expect("sync");
+    }
+    // Aggregates near the query backed by 1, 2, 3 and 5 devices, and one of low quality.
+    let with = |sources: u32, quality: f32| pb::AggregatedPattern {
+        source_devices: sources,
+        quality,
+        ..aggregate(0, &format!("content-{sources}-{quality}"))
     };
-    let for_b = s.similar(q("b")).await.expect("similar");
-    let ids: Vec<&[u8]> = for_b.iter().map(|p| p.pattern.id.as_slice()).collect();
-    assert_eq!(
-        ids,
-        vec![a_good.id.as_slice(), c_far.id.as_slice()],
-        "nearest first, no own, no low"
-    );
-    assert!(for_b[0].score > 0.9 && for_b[0].score > for_b[1].score, "{for_b:?}");
-    assert!(for_b.iter().all(|p| !p.aggregate));
-    let for_a = s.similar(q("a")).await.expect("similar");
-    let ids: Vec<&[u8]> = for_a.iter().map(|p| p.pattern.id.as_slice()).collect();
-    assert_eq!(ids, vec![b_own.id.as_slice(), c_far.id.as_slice()]);
+    let published = vec![with(1, 0.95), with(2, 0.95), with(3, 0.9), with(5, 0.92), with(9, 0.5)];
+    s.publish(Publish {
+        round_id: "r1".into(),
+        global_version: 1,
+        patterns: published.clone(),
+        trends: vec![],
+    })
+    .await
+    .expect("publish");
+    s.settle().await.expect("settle");
+    let k = 3;
+    let q =
+        || SimilarQuery { interest: unit_near(0, 9), limit: 10, min_quality: 0.8, min_sources: k };
+    let served = wait_similar(s, q, Duration::from_secs(5), |ids| ids.len() == 2).await;
+    eprintln!("aggregates servable after {served:?}");
+    let found = s.similar(q()).await.expect("similar");
+    let below_k = found.iter().filter(|p| p.sources < k).count();
+    assert_eq!(below_k, 0, "served patterns with fewer than k sources: {found:?}");
+    let k_or_more: Vec<&Vec<u8>> = published
+        .iter()
+        .filter(|a| a.source_devices >= k && a.quality >= 0.8)
+        .map(|a| &a.id)
+        .collect();
+    for p in &found {
+        assert!(k_or_more.contains(&&p.pattern.id), "not a servable aggregate: {p:?}");
+        assert!(!device_ids.contains(&p.pattern.id), "a device's pattern was served");
+        let a = published.iter().find(|a| a.id == p.pattern.id).expect("published");
+        assert_eq!(p.sources, a.source_devices);
+    }
+    assert_eq!(found.len(), 2, "both aggregates with k or more sources: {found:?}");
+    // With k = 1 the smaller aggregates are servable, and still no device pattern.
+    let all = s.similar(SimilarQuery { min_sources: 1, ..q() }).await.expect("similar");
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert!(all.iter().all(|p| !device_ids.contains(&p.pattern.id)));
 }
 
-async fn quality_changes_move_patterns_in_and_out_of_similar(s: &dyn Store) {
+/// Before any round, nothing is served, whatever the devices uploaded.
+async fn device_patterns_are_never_served_before_a_round(s: &dyn Store) {
     register_all(s, &["a", "b"]).await;
-    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
-    let q = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.75);
-    s.apply_sync(write("a", 1, vec![p.clone(), q.clone()])).await.expect("a1");
-    let query = || SimilarQuery {
-        device_id: "b".into(),
-        interest: unit_near(0, 9),
-        limit: 10,
-        min_quality: 0.8,
-    };
-    let ids = |v: Vec<omega_shard::store::SimilarPattern>| -> Vec<Vec<u8>> {
-        v.into_iter().map(|s| s.pattern.id).collect()
-    };
+    let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.95);
+    s.apply_sync(write("a", 1, vec![p.clone()])).await.expect("a1");
     s.settle().await.expect("settle");
-    assert_eq!(ids(s.similar(query()).await.expect("similar")), vec![p.id.clone()]);
-    let mut w = write("a", 2, vec![]);
-    w.updated = vec![
-        pb::PatternUpdate { id: p.id.clone(), success_rate: 0.75, extra_samples: 1 },
-        pb::PatternUpdate { id: q.id.clone(), success_rate: 0.95, extra_samples: 1 },
-    ];
-    s.apply_sync(w).await.expect("a2");
-    s.settle().await.expect("settle");
-    assert_eq!(ids(s.similar(query()).await.expect("similar")), vec![q.id.clone()]);
-    assert_eq!(ids_of(s, 0.0).await.len(), 2, "both still stored");
+    let q = SimilarQuery { interest: unit_near(0, 9), limit: 10, min_quality: 0.0, min_sources: 1 };
+    assert!(similar_ids(s, q).await.is_empty());
+    assert_eq!(ids_of(s, 0.0).await.len(), 1, "stored for the federation, not served");
 }
 
 async fn export_pages_in_id_order_with_a_cursor(s: &dyn Store) {
@@ -289,15 +296,15 @@ async fn publish_is_idempotent_and_serves_aggregates_and_trends(s: &dyn Store) {
     register_all(s, &["a"]).await;
     let found = s
         .similar(SimilarQuery {
-            device_id: "a".into(),
             interest: unit_near(0, 8),
             limit: 5,
             min_quality: 0.8,
+            min_sources: 3,
         })
         .await
         .expect("similar");
     assert_eq!(found.len(), 1, "only the aggregate with a content id is servable: {found:?}");
-    assert!(found[0].aggregate);
+    assert_eq!(found[0].sources, 4);
     assert_eq!(found[0].pattern.content_id, "agg-content");
     assert!(omega_protocol::validate::check_pattern("p", &found[0].pattern).is_ok());
 }
@@ -368,13 +375,8 @@ async fn aggregates_are_what_the_last_publish_installed(s: &dyn Store) {
     assert_eq!(got[0].id, second[0].id);
 }
 
-fn query_for(device: &str, axis: usize) -> SimilarQuery {
-    SimilarQuery {
-        device_id: device.into(),
-        interest: unit_near(axis, 9),
-        limit: 10,
-        min_quality: 0.8,
-    }
+fn query_for(axis: usize) -> SimilarQuery {
+    SimilarQuery { interest: unit_near(axis, 9), limit: 10, min_quality: 0.8, min_sources: 3 }
 }
 
 async fn similar_ids(s: &dyn Store, q: SimilarQuery) -> Vec<Vec<u8>> {
@@ -404,30 +406,26 @@ async fn wait_similar(
     }
 }
 
-/// Without `settle()`: what the background steps give. A shareable pattern is offered to
-/// other devices within a bounded time after its sync, never to its owner; a removal and a
-/// drop below the shareable rate take it out again within the same bound.
-async fn a_synced_pattern_reaches_other_devices_promptly_and_never_its_owner(s: &dyn Store) {
+/// Without `settle()`: what the background steps give. A published round is offered to devices
+/// within a bounded time; devices' own patterns never are, however long one waits.
+async fn a_published_round_reaches_devices_promptly_and_patterns_never_do(s: &dyn Store) {
     register_all(s, &["a", "b"]).await;
     let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
-    let q = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.9);
-    s.apply_sync(write("a", 1, vec![p.clone(), q.clone()])).await.expect("a1");
+    s.apply_sync(write("a", 1, vec![p.clone()])).await.expect("a1");
+    let agg = aggregate(0, "agg-content");
+    s.publish(Publish {
+        round_id: "r1".into(),
+        global_version: 1,
+        patterns: vec![agg.clone()],
+        trends: vec![],
+    })
+    .await
+    .expect("publish");
     let bound = Duration::from_secs(3);
-    let took = wait_similar(
-        s,
-        || query_for("b", 0),
-        bound,
-        |ids| ids.contains(&p.id) && ids.contains(&q.id),
-    )
-    .await;
-    eprintln!("searchable after {took:?}");
-    assert!(similar_ids(s, query_for("a", 0)).await.is_empty(), "offered to its owner");
-    let mut w = write("a", 2, vec![]);
-    w.removed = vec![Uuid::from_slice(&p.id).expect("id")];
-    w.updated = vec![pb::PatternUpdate { id: q.id.clone(), success_rate: 0.75, extra_samples: 1 }];
-    s.apply_sync(w).await.expect("a2");
-    wait_similar(s, || query_for("b", 0), bound, |ids| ids.is_empty()).await;
-    assert_eq!(ids_of(s, 0.0).await.len(), 1, "the dropped one is still stored");
+    let took = wait_similar(s, || query_for(0), bound, |ids| ids.contains(&agg.id)).await;
+    eprintln!("servable after {took:?}");
+    s.settle().await.expect("settle");
+    assert_eq!(similar_ids(s, query_for(0)).await, vec![agg.id.clone()], "never the pattern");
 }
 
 macro_rules! suite {
@@ -478,13 +476,13 @@ suite!(
     unknown_devices_are_refused,
     updates_and_removals_touch_only_own_patterns,
     pattern_count_follows_every_kind_of_change,
-    similar_excludes_own_and_low_quality_patterns,
-    quality_changes_move_patterns_in_and_out_of_similar,
+    similar_serves_only_aggregates_with_k_sources,
+    device_patterns_are_never_served_before_a_round,
     export_pages_in_id_order_with_a_cursor,
     publish_is_idempotent_and_serves_aggregates_and_trends,
     device_contents_lists_each_content_once,
     aggregates_are_what_the_last_publish_installed,
-    a_synced_pattern_reaches_other_devices_promptly_and_never_its_owner,
+    a_published_round_reaches_devices_promptly_and_patterns_never_do,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,6 +533,13 @@ async fn postgres_reads_go_to_the_read_replicas() {
     register_all(&primary, &["a", "b"]).await;
     let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
     primary.apply_sync(write("a", 1, vec![p.clone()])).await.expect("sync");
+    let round = Publish {
+        round_id: "r1".into(),
+        global_version: 1,
+        patterns: vec![aggregate(0, "agg-content")],
+        trends: vec![],
+    };
+    primary.publish(round).await.expect("publish");
     primary.settle().await.expect("settle");
     // A "replica" that is the same database: reads work through it.
     let mut opts = pgvector(&url);
@@ -543,10 +548,10 @@ async fn postgres_reads_go_to_the_read_replicas() {
     for _ in 0..3 {
         let found = s
             .similar(SimilarQuery {
-                device_id: "b".into(),
                 interest: unit_near(0, 2),
                 limit: 5,
                 min_quality: 0.8,
+                min_sources: 3,
             })
             .await
             .expect("similar via a replica");
@@ -559,10 +564,10 @@ async fn postgres_reads_go_to_the_read_replicas() {
     let s = PostgresStore::open(&opts).await.expect("open");
     let r = s
         .similar(SimilarQuery {
-            device_id: "b".into(),
             interest: unit_near(0, 2),
             limit: 5,
             min_quality: 0.8,
+            min_sources: 3,
         })
         .await;
     assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
@@ -607,10 +612,10 @@ async fn postgres_exports_and_global_version_read_the_primary_not_a_lagging_repl
     s.settle().await.expect("settle");
     let found = s
         .similar(SimilarQuery {
-            device_id: "b".into(),
             interest: unit_near(0, 2),
             limit: 5,
             min_quality: 0.8,
+            min_sources: 3,
         })
         .await
         .expect("similar via the replica");
@@ -761,8 +766,16 @@ async fn postgres_memory_index_serves_similar_without_the_read_replicas() {
     register_all(&s, &["a", "b"]).await;
     let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
     s.apply_sync(write("a", 1, vec![p.clone()])).await.expect("sync");
+    let agg = aggregate(0, "agg-content");
+    let round = Publish {
+        round_id: "r1".into(),
+        global_version: 1,
+        patterns: vec![agg.clone()],
+        trends: vec![],
+    };
+    s.publish(round).await.expect("publish");
     s.settle().await.expect("settle");
-    assert_eq!(similar_ids(&s, query_for("b", 0)).await, vec![p.id.clone()]);
+    assert_eq!(similar_ids(&s, query_for(0)).await, vec![agg.id.clone()]);
     let r = s.device_contents("a").await;
     assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
 }
@@ -784,15 +797,19 @@ async fn postgres_a_second_process_follows_merges_it_did_not_run() {
     let low = pattern_with(Uuid::now_v7(), &unit_near(0, 3), 0.75);
     a.apply_sync(write("tv1", 1, vec![p.clone(), q.clone(), low.clone()])).await.expect("sync");
     let bound = Duration::from_secs(4);
-    let took = wait_similar(
-        &b,
-        || query_for("tv2", 0),
-        bound,
-        |ids| ids.len() == 2 && ids.contains(&p.id) && ids.contains(&q.id),
-    )
-    .await;
-    eprintln!("searchable on the other process after {took:?}");
-    assert!(similar_ids(&b, query_for("tv1", 0)).await.is_empty(), "offered to its owner");
+    let indexed = |n: usize| {
+        let b = &b;
+        async move {
+            let started = Instant::now();
+            while b.memory_index_info().ok().flatten().map(|i| i.indexed) != Some(n) {
+                assert!(started.elapsed() < bound, "not {n} indexed within {bound:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            started.elapsed()
+        }
+    };
+    eprintln!("followed on the other process after {:?}", indexed(2).await);
+    assert!(similar_ids(&b, query_for(0)).await.is_empty(), "a device pattern was served");
     // A removal (a tombstone), a drop below 0.8 (a row with a new generation) and a rise
     // above it.
     let mut w = write("tv1", 2, vec![]);
@@ -802,7 +819,9 @@ async fn postgres_a_second_process_follows_merges_it_did_not_run() {
         pb::PatternUpdate { id: low.id.clone(), success_rate: 0.95, extra_samples: 1 },
     ];
     a.apply_sync(w).await.expect("sync 2");
-    wait_similar(&b, || query_for("tv2", 0), bound, |ids| ids == [low.id.clone()]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    indexed(1).await;
+    assert!(similar_ids(&b, query_for(0)).await.is_empty(), "a device pattern was served");
     // A round published through `a` reaches `b`: at once through `aggregates()` (which catches
     // up first), and in `similar`.
     let agg = aggregate(0, "agg-content");
@@ -816,7 +835,7 @@ async fn postgres_a_second_process_follows_merges_it_did_not_run() {
     .expect("publish");
     let got = b.aggregates().await.expect("aggregates");
     assert_eq!(got.iter().map(|x| &x.id).collect::<Vec<_>>(), vec![&agg.id]);
-    wait_similar(&b, || query_for("tv2", 0), bound, |ids| ids.contains(&agg.id)).await;
+    wait_similar(&b, || query_for(0), bound, |ids| ids == [agg.id.clone()]).await;
     assert_eq!(b.memory_index_info().expect("index info").map(|i| i.indexed), Some(1));
 }
 
@@ -838,13 +857,21 @@ async fn postgres_restart_rebuilds_the_memory_index() {
         let mut w = write("a", 2, vec![]);
         w.removed = vec![Uuid::from_slice(&gone.id).expect("id")];
         s.apply_sync(w).await.expect("remove");
+        let round = Publish {
+            round_id: "r1".into(),
+            global_version: 1,
+            patterns: vec![aggregate(0, "near"), aggregate(7, "far")],
+            trends: vec![],
+        };
+        s.publish(round).await.expect("publish");
         s.settle().await.expect("settle");
         assert_eq!(s.memory_index_info().expect("index info").map(|i| i.indexed), Some(301));
-        let found = similar_ids(&s, query_for("b", 0)).await;
+        let found = similar_ids(&s, query_for(0)).await;
         s.flush().await.expect("flush");
         found
     };
-    assert_eq!(before.first(), Some(&kept.id));
+    assert_eq!(before.len(), 2, "the two aggregates, nearest first: {before:?}");
+    assert!(!before.contains(&kept.id));
     let s = PostgresStore::open(&opts).await.expect("reopen");
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.check_ready().await.is_err() {
@@ -852,7 +879,7 @@ async fn postgres_restart_rebuilds_the_memory_index() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(s.memory_index_info().expect("index info").map(|i| i.indexed), Some(301));
-    assert_eq!(similar_ids(&s, query_for("b", 0)).await, before);
+    assert_eq!(similar_ids(&s, query_for(0)).await, before);
 }
 
 /// A process whose cursor is below pruned tombstones cannot know what was removed: it reloads.
@@ -868,7 +895,7 @@ async fn postgres_a_follower_behind_pruned_tombstones_reloads() {
     let q = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.9);
     s.apply_sync(write("a", 1, vec![p.clone(), q.clone()])).await.expect("sync");
     s.settle().await.expect("settle");
-    assert_eq!(similar_ids(&s, query_for("b", 0)).await.len(), 2);
+    assert_eq!(s.memory_index_info().expect("index info").map(|i| i.indexed), Some(2));
     let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
 
     // Pruning: an old tombstone goes, and the generation it had is recorded.
@@ -906,6 +933,5 @@ async fn postgres_a_follower_behind_pruned_tombstones_reloads() {
     .await
     .expect("unfollowable merge");
     s.settle().await.expect("settle reloads");
-    assert!(similar_ids(&s, query_for("b", 0)).await.is_empty());
     assert_eq!(s.memory_index_info().expect("index info").map(|i| i.indexed), Some(0));
 }

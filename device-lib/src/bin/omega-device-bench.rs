@@ -473,10 +473,12 @@ fn ann(vectors: &QuantMatrix, queries: &[QuantizedVector], sizes: &[usize]) -> V
 
 /// Wire bytes of typical pushes: each 5-15 minute interval brings 1-2 viewing events, some
 /// new content, some more of what is being watched. With `public`, the TV holds a published
-/// collaborative vector for every content first, so no pattern carries its embedding.
+/// collaborative vector for every content first and leaves public embeddings out
+/// (`omit_public_embeddings`), so no pattern carries its embedding.
 fn deltas(embedder: &Arc<Embedder>, intervals: usize, public: bool) -> Result<Vec<f64>> {
     let mut rng = StdRng::seed_from_u64(3);
-    let mut brain = Brain::open_shared(BrainConfig::default(), embedder.clone(), None)?;
+    let cfg = BrainConfig { omit_public_embeddings: public, ..Default::default() };
+    let mut brain = Brain::open_shared(cfg, embedder.clone(), None)?;
     let items: Vec<CatalogueItem> = (0..400).map(|i| synthetic_item(i, &mut rng)).collect();
     if public {
         let mut vrng = StdRng::seed_from_u64(4);

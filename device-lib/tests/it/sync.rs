@@ -766,13 +766,17 @@ async fn register_presents_the_token_it_holds() {
 
 /// What leaves the TV, checked on the delta as the shard received it over gRPC: only the
 /// federation's fields, timestamps at 00:00 UTC, random ids, no title, no event time, and no
-/// embedding for a content whose collaborative vector the TV holds.
+/// embedding for a content whose collaborative vector the TV holds (with
+/// `omit_public_embeddings`).
 #[tokio::test]
 async fn an_upload_carries_only_coarse_fields_and_no_embedding_for_public_contents() {
     const DAY: i64 = 86_400_000;
     let shard = shard();
     let endpoint = serve(shard.clone()).await;
-    let mut b = brain();
+    let mut b = crate::brain::brain_with(omega_device::BrainConfig {
+        omit_public_embeddings: true,
+        ..Default::default()
+    });
     // Heat's collaborative vector is published; casino's is not.
     let mut embedding = vec![0.0f32; omega_protocol::vector::EMBEDDING_DIM];
     embedding[0] = 0.8;

@@ -1,6 +1,6 @@
 //! The federation's output, evaluated offline: every user's training interactions become the
 //! quality patterns their TV would export, one federation round runs in-process
-//! (`omega_shard::federation::federate`, the same code `omega-shard federate` runs), the
+//! (`omega_federation::federate`, the same code `omega-shard federate` runs), the
 //! published aggregates go through the wire encoding (int8) and its validation, and each
 //! user ranks candidates the way a TV does with collaborative vectors: `score(i) = a_i · q`,
 //! `q` the collaborative query over the history (`omega_protocol::collab`).
@@ -13,14 +13,15 @@
 //! the real model elsewhere.
 
 use super::{Scorer, Split, Stage};
+use omega_federation::intake::Intake;
+use omega_federation::privacy::NoiseSeed;
+use omega_federation::round::{RoundConfig, RoundOutput, federate};
 use omega_protocol::collab::{self, QueryParams};
 use omega_protocol::pb;
 use omega_protocol::types::{
     AggregatedPattern, content_aggregate_id, embedding_to_wire, is_collaborative_vector,
 };
 use omega_protocol::vector::{EMBEDDING_DIM, dot, l2_normalize};
-use omega_shard::federation::intake::Intake;
-use omega_shard::federation::round::{RoundConfig, RoundOutput, federate};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::collections::{HashMap, HashSet};
 
@@ -89,7 +90,10 @@ pub fn round(split: &Split, stage: Stage, cfg: &RoundConfig, round_id: &str) -> 
     let mut intake = Intake::default();
     // One model for the whole batch: this cannot fail.
     let _ = intake.add_batch(&export_batch(split, stage), cfg.min_quality);
-    federate(&intake, cfg, round_id)
+    // A fixed evaluation key: offline measurements must be repeatable; production rounds draw
+    // from the OS or a secret key.
+    let seed = NoiseSeed::keyed(b"omega offline evaluation, not a secret", round_id);
+    federate(&intake, cfg, &seed.unwrap_or_else(|_| NoiseSeed::fixed([7; 32])))
 }
 
 /// Ranks with the published aggregates, as a TV would after receiving them.

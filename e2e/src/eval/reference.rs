@@ -1,5 +1,5 @@
 //! The centralised reference of the federated scorer: the same collaborative item vectors
-//! (`omega_shard::federation::collab::item_vectors`, the same rank, ridge and seed a round
+//! (`omega_federation::collab::item_vectors`, the same rank, ridge and seed a round
 //! uses) and the same recency query (`omega_protocol::collab::query`), fitted on every
 //! user's training interactions pooled: no k-anonymity gate, no quality filter (every rating
 //! counts, like for MF and EASE), no int8 wire encoding, every vector held by every user.
@@ -8,7 +8,7 @@
 use super::{Scorer, Split, Stage};
 use omega_protocol::collab::{self, QueryParams};
 use omega_protocol::vector::{EMBEDDING_DIM, dot};
-use omega_shard::federation::collab::{CollabConfig, item_vectors};
+use omega_federation::collab::{CollabConfig, item_vectors};
 
 /// Seed of the subspace iteration, the one a federation round uses.
 const ROUND_SEED: u64 = 0x00c0_11ab;

@@ -13,8 +13,8 @@ use super::popularity::Popularity;
 use super::reference::CentralReference;
 use super::{EvalOptions, Split, Stage, UserQuality, evaluate_per_user};
 use omega_protocol::collab::QueryParams;
-use omega_shard::federation::collab::CollabConfig;
-use omega_shard::federation::round::RoundConfig;
+use omega_federation::collab::CollabConfig;
+use omega_federation::round::RoundConfig;
 use rayon::prelude::*;
 use serde::Serialize;
 

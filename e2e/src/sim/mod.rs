@@ -250,9 +250,9 @@ pub struct SimReport {
     pub curve: Vec<RoundPoint>,
     /// Quality per round (first seed's DP pass).
     pub curve_dp: Vec<RoundPoint>,
-    /// Privacy spent by the DP pass per round, as the last round reported it.
+    /// Privacy spent per device by the DP pass: ε composed over all its rounds (zCDP).
     pub dp_epsilon: Option<f64>,
-    /// δ of the DP pass.
+    /// δ of [`SimReport::dp_epsilon`], composed likewise.
     pub dp_delta: Option<f64>,
     /// Wall-clock seconds of the whole run.
     pub wall_secs: f64,
@@ -538,8 +538,8 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
         events: events_n,
         curve: fed.curve,
         curve_dp: dp.as_ref().map(|d| d.curve.clone()).unwrap_or_default(),
-        dp_epsilon: dp.as_ref().and_then(|d| d.epsilon_spent),
-        dp_delta: cfg.dp.map(|d| d.1),
+        dp_epsilon: dp.as_ref().and_then(|d| d.epsilon_spent).map(|e| e.0),
+        dp_delta: dp.as_ref().and_then(|d| d.epsilon_spent).map(|e| e.1),
         wall_secs: start.elapsed().as_secs_f64(),
     })
 }

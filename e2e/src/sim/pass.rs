@@ -55,8 +55,9 @@ pub struct PassOutcome {
     pub syncs: u64,
     /// Quality per round.
     pub curve: Vec<RoundPoint>,
-    /// ε the last DP round reported.
-    pub epsilon_spent: Option<f64>,
+    /// (ε, δ) per device composed over every DP round of the pass, as the last round
+    /// reported it.
+    pub epsilon_spent: Option<(f64, f64)>,
 }
 
 /// What a pass's syncs cost on the wire and what its TVs end up holding (flat in the
@@ -220,7 +221,8 @@ struct Run<'a> {
     rounds: u32,
     curve: Vec<RoundPoint>,
     curve_users: Vec<u32>,
-    epsilon_spent: Option<f64>,
+    epsilon_spent: Option<(f64, f64)>,
+    ledger: String,
     metrics: FederationMetrics,
     label: &'static str,
     seed: u64,
@@ -277,13 +279,19 @@ impl Run<'_> {
         if let Some((e, d)) = self.dp {
             args.epsilon = Some(e);
             args.delta = Some(d);
+            // The pass measures what its rounds compose to (carried round to round in the
+            // ledger, as a FederationRound's status does); it sets no budget of its own.
+            args.budget_epsilon = Some(1e6);
+            args.period_days = 36_500;
+            args.privacy_ledger = self.ledger.clone();
         }
         let summary = omega_shard::federation::run(&args, &self.metrics).await;
         if summary.outcome == RoundOutcome::Failed {
             tracing::warn!(message = ?summary.message, "federation round failed");
         }
         if let Some(p) = &summary.privacy {
-            self.epsilon_spent = Some(p.epsilon);
+            self.epsilon_spent = Some((p.composed_epsilon, p.composed_delta));
+            self.ledger = serde_json::to_string(&p.ledger).unwrap_or_default();
         }
         let (hr, ndcg) = self.curve_quality();
         self.curve.push(RoundPoint {
@@ -386,6 +394,7 @@ pub(crate) async fn run(
         curve: Vec::new(),
         curve_users,
         epsilon_spent: None,
+        ledger: String::new(),
         metrics: FederationMetrics::default(),
         label: if dp.is_some() { "dp" } else { "fed" },
         seed: world.seed,

@@ -79,15 +79,40 @@ pub struct FederationRoundSpec {
 pub const CRON_SHAPE_RULE: &str =
     "self.matches('^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[^ ]+( +[^ ]+){4})$')";
 
-/// Differential-privacy budget of one round.
+/// Differential privacy of a round (`docs/privacy.md`).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct PrivacySpec {
-    /// Epsilon (> 0).
+    /// Epsilon of one round alone (> 0).
     #[schemars(range(min = 0.001, max = 100.0))]
     pub epsilon: f64,
-    /// Delta (0 < delta < 1; the spec-level CEL rule excludes both ends).
+    /// Delta of one round alone (0 < delta < 1; the spec-level CEL rule excludes both ends).
     #[schemars(range(min = 0.0, max = 1.0))]
     pub delta: f64,
+    /// Most epsilon one device may spend per period, composed over every round of the
+    /// period; a round that would exceed it releases nothing and fails with reason
+    /// `PrivacyBudgetExhausted`. Unset: the round's own epsilon (one DP round per period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.001, max = 1000.0))]
+    pub budget_epsilon: Option<f64>,
+    /// Length of the budget's period in whole UTC days (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub period_days: Option<i32>,
+}
+
+/// What differentially private rounds spent, as the last round reported it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PrivacyStatus {
+    /// Epsilon per device composed over the rounds of the period (this one included).
+    pub composed_epsilon: f64,
+    /// Delta of `composedEpsilon`.
+    pub composed_delta: f64,
+    /// Rounds composed.
+    pub rounds_in_period: u32,
+    /// The ledger (JSON) the next round of this schedule is given.
+    pub ledger: String,
 }
 
 /// Phase of a round.
@@ -161,6 +186,9 @@ pub struct FederationRoundStatus {
     /// Scheduled parents: the child that has not finished yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_round: Option<String>,
+    /// Differential privacy spent (rounds with `privacy`; for a schedule, its latest child's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyStatus>,
 }
 
 fn default_min_quality() -> f64 {

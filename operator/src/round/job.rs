@@ -31,6 +31,10 @@ pub fn round_id(fr: &FederationRound) -> String {
     format!("{}.{}.{}", fr.namespace().unwrap_or_default(), fr.name_any(), &uid[..uid.len().min(8)])
 }
 
+/// Annotation a scheduled parent puts on the child it spawns: the privacy ledger (JSON) its
+/// latest finished child reported, passed to the Job as `--privacy-ledger`.
+pub const PRIVACY_LEDGER_ANNOTATION: &str = "omega.exogenesis.io/privacy-ledger";
+
 /// `omega-shard federate` arguments (the contract in docs/architecture.md).
 pub fn args(fr: &FederationRound, round_id: &str, endpoints: &[String]) -> Vec<String> {
     let s = &fr.spec;
@@ -54,6 +58,17 @@ pub fn args(fr: &FederationRound, round_id: &str, endpoints: &[String]) -> Vec<S
             "--delta".into(),
             p.delta.to_string(),
         ]);
+        if let Some(b) = p.budget_epsilon {
+            a.extend(["--budget-epsilon".into(), b.to_string()]);
+        }
+        if let Some(d) = p.period_days {
+            a.extend(["--period-days".into(), d.to_string()]);
+        }
+        // What earlier rounds of the schedule spent (set by the parent when it spawned this
+        // round): the accounting composes across Jobs through it.
+        if let Some(l) = fr.annotations().get(PRIVACY_LEDGER_ANNOTATION) {
+            a.extend(["--privacy-ledger".into(), l.clone()]);
+        }
     }
     if s.allow_partial {
         a.push("--allow-partial".into());
@@ -124,7 +139,12 @@ mod tests {
         let mut fr = FederationRound::new(
             "nightly",
             FederationRoundSpec {
-                privacy: privacy.then_some(PrivacySpec { epsilon: 1.5, delta: 1e-6 }),
+                privacy: privacy.then_some(PrivacySpec {
+                    epsilon: 1.5,
+                    delta: 1e-6,
+                    budget_epsilon: None,
+                    period_days: None,
+                }),
                 allow_partial: partial,
                 ..FederationRoundSpec::default()
             },
@@ -132,6 +152,29 @@ mod tests {
         fr.metadata.namespace = Some("tv".into());
         fr.metadata.uid = Some("0123456789abcdef".into());
         fr
+    }
+
+    #[test]
+    fn a_budget_and_the_parents_ledger_reach_the_job() {
+        let mut fr = round(true, false);
+        if let Some(p) = fr.spec.privacy.as_mut() {
+            p.budget_epsilon = Some(8.0);
+            p.period_days = Some(7);
+        }
+        let ledger = r#"{"days":[{"day":20000,"rho":0.1,"delta_select":1e-7,"rounds":1}]}"#;
+        fr.metadata.annotations =
+            Some([(PRIVACY_LEDGER_ANNOTATION.to_string(), ledger.to_string())].into());
+        let a = args(&fr, "r", &["http://a-admin.tv.svc:50052".to_string()]).join(" ");
+        assert!(
+            a.contains(&format!(
+                "--epsilon 1.5 --delta 0.000001 --budget-epsilon 8 --period-days 7 --privacy-ledger {ledger}"
+            )),
+            "{a}"
+        );
+        // Without `privacy` the ledger is not passed.
+        fr.spec.privacy = None;
+        let a = args(&fr, "r", &[]).join(" ");
+        assert!(!a.contains("--privacy-ledger") && !a.contains("--budget-epsilon"), "{a}");
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub mod state;
 use crate::apply::{apply, apply_status};
 use crate::conditions::{self, DEGRADED, PROGRESSING, READY, Want};
 use crate::context::Context;
-use crate::crd::{FederationRound, FederationRoundSpec, FederationRoundStatus, RoundPhase, Shard};
+use crate::crd::{
+    FederationRound, FederationRoundSpec, FederationRoundStatus, PrivacyStatus, RoundPhase, Shard,
+};
 use crate::metrics::FinishedRound;
 use crate::{Error, Result};
 use futures::StreamExt;
@@ -274,6 +276,14 @@ async fn one_round(fr: &FederationRound, ctx: &Context) -> Result<Action> {
         next.patterns_aggregated = i64::try_from(s.patterns_aggregated).unwrap_or(i64::MAX);
         next.trends_detected = i64::try_from(s.trends_detected).unwrap_or(i64::MAX);
         next.shards_completed = i32::try_from(s.shards_completed).unwrap_or(i32::MAX);
+        if let Some(p) = &s.privacy {
+            next.privacy = Some(PrivacyStatus {
+                composed_epsilon: p.composed_epsilon,
+                composed_delta: p.composed_delta,
+                rounds_in_period: p.rounds_in_period,
+                ledger: serde_json::to_string(&p.ledger).unwrap_or_default(),
+            });
+        }
     }
     if step.phase.is_finished() && next.finished_at.is_none() {
         next.finished_at = Some(Time(now));
@@ -426,8 +436,18 @@ async fn scheduled(fr: &FederationRound, ctx: &Context, cron: &str) -> Result<Ac
     let last = previous.last_schedule_time.as_ref().map_or_else(|| created(fr), |t| t.0);
     let step = schedule::step(&parsed, last, now, active.is_some());
     let mut active_round = active.clone();
+    // The newest finished child's spending is the schedule's (read before history is pruned).
+    if let Some(p) = children
+        .iter()
+        .rev()
+        .filter(|c| finished(c))
+        .find_map(|c| c.status.as_ref().and_then(|s| s.privacy.clone()))
+    {
+        next.privacy = Some(p);
+    }
     if let Some(due) = step.spawn {
-        let child = child_round(fr, due)?;
+        let ledger = next.privacy.as_ref().map(|p| p.ledger.clone());
+        let child = child_round(fr, due, ledger)?;
         let name = child.name_any();
         apply(&rounds, &child).await?;
         info!(round = %key(fr), child = %name, "spawned scheduled round");
@@ -483,7 +503,11 @@ async fn scheduled(fr: &FederationRound, ctx: &Context, cron: &str) -> Result<Ac
 
 /// A child round of a scheduled parent for the run due at `due` (named after it, so a retried
 /// spawn applies the same object instead of making a second one).
-fn child_round(parent: &FederationRound, due: Timestamp) -> Result<FederationRound> {
+fn child_round(
+    parent: &FederationRound,
+    due: Timestamp,
+    ledger: Option<String>,
+) -> Result<FederationRound> {
     let owner = parent.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?;
     let suffix = format!("-{}", due.as_second() / 60);
     let mut base = parent.name_any();
@@ -498,6 +522,9 @@ fn child_round(parent: &FederationRound, due: Timestamp) -> Result<FederationRou
                 ("app.kubernetes.io/managed-by".to_string(), "omega-operator".to_string()),
             ])),
             owner_references: Some(vec![owner]),
+            annotations: ledger
+                .filter(|_| parent.spec.privacy.is_some())
+                .map(|l| BTreeMap::from([(job::PRIVACY_LEDGER_ANNOTATION.to_string(), l)])),
             ..Default::default()
         },
         spec,

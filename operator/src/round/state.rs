@@ -138,7 +138,7 @@ pub fn step(o: &Observed) -> Step {
                 message: summary
                     .as_ref()
                     .map_or_else(|| "the Job succeeded but left no summary".to_string(), describe),
-                reason: if failed { "RoundFailed" } else { "RoundSucceeded" },
+                reason: if failed { failure_reason(summary.as_ref()) } else { "RoundSucceeded" },
                 degraded: None,
                 summary: summary.clone(),
                 requeue: ttl_requeue(o, o.now),
@@ -151,7 +151,7 @@ pub fn step(o: &Observed) -> Step {
                 Some(s) => describe(s),
                 None => format!("the federate Job failed: {reason}"),
             },
-            reason: "RoundFailed",
+            reason: failure_reason(summary.as_ref()),
             degraded: None,
             summary: summary.clone(),
             requeue: ttl_requeue(o, o.now),
@@ -215,6 +215,15 @@ fn finished(o: &Observed, phase: RoundPhase) -> Step {
 
 fn ttl_requeue(o: &Observed, finished_at: Timestamp) -> Option<SignedDuration> {
     o.ttl.map(|ttl| (finished_at + ttl).duration_since(o.now).max(SignedDuration::from_secs(1)))
+}
+
+/// The condition reason of a failed round: the privacy refusals by name, else `RoundFailed`.
+pub fn failure_reason(s: Option<&RoundSummary>) -> &'static str {
+    match s.and_then(|s| s.message.as_deref()) {
+        Some(m) if m.starts_with("privacy budget exhausted") => "PrivacyBudgetExhausted",
+        Some(m) if m.starts_with("--privacy-ledger") => "MalformedPrivacyLedger",
+        _ => "RoundFailed",
+    }
 }
 
 /// One line for status and Events.
@@ -481,6 +490,26 @@ mod tests {
             ..obs(Some(RoundPhase::Succeeded), JobView::Missing)
         };
         assert_eq!(step(&o).requeue, Some(SignedDuration::from_secs(30)));
+    }
+
+    #[test]
+    fn privacy_refusals_are_named_in_the_condition_reason() {
+        let with =
+            |m: &str| RoundSummary { message: Some(m.into()), ..summary(RoundOutcome::Failed) };
+        // (summary message, reason)
+        for (m, want) in [
+            ("privacy budget exhausted: this round would bring ...", "PrivacyBudgetExhausted"),
+            ("--privacy-ledger is not a privacy ledger: eof", "MalformedPrivacyLedger"),
+            ("round failed: shard(s) a unreachable", "RoundFailed"),
+        ] {
+            let s = step(&obs(
+                Some(RoundPhase::Running),
+                JobView::Failed { summary: Some(with(m)), reason: "BackoffLimitExceeded".into() },
+            ));
+            assert_eq!((s.phase, s.reason), (RoundPhase::Failed, want), "{m}");
+            assert!(s.message.contains(m), "{}", s.message);
+        }
+        assert_eq!(failure_reason(None), "RoundFailed");
     }
 
     #[test]

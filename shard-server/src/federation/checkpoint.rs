@@ -56,7 +56,7 @@ pub struct ShardProgress {
 }
 
 /// Counts of the computed round, kept with the publish request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct OutputCounts {
     /// Patterns read.
     pub patterns_in: u64,
@@ -64,6 +64,10 @@ pub struct OutputCounts {
     pub groups: u64,
     /// Groups withheld.
     pub suppressed: u64,
+    /// A DP round's accounting as charged when the output was computed (a resumed round
+    /// publishes that output and is not charged again).
+    #[serde(default)]
+    pub privacy: Option<omega_protocol::admin::PrivacyAccounting>,
 }
 
 /// The whole state of one round.

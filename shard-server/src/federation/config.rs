@@ -1,9 +1,11 @@
 //! The flags of `omega-shard federate` (docs/architecture.md); each is also an env var.
 
-use super::collab::CollabConfig;
-use super::group::DEFAULT_THRESHOLD;
-use super::privacy::DpParams;
-use super::round::{DEFAULT_DP_MAX_GROUPS, DEFAULT_PROFILE_MIX, RoundConfig};
+use super::FederationError;
+use omega_federation::collab::CollabConfig;
+use omega_federation::group::DEFAULT_THRESHOLD;
+use omega_federation::privacy::{Budget, DpParams, NoiseSeed};
+use omega_federation::round::{DEFAULT_DP_MAX_GROUPS, DEFAULT_PROFILE_MIX, RoundConfig};
+use omega_protocol::admin::PrivacyLedger;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,6 +36,24 @@ pub struct FederateArgs {
     /// Most groups one device contributes to in a DP round.
     #[arg(long, env = "DP_MAX_GROUPS", default_value_t = DEFAULT_DP_MAX_GROUPS)]
     pub dp_max_groups: u32,
+    /// DP: most epsilon one device may spend per period, composed over every round of the
+    /// period (default: the round's own --epsilon, so one DP round per period).
+    #[arg(long, env = "PRIVACY_BUDGET_EPSILON")]
+    pub budget_epsilon: Option<f64>,
+    /// DP: the period of the budget, whole UTC days.
+    #[arg(long, env = "PRIVACY_PERIOD_DAYS", default_value_t = DEFAULT_PERIOD_DAYS)]
+    pub period_days: u32,
+    /// DP: what earlier rounds of the period spent (the `privacy.ledger` JSON of the last
+    /// round's summary); empty: nothing spent yet.
+    #[arg(long, env = "PRIVACY_LEDGER", default_value = "")]
+    pub privacy_ledger: String,
+    /// DP: secret key of the noise (at least 16 bytes), so a rerun of a round id draws the same
+    /// noise; unset: fresh noise from the operating system's CSPRNG.
+    #[arg(long, env = "FEDERATION_NOISE_KEY", hide_env_values = true)]
+    pub noise_key: Option<NoiseKey>,
+    /// DP: file holding the noise key (a mounted Secret), instead of --noise-key.
+    #[arg(long, env = "FEDERATION_NOISE_KEY_FILE", conflicts_with = "noise_key")]
+    pub noise_key_file: Option<PathBuf>,
     /// Complete the round without unreachable shards (outcome `partial`) instead of failing.
     #[arg(long, env = "ALLOW_PARTIAL")]
     pub allow_partial: bool,
@@ -70,9 +90,40 @@ pub struct FederateArgs {
     pub attempts: u32,
 }
 
+/// Default `--period-days`.
+pub const DEFAULT_PERIOD_DAYS: u32 = 30;
+
+/// A secret noise key; its `Debug` does not print it.
+#[derive(Clone)]
+pub struct NoiseKey(Vec<u8>);
+
+impl std::fmt::Debug for NoiseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NoiseKey(..)")
+    }
+}
+
+impl std::str::FromStr for NoiseKey {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(NoiseKey(s.trim().as_bytes().to_vec()))
+    }
+}
+
 /// Why the flags are unusable.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
+    /// `--privacy-ledger` is not a ledger.
+    #[error("--privacy-ledger is not a privacy ledger: {0}")]
+    Ledger(String),
+    /// The noise key file cannot be read.
+    #[error("--noise-key-file {path}: {reason}")]
+    KeyFile {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// A value outside its range.
     #[error("{flag} = {value} is outside {range}")]
     OutOfRange {
@@ -107,6 +158,11 @@ impl FederateArgs {
             epsilon: None,
             delta: None,
             dp_max_groups: DEFAULT_DP_MAX_GROUPS,
+            budget_epsilon: None,
+            period_days: DEFAULT_PERIOD_DAYS,
+            privacy_ledger: String::new(),
+            noise_key: None,
+            noise_key_file: None,
             allow_partial: false,
             summary_file: None,
             state_dir: None,
@@ -176,6 +232,41 @@ impl FederateArgs {
                 lambda_rel: self.collab_lambda,
                 ..CollabConfig::default()
             }),
+        })
+    }
+
+    /// The per-device budget of a DP round with `p`.
+    pub fn budget(&self, p: &DpParams) -> Result<Budget, ConfigError> {
+        let epsilon = self.budget_epsilon.unwrap_or(p.epsilon);
+        check(epsilon > 0.0 && epsilon.is_finite(), "--budget-epsilon", epsilon, "(0, inf)")?;
+        check(self.period_days >= 1, "--period-days", self.period_days, ">= 1")?;
+        Ok(Budget { epsilon, period_days: self.period_days })
+    }
+
+    /// The ledger carried in.
+    pub fn ledger(&self) -> Result<PrivacyLedger, ConfigError> {
+        if self.privacy_ledger.trim().is_empty() {
+            return Ok(PrivacyLedger::default());
+        }
+        serde_json::from_str(&self.privacy_ledger).map_err(|e| ConfigError::Ledger(e.to_string()))
+    }
+
+    /// Where the round's noise comes from: the key when one is given, else the OS.
+    pub fn noise_seed(&self) -> Result<NoiseSeed, FederationError> {
+        let key = match (&self.noise_key, &self.noise_key_file) {
+            (Some(k), _) => Some(k.0.clone()),
+            (None, Some(path)) => {
+                let bytes = std::fs::read(path).map_err(|e| ConfigError::KeyFile {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                Some(bytes.trim_ascii().to_vec())
+            }
+            (None, None) => None,
+        };
+        Ok(match key {
+            Some(k) => NoiseSeed::keyed(&k, &self.round_id)?,
+            None => NoiseSeed::from_os()?,
         })
     }
 

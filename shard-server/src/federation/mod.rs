@@ -7,29 +7,20 @@
 //! and publishes the result to every shard with `PublishGlobal` (idempotent on the round id),
 //! so the next `Sync` of every TV carries it.
 //!
-//! Decisions are pure functions with table tests — [`intake`] (what is read),
-//! [`group`] (what means the same thing), [`aggregate`] (weighting, k-anonymity,
-//! collaborative profiles), [`privacy`] (noise and its accounting), [`trends`], and
-//! [`round::federate`] tying them together; I/O lives in [`runner`] (gRPC, retries,
-//! partial rounds) and [`checkpoint`] (resuming). [`fixture`] is an in-memory `ShardAdmin`
-//! for tests and benchmarks.
+//! Decisions are pure functions with table tests in the `omega-federation` crate (intake,
+//! grouping, weighting, collaborative vectors, privacy, trends, the round); this module is the
+//! I/O around them: [`runner`] (gRPC, retries, partial rounds), [`checkpoint`] (resuming),
+//! [`metrics`] and the flags ([`config`]). [`fixture`] is an in-memory `ShardAdmin` for tests
+//! and benchmarks.
 
-pub mod aggregate;
 pub mod checkpoint;
-pub mod collab;
 pub mod config;
 pub mod fixture;
-pub mod group;
-pub mod intake;
 pub mod metrics;
-pub mod privacy;
-pub mod round;
 pub mod runner;
-pub mod trends;
 
 pub use config::FederateArgs;
 pub use metrics::FederationMetrics;
-pub use round::{RoundConfig, RoundOutput, federate};
 pub use runner::run;
 
 use omega_protocol::admin::{RoundOutcome, RoundSummary};
@@ -61,10 +52,13 @@ pub enum FederationError {
     },
     /// Shards serve different models.
     #[error(transparent)]
-    Intake(#[from] intake::IntakeError),
+    Intake(#[from] omega_federation::intake::IntakeError),
     /// The checkpoint could not be used.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    /// No noise could be had, or the privacy budget refuses the round (nothing released).
+    #[error(transparent)]
+    Privacy(#[from] omega_federation::privacy::PrivacyError),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),

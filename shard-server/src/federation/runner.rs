@@ -1,12 +1,13 @@
 //! The round over real gRPC: export from every shard (resumable cursor, zstd), aggregate,
 //! publish to every shard (idempotent on round id), with a checkpoint between the steps.
 
+use super::FederationError;
 use super::checkpoint::{OutputCounts, RoundState, Store, from_hex, to_hex};
 use super::config::FederateArgs;
-use super::intake::Intake;
 use super::metrics::FederationMetrics;
-use super::round::{self, RoundConfig};
-use super::{FederationError, privacy};
+use omega_federation::intake::Intake;
+use omega_federation::privacy;
+use omega_federation::round::{self, RoundConfig};
 use omega_protocol::admin::{RoundOutcome, RoundSummary, ShardFailure};
 use omega_protocol::pb::{self, shard_admin_client::ShardAdminClient};
 use omega_protocol::types::is_collaborative_vector;
@@ -113,7 +114,21 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
                     intake.add_batch(b, cfg.min_quality)?;
                 }
             }
-            let out = round::federate(&intake, &cfg, &args.round_id);
+            // The budget is checked before any noise is drawn: a refused round releases
+            // nothing (its exports stay in this process).
+            let charged = match &cfg.dp {
+                Some(p) => {
+                    let plan = privacy::plan(p, cfg.min_sources, cfg.collab.is_some());
+                    let budget = args.budget(p)?;
+                    let ledger = args.ledger()?;
+                    let (ledger, composed) =
+                        privacy::charge(&ledger, &budget, &plan, crate::clock::now_ms())?;
+                    Some((budget, ledger, composed))
+                }
+                None => None,
+            };
+            let seed = args.noise_seed()?;
+            let out = round::federate(&intake, &cfg, &seed);
             let (global_version, shard_model) = next_global_version(args).await;
             // A round that read nothing still publishes (an empty set is the truth), under
             // the shards' own model.
@@ -125,13 +140,23 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
                 trends: out.trends.iter().map(|t| t.to_wire()).collect(),
                 model_id,
             };
+            let privacy = out.privacy.clone().zip(charged).map(|(mut acc, (b, ledger, c))| {
+                acc.composed_epsilon = c.epsilon;
+                acc.composed_delta = c.delta;
+                acc.rounds_in_period = c.rounds;
+                acc.budget_epsilon = b.epsilon;
+                acc.period_days = b.period_days;
+                acc.ledger = ledger;
+                acc
+            });
             let counts = OutputCounts {
                 patterns_in: intake.items.len() as u64,
                 groups: out.stats.groups,
                 suppressed: out.stats.suppressed,
+                privacy,
             };
             store.save_output(&req)?;
-            lock(&state)?.output = Some(counts);
+            lock(&state)?.output = Some(counts.clone());
             store.save(&snapshot(&state)?)?;
             (counts, req)
         }
@@ -150,11 +175,7 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
     summary.patterns_aggregated = req.patterns.len() as u64 - collaborative;
     summary.trends_detected = req.trends.len() as u64;
     summary.global_version = req.global_version;
-    summary.privacy = cfg.dp.map(|p| {
-        let c =
-            if cfg.collab.is_some() { privacy::calibrate_gram(&p) } else { privacy::calibrate(&p) };
-        privacy::accounting(&p, &c)
-    });
+    summary.privacy = counts.privacy.clone();
 
     // Publish to every shard that does not have the round yet (also to one whose export
     // failed: it may be back, and then it serves the round too).

@@ -9,6 +9,7 @@
 //! - `Stats` is `/api/v1/stats` over gRPC.
 
 use super::{invalid, store_status};
+use crate::service::Service;
 use crate::state::AppState;
 use crate::store::Publish;
 use omega_protocol::ValidationError;
@@ -33,12 +34,13 @@ pub const MAX_PUBLISHED_TRENDS: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct AdminService {
     state: Arc<AppState>,
+    service: Service,
 }
 
 impl AdminService {
-    /// A service over `state`.
-    pub fn new(state: Arc<AppState>) -> Self {
-        AdminService { state }
+    /// A service over the use cases' state.
+    pub fn new(service: Service) -> Self {
+        AdminService { state: service.state().clone(), service }
     }
 }
 
@@ -166,8 +168,7 @@ impl ShardAdmin for AdminService {
         &self,
         _req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        self.state.refresh_counts().await;
-        let s = self.state.stats();
+        let s = self.service.stats().await;
         Ok(Response::new(pb::StatsResponse {
             shard_id: s.shard_id,
             region: s.region,

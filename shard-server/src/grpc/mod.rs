@@ -7,6 +7,7 @@ pub mod admin;
 pub mod sync;
 
 use crate::metrics::{Metrics, status_label};
+use crate::service::{ServiceError, SyncOutcome};
 use crate::store::StoreError;
 use omega_protocol::ValidationError;
 use prometheus_client::metrics::gauge::Gauge;
@@ -41,6 +42,17 @@ pub fn store_status(e: StoreError) -> Status {
     }
 }
 
+/// A use case's error as the status a client sees.
+pub fn service_status(e: ServiceError) -> Status {
+    match e {
+        e @ ServiceError::Draining => Status::unavailable(e.to_string()),
+        e @ ServiceError::RateLimited(_) => Status::resource_exhausted(e.to_string()),
+        e @ ServiceError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
+        ServiceError::Invalid(e) => invalid(e),
+        ServiceError::Store(e) => store_status(e),
+    }
+}
+
 /// A validation error as `INVALID_ARGUMENT`, naming the field.
 pub fn invalid(e: ValidationError) -> Status {
     Status::invalid_argument(e.to_string())
@@ -63,10 +75,6 @@ pub fn remap_decode_errors(headers: &mut http::HeaderMap) {
     };
     headers.insert("grpc-status", http::HeaderValue::from(new));
 }
-
-/// Outcome label a successful handler leaves in the response extensions.
-#[derive(Debug, Clone, Copy)]
-pub struct SyncOutcome(pub &'static str);
 
 /// Tower layer counting `Sync` requests by outcome with their latency, and `Register`
 /// requests by outcome.

@@ -7,6 +7,7 @@
 //! - `GET /api/v1/stats`: [`omega_protocol::admin::ShardStats`] as JSON.
 //! - `GET /metrics`: Prometheus text format.
 
+use crate::service::Service;
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::State;
@@ -18,12 +19,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// Routes of `REST_ADDR`.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(service: Service) -> Router {
+    let state = service.state().clone();
     Router::new()
+        .route("/api/v1/stats", get(stats))
+        .with_state(service)
         .route("/health", get(health))
         .route("/live", get(health))
         .route("/ready", get(ready))
-        .route("/api/v1/stats", get(stats))
         .with_state(state)
 }
 
@@ -48,9 +51,8 @@ async fn ready(State(st): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-async fn stats(State(st): State<Arc<AppState>>) -> impl IntoResponse {
-    st.refresh_counts().await;
-    Json(st.stats())
+async fn stats(State(service): State<Service>) -> impl IntoResponse {
+    Json(service.stats().await)
 }
 
 async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {

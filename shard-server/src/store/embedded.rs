@@ -86,6 +86,8 @@ struct Indexed<'a> {
 /// a quality at or above the shareable rate; it wins over a device's pattern that reuses its
 /// id, so no device can shadow a published aggregate), else a shareable pattern, else
 /// nothing. The one definition of "indexed", used by live changes and every build alike.
+/// `similar` serves only the aggregates (owner [`NO_OWNER`]); the patterns keep the index's
+/// training and retraining as they were until the patterns' index is retired.
 fn indexed<'a>(
     patterns: &'a BTreeMap<Uuid, Stored>,
     aggregates: &'a HashMap<Uuid, pb::AggregatedPattern>,
@@ -551,29 +553,21 @@ impl Store for EmbeddedStore {
         let Some(unit) = super::unit(&q.interest) else { return Ok(Vec::new()) };
         let qv = omega_protocol::vector::quantize(&unit);
         let st = self.read()?;
-        let owner = st.devices.get(&q.device_id).map_or(NO_OWNER - 1, |d| d.idx);
-        let hits = st.index.ann.search(&qv.values, owner, q.limit);
-        let mut out = Vec::with_capacity(hits.len());
-        for h in hits {
-            if h.owner == NO_OWNER {
-                if let Some(a) = st.aggregates.get(&h.key).filter(|a| a.quality >= q.min_quality) {
-                    out.push(SimilarPattern {
+        // Only aggregates (owner NO_OWNER) are candidates: devices' patterns are never served.
+        let hits = st.index.ann.search_by(&qv.values, q.limit, |owner, _| owner == NO_OWNER);
+        Ok(hits
+            .into_iter()
+            .filter_map(|h| {
+                let a = st.aggregates.get(&h.key)?;
+                (a.quality >= q.min_quality && a.source_devices >= q.min_sources).then(|| {
+                    SimilarPattern {
                         pattern: aggregate_pattern(a, st.published_ms),
-                        aggregate: true,
+                        sources: a.source_devices,
                         score: h.score,
-                    });
-                }
-            } else if let Some(s) =
-                st.patterns.get(&h.key).filter(|s| s.pattern.success_rate >= q.min_quality)
-            {
-                out.push(SimilarPattern {
-                    pattern: s.pattern.clone(),
-                    aggregate: false,
-                    score: h.score,
-                });
-            }
-        }
-        Ok(out)
+                    }
+                })
+            })
+            .collect())
     }
 
     async fn settle(&self) -> Result<(), StoreError> {
@@ -616,7 +610,7 @@ impl Store for EmbeddedStore {
                 (self.barrier()?, Published { applied: false, global_version: st.global.version })
             } else {
                 let version = p.global_version.max(st.global.version + 1);
-                st.published_ms = now_ms();
+                st.published_ms = crate::clock::now_ms();
                 let rec = Record {
                     kind: Some(Kind::Publish(wal::PublishRec {
                         round_id: p.round_id,
@@ -672,12 +666,6 @@ impl Store for EmbeddedStore {
     async fn flush(&self) -> Result<(), StoreError> {
         durable(self.barrier()?).await
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 struct Writer {

@@ -93,25 +93,26 @@ pub struct SyncApplied {
 /// A pattern offered to a device, with where it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimilarPattern {
-    /// Wire form, with the owner's id (the service re-keys it).
+    /// A published aggregate in wire form (its group id, the publication time).
     pub pattern: pb::Pattern,
-    /// True for a federated aggregate, false for another device's pattern.
-    pub aggregate: bool,
+    /// Distinct devices behind it (as the round published it: noisy in a DP round).
+    pub sources: u32,
     /// Cosine similarity to the query.
     pub score: f32,
 }
 
-/// A similarity query.
+/// A similarity query. Only published aggregates are searched, never a device's own
+/// patterns: what a TV receives is always something `min_sources` devices agree on.
 #[derive(Debug, Clone)]
 pub struct SimilarQuery {
-    /// Patterns of this device are excluded.
-    pub device_id: String,
     /// Interest vector (any length > 0; cosine is scale-free).
     pub interest: Vec<f32>,
     /// Most results.
     pub limit: usize,
-    /// Lowest success rate (quality for aggregates).
+    /// Lowest quality.
     pub min_quality: f32,
+    /// k: aggregates with fewer distinct devices are never returned.
+    pub min_sources: u32,
 }
 
 /// The state a federation round published last.
@@ -211,7 +212,8 @@ pub trait Store: Send + Sync + 'static {
     /// crash of the process.
     async fn apply_sync(&self, write: SyncWrite) -> Result<SyncApplied, StoreError>;
 
-    /// Nearest shareable patterns of other devices and federated aggregates.
+    /// Nearest published aggregates with at least `min_sources` devices (never a device's
+    /// pattern).
     async fn similar(&self, query: SimilarQuery) -> Result<Vec<SimilarPattern>, StoreError>;
 
     /// Makes every applied sync visible to [`Store::similar`] and [`Store::export`] now
@@ -264,7 +266,7 @@ pub enum SimilarIndex {
     Pgvector,
 }
 
-/// Options of the stores, from [`crate::config::StoreArgs`].
+/// Options of the stores (`omega-shard` builds them from its `StoreArgs`).
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// Postgres URL, or `None` for the embedded store.
@@ -297,28 +299,6 @@ pub struct StoreOptions {
     pub ann_probes: usize,
     /// Embedded WAL compaction threshold.
     pub wal_compact_bytes: u64,
-}
-
-impl From<&crate::config::StoreArgs> for StoreOptions {
-    fn from(a: &crate::config::StoreArgs) -> Self {
-        StoreOptions {
-            postgres_url: a.postgres_url(),
-            read_urls: a.database_read_urls.clone(),
-            data_dir: a.data_dir.clone(),
-            pool_size: a.db_pool_size,
-            hnsw_m: a.hnsw_m,
-            hnsw_ef_construction: a.hnsw_ef_construction,
-            hnsw_ef_search: a.hnsw_ef_search,
-            merge_interval: std::time::Duration::from_millis(a.merge_interval_ms),
-            merge_batch: a.merge_batch,
-            index_interval: std::time::Duration::from_millis(a.index_interval_ms),
-            index_batch: a.index_batch,
-            similar_index: a.similar_index,
-            ann_lists: a.ann_lists as usize,
-            ann_probes: a.ann_probes as usize,
-            wal_compact_bytes: a.wal_compact_mb << 20,
-        }
-    }
 }
 
 impl StoreOptions {

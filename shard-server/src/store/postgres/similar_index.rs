@@ -40,16 +40,17 @@
 //! searchable within about two merge intervals of its sync on every replica. Tombstones are kept for
 //! [`super::TOMBSTONE_RETENTION`]; a process that fell further behind (a long outage) reloads.
 
-use super::{MIN_SHARED_QUALITY, db_err, row_pattern};
+use super::pool::db_err;
+use super::rows::row_pattern;
 use crate::store::ann::{
     self, Ann, IndexInfo, NO_OWNER, SAMPLE_PER_LIST, TRAIN_ITERATIONS, TRAIN_MIN_PER_LIST,
 };
 use crate::store::{SimilarPattern, SimilarQuery, StoreError, aggregate_pattern};
 use futures::TryStreamExt;
 use omega_protocol::pb;
+use omega_protocol::validate::MIN_SHARED_QUALITY;
 use omega_protocol::vector::{QuantizedVector, quantize};
 use pgvector::Vector;
-use prost::Message;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use std::collections::HashMap;
@@ -64,14 +65,11 @@ const FOLLOW_PAGE: i64 = 10_000;
 /// Rows handed to the builder thread at a time while loading.
 const LOAD_CHUNK: usize = 2048;
 
-/// What the index keeps of a pattern besides its vector.
+/// What the index keeps of a pattern besides its vector: nothing, since `similar` serves
+/// only aggregates; the patterns' index keeps the load, follow and retraining machinery
+/// (and `/ready`) working until it is retired.
 #[derive(Debug)]
-struct Meta {
-    /// Success rate (filtered on without decoding `wire`).
-    rate: f32,
-    /// The pattern without id and embedding, prost-encoded.
-    wire: Box<[u8]>,
-}
+struct Meta;
 
 /// A pattern read from Postgres, ready to insert.
 struct Prepared {
@@ -226,7 +224,7 @@ fn prepare(row: &PgRow) -> Result<Prepared, StoreError> {
         device,
         values: ann::to_i8(&e.values),
         scale: e.scale,
-        meta: Meta { rate: p.success_rate, wire: p.encode_to_vec().into_boxed_slice() },
+        meta: Meta,
         list: None,
     })
 }
@@ -253,7 +251,7 @@ async fn read_aggregates(tx: &mut Transaction<'_, Postgres>) -> Result<Aggregate
     .fetch_one(&mut **tx)
     .await
     .map_err(db_err)?;
-    let all = super::read_aggregates(&mut **tx).await?;
+    let all = super::publish::read_aggregates(&mut **tx).await?;
     let mut ann = Aggregates::empty().ann;
     for (i, a) in all.iter().enumerate() {
         if let Some(e) = a.embedding.as_ref().filter(|_| !a.content_id.is_empty())
@@ -341,47 +339,29 @@ impl SimilarIndex {
         Ok(Some(self.state.read().map_err(poisoned)?.aggregates.all.clone()))
     }
 
-    /// Nearest shareable patterns of other devices and servable aggregates.
+    /// Nearest servable aggregates with at least `min_sources` devices (devices' patterns are
+    /// never served).
     pub(super) fn similar(&self, q: &SimilarQuery) -> Result<Vec<SimilarPattern>, StoreError> {
         self.check_loaded()?;
         let Some(unit) = crate::store::unit(&q.interest) else { return Ok(Vec::new()) };
         let qv = quantize(&unit);
         let st = self.state.read().map_err(poisoned)?;
-        let me = st.owners.get(q.device_id.as_str()).copied().unwrap_or(NO_OWNER);
-        let min = q.min_quality;
-        let mine = st.patterns.search_by(&qv.values, q.limit, |o, m| o != me && m.rate >= min);
         let aggs = &st.aggregates;
-        let theirs = aggs.ann.search_by(&qv.values, q.limit, |_, &i| {
-            aggs.all.get(i).is_some_and(|a| a.quality >= min)
+        let (min, k) = (q.min_quality, q.min_sources);
+        let hits = aggs.ann.search_by(&qv.values, q.limit, |_, &i| {
+            aggs.all.get(i).is_some_and(|a| a.quality >= min && a.source_devices >= k)
         });
-        let mut hits: Vec<(f32, bool, Uuid)> = mine
+        Ok(hits
             .iter()
-            .map(|h| (h.score, false, h.key))
-            .chain(theirs.iter().map(|h| (h.score, true, h.key)))
-            .collect();
-        hits.sort_by(|a, b| b.0.total_cmp(&a.0));
-        hits.truncate(q.limit);
-        let mut out = Vec::with_capacity(hits.len());
-        for (score, aggregate, key) in hits {
-            if aggregate {
-                let Some(e) = aggs.ann.get(&key) else { continue };
-                let Some(a) = aggs.all.get(*e.payload) else { continue };
-                let pattern = aggregate_pattern(a, aggs.published_ms);
-                out.push(SimilarPattern { pattern, aggregate, score });
-            } else {
-                let Some(e) = st.patterns.get(&key) else { continue };
-                let mut pattern = pb::Pattern::decode(&*e.payload.wire).map_err(|err| {
-                    StoreError::Corrupt(format!("similarity index entry {key}: {err}"))
-                })?;
-                pattern.id = key.as_bytes().to_vec();
-                pattern.embedding = Some(pb::Embedding {
-                    values: e.values.iter().map(|&v| v.to_ne_bytes()[0]).collect(),
-                    scale: e.scale,
-                });
-                out.push(SimilarPattern { pattern, aggregate, score });
-            }
-        }
-        Ok(out)
+            .filter_map(|h| {
+                let a = aggs.all.get(*aggs.ann.get(&h.key)?.payload)?;
+                Some(SimilarPattern {
+                    pattern: aggregate_pattern(a, aggs.published_ms),
+                    sources: a.source_devices,
+                    score: h.score,
+                })
+            })
+            .collect())
     }
 
     /// Rebuilds the whole index from the database (the others keep serving the old one

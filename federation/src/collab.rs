@@ -23,8 +23,10 @@
 //! Measured on MovieLens-100K (`docs/quality.md`): at MF's level, where MiniLM-only audience
 //! profiles reach about 0.45 HR@10.
 
+use crate::privacy::Noise;
 use omega_protocol::vector::EMBEDDING_DIM;
-use rand::{SeedableRng, rngs::StdRng};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand_distr::StandardNormal;
 
 /// Settings of the collaborative vectors.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -149,8 +151,8 @@ fn top_eigen(
     seed: u64,
 ) -> (Vec<f64>, Vec<f64>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut q: Vec<f64> =
-        (0..n * r).map(|_| f64::from(super::privacy::gaussian(&mut rng, 1.0))).collect();
+    // The random start of the iteration: not privacy noise, so a fixed seed is fine.
+    let mut q: Vec<f64> = (0..n * r).map(|_| rng.sample(StandardNormal)).collect();
     orthonormalize(&mut q, n, r);
     for _ in 0..iterations {
         q = apply(&q);
@@ -229,18 +231,18 @@ pub fn item_vectors(sets: &[Vec<u32>], n: usize, cfg: &CollabConfig, seed: u64) 
 /// holds at most `m` contents, each entering with weight `1/sqrt(m)`, so one device moves
 /// the Gram matrix by at most 1 in Frobenius norm; symmetric `N(0, sigma²)` noise is added
 /// to every entry of the upper triangle (mirrored), and everything after is post-processing.
-/// Returns the vectors and the noisy diagonal (the noisy count of each content, in units of
-/// `1/m` devices), from which the caller selects the contents to release.
+/// The `n` contents must have been selected before (by the round's noisy selection), so that
+/// which rows exist does not depend on any one device.
 pub fn dp_item_vectors(
     sets: &[Vec<u32>],
     n: usize,
     m: usize,
     cfg: &CollabConfig,
     sigma: f64,
-    seed: u64,
-) -> (Vec<f32>, Vec<f64>) {
+    noise: &mut Noise,
+) -> Vec<f32> {
     if n == 0 {
-        return (Vec::new(), Vec::new());
+        return Vec::new();
     }
     let c = 1.0 / m.max(1) as f64;
     let mut g = vec![0.0f64; n * n];
@@ -251,10 +253,9 @@ pub fn dp_item_vectors(
             }
         }
     }
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x0dd5_eed5);
     for a in 0..n {
         for b in a..n {
-            let z = f64::from(super::privacy::gaussian(&mut rng, sigma));
+            let z = noise.gaussian(sigma);
             g[a * n + b] += z;
             if a != b {
                 g[b * n + a] += z;
@@ -277,9 +278,9 @@ pub fn dp_item_vectors(
         }
         z
     };
-    let (values, vecs) = top_eigen(apply, n, r, cfg.iterations, seed);
+    let (values, vecs) = top_eigen(apply, n, r, cfg.iterations, 0x00c0_11ab);
     let diag_mean = diag.iter().map(|x| x.max(0.0)).sum::<f64>() / n as f64;
-    (finish(&values, &vecs, n, r, d, cfg.lambda_rel * diag_mean), diag)
+    finish(&values, &vecs, n, r, d, cfg.lambda_rel * diag_mean)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 //! Cost: linear in patterns plus `distinct embeddings × leaders` per content (a handful of
 //! contexts), so a million patterns group in about a second.
 
-use super::intake::{Contribution, Intake};
+use crate::intake::{Contribution, Intake};
 use omega_protocol::vector::{QuantizedVector, dot_i8};
 use std::collections::HashMap;
 
@@ -111,7 +111,7 @@ fn group_content(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::federation::intake::tests::exported;
+    use crate::intake::tests::exported;
     use omega_protocol::pb;
     use omega_protocol::vector::{EMBEDDING_DIM, l2_normalize};
 

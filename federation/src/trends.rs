@@ -4,14 +4,14 @@
 //! hour of age: `score(t) = Σ_devices decay^((t − updated)/1h)`. A content is **rising** when
 //! its score now exceeds its score one hour earlier (computed the same way over the patterns
 //! that existed then): with decay 0.95 that means the last hour brought more than 5% of the
-//! decayed past. "Now" is the round's data time ([`super::intake::Intake::as_of_ms`]), so a
+//! decayed past. "Now" is the round's data time ([`crate::intake::Intake::as_of_ms`]), so a
 //! rerun over the same data finds the same trends. Rising **pattern centroids** are the same
 //! score over coarse cells of the embedding space (6 random-hyperplane sign bits of each
 //! group's centroid, fixed seed): a rising cell is published as the weighted mean of its
 //! groups' centroids. Like aggregates, a trend needs `min_sources` distinct devices.
 
-use super::group::Group;
-use super::intake::Intake;
+use crate::group::Group;
+use crate::intake::Intake;
 use omega_protocol::types::{TrendSignal, TrendTarget};
 use omega_protocol::vector::{EMBEDDING_DIM, l2_normalize};
 use rand::{Rng, SeedableRng, rngs::StdRng};

@@ -18,13 +18,12 @@
 //! also gets its collaborative item vector ([`collab`]) as a second aggregate under
 //! [`collaborative_vector_id`], with the main group's evidence (quality, devices, samples).
 
-use super::collab::{self, CollabConfig};
-use super::group::Group;
-use super::intake::{Contribution, Intake};
-use super::privacy::{Calibration, gaussian};
+use crate::collab::{self, CollabConfig};
+use crate::group::Group;
+use crate::intake::{Contribution, Intake};
+use crate::privacy::{Noise, NoiseSeed, Plan};
 use omega_protocol::types::{AggregatedPattern, ContentType, DayType, PatternContext, TimeSlot};
 use omega_protocol::vector::{EMBEDDING_DIM, l2_normalize};
-use rand::{SeedableRng, rngs::StdRng};
 use std::collections::HashMap;
 
 /// Unit interest vector per source ([`Intake::sources`] order), centred on the fleet mean
@@ -66,7 +65,7 @@ impl Interests {
 }
 
 /// How groups become aggregates.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AggregateConfig {
     /// k of k-anonymity: distinct devices a published group needs.
     pub min_sources: u32,
@@ -82,16 +81,14 @@ pub struct AggregateConfig {
 }
 
 /// Noise settings of a DP round.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DpRound {
-    /// From [`super::privacy::calibrate`] (noisy profiles).
-    pub calibration: Calibration,
-    /// From [`super::privacy::calibrate_gram`] (collaborative vectors).
-    pub gram: Calibration,
+    /// From [`crate::privacy::plan`].
+    pub plan: Plan,
     /// Most groups per device.
     pub max_groups_per_device: u32,
-    /// Seed of the noise (derived from the round id, so a rerun adds the same noise).
-    pub seed: u64,
+    /// Where the noise comes from (see [`crate::privacy`]).
+    pub seed: NoiseSeed,
 }
 
 /// Counts of what happened to the groups.
@@ -196,16 +193,23 @@ pub fn aggregate(
     cfg: &AggregateConfig,
 ) -> (Vec<AggregatedPattern>, AggregateStats) {
     let items = &intake.items;
-    if let (Some(dp), Some(collab)) = (cfg.dp, cfg.collab) {
-        return dp_collaborative(intake, groups, cfg, &dp, &collab);
+    if let Some(dp) = &cfg.dp {
+        // One unit per content: grouping by embedding lets one device's embedding move others
+        // between groups, which no noise calibrated per device would cover.
+        let by_content = merge_by_content(groups);
+        let (out, mut stats) = match cfg.collab {
+            Some(collab) => dp_collaborative(intake, &by_content, cfg, dp, &collab),
+            None => dp_profiles(intake, &by_content, cfg, dp),
+        };
+        stats.groups = groups.len() as u64;
+        stats.suppressed = stats.groups - stats.published;
+        return (out, stats);
     }
     let all: Vec<Vec<Share>> =
         groups.iter().map(|g| shares(items, g, interests, cfg.profile_mix)).collect();
-    let allowed = cfg.dp.map(|dp| top_groups_per_source(&all, dp.max_groups_per_device));
-    let mut rng = StdRng::seed_from_u64(cfg.dp.map(|d| d.seed).unwrap_or(0));
-    let collab_vectors = match (cfg.collab, cfg.dp) {
-        (Some(c), None) => collaborative(groups, &all, cfg.min_sources, &c),
-        _ => HashMap::new(),
+    let collab_vectors = match cfg.collab {
+        Some(c) => collaborative(groups, &all, cfg.min_sources, &c),
+        None => HashMap::new(),
     };
     let mut first_of_content: HashMap<u32, ()> = HashMap::new();
     let mut out = Vec::new();
@@ -213,50 +217,17 @@ pub fn aggregate(
     for (gi, (g, sh)) in groups.iter().zip(&all).enumerate() {
         let main = first_of_content.insert(g.content, ()).is_none();
         let n = sh.len() as u32;
-        let (sum, quality, sources, samples) = match (&cfg.dp, &allowed) {
-            (Some(dp), Some(allowed)) => {
-                let c = dp.calibration.contribution as f32;
-                let mine: Vec<&Share> =
-                    sh.iter().filter(|s| allowed.contains_key(&(s.source, gi))).collect();
-                let sigma = dp.calibration.sigma;
-                let mut draw = || gaussian(&mut rng, sigma);
-                let mut sum = vec![0.0f32; EMBEDDING_DIM];
-                for s in &mine {
-                    sum.iter_mut().zip(&s.vector).for_each(|(a, x)| *a += c * x);
-                }
-                sum.iter_mut().for_each(|a| *a += draw());
-                let count = mine.len() as f32 * c + draw();
-                let qsum = mine.iter().map(|s| c * s.quality).sum::<f32>() + draw();
-                let devices = f64::from(count) / dp.calibration.contribution;
-                if n < cfg.min_sources || devices < dp.calibration.release_threshold {
-                    stats.suppressed += 1;
-                    continue;
-                }
-                let q = (qsum / count.max(f32::MIN_POSITIVE)).clamp(0.0, 1.0);
-                let d = (devices.round() as u32).max(cfg.min_sources);
-                (sum, q, d, u64::from(d))
-            }
-            _ => {
-                if n < cfg.min_sources {
-                    stats.suppressed += 1;
-                    continue;
-                }
-                let mut sum = vec![0.0f32; EMBEDDING_DIM];
-                let (mut w, mut q) = (0.0f32, 0.0f32);
-                for s in sh {
-                    sum.iter_mut().zip(&s.vector).for_each(|(a, x)| *a += s.weight * x);
-                    w += s.weight;
-                    q += s.weight * s.quality;
-                }
-                (
-                    sum,
-                    (q / w.max(f32::MIN_POSITIVE)).clamp(0.0, 1.0),
-                    n,
-                    sh.iter().map(|s| s.samples).sum(),
-                )
-            }
-        };
-        let mut embedding = sum;
+        if n < cfg.min_sources {
+            stats.suppressed += 1;
+            continue;
+        }
+        let mut embedding = vec![0.0f32; EMBEDDING_DIM];
+        let (mut w, mut q) = (0.0f32, 0.0f32);
+        for s in sh {
+            embedding.iter_mut().zip(&s.vector).for_each(|(a, x)| *a += s.weight * x);
+            w += s.weight;
+            q += s.weight * s.quality;
+        }
         if !l2_normalize(&mut embedding) {
             stats.suppressed += 1;
             continue;
@@ -267,9 +238,9 @@ pub fn aggregate(
             id: aggregate_id(&content_id, leader),
             content_id: Some(content_id.clone()),
             embedding,
-            quality,
-            source_devices: sources,
-            total_samples: samples,
+            quality: (q / w.max(f32::MIN_POSITIVE)).clamp(0.0, 1.0),
+            source_devices: n,
+            total_samples: sh.iter().map(|s| s.samples).sum(),
             context: context(intake, g),
             region: String::new(),
         };
@@ -284,6 +255,123 @@ pub fn aggregate(
             stats.published += 1;
         }
         out.push(profile);
+        stats.published += 1;
+    }
+    out.sort_by_key(|a| a.id);
+    (out, stats)
+}
+
+/// Noise stream of the selection release.
+const SELECT_STREAM: u64 = 1;
+/// Noise stream of the second release (Gram matrix or sums).
+const RELEASE_STREAM: u64 = 2;
+
+/// The groups of each content merged into one (groups come sorted by content).
+fn merge_by_content(groups: &[Group]) -> Vec<Group> {
+    let mut out: Vec<Group> = Vec::new();
+    for g in groups {
+        match out.last_mut() {
+            Some(last) if last.content == g.content => last.members.extend(&g.members),
+            _ => out.push(g.clone()),
+        }
+    }
+    out
+}
+
+/// A group the noisy selection released, with its noisy device count.
+struct Selected {
+    group: usize,
+    devices: f64,
+}
+
+/// The selection release of a DP round ([`crate::privacy`]): over `units` (group indices,
+/// ascending), each device counts `c` in its `m` heaviest units; a unit is released when its
+/// capped device count reaches k and its noisy count reaches the threshold. Returns the
+/// released units with their noisy device counts (in devices, at least k).
+fn dp_select(all: &[Vec<Share>], units: &[usize], min_sources: u32, dp: &DpRound) -> Vec<Selected> {
+    let only: Vec<Vec<&Share>> = all
+        .iter()
+        .enumerate()
+        .map(|(gi, sh)| if units.binary_search(&gi).is_ok() { sh.iter().collect() } else { vec![] })
+        .collect();
+    let allowed = top_groups_per_source(&only, dp.max_groups_per_device);
+    let sel = &dp.plan.select;
+    let mut noise = Noise::new(&dp.seed, SELECT_STREAM);
+    let mut out = Vec::new();
+    for &gi in units {
+        let capped = all[gi].iter().filter(|s| allowed.contains_key(&(s.source, gi))).count();
+        let count = capped as f64 * sel.contribution + noise.gaussian(sel.sigma);
+        let devices = count / sel.contribution;
+        if capped >= min_sources as usize && devices >= sel.release_threshold {
+            out.push(Selected { group: gi, devices: devices.max(f64::from(min_sources)) });
+        }
+    }
+    out
+}
+
+/// A DP round without collaborative vectors: noisy selection of contents, then the noisy
+/// sums of the selected contents' per-device unit vectors and qualities; counts are the noisy
+/// ones. Audience interests are not mixed in: they are centred on the fleet mean, so one
+/// device would move every other device's vector.
+fn dp_profiles(
+    intake: &Intake,
+    groups: &[Group],
+    cfg: &AggregateConfig,
+    dp: &DpRound,
+) -> (Vec<AggregatedPattern>, AggregateStats) {
+    let items = &intake.items;
+    let all: Vec<Vec<Share>> = groups.iter().map(|g| shares(items, g, None, 0.0)).collect();
+    let units: Vec<usize> = (0..groups.len()).collect();
+    let selected = dp_select(&all, &units, cfg.min_sources, dp);
+    let mut stats = AggregateStats {
+        groups: groups.len() as u64,
+        suppressed: (groups.len() - selected.len()) as u64,
+        ..Default::default()
+    };
+    // The second release: each device's m heaviest selected groups.
+    let chosen: Vec<Vec<&Share>> = all
+        .iter()
+        .enumerate()
+        .map(
+            |(gi, sh)| {
+                if selected.iter().any(|s| s.group == gi) { sh.iter().collect() } else { vec![] }
+            },
+        )
+        .collect();
+    let allowed = top_groups_per_source(&chosen, dp.max_groups_per_device);
+    let rel = &dp.plan.release;
+    let c = rel.contribution as f32;
+    let mut noise = Noise::new(&dp.seed, RELEASE_STREAM);
+    let mut out = Vec::new();
+    for sel in &selected {
+        let (gi, g) = (sel.group, &groups[sel.group]);
+        let mine = all[gi].iter().filter(|s| allowed.contains_key(&(s.source, gi)));
+        let mut embedding = vec![0.0f32; EMBEDDING_DIM];
+        let mut qsum = 0.0f64;
+        for s in mine {
+            embedding.iter_mut().zip(&s.vector).for_each(|(a, x)| *a += c * x);
+            qsum += rel.contribution * f64::from(s.quality);
+        }
+        embedding.iter_mut().for_each(|a| *a += noise.gaussian(rel.sigma) as f32);
+        qsum += noise.gaussian(rel.sigma);
+        if !l2_normalize(&mut embedding) {
+            stats.suppressed += 1;
+            continue;
+        }
+        let quality = (qsum / (sel.devices * rel.contribution)).clamp(0.0, 1.0) as f32;
+        let devices = sel.devices.round() as u32;
+        let content_id = intake.contents.get(g.content).clone();
+        out.push(AggregatedPattern {
+            id: aggregate_id(&content_id, None),
+            content_id: Some(content_id),
+            embedding,
+            quality,
+            source_devices: devices,
+            total_samples: u64::from(devices),
+            // The dominant context is an exact statistic: a DP round publishes none.
+            context: PatternContext::default(),
+            region: String::new(),
+        });
         stats.published += 1;
     }
     out.sort_by_key(|a| a.id);
@@ -326,9 +414,10 @@ fn collaborative(
         .collect()
 }
 
-/// A DP round with collaborative vectors: the noisy Gram matrix is the only data-dependent
-/// release ([`collab::dp_item_vectors`]); contents are published when their noisy count passes
-/// the threshold and k devices back them; quality is the round's public floor.
+/// A DP round with collaborative vectors: the noisy selection picks the contents (main
+/// groups), then the noisy Gram matrix over the picked contents only is the second release
+/// ([`collab::dp_item_vectors`]); quality is the round's public floor and counts are the noisy
+/// ones.
 fn dp_collaborative(
     intake: &Intake,
     groups: &[Group],
@@ -338,18 +427,15 @@ fn dp_collaborative(
 ) -> (Vec<AggregatedPattern>, AggregateStats) {
     let items = &intake.items;
     let all: Vec<Vec<Share>> = groups.iter().map(|g| shares(items, g, None, 0.0)).collect();
-    let mut stats = AggregateStats { groups: groups.len() as u64, ..Default::default() };
-    let mut seen_content = HashMap::new();
-    let mut candidates = Vec::new();
-    for (gi, g) in groups.iter().enumerate() {
-        if seen_content.insert(g.content, ()).is_none() && all[gi].len() >= cfg.min_sources as usize
-        {
-            candidates.push(gi);
-        }
-    }
-    stats.suppressed = (groups.len() - candidates.len()) as u64;
+    let units: Vec<usize> = (0..groups.len()).collect();
+    let selected = dp_select(&all, &units, cfg.min_sources, dp);
+    let mut stats = AggregateStats {
+        groups: groups.len() as u64,
+        suppressed: (groups.len() - selected.len()) as u64,
+        ..Default::default()
+    };
     let index: HashMap<usize, u32> =
-        candidates.iter().enumerate().map(|(k, &gi)| (gi, k as u32)).collect();
+        selected.iter().enumerate().map(|(k, s)| (s.group, k as u32)).collect();
     let allowed = top_groups_per_source(
         &all.iter()
             .enumerate()
@@ -370,18 +456,16 @@ fn dp_collaborative(
             v.into_iter().map(|(_, k)| k).collect()
         })
         .collect();
-    let n = candidates.len();
+    let n = selected.len();
     let m = dp.max_groups_per_device as usize;
-    let (vectors, diag) = collab::dp_item_vectors(&sets, n, m, collab, dp.gram.sigma, dp.seed);
+    let mut noise = Noise::new(&dp.seed, RELEASE_STREAM);
+    let vectors = collab::dp_item_vectors(&sets, n, m, collab, dp.plan.release.sigma, &mut noise);
     let mut out = Vec::new();
-    for (k, &gi) in candidates.iter().enumerate() {
-        if diag[k] < dp.gram.release_threshold {
-            stats.suppressed += 1;
-            continue;
-        }
+    for (k, sel) in selected.iter().enumerate() {
         let embedding = vectors[k * EMBEDDING_DIM..][..EMBEDDING_DIM].to_vec();
-        let devices = ((diag[k] * m as f64).round() as u32).max(cfg.min_sources);
-        let content_id = intake.contents.get(groups[gi].content).clone();
+        let devices = sel.devices.round() as u32;
+        let g = &groups[sel.group];
+        let content_id = intake.contents.get(g.content).clone();
         out.push(AggregatedPattern {
             id: collaborative_vector_id(&content_id),
             content_id: Some(content_id),
@@ -389,7 +473,7 @@ fn dp_collaborative(
             quality: cfg.min_quality,
             source_devices: devices,
             total_samples: u64::from(devices),
-            context: context(intake, &groups[gi]),
+            context: PatternContext::default(),
             region: String::new(),
         });
         stats.published += 1;

@@ -1,14 +1,13 @@
 //! One round as a pure function: what the shards exported in, what to publish out.
 
-use super::aggregate::{self, AggregateConfig, AggregateStats, DpRound, Interests};
-use super::collab::CollabConfig;
-use super::group;
-use super::intake::Intake;
-use super::privacy::{self, DpParams};
-use super::trends::{self, TrendConfig};
+use crate::aggregate::{self, AggregateConfig, AggregateStats, DpRound, Interests};
+use crate::collab::CollabConfig;
+use crate::group;
+use crate::intake::Intake;
+use crate::privacy::{self, DpParams, NoiseSeed};
+use crate::trends::{self, TrendConfig};
 use omega_protocol::admin::PrivacyAccounting;
 use omega_protocol::types::{AggregatedPattern, TrendSignal};
-use sha2::{Digest, Sha256};
 
 /// Decisions of a round (the flags of `omega-shard federate`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,36 +60,27 @@ pub struct RoundOutput {
     pub privacy: Option<PrivacyAccounting>,
 }
 
-/// Seed of a round's noise: derived from its id, so a rerun adds the very same noise and
-/// publishes the same thing.
-pub fn noise_seed(round_id: &str) -> u64 {
-    let d = Sha256::digest(format!("omega/noise/v1\0{round_id}").as_bytes());
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&d[..8]);
-    u64::from_le_bytes(b)
-}
-
-/// Groups, weighs, anonymises and finds trends.
-pub fn federate(intake: &Intake, cfg: &RoundConfig, round_id: &str) -> RoundOutput {
+/// Groups, weighs, anonymises and finds trends. `seed` is where a DP round's noise comes from
+/// ([`NoiseSeed::from_os`] or [`NoiseSeed::keyed`]; never anything public); plain rounds do not
+/// use it.
+pub fn federate(intake: &Intake, cfg: &RoundConfig, seed: &NoiseSeed) -> RoundOutput {
     let order = intake.canonical_order();
     let groups = group::group(intake, &order, cfg.group_threshold);
-    let interests = (cfg.profile_mix > 0.0).then(|| Interests::compute(intake));
-    let calibration = cfg.dp.as_ref().map(privacy::calibrate);
-    let gram = cfg.dp.as_ref().map(privacy::calibrate_gram);
-    let dp = cfg.dp.zip(calibration).zip(gram).map(|((p, c), g)| DpRound {
-        calibration: c,
-        gram: g,
+    let dp = cfg.dp.map(|p| DpRound {
+        plan: privacy::plan(&p, cfg.min_sources, cfg.collab.is_some()),
         max_groups_per_device: p.max_groups_per_device,
-        seed: noise_seed(round_id),
+        seed: seed.clone(),
     });
+    let interests = (cfg.profile_mix > 0.0 && dp.is_none()).then(|| Interests::compute(intake));
     let acfg = AggregateConfig {
         min_sources: cfg.min_sources,
         profile_mix: cfg.profile_mix,
-        dp,
+        dp: dp.clone(),
         collab: cfg.collab,
         min_quality: cfg.min_quality,
     };
     let (patterns, stats) = aggregate::aggregate(intake, &groups, interests.as_ref(), &acfg);
+    // Trends are exact counts: a DP round publishes none.
     let trends = if cfg.dp.is_some() {
         Vec::new()
     } else {
@@ -100,21 +90,19 @@ pub fn federate(intake: &Intake, cfg: &RoundConfig, round_id: &str) -> RoundOutp
             &TrendConfig { decay: cfg.trend_decay, min_sources: cfg.min_sources },
         )
     };
-    // The release that was noised: the Gram matrix with collaborative vectors, else the sums.
-    let used = if cfg.collab.is_some() { gram } else { calibration };
-    let privacy = cfg.dp.zip(used).map(|(p, c)| privacy::accounting(&p, &c));
+    let privacy = cfg.dp.zip(dp).map(|(p, d)| privacy::accounting(&p, &d.plan));
     RoundOutput { patterns, trends, stats, privacy }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::federation::aggregate::aggregate_id;
-    use crate::federation::collab::CollabConfig;
-    use crate::federation::privacy::DpParams;
+    use crate::aggregate::aggregate_id;
+    use crate::collab::CollabConfig;
+    use crate::privacy::DpParams;
     use omega_protocol::pb;
     use omega_protocol::types::embedding_to_wire;
-    use omega_protocol::types::{AggregatedPattern, is_collaborative_vector};
+    use omega_protocol::types::{AggregatedPattern, PatternContext, is_collaborative_vector};
     use omega_protocol::vector::{EMBEDDING_DIM, cosine, l2_normalize};
     use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 
@@ -173,6 +161,11 @@ mod tests {
         intake
     }
 
+    /// A keyed seed: reruns with the same round id draw the same noise.
+    fn seed(round_id: &str) -> NoiseSeed {
+        NoiseSeed::keyed(b"a test key of 32 bytes, not real", round_id).expect("long key")
+    }
+
     fn plain(k: u32) -> RoundConfig {
         RoundConfig {
             min_sources: k,
@@ -193,7 +186,7 @@ mod tests {
         {
             let rows: Vec<Row> =
                 (0..devices).map(|d| row(&format!("d{d}"), "x", &x, 0.9)).collect();
-            let out = federate(&intake_of(&rows), &plain(k), "r");
+            let out = federate(&intake_of(&rows), &plain(k), &seed("r"));
             assert_eq!(out.patterns.len(), usize::from(published), "{devices} devices, k={k}");
             assert_eq!(out.stats.suppressed, u64::from(!published));
             if let Some(p) = out.patterns.first() {
@@ -211,7 +204,10 @@ mod tests {
         let mut rows: Vec<Row> =
             (0..1000).map(|_| row("spammer", "x", &near(&x, &mut rng, 0.1), 1.0)).collect();
         rows.push(row("honest", "x", &near(&x, &mut rng, 0.1), 0.9));
-        assert!(federate(&intake_of(&rows), &plain(3), "r").patterns.is_empty(), "2 devices < k");
+        assert!(
+            federate(&intake_of(&rows), &plain(3), &seed("r")).patterns.is_empty(),
+            "2 devices < k"
+        );
         // With a third device the group is published as 3 devices, and the spammer's 1,000
         // copies weigh like one: its own direction does not dominate the average.
         let mut rows: Vec<Row> =
@@ -219,7 +215,7 @@ mod tests {
         rows.push(row("honest1", "x", &x, 0.9));
         rows.push(row("honest2", "x", &x, 0.9));
         let cfg = RoundConfig { group_threshold: -1.0, ..plain(3) };
-        let out = federate(&intake_of(&rows), &cfg, "r");
+        let out = federate(&intake_of(&rows), &cfg, &seed("r"));
         assert_eq!(out.patterns.len(), 1);
         assert_eq!(out.patterns[0].source_devices, 3);
         assert!(
@@ -241,8 +237,11 @@ mod tests {
             }
         }
         for mix in [0.0, 0.5] {
-            let out =
-                federate(&intake_of(&rows), &RoundConfig { profile_mix: mix, ..plain(3) }, "r");
+            let out = federate(
+                &intake_of(&rows),
+                &RoundConfig { profile_mix: mix, ..plain(3) },
+                &seed("r"),
+            );
             assert_eq!(out.patterns.len(), 1, "mix {mix}: only the honest group");
             let p = &out.patterns[0];
             assert_eq!((p.content_id.as_deref(), p.source_devices), (Some("x"), 3));
@@ -266,9 +265,9 @@ mod tests {
         }
         let cfg = RoundConfig { min_quality: 0.0, ..RoundConfig::default() };
         assert!(cfg.collab.is_some(), "the default path, collaborative vectors included");
-        let a = federate(&intake_of(&rows), &cfg, "r");
+        let a = federate(&intake_of(&rows), &cfg, &seed("r"));
         rows.shuffle(&mut rng);
-        let b = federate(&intake_of(&rows), &cfg, "r");
+        let b = federate(&intake_of(&rows), &cfg, &seed("r"));
         assert_eq!(a.patterns.len(), 40, "an audience profile and a collaborative vector each");
         let collab = |p: &&AggregatedPattern| {
             p.content_id.as_deref().is_some_and(|c| is_collaborative_vector(&p.id, c))
@@ -285,7 +284,7 @@ mod tests {
         for (x, y) in a.patterns.iter().zip(&b.patterns) {
             assert!(cosine(&x.embedding, &y.embedding) > 0.999_99);
         }
-        assert_eq!(federate(&intake_of(&rows), &cfg, "r"), b);
+        assert_eq!(federate(&intake_of(&rows), &cfg, &seed("r")), b);
     }
 
     #[test]
@@ -298,21 +297,29 @@ mod tests {
         let dp = DpParams { epsilon: 8.0, delta: 1e-6, max_groups_per_device: 4 };
         let cfg = RoundConfig { dp: Some(dp), ..plain(3) };
         let intake = intake_of(&rows);
-        let a = federate(&intake, &cfg, "round-1");
-        assert_eq!(a, federate(&intake, &cfg, "round-1"), "same round id, same noise");
+        let a = federate(&intake, &cfg, &seed("round-1"));
+        assert_eq!(a, federate(&intake, &cfg, &seed("round-1")), "same key and round, same noise");
         assert_ne!(
             a.patterns,
-            federate(&intake, &cfg, "round-2").patterns,
+            federate(&intake, &cfg, &seed("round-2")).patterns,
             "other round, other noise"
         );
-        assert_eq!(a.patterns.len(), 1, "the 4-device group is below the noisy threshold");
+        let os = NoiseSeed::from_os().expect("entropy");
+        assert_ne!(a.patterns, federate(&intake, &cfg, &os).patterns, "OS noise differs");
+        assert_eq!(a.patterns.len(), 1, "the 4-device content is below the noisy threshold");
         let p = &a.patterns[0];
         assert!(cosine(&p.embedding, &big) > 0.8 && cosine(&p.embedding, &big) < 0.9999);
         assert!((350..=450).contains(&p.source_devices), "{}", p.source_devices);
+        assert_eq!(p.context, PatternContext::default(), "no exact context in a DP round");
         assert!(a.trends.is_empty());
+        // The published count is the noisy one: over a few seeds it is not always the truth.
+        let counts: Vec<u32> = (0..8)
+            .map(|i| federate(&intake, &cfg, &seed(&format!("s{i}"))).patterns[0].source_devices)
+            .collect();
+        assert!(counts.iter().any(|&c| c != 400), "{counts:?}");
         let acc = a.privacy.expect("accounting");
         assert_eq!((acc.epsilon, acc.delta), (8.0, 1e-6));
-        assert!((acc.l2_sensitivity - 3f64.sqrt()).abs() < 1e-12);
+        assert!((acc.l2_sensitivity - 2f64.sqrt()).abs() < 1e-12);
     }
 
     #[test]
@@ -333,12 +340,12 @@ mod tests {
         let collab = Some(CollabConfig { dim: 4, lambda_rel: 1.0, iterations: 6 });
         let cfg = RoundConfig { dp: Some(dp), collab, min_quality: 0.8, ..plain(3) };
         let intake = intake_of(&rows);
-        let a = federate(&intake, &cfg, "r1");
-        assert_eq!(a, federate(&intake, &cfg, "r1"));
+        let a = federate(&intake, &cfg, &seed("r1"));
+        assert_eq!(a, federate(&intake, &cfg, &seed("r1")));
         let published: Vec<&str> =
             a.patterns.iter().filter_map(|p| p.content_id.as_deref()).collect();
         assert_eq!(published.len(), 5, "{published:?}");
-        assert!(!published.contains(&"c5"));
+        assert!(!published.contains(&"c5"), "4 devices are far below the noisy threshold");
         assert!(a.patterns.iter().all(|p| p.quality == 0.8 && p.source_devices >= 3));
         assert!(
             a.patterns
@@ -372,7 +379,7 @@ mod tests {
         }
         let intake = intake_of(&rows);
         let get = |mix: f32| {
-            let out = federate(&intake, &RoundConfig { profile_mix: mix, ..plain(3) }, "r");
+            let out = federate(&intake, &RoundConfig { profile_mix: mix, ..plain(3) }, &seed("r"));
             out.patterns
                 .into_iter()
                 .find(|p| p.content_id.as_deref() == Some("x"))

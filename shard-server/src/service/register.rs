@@ -1,0 +1,104 @@
+//! Registration.
+//!
+//! A registration is checked per client address against `REGISTER_RATE_*` first. A new
+//! device id gets its token; an id that is registered already gets it only when the request
+//! carries that token, since the token is derived from the id alone and would otherwise be
+//! handed to anyone who names the id.
+
+use super::{Service, ServiceError};
+use omega_protocol::pb;
+use omega_protocol::validate;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+/// Default sync interval bounds handed to devices at registration.
+pub const SYNC_INTERVAL_SECS: (u32, u32) = (300, 900);
+
+/// A registration as a transport decoded it.
+#[derive(Debug, Clone)]
+pub struct RegisterInput {
+    /// The request message.
+    pub request: pb::RegisterRequest,
+    /// The bearer token it carried, if any.
+    pub token: Option<String>,
+    /// The client's address, if the transport knows it.
+    pub peer: Option<SocketAddr>,
+}
+
+/// The key registrations are rate-limited by: the client's IPv4 address, or its IPv6 /64
+/// (one subscriber usually holds a whole /64, so single addresses would cost nothing to vary).
+pub fn peer_key(addr: Option<SocketAddr>) -> String {
+    match addr.map(|a| a.ip().to_canonical()) {
+        Some(IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Some(IpAddr::V4(v4)) => v4.to_string(),
+        None => "unknown".into(),
+    }
+}
+
+impl Service {
+    /// Registers a device (or re-issues its token to a holder of that token).
+    pub async fn register(
+        &self,
+        input: RegisterInput,
+    ) -> Result<pb::RegisterResponse, ServiceError> {
+        let st = &self.state;
+        self.check_draining()?;
+        if !st.register_limiter.allow(&peer_key(input.peer), Instant::now()) {
+            return Err(ServiceError::RateLimited(
+                "registration rate limit exceeded for this client address; retry later",
+            ));
+        }
+        let r = input.request;
+        validate::check_register(&r)?;
+        if let Some(t) = &input.token
+            && !st.keys.verify(&r.device_id, t)
+        {
+            return Err(ServiceError::Unauthenticated("the bearer token does not match device_id"));
+        }
+        let region = if r.region.is_empty() { st.settings.region.clone() } else { r.region };
+        let reg = st
+            .store
+            .register(&r.device_id, &region, st.settings.max_devices, crate::clock::now_ms())
+            .await?;
+        // The token is a function of the id alone: handing it out again for an existing id
+        // would let anyone who knows (or guesses) a device id act as that device.
+        if !reg.created && input.token.is_none() {
+            return Err(ServiceError::Unauthenticated(
+                "device_id is already registered: registering it again needs its token in \
+                 `authorization: Bearer <token>`",
+            ));
+        }
+        if reg.created {
+            tracing::debug!(region = %reg.region, "device registered");
+        }
+        Ok(pb::RegisterResponse {
+            device_token: st.keys.token(&r.device_id),
+            shard_id: st.settings.shard_id,
+            region: reg.region,
+            model_id: st.settings.model_id.clone(),
+            sync_interval_min_secs: SYNC_INTERVAL_SECS.0,
+            sync_interval_max_secs: SYNC_INTERVAL_SECS.1,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_key;
+
+    #[test]
+    fn registrations_are_limited_per_ipv4_address_and_per_ipv6_64() {
+        let key = |a: &str| peer_key(Some(a.parse().expect("addr")));
+        assert_eq!(key("203.0.113.7:4000"), "203.0.113.7");
+        assert_eq!(key("203.0.113.7:4000"), key("203.0.113.7:5000"), "ports do not matter");
+        assert_ne!(key("203.0.113.7:1"), key("203.0.113.8:1"));
+        assert_eq!(key("[2001:db8:1:2:aaaa::1]:1"), "2001:db8:1:2::/64");
+        assert_eq!(key("[2001:db8:1:2:aaaa::1]:1"), key("[2001:db8:1:2:ffff::9]:1"));
+        assert_ne!(key("[2001:db8:1:2::1]:1"), key("[2001:db8:1:3::1]:1"));
+        assert_eq!(key("[::ffff:198.51.100.4]:1"), "198.51.100.4", "IPv4-mapped is IPv4");
+        assert_eq!(peer_key(None), "unknown");
+    }
+}
