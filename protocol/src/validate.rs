@@ -25,6 +25,14 @@ pub const MIN_SHARED_QUALITY: f32 = 0.8;
 pub const MAX_SIMILAR: usize = 100;
 /// Most trend signals in one `GlobalPatterns`.
 pub const MAX_TRENDS: usize = 64;
+/// Largest `local_version` a device may send: `i64::MAX`, so that every store (Postgres keeps
+/// it in a `bigint`) orders versions the same way, and a device far below it can always move up.
+pub const MAX_LOCAL_VERSION: u64 = i64::MAX as u64;
+/// How far a decoded device embedding's L2 norm may be from 1. MiniLM embeddings are unit
+/// vectors and int8 quantisation moves the norm by well under 1%; the bound keeps anyone from
+/// inflating a pattern's similarity score with a large `scale`.
+pub const UNIT_NORM_TOLERANCE: f32 = 0.05;
+
 /// Latest timestamp accepted anywhere, unix epoch ms: 2200-01-01T00:00:00Z. Timestamps are
 /// never negative either. A TV clock can be wrong by years, but not by centuries; the bound
 /// keeps every difference of two timestamps (freshness, ages) far from `i64` overflow and
@@ -120,6 +128,22 @@ pub enum ValidationError {
         /// Model id required.
         expected: String,
     },
+    /// A string holding a NUL or another control character.
+    #[error("{field} holds a control character at byte {at}")]
+    ControlCharacter {
+        /// Field path.
+        field: String,
+        /// Byte offset of the first one.
+        at: usize,
+    },
+    /// A device embedding that is not unit length (nor all zero).
+    #[error("{field} has L2 norm {norm}, expected 1 within {UNIT_NORM_TOLERANCE} (or all zero)")]
+    NotUnit {
+        /// Field path.
+        field: String,
+        /// Norm of the decoded vector.
+        norm: f32,
+    },
     /// A message larger than [`MAX_MESSAGE_BYTES`].
     #[error("message is {got} bytes, at most {max} allowed")]
     MessageTooLarge {
@@ -130,7 +154,8 @@ pub enum ValidationError {
     },
 }
 
-/// Checks a string field's length.
+/// Checks a string field: its length, and no NUL or other control character (a NUL fails
+/// Postgres `text`, and no id, region or genre has a reason to hold one).
 pub fn check_string(field: &str, s: &str) -> Result<(), ValidationError> {
     if s.len() > MAX_STRING_BYTES {
         return Err(ValidationError::TooLong {
@@ -138,6 +163,9 @@ pub fn check_string(field: &str, s: &str) -> Result<(), ValidationError> {
             got: s.len(),
             max: MAX_STRING_BYTES,
         });
+    }
+    if let Some((at, _)) = s.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(ValidationError::ControlCharacter { field: field.into(), at });
     }
     Ok(())
 }
@@ -234,6 +262,25 @@ pub fn check_embedding(field: &str, e: Option<&pb::Embedding>) -> Result<(), Val
     Ok(())
 }
 
+/// Checks that a device's wire embedding decodes to a unit vector within
+/// [`UNIT_NORM_TOLERANCE`], or to all zeros (stored nowhere: the shard filters it). Call after
+/// [`check_embedding`].
+pub fn check_unit_embedding(field: &str, e: &pb::Embedding) -> Result<(), ValidationError> {
+    let sum: f64 = e
+        .values
+        .iter()
+        .map(|&b| {
+            let q = f64::from(i8::from_ne_bytes([b]));
+            q * q
+        })
+        .sum();
+    let norm = (sum.sqrt() * f64::from(e.scale)) as f32;
+    if sum == 0.0 || e.scale == 0.0 || (norm - 1.0).abs() <= UNIT_NORM_TOLERANCE {
+        return Ok(());
+    }
+    Err(ValidationError::NotUnit { field: format!("{field}.scale"), norm })
+}
+
 /// Checks a 16-byte id.
 pub fn check_id(field: &str, id: &[u8]) -> Result<(), ValidationError> {
     if id.len() != ID_BYTES {
@@ -321,6 +368,14 @@ pub fn check_delta(
             max: MAX_PATTERNS_PER_DELTA,
         });
     }
+    if d.local_version > MAX_LOCAL_VERSION {
+        return Err(ValidationError::OutOfRange {
+            field: format!("{field}.local_version"),
+            value: d.local_version as f64,
+            min: 0.0,
+            max: MAX_LOCAL_VERSION as f64,
+        });
+    }
     if d.model_id != expected_model {
         return Err(ValidationError::ModelMismatch {
             got: d.model_id.clone(),
@@ -331,6 +386,9 @@ pub fn check_delta(
     for (i, p) in d.added.iter().enumerate() {
         let f = format!("{field}.added[{i}]");
         check_uploaded_pattern(&f, p)?;
+        if let Some(e) = &p.embedding {
+            check_unit_embedding(&format!("{f}.embedding"), e)?;
+        }
         unique(&mut seen, &f, &p.id)?;
     }
     for (i, u) in d.updated.iter().enumerate() {
@@ -435,8 +493,12 @@ pub fn check_aggregated(
 mod tests {
     use super::*;
 
+    /// A unit vector: 384 ones at scale 1/sqrt(384).
     fn emb() -> pb::Embedding {
-        pb::Embedding { values: vec![1u8; EMBEDDING_DIM], scale: 0.01 }
+        pb::Embedding {
+            values: vec![1u8; EMBEDDING_DIM],
+            scale: 1.0 / (EMBEDDING_DIM as f32).sqrt(),
+        }
     }
 
     fn pattern(id: u8) -> pb::Pattern {
@@ -464,6 +526,66 @@ mod tests {
             removed: vec![],
             local_version: 1,
             model_id: "m".into(),
+        }
+    }
+
+    #[test]
+    fn a_device_embedding_must_be_unit_length_so_its_scale_cannot_inflate_scores() {
+        let mut d = delta(vec![pattern(1)]);
+        d.added[0].embedding.as_mut().unwrap().scale = 1e30;
+        let err = check_delta("delta", &d, "m").unwrap_err();
+        assert!(
+            matches!(&err, ValidationError::NotUnit { field, .. } if field == "delta.added[0].embedding.scale"),
+            "{err}"
+        );
+        for factor in [0.5, 0.9, 1.1, 2.0] {
+            let mut d = delta(vec![pattern(1)]);
+            d.added[0].embedding.as_mut().unwrap().scale *= factor;
+            assert!(check_delta("delta", &d, "m").is_err(), "norm {factor} accepted");
+        }
+        for factor in [0.97, 1.03] {
+            let mut d = delta(vec![pattern(1)]);
+            d.added[0].embedding.as_mut().unwrap().scale *= factor;
+            assert_eq!(check_delta("delta", &d, "m"), Ok(()), "norm {factor} refused");
+        }
+        // All zeros is no direction at all: accepted here, filtered by the shard.
+        let mut d = delta(vec![pattern(1)]);
+        d.added[0].embedding.as_mut().unwrap().values = vec![0; EMBEDDING_DIM];
+        assert_eq!(check_delta("delta", &d, "m"), Ok(()));
+        // A real quantised unit vector passes.
+        let v: Vec<f32> = (0..EMBEDDING_DIM).map(|i| (i as f32 * 0.37).sin()).collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let q = crate::vector::quantize(&v.iter().map(|x| x / n).collect::<Vec<_>>());
+        let e = pb::Embedding { values: q.to_bytes(), scale: q.scale };
+        assert_eq!(check_unit_embedding("e", &e), Ok(()));
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_string() {
+        for bad in ["a\0b", "\u{1}", "tab\there", "new\nline", "\u{7f}", "\u{9f}"] {
+            let err = check_string("device_id", bad).unwrap_err();
+            assert!(matches!(err, ValidationError::ControlCharacter { .. }), "{bad:?}: {err}");
+        }
+        assert_eq!(check_string("device_id", "tv-42 é ü 日本"), Ok(()));
+        let r = pb::RegisterRequest { device_id: "tv\0".into(), ..Default::default() };
+        assert!(check_register(&r).unwrap_err().to_string().contains("device_id holds a control"));
+        let mut d = delta(vec![pattern(1)]);
+        d.added[0].context.as_mut().unwrap().genres = vec!["dra\0ma".into()];
+        assert!(check_delta("delta", &d, "m").unwrap_err().to_string().contains("genres[0]"));
+        let mut d = delta(vec![pattern(1)]);
+        d.added[0].content_id = "movie:\u{0}1".into();
+        assert!(check_delta("delta", &d, "m").unwrap_err().to_string().contains("content_id"));
+    }
+
+    #[test]
+    fn local_version_is_bounded_so_every_store_orders_it_alike() {
+        let mut d = delta(vec![pattern(1)]);
+        d.local_version = MAX_LOCAL_VERSION;
+        assert_eq!(check_delta("delta", &d, "m"), Ok(()));
+        for v in [MAX_LOCAL_VERSION + 1, 1 << 63, u64::MAX] {
+            d.local_version = v;
+            let err = check_delta("delta", &d, "m").unwrap_err();
+            assert!(err.to_string().contains("delta.local_version"), "{v}: {err}");
         }
     }
 

@@ -107,10 +107,76 @@ pub fn load_or_create_secret(data_dir: &Path) -> std::io::Result<Vec<u8>> {
             f.write_all(URL_SAFE_NO_PAD.encode(secret).as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
+            // The rename is durable only once the directory entry is.
+            std::fs::File::open(data_dir)?.sync_all()?;
             Ok(secret.to_vec())
         }
         Err(e) => Err(e),
     }
+}
+
+/// The `ShardAdmin` credential (`ADMIN_TOKEN`): a bearer token shared by the shard and its
+/// federation Jobs, checked in constant time.
+#[derive(Clone)]
+pub struct AdminToken {
+    key: HmacSha256,
+    expected: [u8; 32],
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+impl AdminToken {
+    /// A checker accepting exactly `token`.
+    pub fn new(token: &str) -> Self {
+        // Both sides go through the same MAC so the comparison is of fixed-length digests,
+        // in constant time, whatever the length of what a caller presents.
+        let key = keyed(b"omega/v1 admin token");
+        let expected = mac(&key, token.as_bytes());
+        AdminToken { key, expected }
+    }
+
+    /// True when `presented` is the token.
+    pub fn verify(&self, presented: &str) -> bool {
+        let mut m = self.key.clone();
+        m.update(presented.as_bytes());
+        m.verify_slice(&self.expected).is_ok()
+    }
+}
+
+/// What `ShardAdmin` admits: with a token, only requests carrying it; without one (allowed
+/// only on a loopback address), every local caller.
+#[derive(Debug, Clone)]
+pub struct AdminGate(pub Option<AdminToken>);
+
+impl AdminGate {
+    /// The tonic interceptor: runs on the request's headers, before its body is read.
+    pub fn check(&self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(token) = &self.0 else { return Ok(req) };
+        let ok = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
+            .is_some_and(|t| token.verify(t));
+        if ok {
+            Ok(req)
+        } else {
+            Err(tonic::Status::unauthenticated(
+                "ShardAdmin needs `authorization: Bearer <ADMIN_TOKEN>`",
+            ))
+        }
+    }
+}
+
+/// True when `token` can be a device token: 43 base64url characters (32 bytes, unpadded),
+/// or 44 with the `=` padding [`DeviceKeys::verify`] tolerates.
+pub fn well_formed(token: &str) -> bool {
+    let t = token.strip_suffix('=').unwrap_or(token);
+    t.len() == 43 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Extracts the token from an `authorization: Bearer …` value.
@@ -155,12 +221,45 @@ mod tests {
     }
 
     #[test]
+    fn device_tokens_are_well_formed_and_junk_is_not() {
+        let t = DeviceKeys::new(b"0123456789abcdef").token("tv-1");
+        assert!(well_formed(&t) && well_formed(&format!("{t}=")));
+        for bad in ["", "abc", &t[..42], &format!("{t}x"), &t.replace(&t[..1], "+")] {
+            assert!(!well_formed(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn bearer_parsing() {
         assert_eq!(bearer("Bearer abc"), Some("abc"));
         assert_eq!(bearer("bearer  abc "), Some("abc"));
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("Bearer "), None);
         assert_eq!(bearer("abc"), None);
+    }
+
+    #[test]
+    fn admin_token_accepts_only_itself() {
+        let t = AdminToken::new("0123456789abcdef-admin");
+        assert!(t.verify("0123456789abcdef-admin"));
+        for bad in ["", "0123456789abcdef-admi", "0123456789abcdef-admin ", "x"] {
+            assert!(!t.verify(bad), "{bad:?}");
+        }
+        let gate = AdminGate(Some(t));
+        let with = |v: &str| {
+            let mut req = tonic::Request::new(());
+            req.metadata_mut().insert("authorization", v.parse().unwrap());
+            req
+        };
+        let code = |r: Result<_, tonic::Status>| r.map(|_| ()).map_err(|s| s.code());
+        assert_eq!(code(gate.check(tonic::Request::new(()))), Err(tonic::Code::Unauthenticated));
+        assert_eq!(code(gate.check(with("Bearer wrong"))), Err(tonic::Code::Unauthenticated));
+        assert_eq!(
+            code(gate.check(with("Basic 0123456789abcdef-admin"))),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(code(gate.check(with("Bearer 0123456789abcdef-admin"))), Ok(()));
+        assert_eq!(code(AdminGate(None).check(tonic::Request::new(()))), Ok(()));
     }
 
     #[test]

@@ -112,6 +112,19 @@ impl StoreArgs {
     }
 }
 
+/// `omega-shard migrate` settings.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Store settings.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Embedded store: when the newest log is damaged with valid records after the damage
+    /// (which `serve` refuses), copy it to `wal-N.corrupt-<offset>` and truncate it at the
+    /// first bad frame, losing what follows.
+    #[arg(long)]
+    pub repair: bool,
+}
+
 /// `omega-shard serve` settings.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -130,9 +143,15 @@ pub struct ServeArgs {
     /// Device-facing gRPC (`Constellation`).
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
-    /// Internal gRPC (`ShardAdmin`); never expose it to devices.
-    #[arg(long, env = "ADMIN_GRPC_ADDR", default_value = "0.0.0.0:50052")]
+    /// Internal gRPC (`ShardAdmin`); never expose it to devices. Loopback by default: any
+    /// other address needs `ADMIN_TOKEN`.
+    #[arg(long, env = "ADMIN_GRPC_ADDR", default_value = "127.0.0.1:50052")]
     pub admin_grpc_addr: SocketAddr,
+    /// Bearer token every `ShardAdmin` call must carry (at least 16 bytes; the operator
+    /// generates it into a Secret). Unset: only allowed with a loopback `ADMIN_GRPC_ADDR`,
+    /// which then admits local callers without a token.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// REST: /health, /ready, /live, /api/v1/stats.
     #[arg(long, env = "REST_ADDR", default_value = "0.0.0.0:8080")]
     pub rest_addr: SocketAddr,
@@ -178,6 +197,16 @@ pub struct ServeArgs {
     /// devices back (aggregates below it are kept but never served).
     #[arg(long, env = "MIN_SOURCES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_sources: u32,
+    /// Bad-token requests one client address (IPv4, or IPv6 /64) may make per minute,
+    /// sustained; past it, its requests are refused before their body is read.
+    #[arg(long, env = "AUTH_FAILURES_PER_MINUTE", default_value_t = 60)]
+    pub auth_failures_per_minute: u32,
+    /// Bad-token requests one client address may make back to back.
+    #[arg(long, env = "AUTH_FAILURES_BURST", default_value_t = 30)]
+    pub auth_failures_burst: u32,
+    /// Device port limits, all applied before authentication.
+    #[command(flatten)]
+    pub limits: Limits,
     /// Seconds between SIGTERM and closing the listeners. Meanwhile `/ready` answers 503 (so
     /// the load balancer takes the replica out of rotation: it needs a probe period or two to
     /// notice), new syncs and registrations get UNAVAILABLE, and in-flight requests finish.
@@ -187,6 +216,62 @@ pub struct ServeArgs {
     #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
 }
+
+/// Resource limits of the device port (`GRPC_ADDR`), which anyone can reach: every one holds
+/// before a request is authenticated, so no client can make the shard hold unbounded memory.
+#[derive(Debug, Clone, Args)]
+pub struct Limits {
+    /// Open connections at most; a connection beyond it is closed as soon as it is accepted.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: u32,
+    /// Concurrent requests (HTTP/2 streams) per connection.
+    #[arg(long, env = "MAX_STREAMS_PER_CONNECTION", default_value_t = 8)]
+    pub max_streams_per_connection: u32,
+    /// Requests in progress across all connections; one more is answered RESOURCE_EXHAUSTED
+    /// at once (load shedding) instead of queueing.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 512)]
+    pub max_in_flight: u32,
+    /// Seconds a request may take from its headers to its answer, body upload included; a
+    /// slower one is cancelled and its buffers freed.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 10)]
+    pub request_timeout_secs: u64,
+    /// Seconds between HTTP/2 keepalive pings; a peer that does not answer one within
+    /// `HTTP2_KEEPALIVE_TIMEOUT_SECS` is disconnected (0 = no pings).
+    #[arg(long, env = "HTTP2_KEEPALIVE_SECS", default_value_t = 30)]
+    pub http2_keepalive_secs: u64,
+    /// Seconds to wait for a keepalive ping's answer.
+    #[arg(long, env = "HTTP2_KEEPALIVE_TIMEOUT_SECS", default_value_t = 10)]
+    pub http2_keepalive_timeout_secs: u64,
+    /// Seconds after which a connection is asked to close (HTTP/2 GOAWAY), so that even an
+    /// idle or abusive connection does not live forever and load rebalances across replicas.
+    #[arg(long, env = "MAX_CONNECTION_AGE_SECS", default_value_t = 600)]
+    pub max_connection_age_secs: u64,
+    /// Seconds a connection past its age may take to finish its requests before it is cut.
+    #[arg(long, env = "MAX_CONNECTION_AGE_GRACE_SECS", default_value_t = 30)]
+    pub max_connection_age_grace_secs: u64,
+    /// Largest request header block, bytes.
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: u32,
+}
+
+impl Limits {
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        range("MAX_CONNECTIONS", self.max_connections.into(), 1, 10_000_000)?;
+        range("MAX_STREAMS_PER_CONNECTION", self.max_streams_per_connection.into(), 1, 1000)?;
+        range("MAX_IN_FLIGHT", self.max_in_flight.into(), 1, 1_000_000)?;
+        range("REQUEST_TIMEOUT_SECS", self.request_timeout_secs, 1, 3600)?;
+        range("HTTP2_KEEPALIVE_SECS", self.http2_keepalive_secs, 0, 3600)?;
+        range("HTTP2_KEEPALIVE_TIMEOUT_SECS", self.http2_keepalive_timeout_secs, 1, 600)?;
+        range("MAX_CONNECTION_AGE_SECS", self.max_connection_age_secs, 10, 7 * 86_400)?;
+        range("MAX_CONNECTION_AGE_GRACE_SECS", self.max_connection_age_grace_secs, 0, 3600)?;
+        range("MAX_HEADER_BYTES", self.max_header_bytes.into(), 1024, 1 << 20)?;
+        Ok(())
+    }
+}
+
+/// Shortest accepted `ADMIN_TOKEN`, in bytes.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
 
 /// A setting that cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +320,9 @@ impl ServeArgs {
         range("RATE_LIMIT_BURST", self.rate_limit_burst.into(), 1, 1_000_000)?;
         range("REGISTER_RATE_PER_MINUTE", self.register_rate_per_minute.into(), 1, 1_000_000)?;
         range("REGISTER_RATE_BURST", self.register_rate_burst.into(), 1, 1_000_000)?;
+        range("AUTH_FAILURES_PER_MINUTE", self.auth_failures_per_minute.into(), 1, 1_000_000)?;
+        range("AUTH_FAILURES_BURST", self.auth_failures_burst.into(), 1, 1_000_000)?;
+        self.limits.validate()?;
         range("DRAIN_DELAY_SECS", self.drain_delay_secs, 0, 300)?;
         range("DRAIN_TIMEOUT_SECS", self.drain_timeout_secs, 0, 3600)?;
         match &self.device_secret {
@@ -248,6 +336,24 @@ impl ServeArgs {
                 return Err(ConfigError::Invalid {
                     var: "OMEGA_DEVICE_SECRET",
                     msg: "is required with DATABASE_URL (every replica must share it)".into(),
+                });
+            }
+            _ => {}
+        }
+        match &self.admin_token {
+            Some(t) if t.trim().len() < MIN_ADMIN_TOKEN_BYTES => {
+                return Err(ConfigError::Invalid {
+                    var: "ADMIN_TOKEN",
+                    msg: format!("must be at least {MIN_ADMIN_TOKEN_BYTES} bytes"),
+                });
+            }
+            None if !self.admin_grpc_addr.ip().is_loopback() => {
+                return Err(ConfigError::Invalid {
+                    var: "ADMIN_TOKEN",
+                    msg: format!(
+                        "is required when ADMIN_GRPC_ADDR ({}) is not a loopback address",
+                        self.admin_grpc_addr
+                    ),
                 });
             }
             _ => {}
@@ -271,7 +377,7 @@ impl ServeArgs {
 }
 
 impl From<&StoreArgs> for StoreOptions {
-    fn from(a: &StoreArgs) -> Self {
+    fn from(a: &crate::config::StoreArgs) -> Self {
         StoreOptions {
             postgres_url: a.postgres_url(),
             read_urls: a.database_read_urls.clone(),
@@ -288,6 +394,7 @@ impl From<&StoreArgs> for StoreOptions {
             ann_lists: a.ann_lists as usize,
             ann_probes: a.ann_probes as usize,
             wal_compact_bytes: a.wal_compact_mb << 20,
+            repair: false,
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use omega_shard::config::{LogFormat, ServeArgs, StoreArgs};
+use omega_shard::config::{LogFormat, MigrateArgs, ServeArgs};
 use std::io::IsTerminal as _;
 use tracing_subscriber::EnvFilter;
 
@@ -23,8 +23,9 @@ struct Cli {
 enum Command {
     /// Serve devices (gRPC 50051), admin gRPC (50052), REST (8080) and metrics (9090).
     Serve(Box<ServeArgs>),
-    /// Apply the database schema (also done by `serve` at start) and exit.
-    Migrate(StoreArgs),
+    /// Apply the database schema (also done by `serve` at start), or check the embedded
+    /// store's log (`--repair` truncates a damaged one after a backup), and exit.
+    Migrate(MigrateArgs),
     /// Run one federation round over the shards' admin endpoints and print its JSON summary.
     Federate(Box<omega_shard::federation::FederateArgs>),
 }

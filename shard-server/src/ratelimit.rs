@@ -61,6 +61,20 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// True while `key` has a token left, without taking it (a cheap check before work whose
+    /// failure would then [`RateLimiter::allow`] one away).
+    pub fn has_tokens(&self, key: &str, now: Instant) -> bool {
+        let map = match self.shards[shard_of(key)].lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.get(key).is_none_or(|b| {
+            b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * self.per_sec >= 1.0
+        })
+    }
+}
+
 fn shard_of(device: &str) -> usize {
     // FNV-1a: cheap and good enough to spread device ids.
     let mut h: u32 = 0x811c_9dc5;
@@ -84,5 +98,16 @@ mod tests {
         assert!(rl.allow("b", t), "other devices are independent");
         assert!(!rl.allow("a", t + Duration::from_millis(500)));
         assert!(rl.allow("a", t + Duration::from_millis(1600)));
+    }
+
+    #[test]
+    fn has_tokens_looks_without_taking() {
+        let rl = RateLimiter::new(60, 2);
+        let t = Instant::now();
+        assert!(rl.has_tokens("a", t), "an unknown key has its burst");
+        assert!(rl.allow("a", t) && rl.has_tokens("a", t) && rl.has_tokens("a", t));
+        assert!(rl.allow("a", t));
+        assert!(!rl.has_tokens("a", t));
+        assert!(rl.has_tokens("a", t + Duration::from_millis(1100)), "refilled");
     }
 }

@@ -11,8 +11,9 @@
 //!
 //! A second signal during step 1 skips the rest of the delay.
 
-use crate::auth::{DeviceKeys, load_or_create_secret};
+use crate::auth::{AdminGate, AdminToken, DeviceKeys, load_or_create_secret};
 use crate::config::ServeArgs;
+use crate::grpc::gate::DeviceGateLayer;
 use crate::grpc::{self, SyncMetricsLayer, admin::AdminService, sync::ConstellationService};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -109,6 +110,7 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
         metrics.clone(),
         RateLimiter::new(args.rate_limit_per_minute, args.rate_limit_burst),
         RateLimiter::new(args.register_rate_per_minute, args.register_rate_burst),
+        RateLimiter::new(args.auth_failures_per_minute, args.auth_failures_burst),
         Settings {
             shard_id: args.shard_id,
             region: args.region.clone(),
@@ -173,17 +175,41 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let lim = &args.limits;
+    let secs = Duration::from_secs;
+    let keepalive = (lim.http2_keepalive_secs > 0).then(|| secs(lim.http2_keepalive_secs));
     let device_srv = tonic::transport::Server::builder()
+        .max_concurrent_streams(lim.max_streams_per_connection)
+        .concurrency_limit_per_connection(lim.max_streams_per_connection as usize)
+        .timeout(secs(lim.request_timeout_secs))
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(secs(lim.http2_keepalive_timeout_secs)))
+        .max_connection_age(secs(lim.max_connection_age_secs))
+        .max_connection_age_grace(secs(lim.max_connection_age_grace_secs))
+        .http2_max_header_list_size(lim.max_header_bytes)
+        // A flood of streams opened and reset at once (CVE-2023-44487) closes the connection.
+        .http2_max_pending_accept_reset_streams(Some(lim.max_streams_per_connection as usize * 4))
         .layer(SyncMetricsLayer::new(metrics.clone()))
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(lim.max_in_flight as usize))
+        .layer(DeviceGateLayer::new(state.clone()))
         .add_service(device)
         .serve_with_incoming_shutdown(
-            grpc::counted_incoming(grpc_l, metrics.grpc_connections.clone()),
+            grpc::counted_incoming(
+                grpc_l,
+                metrics.grpc_connections.clone(),
+                lim.max_connections as usize,
+            ),
             stopped(stop_rx.clone()),
         );
     let admin = ShardAdminServer::new(AdminService::new(service.clone()))
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES);
+    // The token is checked on the headers, before tonic reads or decodes a body. Without a
+    // token, validation allowed only a loopback address: local callers only.
+    let gate = AdminGate(args.admin_token.as_deref().map(|t| AdminToken::new(t.trim())));
+    let admin = tonic::service::interceptor::InterceptedService::new(admin, move |r| gate.check(r));
     let admin_srv = tonic::transport::Server::builder()
         .add_service(admin)
         .serve_with_incoming_shutdown(grpc::incoming(admin_l), stopped(stop_rx.clone()));
@@ -219,10 +245,10 @@ fn local(l: &TcpListener) -> String {
 }
 
 /// `omega-shard migrate`: applies the schema (Postgres) or replays and checks the log
-/// (embedded), then exits.
-pub async fn migrate(args: &crate::config::StoreArgs) -> Result<&'static str, ServerError> {
-    args.validate()?;
-    let opts = StoreOptions::from(args);
+/// (embedded; `--repair` truncates a damaged one after a backup), then exits.
+pub async fn migrate(args: &crate::config::MigrateArgs) -> Result<&'static str, ServerError> {
+    args.store.validate()?;
+    let opts = StoreOptions { repair: args.repair, ..StoreOptions::from(&args.store) };
     if opts.postgres_url.is_some() {
         // Only the schema: opening the store would also start loading the similarity index.
         store::postgres::migrate_database(&opts).await?;

@@ -101,6 +101,9 @@ pub struct AppState {
     pub limiter: RateLimiter,
     /// Per-peer (client IP) rate limit of registrations.
     pub register_limiter: RateLimiter,
+    /// Per-peer budget of requests with a bad token; a peer past it is refused before its
+    /// request body is read.
+    pub auth_failures: RateLimiter,
     /// Settings.
     pub settings: Settings,
     /// Set on SIGTERM: `/ready` false, new syncs refused.
@@ -135,6 +138,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         limiter: RateLimiter,
         register_limiter: RateLimiter,
+        auth_failures: RateLimiter,
         settings: Settings,
     ) -> Self {
         AppState {
@@ -143,6 +147,7 @@ impl AppState {
             metrics,
             limiter,
             register_limiter,
+            auth_failures,
             similar: SimilarCache::new(settings.similar_cache),
             collab: Collab::default(),
             settings,

@@ -64,6 +64,35 @@ async fn raw_sync(shard: &Shard, token: &str, body: Vec<u8>, zstd: bool) -> toni
     grpc.unary(req, path, RawCodec).await.expect_err("refused")
 }
 
+/// Sends one hand-made gRPC frame (`flag`, then the bytes as they are) as a Sync body declared
+/// `grpc-encoding: zstd`, and returns the status code the server answers.
+async fn raw_frame_sync(shard: &Shard, token: &str, compressed: bool, bytes: &[u8]) -> Code {
+    use http_body_util::BodyExt;
+    use tonic::codegen::http;
+    use tower::ServiceExt;
+    let mut frame = vec![u8::from(compressed)];
+    frame.extend_from_slice(&u32::try_from(bytes.len()).expect("len").to_be_bytes());
+    frame.extend_from_slice(bytes);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/omega.v1.Constellation/Sync", shard.url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-encoding", "zstd")
+        .header("authorization", format!("Bearer {token}"))
+        .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(frame))))
+        .expect("request");
+    let resp = common::channel(&shard.url()).await.oneshot(req).await.expect("response");
+    let code = |h: &http::HeaderMap| {
+        h.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i32>().ok()).map(Code::from_i32)
+    };
+    if let Some(c) = code(resp.headers()) {
+        return c;
+    }
+    let body = resp.into_body().collect().await.expect("body");
+    body.trailers().and_then(code).expect("grpc-status in trailers")
+}
+
 fn status_series(status: &str) -> String {
     format!("constellation_sync_requests_total{{shard_id=\"1\",status=\"{status}\"}}")
 }
@@ -150,6 +179,27 @@ async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing(shard: Shard,
             "10001 entries, at most 256",
         ),
         ("another model", |d| d.model_id = "other-model".into(), "does not match"),
+        (
+            "scale 1e30 (ranking poisoning)",
+            |d| d.added[0].embedding.as_mut().expect("e").scale = 1e30,
+            "delta.added[0].embedding.scale has L2 norm",
+        ),
+        (
+            "NUL in content_id (fails Postgres text)",
+            |d| d.added[0].content_id = "movie\u{0}1".into(),
+            "delta.added[0].content_id holds a control character",
+        ),
+        (
+            "control character in a genre",
+            |d| d.added[0].context.as_mut().expect("c").genres = vec!["dra\u{1b}ma".into()],
+            "genres[0] holds a control character",
+        ),
+        (
+            "local_version 2^63 (past what Postgres stores)",
+            |d| d.local_version = 1 << 63,
+            "delta.local_version",
+        ),
+        ("local_version u64::MAX", |d| d.local_version = u64::MAX, "delta.local_version"),
     ];
     for (i, (name, mutate, want)) in invalid.iter().enumerate() {
         let mut d = delta(2, vec![pattern(100 + i as u64, 0.9)]);
@@ -177,9 +227,18 @@ async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing(shard: Shard,
     assert_one_more(&shard, &mut seen, "resource_exhausted", "zstd bomb");
     let garbage: Vec<u8> =
         (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let status = raw_sync(&shard, &token, garbage, false).await;
+    let status = raw_sync(&shard, &token, garbage.clone(), false).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_one_more(&shard, &mut seen, "invalid_argument", "garbage bytes");
+    // A corrupt zstd frame is the client's fault, not the server's: INVALID_ARGUMENT (INTERNAL
+    // would read as a server fault and invite retries).
+    let mut corrupt = zstd::encode_all(&garbage[..], 3).expect("zstd");
+    let mid = corrupt.len() / 2;
+    corrupt[mid..].iter_mut().for_each(|b| *b ^= 0x5a);
+    assert_eq!(raw_frame_sync(&shard, &token, true, &corrupt).await, Code::InvalidArgument);
+    assert_one_more(&shard, &mut seen, "invalid_argument", "corrupt zstd frame");
+    assert_eq!(raw_frame_sync(&shard, &token, true, &garbage).await, Code::InvalidArgument);
+    assert_one_more(&shard, &mut seen, "invalid_argument", "not zstd at all");
 
     // Tokens: missing, forged, another device's.
     let d = || delta(2, vec![pattern(7, 0.9)]);
@@ -214,7 +273,7 @@ async fn bad_input_gets_the_right_code_a_metric_and_stores_nothing(shard: Shard,
     assert_eq!(
         seen,
         BTreeMap::from([
-            ("invalid_argument".to_owned(), 6.0),
+            ("invalid_argument".to_owned(), 13.0),
             ("ok".to_owned(), 1.0),
             ("replayed".to_owned(), 1.0),
             ("resource_exhausted".to_owned(), 3.0),

@@ -2,7 +2,7 @@
 
 use crate::crd::FederationRound;
 use crate::shard::resources::{
-    ROLE_FEDERATION, ROLE_LABEL, SHARD_UID, restricted_container_security,
+    ROLE_FEDERATION, ROLE_LABEL, SHARD_UID, admin_token_env, restricted_container_security,
 };
 use crate::{Error, Result};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
@@ -90,6 +90,8 @@ pub fn job(fr: &FederationRound, round_id: &str, endpoints: &[String], image: &s
         name: "federate".into(),
         image: Some(image.into()),
         args: Some(args(fr, round_id, endpoints)),
+        // The shards' ShardAdmin credential (the namespace's admin Secret).
+        env: Some(vec![admin_token_env()]),
         termination_message_path: Some(SUMMARY_FILE.into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(restricted_container_security(SHARD_UID)),
@@ -217,6 +219,9 @@ mod tests {
         );
         let c = &pod.containers[0];
         assert_eq!(c.termination_message_path.as_deref(), Some(SUMMARY_FILE));
+        let env = &c.env.as_ref().unwrap()[0];
+        let from = env.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((env.name.as_str(), from.name.as_str()), ("ADMIN_TOKEN", "omega-shard-admin"));
         assert_eq!(c.security_context.as_ref().unwrap().read_only_root_filesystem, Some(true));
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
     }

@@ -155,6 +155,10 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
     )
     .await?;
 
+    let admin =
+        existing_or_new(&secrets, resources::ADMIN_SECRET, resources::ADMIN_TOKEN_KEY).await?;
+    apply(&secrets, &resources::admin_secret(ns, admin)).await?;
+
     let db = database(shard, ctx, &cx, ns, &secrets).await?;
     let blocked = db.blocked.clone();
 

@@ -36,6 +36,10 @@ pub const GRPC_PORT: i32 = 50051;
 pub const ADMIN_PORT: i32 = 50052;
 /// REST admin: `/health`, `/ready`, `/live`, `/api/v1/stats`.
 pub const REST_PORT: i32 = 8080;
+/// Name of the namespace's `ShardAdmin` credential Secret ([`admin_secret`]).
+pub const ADMIN_SECRET: &str = "omega-shard-admin";
+/// Key of the token in [`ADMIN_SECRET`].
+pub const ADMIN_TOKEN_KEY: &str = "ADMIN_TOKEN";
 /// Prometheus `/metrics`.
 pub const METRICS_PORT: i32 = 9090;
 /// Postgres.
@@ -335,6 +339,7 @@ pub fn constellation(
     envs.extend(db.read_env.iter().cloned());
     envs.extend([
         secret_env("OMEGA_DEVICE_SECRET", device_secret, "OMEGA_DEVICE_SECRET"),
+        admin_token_env(),
         env("GRPC_ADDR", &format!("0.0.0.0:{GRPC_PORT}")),
         env("ADMIN_GRPC_ADDR", &format!("0.0.0.0:{ADMIN_PORT}")),
         env("REST_ADDR", &format!("0.0.0.0:{REST_PORT}")),
@@ -579,6 +584,32 @@ pub fn secret(cx: &Ctx, name: &str, data: BTreeMap<String, ByteString>, owned: b
         metadata.owner_references = None;
     }
     Secret { metadata, data: Some(data), type_: Some("Opaque".into()), ..Default::default() }
+}
+
+/// The namespace's `ShardAdmin` credential: one bearer token shared by every Shard of the
+/// namespace and the federation Jobs that call them (a round spans the namespace's shards).
+/// It has no owner: deleting one Shard must not revoke the others' credential.
+pub fn admin_secret(namespace: &str, token: ByteString) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(ADMIN_SECRET.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(BTreeMap::from([
+                ("app.kubernetes.io/managed-by".to_string(), "omega-operator".to_string()),
+                ("app.kubernetes.io/part-of".to_string(), "omega".to_string()),
+                ("app.kubernetes.io/component".to_string(), "admin-credential".to_string()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(ADMIN_TOKEN_KEY.to_string(), token)])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+/// `ADMIN_TOKEN` from the namespace's admin Secret, for shard pods and federation Jobs.
+pub fn admin_token_env() -> EnvVar {
+    secret_env("ADMIN_TOKEN", ADMIN_SECRET, ADMIN_TOKEN_KEY)
 }
 
 /// A Prometheus Operator `ServiceMonitor` scraping every server's `metrics` port.

@@ -273,10 +273,14 @@ async fn delete_policy_removes_volumes_and_secrets() {
         json!({"metadata": {"name": "data-d1-postgres-1", "labels": labels}, "spec": {}}),
     );
     shards.delete("d1", &DeleteParams::default()).await.unwrap();
+    // Every Secret of the Shard goes; the namespace's admin credential is shared with the
+    // other Shards of the namespace and stays.
     fake.wait_for(30, "everything gone", |f| {
+        let secrets: Vec<Value> = f.list("", "secrets", "default");
         (f.get("omega.exogenesis.io", "shards", "default", "d1").is_none()
             && f.list("", "persistentvolumeclaims", "default").is_empty()
-            && f.list("", "secrets", "default").is_empty())
+            && secrets.len() == 1
+            && secrets[0]["metadata"]["name"] == json!("omega-shard-admin"))
         .then_some(())
     })
     .await;
@@ -629,6 +633,26 @@ async fn federation_round_runs_to_succeeded_then_ttl_deletes_it() {
         "{joined}"
     );
     assert!(joined.ends_with("--summary-file /dev/termination-log"), "{joined}");
+    // The Job presents the shards' admin credential: the namespace's Secret the Shard
+    // reconciler created, which the shard pods read too.
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["env"],
+        json!([{"name": "ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "omega-shard-admin", "key": "ADMIN_TOKEN"}}}]),
+        "{container}"
+    );
+    let admin = fake.get("", "secrets", "default", "omega-shard-admin").expect("admin Secret");
+    assert!(admin["data"]["ADMIN_TOKEN"].as_str().is_some_and(|t| t.len() >= 32), "{admin}");
+    assert!(admin["metadata"]["ownerReferences"].is_null(), "shared by the namespace's shards");
+    let pods_env =
+        fake.get("apps", "statefulsets", "default", "a").expect("sts")["spec"]["template"]["spec"]
+            ["containers"][0]["env"]
+            .clone();
+    assert!(
+        pods_env.as_array().unwrap().iter().any(|e| e["name"] == json!("ADMIN_TOKEN")
+            && e["valueFrom"]["secretKeyRef"]["name"] == json!("omega-shard-admin")),
+        "{pods_env}"
+    );
     assert!(events_for(&fake, "default", "r1").iter().any(|(_, r)| r == "RoundSucceeded"));
 
     // TTL: the round and (by owner reference) its Job go away.

@@ -88,6 +88,9 @@ pub struct FederateArgs {
     /// Attempts per shard call before the shard counts as unreachable.
     #[arg(long, env = "SHARD_ATTEMPTS", default_value_t = 3)]
     pub attempts: u32,
+    /// The shards' `ADMIN_TOKEN`, sent as `authorization: Bearer …` on every ShardAdmin call.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// Default `--period-days`.
@@ -174,6 +177,7 @@ impl FederateArgs {
             batch_size: 1000,
             timeout_secs: 30,
             attempts: 3,
+            admin_token: None,
         }
     }
 

@@ -14,17 +14,34 @@ use omega_protocol::types::is_collaborative_vector;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::codec::CompressionEncoding;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
 /// Largest message accepted from a shard (an export batch of a few thousand patterns).
 const MAX_MESSAGE: usize = 64 << 20;
 
-/// A client for one shard's admin service.
-pub async fn connect(
-    url: &str,
-    timeout: Duration,
-) -> Result<ShardAdminClient<Channel>, FederationError> {
+/// Adds the shards' admin token to every call.
+#[derive(Debug, Clone)]
+pub struct AdminCredential(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for AdminCredential {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A client of one shard's admin service.
+pub type AdminClient = ShardAdminClient<InterceptedService<Channel, AdminCredential>>;
+
+/// A client for one shard's admin service, presenting `args.admin_token` if set.
+pub async fn connect(url: &str, args: &FederateArgs) -> Result<AdminClient, FederationError> {
+    let timeout = args.timeout();
     let err = |e: &dyn std::fmt::Display| FederationError::Unreachable {
         endpoint: url.into(),
         reason: e.to_string(),
@@ -36,7 +53,16 @@ pub async fn connect(
         .connect()
         .await
         .map_err(|e| err(&e))?;
-    Ok(ShardAdminClient::new(channel)
+    let credential = match args.admin_token.as_deref() {
+        Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+            FederationError::Unreachable {
+                endpoint: url.into(),
+                reason: "ADMIN_TOKEN is not a valid header value".into(),
+            }
+        })?),
+        None => None,
+    };
+    Ok(ShardAdminClient::with_interceptor(channel, AdminCredential(credential))
         .send_compressed(CompressionEncoding::Zstd)
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_MESSAGE)
@@ -258,7 +284,7 @@ fn snapshot(state: &Mutex<RoundState>) -> Result<RoundState, FederationError> {
 /// of the first shard that answers.
 async fn next_global_version(args: &FederateArgs) -> (u64, Option<String>) {
     let asks = args.shards.iter().map(|url| async move {
-        let mut c = connect(url, args.timeout()).await.ok()?;
+        let mut c = connect(url, args).await.ok()?;
         let s =
             tokio::time::timeout(args.timeout(), c.stats(pb::StatsRequest {})).await.ok()?.ok()?;
         let s = s.into_inner();
@@ -336,7 +362,7 @@ async fn export_once(
     };
     let timed_out =
         || FederationError::Unreachable { endpoint: url.into(), reason: "timed out".into() };
-    let mut client = connect(url, args.timeout()).await?;
+    let mut client = connect(url, args).await?;
     let after = from_hex(&lock(state)?.shards[shard].cursor);
     let req = pb::ExportPatternsRequest {
         min_quality: cfg.min_quality,
@@ -388,7 +414,7 @@ async fn publish(
             tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
         }
         let r = async {
-            let mut c = connect(url, args.timeout()).await?;
+            let mut c = connect(url, args).await?;
             tokio::time::timeout(args.timeout(), c.publish_global(req.clone()))
                 .await
                 .map_err(|_| FederationError::Unreachable {

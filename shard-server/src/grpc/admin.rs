@@ -11,7 +11,7 @@
 use super::{invalid, store_status};
 use crate::service::Service;
 use crate::state::AppState;
-use crate::store::Publish;
+use crate::store::{MAX_GLOBAL_VERSION, Publish};
 use omega_protocol::ValidationError;
 use omega_protocol::pb;
 use omega_protocol::pb::shard_admin_server::ShardAdmin;
@@ -50,6 +50,14 @@ fn check_publish(r: &pb::PublishGlobalRequest, model_id: &str) -> Result<(), Val
         return Err(ValidationError::ModelMismatch {
             got: r.model_id.clone(),
             expected: model_id.into(),
+        });
+    }
+    if r.global_version > MAX_GLOBAL_VERSION {
+        return Err(ValidationError::OutOfRange {
+            field: "global_version".into(),
+            value: r.global_version as f64,
+            min: 0.0,
+            max: MAX_GLOBAL_VERSION as f64,
         });
     }
     if r.patterns.len() > MAX_PUBLISHED_PATTERNS {

@@ -4,6 +4,7 @@
 //! runs: oversized, undecodable, zstd bombs), and connection counting.
 
 pub mod admin;
+pub mod gate;
 pub mod sync;
 
 use crate::metrics::{Metrics, status_label};
@@ -18,6 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
 use tonic::Status;
 use tonic::codegen::http;
@@ -34,6 +36,7 @@ pub fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Unavailable(m) => Status::unavailable(format!("store unavailable: {m}")),
         e @ StoreError::Capacity { .. } => Status::resource_exhausted(e.to_string()),
+        e @ StoreError::VersionExhausted(_) => Status::failed_precondition(e.to_string()),
         e @ StoreError::UnknownDevice => Status::failed_precondition(e.to_string()),
         e => {
             tracing::error!(error = %e, "store error");
@@ -70,7 +73,13 @@ pub fn remap_decode_errors(headers: &mut http::HeaderMap) {
     let msg = headers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default();
     let new = match code {
         Some(11) if msg.contains("too") && msg.contains("large") => 8,
-        Some(13) if msg.contains("decode") || msg.contains("compression") => 3,
+        Some(13)
+            if msg.contains("decode")
+                || msg.contains("compression")
+                || msg.contains("decompress") =>
+        {
+            3
+        }
         _ => return,
     };
     headers.insert("grpc-status", http::HeaderValue::from(new));
@@ -104,7 +113,7 @@ pub struct SyncMetricsService<S> {
     metrics: Arc<Metrics>,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, B, RB> tower::Service<http::Request<B>> for SyncMetricsService<S>
 where
@@ -156,11 +165,13 @@ where
     }
 }
 
-/// A TCP connection that keeps `constellation_grpc_connections` up to date.
+/// A TCP connection that keeps `constellation_grpc_connections` up to date and holds one of
+/// the `MAX_CONNECTIONS` permits while open.
 #[derive(Debug)]
 pub struct CountedStream {
     inner: TcpStream,
     gauge: Gauge,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for CountedStream {
@@ -212,17 +223,28 @@ impl Connected for CountedStream {
     }
 }
 
-/// Accepted connections of `listener` with TCP_NODELAY set, counted in `gauge`.
+/// Accepted connections of `listener` with TCP_NODELAY set, counted in `gauge`, at most
+/// `max` open at once: a connection beyond it is closed as soon as it is accepted (the
+/// client sees a reset and retries later or elsewhere), so it costs no more than an accept.
 pub fn counted_incoming(
     listener: TcpListener,
     gauge: Gauge,
+    max: usize,
 ) -> impl Stream<Item = std::io::Result<CountedStream>> {
-    TcpListenerStream::new(listener).map(move |r| {
-        r.map(|s| {
-            let _ = s.set_nodelay(true);
-            gauge.inc();
-            CountedStream { inner: s, gauge: gauge.clone() }
-        })
+    let permits = Arc::new(Semaphore::new(max));
+    TcpListenerStream::new(listener).filter_map(move |r| match r {
+        Err(e) => Some(Err(e)),
+        Ok(s) => match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let _ = s.set_nodelay(true);
+                gauge.inc();
+                Some(Ok(CountedStream { inner: s, gauge: gauge.clone(), _permit: permit }))
+            }
+            Err(_) => {
+                tracing::debug!("MAX_CONNECTIONS reached: closing a new connection");
+                None
+            }
+        },
     })
 }
 

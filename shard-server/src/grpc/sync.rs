@@ -48,8 +48,12 @@ impl Constellation for ConstellationService {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<pb::SyncResponse>, Status> {
         let token = presented_token(&req);
-        let answer =
-            self.service.sync(token.as_deref(), req.into_inner()).await.map_err(service_status)?;
+        let peer = req.remote_addr();
+        let answer = self
+            .service
+            .sync(token.as_deref(), peer, req.into_inner())
+            .await
+            .map_err(service_status)?;
         let mut out = Response::new(answer.response);
         out.extensions_mut().insert(answer.outcome);
         Ok(out)

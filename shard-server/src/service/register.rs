@@ -56,6 +56,7 @@ impl Service {
         if let Some(t) = &input.token
             && !st.keys.verify(&r.device_id, t)
         {
+            st.auth_failures.allow(&peer_key(input.peer), Instant::now());
             return Err(ServiceError::Unauthenticated("the bearer token does not match device_id"));
         }
         let region = if r.region.is_empty() { st.settings.region.clone() } else { r.region };

@@ -17,6 +17,7 @@ use omega_protocol::pb;
 use omega_protocol::types::is_collaborative_vector;
 use omega_protocol::validate::MIN_SHARED_QUALITY;
 use omega_protocol::wire::grpc_zstd_size;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use uuid::Uuid;
@@ -126,18 +127,23 @@ impl Service {
     }
 
     /// Stores a device's delta and answers with global patterns, within the 5 KB budget.
-    /// `token` is the bearer token the request carried.
+    /// `token` is the bearer token the request carried, `peer` the client's address: a bad
+    /// token counts against the peer's budget of failures ([`super::peer_key`]).
     pub async fn sync(
         &self,
         token: Option<&str>,
+        peer: Option<SocketAddr>,
         msg: pb::SyncRequest,
     ) -> Result<SyncAnswer, ServiceError> {
         let st = &self.state;
         self.check_draining()?;
-        let token = token
-            .ok_or(ServiceError::Unauthenticated("missing `authorization: Bearer <token>`"))?;
-        if !st.keys.verify(&msg.device_id, token) {
-            return Err(ServiceError::Unauthenticated("the device token does not match device_id"));
+        let verified = token.is_some_and(|t| st.keys.verify(&msg.device_id, t));
+        if !verified {
+            st.auth_failures.allow(&super::peer_key(peer), Instant::now());
+            return Err(ServiceError::Unauthenticated(match token {
+                None => "missing `authorization: Bearer <token>`",
+                Some(_) => "the device token does not match device_id",
+            }));
         }
         st.metrics.observe_bytes("up", grpc_zstd_size(&msg));
         if !st.limiter.allow(&msg.device_id, Instant::now()) {

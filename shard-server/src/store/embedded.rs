@@ -354,7 +354,7 @@ impl EmbeddedStore {
                 return Err(StoreError::Corrupt(format!("{} is damaged", path.display())));
             }
         }
-        let logs: Vec<u64> = wals.into_iter().filter(|&n| n >= base).collect();
+        let (logs, stale_wals): (Vec<u64>, Vec<u64>) = wals.into_iter().partition(|&n| n >= base);
         for (i, &n) in logs.iter().enumerate() {
             let path = wal::wal_path(&dir, n);
             let tail = wal::read_frames(&path, |r| {
@@ -368,12 +368,33 @@ impl EmbeddedStore {
                         path.display()
                     )));
                 }
-                tracing::warn!(path = %path.display(), at, "cutting a torn write-ahead log tail");
+                if let Some(next) = wal::next_valid_frame(&path, at)? {
+                    if !opts.repair {
+                        return Err(StoreError::Corrupt(format!(
+                            "{} is damaged at byte {at} and valid records follow at byte {next}: \
+                             not a torn tail. `omega-shard migrate --repair` keeps a copy of the \
+                             file and truncates it at byte {at}, losing what follows",
+                            path.display()
+                        )));
+                    }
+                    let copy = wal::backup(&path, at)?;
+                    tracing::warn!(
+                        path = %path.display(), at, next, backup = %copy.display(),
+                        "repair: truncating a damaged write-ahead log after backing it up"
+                    );
+                } else {
+                    tracing::warn!(path = %path.display(), at, "cutting a torn write-ahead log tail");
+                }
                 wal::truncate(&path, at)?;
             }
         }
+        // Generations below the newest snapshot are in it: a crash between writing the
+        // snapshot and deleting them leaves them behind.
         for &n in snaps.iter().filter(|&&n| n < base) {
             let _ = std::fs::remove_file(wal::snapshot_path(&dir, n));
+        }
+        for n in stale_wals {
+            let _ = std::fs::remove_file(wal::wal_path(&dir, n));
         }
         let generation = logs.last().copied().unwrap_or(base);
         let log = wal::LogFile::open(&wal::wal_path(&dir, generation))?;
@@ -609,7 +630,8 @@ impl Store for EmbeddedStore {
             if st.rounds.contains(&p.round_id) {
                 (self.barrier()?, Published { applied: false, global_version: st.global.version })
             } else {
-                let version = p.global_version.max(st.global.version + 1);
+                let version = super::next_global_version(p.global_version, st.global.version)
+                    .ok_or(StoreError::VersionExhausted(super::MAX_GLOBAL_VERSION))?;
                 st.published_ms = crate::clock::now_ms();
                 let rec = Record {
                     kind: Some(Kind::Publish(wal::PublishRec {

@@ -36,6 +36,9 @@ pub enum StoreError {
     /// Stored data that cannot be decoded.
     #[error("corrupt store data: {0}")]
     Corrupt(String),
+    /// A publish would move the global version past the largest both stores keep.
+    #[error("the global version cannot go past {0}")]
+    VersionExhausted(u64),
     /// A database error that is not about reachability.
     #[error("database error: {0}")]
     Database(String),
@@ -266,6 +269,16 @@ pub enum SimilarIndex {
     Pgvector,
 }
 
+/// Largest global version a store keeps (Postgres stores it in a `bigint`).
+pub const MAX_GLOBAL_VERSION: u64 = i64::MAX as u64;
+
+/// The version a new publish installs: the one asked for, or one past the current one,
+/// whichever is larger; `None` past [`MAX_GLOBAL_VERSION`].
+pub fn next_global_version(asked: u64, current: u64) -> Option<u64> {
+    let next = asked.max(current.checked_add(1)?);
+    (next <= MAX_GLOBAL_VERSION).then_some(next)
+}
+
 /// Options of the stores (`omega-shard` builds them from its `StoreArgs`).
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -299,6 +312,9 @@ pub struct StoreOptions {
     pub ann_probes: usize,
     /// Embedded WAL compaction threshold.
     pub wal_compact_bytes: u64,
+    /// Embedded: truncate a damaged log at its first bad frame (after a backup copy) instead
+    /// of refusing to open (`omega-shard migrate --repair`).
+    pub repair: bool,
 }
 
 impl StoreOptions {
@@ -320,6 +336,7 @@ impl StoreOptions {
             ann_lists: 256,
             ann_probes: 8,
             wal_compact_bytes: 256 << 20,
+            repair: false,
         }
     }
 
@@ -355,4 +372,20 @@ pub fn aggregate_pattern(a: &pb::AggregatedPattern, at_ms: i64) -> pb::Pattern {
 pub fn unit(v: &[f32]) -> Option<Vec<f32>> {
     let mut u = v.to_vec();
     omega_protocol::vector::l2_normalize(&mut u).then_some(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_global_version_moves_up_and_never_wraps() {
+        assert_eq!(next_global_version(0, 0), Some(1));
+        assert_eq!(next_global_version(7, 3), Some(7));
+        assert_eq!(next_global_version(2, 3), Some(4));
+        assert_eq!(next_global_version(MAX_GLOBAL_VERSION, 3), Some(MAX_GLOBAL_VERSION));
+        assert_eq!(next_global_version(u64::MAX, 3), None);
+        assert_eq!(next_global_version(0, MAX_GLOBAL_VERSION), None);
+        assert_eq!(next_global_version(0, u64::MAX), None);
+    }
 }

@@ -4,9 +4,11 @@
 //! - `snapshot-N`: the whole state when generation N started (absent for N = 0);
 //! - `wal-N`: every change since, in the order it was applied in memory.
 //!
-//! Both are sequences of frames `[len u32 LE][crc32 u32 LE][protobuf Record]`. A torn or
-//! corrupt frame at the end of the newest log (a crash mid-write) ends replay there and is
-//! cut off; anything else that fails its checksum is an error, never silently skipped.
+//! Both are sequences of frames `[len u32 LE][crc32 u32 LE][protobuf Record]`. A torn frame
+//! at the end of the newest log (a crash mid-write: nothing valid after it) ends replay there
+//! and is cut off; a bad frame with a valid frame anywhere after it is corruption, and so is
+//! anything else that fails its checksum: an error naming the file and offset, never
+//! silently skipped ([`next_valid_frame`]).
 //!
 //! Group commit: callers hand encoded records to one writer thread, which appends everything
 //! queued, calls `fdatasync` once, and only then acknowledges each record. A sync is answered
@@ -190,6 +192,41 @@ pub fn read_frames(
     }
 }
 
+/// The offset of the first valid frame (non-empty, checksum right, a record that decodes
+/// with a kind) that starts after `bad` in `path`, if any. A crash can only tear the last
+/// write, so a valid frame past a bad one means the bad one is damage, not a torn tail.
+pub fn next_valid_frame(path: &Path, bad: u64) -> std::io::Result<Option<u64>> {
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(bad + 1))?;
+    let mut rest = Vec::new();
+    f.read_to_end(&mut rest)?;
+    for pos in 0..rest.len().saturating_sub(8) {
+        let head = &rest[pos..pos + 8];
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        let Some(body) = rest.get(pos + 8..pos + 8 + len) else { continue };
+        if len == 0 || len > MAX_FRAME || crc32fast::hash(body) != crc {
+            continue;
+        }
+        if Record::decode(body).is_ok_and(|r| r.kind.is_some()) {
+            return Ok(Some(bad + 1 + pos as u64));
+        }
+    }
+    Ok(None)
+}
+
+/// Copies `path` to `<path>.corrupt-<at>` (synced) before a repair truncates it there.
+pub fn backup(path: &Path, at: u64) -> std::io::Result<PathBuf> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let copy = path.with_file_name(format!("{name}.corrupt-{at}"));
+    std::fs::copy(path, &copy)?;
+    File::open(&copy)?.sync_all()?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(copy)
+}
+
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -245,7 +282,8 @@ pub struct LogFile {
 impl LogFile {
     /// Opens (creating) `path` for appending.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let mut file = OpenOptions::new().create(true).append(true).read(true).open(path)?;
+        let mut file =
+            private(OpenOptions::new().create(true).append(true).read(true)).open(path)?;
         let len = file.seek(SeekFrom::End(0))?;
         if let Some(dir) = path.parent() {
             sync_dir(dir)?;
@@ -275,7 +313,7 @@ impl LogFile {
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
+    let mut f = private(OpenOptions::new().write(true).create(true).truncate(true)).open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -283,6 +321,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         sync_dir(dir)?;
     }
     Ok(())
+}
+
+/// Store files hold device data: readable by the server's user only.
+fn private(opts: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(opts, 0o600);
+    opts
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {

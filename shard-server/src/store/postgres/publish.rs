@@ -2,7 +2,7 @@
 
 use super::pool::db_err;
 use super::rows::{genres_json, wire_embedding};
-use crate::store::{Publish, Published, StoreError};
+use crate::store::{MAX_GLOBAL_VERSION, Publish, Published, StoreError, next_global_version};
 use omega_protocol::pb;
 use omega_protocol::vector::QuantizedVector;
 use pgvector::Vector;
@@ -81,7 +81,11 @@ pub(super) async fn publish(primary: &PgPool, p: Publish) -> Result<Published, S
         tx.rollback().await.map_err(db_err)?;
         return Ok(Published { applied: false, global_version: current as u64 });
     }
-    let version = (p.global_version as i64).max(current + 1);
+    let current = u64::try_from(current).unwrap_or(0);
+    let version = next_global_version(p.global_version, current)
+        .ok_or(StoreError::VersionExhausted(MAX_GLOBAL_VERSION))?;
+    let version =
+        i64::try_from(version).map_err(|_| StoreError::VersionExhausted(MAX_GLOBAL_VERSION))?;
     sqlx::query("UPDATE published_rounds SET global_version = $2 WHERE round_id = $1")
         .bind(&p.round_id)
         .bind(version)

@@ -128,7 +128,9 @@ async fn write_batch(
     jobs: &[SyncWrite],
 ) -> Result<HashMap<String, Result<SyncApplied, StoreError>>, StoreError> {
     let ids: Vec<String> = jobs.iter().map(|j| j.device_id.clone()).collect();
-    let versions: Vec<i64> = jobs.iter().map(|j| j.local_version as i64).collect();
+    // Versions are validated to fit (`MAX_LOCAL_VERSION`); saturate rather than wrap anyway.
+    let versions: Vec<i64> =
+        jobs.iter().map(|j| i64::try_from(j.local_version).unwrap_or(i64::MAX)).collect();
     let adds: Vec<Option<Vector>> =
         jobs.iter().map(|j| j.interest_add.clone().map(Vector::from)).collect();
     let mut tx = pool.begin().await.map_err(db_err)?;
@@ -267,6 +269,20 @@ pub(super) async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, activity: 
                     let r = results
                         .remove(&j.write.device_id)
                         .unwrap_or(Err(StoreError::UnknownDevice));
+                    let _ = j.reply.send(r);
+                }
+            }
+            // A row the database refuses fails the whole transaction: each sync of the batch
+            // is then written on its own, so only the one carrying it fails.
+            Err(StoreError::Database(msg)) if batch.len() > 1 => {
+                tracing::warn!(error = %msg, syncs = batch.len(), "group commit failed; writing its syncs one by one");
+                for j in batch {
+                    let r = match write_batch(&pool, std::slice::from_ref(&j.write)).await {
+                        Ok(mut results) => results
+                            .remove(&j.write.device_id)
+                            .unwrap_or(Err(StoreError::UnknownDevice)),
+                        Err(e) => Err(e),
+                    };
                     let _ = j.reply.send(r);
                 }
             }
