@@ -6,9 +6,9 @@
 //! What federation costs is the distance from this reference.
 
 use super::{Scorer, Split, Stage};
+use omega_federation::collab::{CollabConfig, item_vectors};
 use omega_protocol::collab::{self, QueryParams};
 use omega_protocol::vector::{EMBEDDING_DIM, dot};
-use omega_federation::collab::{CollabConfig, item_vectors};
 
 /// Seed of the subspace iteration, the one a federation round uses.
 const ROUND_SEED: u64 = 0x00c0_11ab;

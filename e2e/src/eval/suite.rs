@@ -12,9 +12,9 @@ use super::mf::{self, Loss, Mf, MfConfig, TuneOptions};
 use super::popularity::Popularity;
 use super::reference::CentralReference;
 use super::{EvalOptions, Split, Stage, UserQuality, evaluate_per_user};
-use omega_protocol::collab::QueryParams;
 use omega_federation::collab::CollabConfig;
 use omega_federation::round::RoundConfig;
+use omega_protocol::collab::QueryParams;
 use rayon::prelude::*;
 use serde::Serialize;
 
