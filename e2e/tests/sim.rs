@@ -86,7 +86,19 @@ async fn a_small_constellation_learns_syncs_federates_and_is_evaluated() {
         "pushing syncs carry patterns"
     );
     assert!(r.transport.recommend_p99_ms > 0.0);
-    assert_eq!(r.dp_epsilon, Some(8.0));
+    // The DP pass reports the privacy a device spent over the whole pass, composed (zCDP):
+    // k rounds at the per-round cost of ε = 8, δ = 1e-6 (half of δ converts ρ to ε, half pays
+    // for the selection of each round), never the per-round 8 alone.
+    let per_round = omega_federation::privacy::rho_of(8.0, 0.5e-6);
+    let composed = r.dp_epsilon.expect("the DP pass reports its epsilon");
+    let k = omega_federation::privacy::rho_of(composed, 0.5e-6) / per_round;
+    assert!((k - k.round()).abs() < 1e-6, "{composed} is not a whole number of rounds ({k})");
+    assert!(k.round() >= 1.0 && k.round() <= f64::from(r.rounds_dp), "{k} of {}", r.rounds_dp);
+    let delta = r.dp_delta.expect("the DP pass reports its delta");
+    assert!((delta - 0.5e-6 * (1.0 + k.round())).abs() < 1e-12, "{delta} after {k} rounds");
+    if k.round() > 1.0 {
+        assert!(composed > 8.0, "{composed}");
+    }
     // The markdown table has a row per method.
     let md = sim::markdown(&r);
     assert!(METHODS.iter().all(|m| md.contains(&format!("| {m} |"))), "{md}");

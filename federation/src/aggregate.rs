@@ -278,6 +278,26 @@ fn merge_by_content(groups: &[Group]) -> Vec<Group> {
     out
 }
 
+/// Every group's shares (no interests: a DP round publishes no fleet-centred profile), the
+/// noisy selection over all groups, and the round's stats so far: the common first step of
+/// both DP releases.
+fn dp_selection(
+    items: &[Contribution],
+    groups: &[Group],
+    cfg: &AggregateConfig,
+    dp: &DpRound,
+) -> (Vec<Vec<Share>>, Vec<Selected>, AggregateStats) {
+    let all: Vec<Vec<Share>> = groups.iter().map(|g| shares(items, g, None, 0.0)).collect();
+    let units: Vec<usize> = (0..groups.len()).collect();
+    let selected = dp_select(&all, &units, cfg.min_sources, dp);
+    let stats = AggregateStats {
+        groups: groups.len() as u64,
+        suppressed: (groups.len() - selected.len()) as u64,
+        ..Default::default()
+    };
+    (all, selected, stats)
+}
+
 /// A group the noisy selection released, with its noisy device count.
 struct Selected {
     group: usize,
@@ -320,14 +340,7 @@ fn dp_profiles(
     dp: &DpRound,
 ) -> (Vec<AggregatedPattern>, AggregateStats) {
     let items = &intake.items;
-    let all: Vec<Vec<Share>> = groups.iter().map(|g| shares(items, g, None, 0.0)).collect();
-    let units: Vec<usize> = (0..groups.len()).collect();
-    let selected = dp_select(&all, &units, cfg.min_sources, dp);
-    let mut stats = AggregateStats {
-        groups: groups.len() as u64,
-        suppressed: (groups.len() - selected.len()) as u64,
-        ..Default::default()
-    };
+    let (all, selected, mut stats) = dp_selection(items, groups, cfg, dp);
     // The second release: each device's m heaviest selected groups.
     let chosen: Vec<Vec<&Share>> = all
         .iter()
@@ -426,14 +439,7 @@ fn dp_collaborative(
     collab: &CollabConfig,
 ) -> (Vec<AggregatedPattern>, AggregateStats) {
     let items = &intake.items;
-    let all: Vec<Vec<Share>> = groups.iter().map(|g| shares(items, g, None, 0.0)).collect();
-    let units: Vec<usize> = (0..groups.len()).collect();
-    let selected = dp_select(&all, &units, cfg.min_sources, dp);
-    let mut stats = AggregateStats {
-        groups: groups.len() as u64,
-        suppressed: (groups.len() - selected.len()) as u64,
-        ..Default::default()
-    };
+    let (all, selected, mut stats) = dp_selection(items, groups, cfg, dp);
     let index: HashMap<usize, u32> =
         selected.iter().enumerate().map(|(k, s)| (s.group, k as u32)).collect();
     let allowed = top_groups_per_source(
