@@ -168,14 +168,7 @@ async fn similar_serves_only_aggregates_with_k_sources(s: &dyn Store) {
         ..aggregate(0, &format!("content-{sources}-{quality}"))
     };
     let published = vec![with(1, 0.95), with(2, 0.95), with(3, 0.9), with(5, 0.92), with(9, 0.5)];
-    s.publish(Publish {
-        round_id: "r1".into(),
-        global_version: 1,
-        patterns: published.clone(),
-        trends: vec![],
-    })
-    .await
-    .expect("publish");
+    s.publish(round_one(published.clone())).await.expect("publish");
     s.settle().await.expect("settle");
     let k = 3;
     let q =
@@ -244,6 +237,11 @@ async fn export_pages_in_id_order_with_a_cursor(s: &dyn Store) {
     assert_eq!(seen.len(), 25);
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "strictly increasing ids");
     assert_eq!(s.export(None, 100, 0.0).await.expect("all").items.len(), 30);
+}
+
+/// The first round (`r1`, version 1, no trends) publishing `patterns`.
+fn round_one(patterns: Vec<pb::AggregatedPattern>) -> Publish {
+    Publish { round_id: "r1".into(), global_version: 1, patterns, trends: vec![] }
 }
 
 fn aggregate(axis: usize, content: &str) -> pb::AggregatedPattern {
@@ -337,14 +335,7 @@ async fn device_contents_lists_each_content_once(s: &dyn Store) {
 async fn aggregates_are_what_the_last_publish_installed(s: &dyn Store) {
     assert!(s.aggregates().await.expect("before any round").is_empty());
     let first = vec![aggregate(0, "one"), aggregate(1, "two"), aggregate(2, "")];
-    s.publish(Publish {
-        round_id: "r1".into(),
-        global_version: 1,
-        patterns: first.clone(),
-        trends: vec![],
-    })
-    .await
-    .expect("r1");
+    s.publish(round_one(first.clone())).await.expect("r1");
     let by_id = |mut v: Vec<pb::AggregatedPattern>| {
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
@@ -413,14 +404,7 @@ async fn a_published_round_reaches_devices_promptly_and_patterns_never_do(s: &dy
     let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
     s.apply_sync(write("a", 1, vec![p.clone()])).await.expect("a1");
     let agg = aggregate(0, "agg-content");
-    s.publish(Publish {
-        round_id: "r1".into(),
-        global_version: 1,
-        patterns: vec![agg.clone()],
-        trends: vec![],
-    })
-    .await
-    .expect("publish");
+    s.publish(round_one(vec![agg.clone()])).await.expect("publish");
     let bound = Duration::from_secs(3);
     let took = wait_similar(s, || query_for(0), bound, |ids| ids.contains(&agg.id)).await;
     eprintln!("servable after {took:?}");
@@ -533,12 +517,7 @@ async fn postgres_reads_go_to_the_read_replicas() {
     register_all(&primary, &["a", "b"]).await;
     let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
     primary.apply_sync(write("a", 1, vec![p.clone()])).await.expect("sync");
-    let round = Publish {
-        round_id: "r1".into(),
-        global_version: 1,
-        patterns: vec![aggregate(0, "agg-content")],
-        trends: vec![],
-    };
+    let round = round_one(vec![aggregate(0, "agg-content")]);
     primary.publish(round).await.expect("publish");
     primary.settle().await.expect("settle");
     // A "replica" that is the same database: reads work through it.
@@ -767,12 +746,7 @@ async fn postgres_memory_index_serves_similar_without_the_read_replicas() {
     let p = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
     s.apply_sync(write("a", 1, vec![p.clone()])).await.expect("sync");
     let agg = aggregate(0, "agg-content");
-    let round = Publish {
-        round_id: "r1".into(),
-        global_version: 1,
-        patterns: vec![agg.clone()],
-        trends: vec![],
-    };
+    let round = round_one(vec![agg.clone()]);
     s.publish(round).await.expect("publish");
     s.settle().await.expect("settle");
     assert_eq!(similar_ids(&s, query_for(0)).await, vec![agg.id.clone()]);
@@ -825,14 +799,7 @@ async fn postgres_a_second_process_follows_merges_it_did_not_run() {
     // A round published through `a` reaches `b`: at once through `aggregates()` (which catches
     // up first), and in `similar`.
     let agg = aggregate(0, "agg-content");
-    a.publish(Publish {
-        round_id: "r1".into(),
-        global_version: 1,
-        patterns: vec![agg.clone()],
-        trends: vec![],
-    })
-    .await
-    .expect("publish");
+    a.publish(round_one(vec![agg.clone()])).await.expect("publish");
     let got = b.aggregates().await.expect("aggregates");
     assert_eq!(got.iter().map(|x| &x.id).collect::<Vec<_>>(), vec![&agg.id]);
     wait_similar(&b, || query_for(0), bound, |ids| ids == [agg.id.clone()]).await;
@@ -857,12 +824,7 @@ async fn postgres_restart_rebuilds_the_memory_index() {
         let mut w = write("a", 2, vec![]);
         w.removed = vec![Uuid::from_slice(&gone.id).expect("id")];
         s.apply_sync(w).await.expect("remove");
-        let round = Publish {
-            round_id: "r1".into(),
-            global_version: 1,
-            patterns: vec![aggregate(0, "near"), aggregate(7, "far")],
-            trends: vec![],
-        };
+        let round = round_one(vec![aggregate(0, "near"), aggregate(7, "far")]);
         s.publish(round).await.expect("publish");
         s.settle().await.expect("settle");
         assert_eq!(s.memory_index_info().expect("index info").map(|i| i.indexed), Some(301));
