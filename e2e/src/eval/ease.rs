@@ -13,9 +13,9 @@ use serde::Serialize;
 /// The λ values [`tune`] tries by default.
 pub const DEFAULT_LAMBDAS: [f64; 8] = [50.0, 100.0, 200.0, 300.0, 500.0, 800.0, 1200.0, 2000.0];
 
-/// λ used without `--tune`: not searched (near the λ = 500 of the numpy prototype in
-/// `docs/quality.md`); a `--tune` run chooses it on the validation item.
-pub const CHOSEN_LAMBDA: f64 = 300.0;
+/// λ used without `--tune`: the validation item's choice among [`DEFAULT_LAMBDAS`]
+/// (file-order ties, seed 42, 943 users; the command is `suite::BASELINES_SELECTION_COMMAND`).
+pub const CHOSEN_LAMBDA: f64 = 200.0;
 
 /// A fitted model, over the items with at least one training interaction (any other item
 /// has an all-zero row and column in `G`, so its weights are exactly zero: leaving it out
