@@ -6,8 +6,6 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use omega_shard::config::{LogFormat, MigrateArgs, ServeArgs};
-use std::io::IsTerminal as _;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(name = "omega-shard", version, about = "Omega shard server")]
@@ -30,30 +28,8 @@ enum Command {
     Federate(Box<omega_shard::federation::FederateArgs>),
 }
 
-/// Text logs have colours only when stderr is a terminal (a file or a log collector gets no
-/// escape codes). In JSON mode a panic is logged as one JSON line too.
 fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Json => {
-            builder.json().flatten_event(true).init();
-            std::panic::set_hook(Box::new(|info| {
-                let location = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
-                let message = info
-                    .payload()
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_string())
-                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(panic = message, location, "panicked");
-            }));
-        }
-        LogFormat::Text => builder.init(),
-    }
+    omega_telemetry::init_logs(format == LogFormat::Json, "info");
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -92,8 +68,11 @@ fn parse_cli() -> Cli {
 #[tokio::main]
 async fn main() {
     let cli = parse_cli();
-    init_logs(cli.log_format);
-    if let Err(e) = run(cli).await {
+    // Spans go to an OTLP collector when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let traces = omega_telemetry::init(cli.log_format == LogFormat::Json, "info", "omega-shard");
+    let result = run(cli).await;
+    traces.shutdown().await;
+    if let Err(e) = result {
         // One line: the context chain, outermost first ("serve failed: invalid configuration:
         // OMEGA_DEVICE_SECRET: …").
         tracing::error!(error = format!("{e:#}"), "omega-shard stopped");
