@@ -32,7 +32,8 @@ fn init_logs(format: LogFormat) {
     omega_telemetry::init_logs(format == LogFormat::Json, "info");
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; `Ok` holds the exit code.
+async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => omega_shard::server::serve(*args, Default::default())
             .await
@@ -41,14 +42,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let kind = omega_shard::server::migrate(&args).await.context("migration failed")?;
             tracing::info!(store = kind, "schema is current");
         }
-        Command::Federate(args) => {
-            let code = omega_shard::federation::main(*args).await;
-            if code != 0 {
-                std::process::exit(code);
-            }
-        }
+        Command::Federate(args) => return Ok(omega_shard::federation::main(*args).await),
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Parses the command line. With `LOG_FORMAT=json`, a bad flag or variable is reported as a
@@ -71,11 +67,16 @@ async fn main() {
     // Spans go to an OTLP collector when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     let traces = omega_telemetry::init(cli.log_format == LogFormat::Json, "info", "omega-shard");
     let result = run(cli).await;
+    // Before any exit: the last spans (a failed round's too) reach the collector.
     traces.shutdown().await;
-    if let Err(e) = result {
-        // One line: the context chain, outermost first ("serve failed: invalid configuration:
-        // OMEGA_DEVICE_SECRET: …").
-        tracing::error!(error = format!("{e:#}"), "omega-shard stopped");
-        std::process::exit(1);
+    match result {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // One line: the context chain, outermost first ("serve failed: invalid
+            // configuration: OMEGA_DEVICE_SECRET: …").
+            tracing::error!(error = format!("{e:#}"), "omega-shard stopped");
+            std::process::exit(1);
+        }
     }
 }

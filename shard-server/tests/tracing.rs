@@ -1,9 +1,10 @@
-//! OpenTelemetry traces of a sync, through the real exporter: the real `omega-shard` binary
-//! with `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/gRPC trace receiver in this test
-//! (the collector's own protocol, from `opentelemetry-proto`). A register and a sync must
-//! arrive as a `register` span and a `sync` span whose children are the validation, store and
+//! OpenTelemetry traces through the real exporter: the real `omega-shard` binary with
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/gRPC trace receiver in this test (the
+//! collector's own protocol, from `opentelemetry-proto`). A register and a sync must arrive
+//! as a `register` span and a `sync` span whose children are the validation, store and
 //! similar steps, all of one trace, and the JSON log line inside the sync carries that
-//! trace's id.
+//! trace's id; a federation round (`omega-shard federate`) as a `federation.round` span over
+//! its `collect`, `aggregate` and `publish` phases.
 
 mod common;
 
@@ -65,11 +66,12 @@ async fn a_sync_is_one_trace_of_validation_store_and_similar_spans() {
     let dir = tempfile::tempdir().expect("tmp");
     let log = dir.path().join("shard.log");
     let endpoint = format!("http://127.0.0.1:{port}");
+    let shard_endpoint = endpoint.clone();
     let mut shard = Shard::start_logging_to(
         dir.path(),
         &log,
         &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", shard_endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
             ("LOG_FORMAT", "json"),
             ("RUST_LOG", "warn,omega_shard::service=debug"),
@@ -83,6 +85,20 @@ async fn a_sync_is_one_trace_of_validation_store_and_similar_spans() {
         .expect("sync")
         .into_inner();
     assert_eq!(r.acknowledged_version, 1);
+    // A federation round over the shard, traced by its own process.
+    let admin = format!("http://127.0.0.1:{}", shard.admin);
+    let round = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_omega-shard"))
+            .args(["federate", "--shards", &admin, "--round-id", "traced-round"])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("omega-shard federate")
+    })
+    .await
+    .expect("federate");
+    assert!(round.status.success(), "{}", String::from_utf8_lossy(&round.stderr));
     // SIGTERM flushes the spans still queued.
     shard.signal("-TERM");
     assert!(shard.wait_exit(Duration::from_secs(30)).await.success());
@@ -115,6 +131,15 @@ async fn a_sync_is_one_trace_of_validation_store_and_similar_spans() {
     }
     let outcome = sync.attributes.iter().find(|kv| kv.key == "outcome").expect("outcome");
     assert!(format!("{:?}", outcome.value).contains("\"ok\""), "{outcome:?}");
+
+    // The round's phases, in one trace of its own.
+    let [(_, round)] = named("federation.round")[..] else { panic!("one round span: {spans:#?}") };
+    let phases: Vec<&str> = spans
+        .iter()
+        .filter(|(_, s)| s.parent_span_id == round.span_id && s.trace_id == round.trace_id)
+        .map(|(_, s)| s.name.as_str())
+        .collect();
+    assert_eq!(phases, ["collect", "aggregate", "publish"], "{spans:#?}");
 
     // The log line of the sync names its trace.
     let logs = std::fs::read_to_string(&log).expect("log");
