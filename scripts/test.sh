@@ -30,6 +30,7 @@ else
   cargo test --workspace --no-fail-fast "$@"
 fi
 cargo test --workspace --doc
-# The dashboard's shard queries against a real Prometheus scraping a shard under omega-load
-# (the binaries the tests above built).
+# Every dashboard query against a real Prometheus scraping a shard under omega-load and the
+# operator binary run against the fake API server with one federation round (the binaries and
+# the operator's cluster test the tests above built).
 python3 charts/omega/ci/dashboard_live.py "${CARGO_TARGET_DIR:-target}/debug"

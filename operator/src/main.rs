@@ -126,7 +126,7 @@ fn parse_cli() -> Cli {
     match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() && std::env::var("LOG_FORMAT").map_or(true, |f| f != "text") => {
-            omega_operator::telemetry::init(true);
+            omega_operator::telemetry::init_logs(true);
             tracing::error!(error = e.to_string().trim_end(), "invalid command line");
             std::process::exit(2);
         }
@@ -138,15 +138,23 @@ fn main() -> anyhow::Result<()> {
     match parse_cli().command {
         Command::Crdgen { out, check } => crdgen(out, check),
         Command::Run(a) => {
-            omega_operator::telemetry::init(a.log_format != "text");
+            let json = a.log_format != "text";
             let started = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("tokio runtime")
-                .and_then(|rt| rt.block_on(run(a)));
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let traces = omega_operator::telemetry::init(json);
+                        let result = run(a).await;
+                        traces.shutdown().await;
+                        result
+                    })
+                });
             if let Err(e) = started {
                 // One line, the context chain outermost first ("kubernetes client (kubeconfig
                 // or in-cluster): …"), in the configured format.
+                omega_operator::telemetry::init_logs(json);
                 tracing::error!(error = format!("{e:#}"), "omega-operator stopped");
                 std::process::exit(1);
             }

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the operator, served on `/metrics`: its own `omega_operator_*`
-//! series, `omega_build_info`, and the `federation_*` series of the rounds it runs, recorded
-//! from each round's status (the round is a one-shot Job that nothing scrapes).
+//! series, `omega_build_info`, the `process_*` series, and the `federation_*` series of the
+//! rounds it runs, recorded from each round's status (the round is a one-shot Job that nothing
+//! scrapes).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -124,6 +125,7 @@ impl Default for Metrics {
             })
             .set(1);
         root.register("omega_build_info", "Always 1; the labels name the build", build);
+        root.register_collector(Box::new(omega_telemetry::ProcessCollector));
         let federation = Federation {
             rounds: Family::default(),
             patterns_aggregated: Family::default(),
@@ -356,6 +358,7 @@ mod tests {
             r#"federation_last_success_timestamp_seconds{round="tv/hourly"} 4000.0"#,
             r#"federation_last_success_timestamp_seconds{round="eu/daily"} 500.0"#,
             r#"omega_build_info{component="operator",version=""#,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

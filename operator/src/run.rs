@@ -45,8 +45,14 @@ struct Http {
     ready: Arc<AtomicBool>,
 }
 
-async fn metrics_handler(State(h): State<Http>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], h.metrics.render())
+/// OpenMetrics for Prometheus, the classic text format for everyone else.
+async fn metrics_handler(
+    State(h): State<Http>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let accept = headers.get("accept").and_then(|v| v.to_str().ok());
+    let (kind, body) = omega_telemetry::exposition::negotiate(h.metrics.render(), accept);
+    ([("content-type", kind)], body)
 }
 
 async fn health() -> &'static str {

@@ -6,8 +6,6 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use omega_shard::config::{LogFormat, MigrateArgs, ServeArgs};
-use std::io::IsTerminal as _;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(name = "omega-shard", version, about = "Omega shard server")]
@@ -30,33 +28,12 @@ enum Command {
     Federate(Box<omega_shard::federation::FederateArgs>),
 }
 
-/// Text logs have colours only when stderr is a terminal (a file or a log collector gets no
-/// escape codes). In JSON mode a panic is logged as one JSON line too.
 fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Json => {
-            builder.json().flatten_event(true).init();
-            std::panic::set_hook(Box::new(|info| {
-                let location = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
-                let message = info
-                    .payload()
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_string())
-                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(panic = message, location, "panicked");
-            }));
-        }
-        LogFormat::Text => builder.init(),
-    }
+    omega_telemetry::init_logs(format == LogFormat::Json, "info");
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; `Ok` holds the exit code.
+async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => omega_shard::server::serve(*args, Default::default())
             .await
@@ -65,14 +42,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let kind = omega_shard::server::migrate(&args).await.context("migration failed")?;
             tracing::info!(store = kind, "schema is current");
         }
-        Command::Federate(args) => {
-            let code = omega_shard::federation::main(*args).await;
-            if code != 0 {
-                std::process::exit(code);
-            }
-        }
+        Command::Federate(args) => return Ok(omega_shard::federation::main(*args).await),
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Parses the command line. With `LOG_FORMAT=json`, a bad flag or variable is reported as a
@@ -92,11 +64,19 @@ fn parse_cli() -> Cli {
 #[tokio::main]
 async fn main() {
     let cli = parse_cli();
-    init_logs(cli.log_format);
-    if let Err(e) = run(cli).await {
-        // One line: the context chain, outermost first ("serve failed: invalid configuration:
-        // OMEGA_DEVICE_SECRET: …").
-        tracing::error!(error = format!("{e:#}"), "omega-shard stopped");
-        std::process::exit(1);
+    // Spans go to an OTLP collector when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let traces = omega_telemetry::init(cli.log_format == LogFormat::Json, "info", "omega-shard");
+    let result = run(cli).await;
+    // Before any exit: the last spans (a failed round's too) reach the collector.
+    traces.shutdown().await;
+    match result {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // One line: the context chain, outermost first ("serve failed: invalid
+            // configuration: OMEGA_DEVICE_SECRET: …").
+            tracing::error!(error = format!("{e:#}"), "omega-shard stopped");
+            std::process::exit(1);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Backup and restore as docs/operations.md ("Backup and restore") describes them, on the real
 //! stores: every acknowledged sync is back after a restore (a retry of each device's last
-//! acknowledged sync is answered `replayed`, and the stored pattern count is unchanged).
+//! acknowledged sync is answered `replayed`, and the stored pattern count is unchanged). The
+//! Postgres backup is made by the script the operator's backup CronJob runs.
 
 mod common;
 
@@ -63,7 +64,7 @@ fn run(cmd: &mut Command) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_pg_dump_and_pg_restore_bring_back_every_acknowledged_sync() {
+async fn the_backup_cron_jobs_dump_restored_brings_back_every_acknowledged_sync() {
     use sqlx::Connection;
     let dir = tempfile::tempdir().expect("tmp");
     let url = fresh_db().await;
@@ -73,9 +74,36 @@ async fn postgres_pg_dump_and_pg_restore_bring_back_every_acknowledged_sync() {
     let patterns = shard.stats()["patterns"].clone();
     assert_eq!(patterns, serde_json::json!(DEVICES as u64 * SYNCS));
 
-    // Back up the live database, as the scheduled pg_dump does.
-    let dump = dir.path().join("shard.dump");
-    run(Command::new(pg_tool("pg_dump")).args(["--format=custom", "--file"]).arg(&dump).arg(&url));
+    // Back up the live database with the script the Shard's backup CronJob runs (the
+    // operator's `pg_backup.sh`, byte for byte), into a directory that already holds an
+    // expired dump and a recent one: retention deletes only the expired one.
+    let backups = dir.path().join("backups");
+    std::fs::create_dir_all(&backups).expect("backups dir");
+    for (name, age) in
+        [("omega-20200101T000000Z.dump", "10 days ago"), ("omega-recent.dump", "1 day ago")]
+    {
+        std::fs::write(backups.join(name), b"older dump").expect("old dump");
+        run(Command::new("touch").arg("-d").arg(age).arg(backups.join(name)));
+    }
+    let script = repo_root().join("operator/src/shard/pg_backup.sh");
+    let bin = pg_tool("pg_dump").parent().expect("bin").to_path_buf();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(std::fs::read_to_string(&script).expect("pg_backup.sh"))
+        .env("PATH", path)
+        .env("DATABASE_URL", &url)
+        .env("BACKUP_DIR", &backups)
+        .env("RETENTION_DAYS", "7"));
+    let mut left: Vec<String> = std::fs::read_dir(&backups)
+        .expect("backups")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left.len(), 2, "expired dump kept or partial file left: {left:?}");
+    assert_eq!(left[1], "omega-recent.dump", "{left:?}");
+    assert!(left[0].starts_with("omega-2") && left[0] != "omega-20200101T000000Z.dump", "{left:?}");
+    let dump = backups.join(&left[0]);
 
     // Lose it: stop the shard, drop the database, create it empty.
     shard.signal("-TERM");

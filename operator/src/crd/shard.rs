@@ -76,6 +76,68 @@ pub struct ShardSpec {
     /// Create a Prometheus Operator `ServiceMonitor` when that CRD is installed.
     #[serde(default = "default_true")]
     pub service_monitor: bool,
+    /// Scheduled backups of the database (`managed` and `cloudnativepg` modes); none when
+    /// unset. The `BackupScheduled` condition says whether they are set up, or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+}
+
+/// Scheduled backups: a `pg_dump` CronJob writing to a volume for `managed`, CloudNativePG
+/// `ScheduledBackup`s for `cloudnativepg` (docs/operations.md, "Backup and restore").
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// When to back up: a cron expression of 5 fields or a nickname (`@daily`), in UTC.
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new(crate::crd::CRON_SHAPE_RULE).message("backup.schedule must be a cron expression of 5 fields (minute hour day-of-month month day-of-week) or one of @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly"))]
+    pub schedule: String,
+    /// Days a backup is kept. `managed`: older dumps are deleted after each new one (the
+    /// newest is always kept); `cloudnativepg` with `barmanObjectStore`: the Cluster's
+    /// `retentionPolicy`. Volume snapshots are kept until their Backup objects are deleted.
+    #[serde(default = "default_retention_days")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub retention_days: i32,
+    /// `managed`: size of the volume holding the dumps (a Kubernetes quantity).
+    #[serde(default = "default_storage")]
+    #[schemars(length(min = 1, max = 32), pattern(STORAGE_PATTERN))]
+    pub storage: String,
+    /// `managed`: StorageClass of that volume; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+    /// `cloudnativepg`: how CloudNativePG backs up (required in that mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloudnativepg: Option<CnpgBackupSpec>,
+}
+
+/// How CloudNativePG backs a shard's Cluster up.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CnpgBackupSpec {
+    /// `volumeSnapshot` (needs `volumeSnapshotClass`) or `barmanObjectStore` (needs
+    /// `destinationPath` and `s3CredentialsSecret`).
+    pub method: CnpgBackupMethod,
+    /// VolumeSnapshotClass of the snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub volume_snapshot_class: Option<String>,
+    /// Object store URL of the base backups and WAL archive (`s3://bucket/path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub destination_path: Option<String>,
+    /// Secret with `ACCESS_KEY_ID` and `ACCESS_SECRET_KEY` for the object store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub s3_credentials_secret: Option<String>,
+}
+
+/// CloudNativePG backup method.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum CnpgBackupMethod {
+    /// CSI volume snapshots of the instances' volumes.
+    VolumeSnapshot,
+    /// Base backups and WAL archiving to an object store (point-in-time recovery).
+    BarmanObjectStore,
 }
 
 /// Replica bounds of the constellation StatefulSet.
@@ -379,6 +441,9 @@ fn default_instances() -> i32 {
 }
 fn default_storage() -> String {
     "10Gi".into()
+}
+fn default_retention_days() -> i32 {
+    7
 }
 fn default_uri_key() -> String {
     "uri".into()

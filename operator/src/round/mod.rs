@@ -107,7 +107,13 @@ pub fn error_policy(fr: Arc<FederationRound>, error: &Error, ctx: Arc<Context>) 
 }
 
 /// One reconcile of one FederationRound.
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(controller = CONTROLLER, object = %key(&fr), trace_id = tracing::field::Empty)
+)]
 pub async fn reconcile(fr: Arc<FederationRound>, ctx: Arc<Context>) -> Result<Action> {
+    omega_telemetry::record_trace_id(&tracing::Span::current());
     let _timer = ctx.metrics.reconcile(CONTROLLER);
     if fr.meta().deletion_timestamp.is_some() {
         ctx.forget(&key(&fr));

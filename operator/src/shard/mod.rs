@@ -3,6 +3,7 @@
 //! deletion behind a finalizer.
 
 pub mod autoscale;
+pub mod backup;
 mod cleanup;
 pub mod postgres;
 pub mod resources;
@@ -18,12 +19,13 @@ use autoscale::PodLoad;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -85,7 +87,13 @@ pub fn error_policy(shard: Arc<Shard>, error: &Error, ctx: Arc<Context>) -> Acti
 }
 
 /// One reconcile of one Shard.
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(controller = CONTROLLER, object = %key(&shard), trace_id = tracing::field::Empty)
+)]
 pub async fn reconcile(shard: Arc<Shard>, ctx: Arc<Context>) -> Result<Action> {
+    omega_telemetry::record_trace_id(&tracing::Span::current());
     let _timer = ctx.metrics.reconcile(CONTROLLER);
     let ns = shard.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let shards: Api<Shard> = Api::namespaced(ctx.client.clone(), &ns);
@@ -161,6 +169,7 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
 
     let db = database(shard, ctx, &cx, ns, &secrets).await?;
     let blocked = db.blocked.clone();
+    let backup = backup::plan(shard, &cx);
 
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -233,6 +242,8 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
         for p in resources::network_policies(shard, &cx, &ctx.settings.operator_namespace) {
             apply(&policies, &p).await?;
         }
+        let had_backup = conditions::is_true(&previous.conditions, backup::BACKUP_SCHEDULED);
+        backups(&backup, had_backup, ctx, &cx, ns).await?;
         if shard.spec.service_monitor
             && served(client, "monitoring.coreos.com/v1", "servicemonitors").await?
         {
@@ -258,7 +269,12 @@ async fn converge(shard: &Shard, ctx: &Context, ns: &str) -> Result<Action> {
         ready: ready.min(replicas),
         note: db.note.clone(),
     };
-    let (phase, wants) = status::assess(&facts);
+    let (phase, mut wants) = status::assess(&facts);
+    wants.extend(status::backup(
+        &backup,
+        shard.spec.backup.as_ref(),
+        conditions::find(&previous.conditions, backup::BACKUP_SCHEDULED).is_some(),
+    ));
     let generation = shard.meta().generation.unwrap_or(0);
     let next = ShardStatus {
         phase: Some(phase),
@@ -308,6 +324,7 @@ async fn publish_transitions(
         let changed = before.is_none_or(|b| b.status != c.status || b.reason != c.reason);
         let interesting = match c.type_.as_str() {
             conditions::DEGRADED => c.status == "True",
+            backup::BACKUP_SCHEDULED => c.status == "False" && c.reason != status::NO_BACKUP,
             conditions::READY => true,
             _ => false,
         };
@@ -315,12 +332,54 @@ async fn publish_transitions(
             && interesting
             && !(c.type_ == conditions::READY && before.is_none() && c.status == "False")
         {
-            let warning = c.type_ == conditions::DEGRADED
-                || (c.type_ == conditions::READY && c.status == "False");
+            let warning = c.type_ == conditions::DEGRADED || c.status == "False";
             let note = if c.message.is_empty() { c.reason.clone() } else { c.message.clone() };
             ctx.event(reference, warning, &c.reason, "Reconcile", note).await;
         }
     }
+}
+
+/// Applies the backup objects of the plan. Without a plan (none wanted, or an invalid spec)
+/// after backups were scheduled (`had_backup`), removes the schedule, never the volume holding
+/// earlier dumps. A Shard that never asked for backups costs no API call here.
+async fn backups(
+    plan: &std::result::Result<Option<backup::Plan>, backup::Invalid>,
+    had_backup: bool,
+    ctx: &Context,
+    cx: &Ctx,
+    ns: &str,
+) -> Result<()> {
+    let client = &ctx.client;
+    let cron_jobs: Api<CronJob> = Api::namespaced(client.clone(), ns);
+    let scheduled = || {
+        dynamic_api(client, ns, "postgresql.cnpg.io", "v1", "ScheduledBackup", "scheduledbackups")
+    };
+    let name = backup::name(cx);
+    match plan {
+        Ok(Some(backup::Plan::Managed { volume, cron_job })) => {
+            apply(&Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns), volume).await?;
+            apply(&cron_jobs, cron_job).await?;
+        }
+        // Without CloudNativePG the Shard is Degraded (CloudNativePGNotInstalled) already.
+        Ok(Some(backup::Plan::Cnpg { scheduled: s, .. })) => {
+            if served(client, "postgresql.cnpg.io/v1", "scheduledbackups").await? {
+                apply_value(&scheduled(), s).await?;
+            }
+        }
+        Ok(None) | Err(_) if had_backup => {
+            if cron_jobs.get_opt(&name).await?.is_some() {
+                cron_jobs.delete(&name, &DeleteParams::background()).await?;
+            }
+            if served(client, "postgresql.cnpg.io/v1", "scheduledbackups").await? {
+                let api = scheduled();
+                if api.get_opt(&name).await?.is_some() {
+                    api.delete(&name, &DeleteParams::background()).await?;
+                }
+            }
+        }
+        Ok(None) | Err(_) => {}
+    }
+    Ok(())
 }
 
 /// What [`database`] found.

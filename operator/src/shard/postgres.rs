@@ -197,14 +197,15 @@ pub fn postgres_statefulset(shard: &Shard, cx: &Ctx) -> StatefulSet {
     }
 }
 
-/// A CloudNativePG `Cluster` (as JSON: the operator does not link CNPG's types).
+/// A CloudNativePG `Cluster` (as JSON: the operator does not link CNPG's types), with the
+/// `backup` section `spec.backup` asks for.
 pub fn cnpg_cluster(shard: &Shard, cx: &Ctx) -> Value {
     let pg = &shard.spec.postgres;
     let mut storage = json!({ "size": pg.storage });
     if let Some(class) = &pg.storage_class {
         storage["storageClass"] = json!(class);
     }
-    json!({
+    let mut cluster = json!({
         "apiVersion": "postgresql.cnpg.io/v1",
         "kind": "Cluster",
         "metadata": cx.meta(&cx.names.postgres, "postgres"),
@@ -218,5 +219,11 @@ pub fn cnpg_cluster(shard: &Shard, cx: &Ctx) -> Value {
                 "postInitApplicationSQL": ["CREATE EXTENSION IF NOT EXISTS vector"],
             }},
         },
-    })
+    });
+    if let Ok(Some(super::backup::Plan::Cnpg { cluster_backup, .. })) =
+        super::backup::plan(shard, cx)
+    {
+        cluster["spec"]["backup"] = cluster_backup;
+    }
+    cluster
 }

@@ -543,7 +543,21 @@ pub fn network_policies(shard: &Shard, cx: &Ctx, operator_namespace: &str) -> Ve
     }];
     let db_selector = match shard.spec.postgres.mode {
         PostgresMode::External => return out,
-        PostgresMode::Managed => cx.selector("postgres"),
+        PostgresMode::Managed => {
+            // The backup CronJob's pods dump the database.
+            if shard.spec.backup.is_some()
+                && let Some(from) = db_rules[0].from.as_mut()
+            {
+                from.push(NetworkPolicyPeer {
+                    pod_selector: Some(LabelSelector {
+                        match_labels: Some(cx.selector("backup")),
+                        match_expressions: None,
+                    }),
+                    ..Default::default()
+                });
+            }
+            cx.selector("postgres")
+        }
         PostgresMode::Cloudnativepg => {
             let own = BTreeMap::from([("cnpg.io/cluster".to_string(), cx.names.postgres.clone())]);
             // Replication between instances, and the CNPG operator's status probes (port 8000).
@@ -628,7 +642,7 @@ pub fn service_monitor(cx: &Ctx) -> Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::crd::{PostgresSpec, SecretKeyRef, ShardSpec, VolumePolicy};
     use crate::shard::postgres::*;

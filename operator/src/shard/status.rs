@@ -75,6 +75,23 @@ pub fn assess(f: &Facts) -> (ShardPhase, Vec<Want>) {
     )
 }
 
+/// Reason of `BackupScheduled: False` once `spec.backup` was removed.
+pub const NO_BACKUP: &str = "NotConfigured";
+
+/// The `BackupScheduled` condition for a backup plan: none while backups were never asked for.
+pub fn backup(
+    plan: &Result<Option<super::backup::Plan>, super::backup::Invalid>,
+    spec: Option<&crate::crd::BackupSpec>,
+    had_condition: bool,
+) -> Option<Want> {
+    use super::backup::{BACKUP_SCHEDULED, describe};
+    match (plan, spec) {
+        (Ok(Some(p)), Some(b)) => Some(Want::yes(BACKUP_SCHEDULED, "Scheduled", describe(p, b))),
+        (Err((reason, message)), _) => Some(Want::no(BACKUP_SCHEDULED, reason, message.clone())),
+        _ => had_condition.then(|| Want::no(BACKUP_SCHEDULED, NO_BACKUP, "spec.backup is not set")),
+    }
+}
+
 /// Reason of the Degraded condition when the API server refused a generated object.
 pub const APPLY_FAILED: &str = "ApplyFailed";
 

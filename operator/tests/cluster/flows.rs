@@ -246,6 +246,83 @@ async fn shard_lifecycle_create_ready_scale_delete() {
 }
 
 #[tokio::test]
+async fn scheduled_backups_follow_the_spec() {
+    let fake = Fake::start().await;
+    install_crds(&fake);
+    foreign_crd(&fake, "postgresql.cnpg.io", "Cluster", "clusters");
+    foreign_crd(&fake, "postgresql.cnpg.io", "ScheduledBackup", "scheduledbackups");
+    let _stats = Stats::start(&fake).await;
+    let op = start_operator(&fake, Some("default"), "op-backup");
+    let shards: Api<Shard> = Api::namespaced(fake.client(), "default");
+    let backup_condition = |f: &Fake, name: &str| {
+        let s = f.get("omega.exogenesis.io", "shards", "default", name)?;
+        let c = condition(&s, "BackupScheduled")?;
+        Some((c["status"].as_str()?.to_string(), c["reason"].as_str()?.to_string()))
+    };
+
+    // managed: a pg_dump CronJob on a volume of its own.
+    let managed = json!({"backup": {"schedule": "0 2 * * *", "retentionDays": 3}});
+    shards.create(&PostParams::default(), &shard("b1", 11, managed)).await.unwrap();
+    running(&fake, "default", "b1").await;
+    fake.wait_for(30, "b1's CronJob", |f| {
+        let cj = f.get("batch", "cronjobs", "default", "b1-backup")?;
+        (backup_condition(f, "b1")? == ("True".into(), "Scheduled".into())).then_some(cj)
+    })
+    .await;
+    let cj = fake.get("batch", "cronjobs", "default", "b1-backup").unwrap();
+    assert_eq!(cj["spec"]["schedule"], json!("0 2 * * *"));
+    let volume = fake.get("", "persistentvolumeclaims", "default", "b1-backup").expect("volume");
+    assert!(volume["metadata"]["ownerReferences"].is_null(), "{volume}");
+
+    // A schedule of the right shape that is no schedule: the condition says why, the
+    // CronJob goes, the dumps' volume stays, the servers keep running.
+    let bad = json!({"spec": {"backup": {"schedule": "61 * * * *"}}});
+    shards.patch("b1", &PatchParams::default(), &Patch::Merge(&bad)).await.unwrap();
+    fake.wait_for(30, "b1 InvalidBackupSchedule", |f| {
+        (backup_condition(f, "b1")? == ("False".into(), "InvalidBackupSchedule".into())
+            && f.get("batch", "cronjobs", "default", "b1-backup").is_none())
+        .then_some(())
+    })
+    .await;
+    assert!(fake.get("", "persistentvolumeclaims", "default", "b1-backup").is_some());
+    assert!(warned(&fake, "default", "b1", "InvalidBackupSchedule"));
+    assert_eq!(
+        phase(&fake, "omega.exogenesis.io", "shards", "default", "b1").as_deref(),
+        Some("Running")
+    );
+
+    // cloudnativepg: the Cluster's backup section and a ScheduledBackup (seconds first).
+    let cnpg = json!({"postgres": {"mode": "cloudnativepg"}, "backup": {"schedule": "0 3 * * *",
+        "cloudnativepg": {"method": "volumeSnapshot", "volumeSnapshotClass": "csi-snap"}}});
+    shards.create(&PostParams::default(), &shard("b2", 12, cnpg)).await.unwrap();
+    let sb = fake
+        .wait_for(30, "b2's ScheduledBackup", |f| {
+            f.get("postgresql.cnpg.io", "scheduledbackups", "default", "b2-backup")
+        })
+        .await;
+    assert_eq!(sb["spec"]["schedule"], json!("0 0 3 * * *"));
+    assert_eq!(sb["spec"]["cluster"]["name"], json!("b2-postgres"));
+    let cluster = fake.get("postgresql.cnpg.io", "clusters", "default", "b2-postgres").unwrap();
+    assert_eq!(cluster["spec"]["backup"]["volumeSnapshot"]["className"], json!("csi-snap"));
+    fake.wait_for(30, "b2 BackupScheduled", |f| {
+        (backup_condition(f, "b2")?.0 == "True").then_some(())
+    })
+    .await;
+
+    // Backups switched off: the schedule goes.
+    let off = json!({"spec": {"backup": null}});
+    shards.patch("b2", &PatchParams::default(), &Patch::Merge(&off)).await.unwrap();
+    fake.wait_for(30, "b2's ScheduledBackup gone", |f| {
+        (f.get("postgresql.cnpg.io", "scheduledbackups", "default", "b2-backup").is_none()
+            && backup_condition(f, "b2")? == ("False".into(), "NotConfigured".into()))
+            .then_some(())
+    })
+    .await;
+    crate::rbac::check(&fake, "backup");
+    op.abort();
+}
+
+#[tokio::test]
 async fn delete_policy_removes_volumes_and_secrets() {
     let fake = Fake::start().await;
     install_crds(&fake);

@@ -7,6 +7,7 @@
 mod cli;
 mod fake;
 mod flows;
+mod live;
 mod manifests;
 mod rbac;
 mod support;

@@ -18,6 +18,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 /// Largest message accepted from a shard (an export batch of a few thousand patterns).
@@ -70,8 +71,15 @@ pub async fn connect(url: &str, args: &FederateArgs) -> Result<AdminClient, Fede
 }
 
 /// Runs one round and records it in `metrics`. Never panics and never returns early: every
-/// failure ends up in the summary (`outcome: failed`, `message`).
+/// failure ends up in the summary (`outcome: failed`, `message`). Traced as `federation.round`
+/// with the phases `collect`, `aggregate` and `publish`.
+#[tracing::instrument(
+    name = "federation.round",
+    skip_all,
+    fields(round_id = %args.round_id, trace_id = tracing::field::Empty)
+)]
 pub async fn run(args: &FederateArgs, metrics: &FederationMetrics) -> RoundSummary {
+    omega_telemetry::record_trace_id(&tracing::Span::current());
     let start = Instant::now();
     let mut summary = RoundSummary {
         round_id: args.round_id.clone(),
@@ -118,7 +126,9 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
     let (counts, req) = match saved {
         Some(s) => s,
         None => {
-            let exports = export_all(args, &cfg, &store, &state).await;
+            let exports = export_all(args, &cfg, &store, &state)
+                .instrument(tracing::info_span!("collect", shards = args.shards.len()))
+                .await;
             let mut ok = Vec::new();
             for (endpoint, r) in args.shards.iter().zip(exports) {
                 match r {
@@ -134,6 +144,8 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
                     resumable: store.persistent(),
                 });
             }
+            let aggregate = tracing::info_span!("aggregate");
+            let entered = aggregate.enter();
             let mut intake = Intake::default();
             for batches in &ok {
                 for b in batches {
@@ -155,6 +167,7 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
             };
             let seed = args.noise_seed()?;
             let out = round::federate(&intake, &cfg, &seed);
+            drop(entered);
             let (global_version, shard_model) = next_global_version(args).await;
             // A round that read nothing still publishes (an empty set is the truth), under
             // the shards' own model.
@@ -211,6 +224,7 @@ async fn run_into(args: &FederateArgs, summary: &mut RoundSummary) -> Result<(),
     };
     let results =
         futures::future::join_all(pending.iter().map(|&i| publish(args, &args.shards[i], &req)))
+            .instrument(tracing::info_span!("publish", shards = pending.len()))
             .await;
     let (mut applied, mut replayed) = (0, 0);
     for (&i, r) in pending.iter().zip(results) {

@@ -5,9 +5,7 @@
 //! `omega_build_info` and the `process_*` metrics. Every series is listed with its labels in
 //! docs/operations.md ("Metrics").
 
-mod process;
-
-pub use process::ProcessCollector;
+pub use omega_telemetry::ProcessCollector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -5,7 +5,8 @@
 //! - `GET /ready`: 200 when the store is reachable and migrated and the shard is not
 //!   draining, 503 otherwise; the body says which.
 //! - `GET /api/v1/stats`: [`omega_protocol::admin::ShardStats`] as JSON.
-//! - `GET /metrics`: Prometheus text format.
+//! - `GET /metrics`: OpenMetrics when the scraper asks for it (Prometheus does), else the
+//!   classic Prometheus text format.
 
 use crate::service::Service;
 use crate::state::AppState;
@@ -55,9 +56,13 @@ async fn stats(State(service): State<Service>) -> impl IntoResponse {
     Json(service.stats().await)
 }
 
-async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        crate::metrics::render(&registry),
-    )
+/// OpenMetrics for Prometheus, the classic text format for everyone else.
+async fn metrics(
+    State(registry): State<Arc<Registry>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (kind, body) =
+        omega_telemetry::exposition::negotiate(crate::metrics::render(&registry), accept);
+    ([(header::CONTENT_TYPE, kind)], body)
 }

@@ -10,6 +10,7 @@ use omega_protocol::pb;
 use omega_protocol::validate;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
+use tracing::Instrument as _;
 
 /// Default sync interval bounds handed to devices at registration.
 pub const SYNC_INTERVAL_SECS: (u32, u32) = (300, 900);
@@ -40,10 +41,12 @@ pub fn peer_key(addr: Option<SocketAddr>) -> String {
 
 impl Service {
     /// Registers a device (or re-issues its token to a holder of that token).
+    #[tracing::instrument(name = "register", skip_all, fields(trace_id = tracing::field::Empty))]
     pub async fn register(
         &self,
         input: RegisterInput,
     ) -> Result<pb::RegisterResponse, ServiceError> {
+        omega_telemetry::record_trace_id(&tracing::Span::current());
         let st = &self.state;
         self.check_draining()?;
         if !st.register_limiter.allow(&peer_key(input.peer), Instant::now()) {
@@ -52,7 +55,7 @@ impl Service {
             ));
         }
         let r = input.request;
-        validate::check_register(&r)?;
+        tracing::info_span!("validate").in_scope(|| validate::check_register(&r))?;
         if let Some(t) = &input.token
             && !st.keys.verify(&r.device_id, t)
         {
@@ -63,6 +66,7 @@ impl Service {
         let reg = st
             .store
             .register(&r.device_id, &region, st.settings.max_devices, crate::clock::now_ms())
+            .instrument(tracing::info_span!("store.register"))
             .await?;
         // The token is a function of the id alone: handing it out again for an existing id
         // would let anyone who knows (or guesses) a device id act as that device.

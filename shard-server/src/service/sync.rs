@@ -20,6 +20,7 @@ use omega_protocol::wire::grpc_zstd_size;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 /// How a successful sync went, for the metrics.
@@ -128,13 +129,21 @@ impl Service {
 
     /// Stores a device's delta and answers with global patterns, within the 5 KB budget.
     /// `token` is the bearer token the request carried, `peer` the client's address: a bad
-    /// token counts against the peer's budget of failures ([`super::peer_key`]).
+    /// token counts against the peer's budget of failures ([`super::peer_key`]). Traced as
+    /// `sync` with the children `validate`, `store.apply_sync`, `store.global`, `collab` and
+    /// `similar` (docs/operations.md, "Tracing").
+    #[tracing::instrument(
+        name = "sync",
+        skip_all,
+        fields(trace_id = tracing::field::Empty, outcome = tracing::field::Empty)
+    )]
     pub async fn sync(
         &self,
         token: Option<&str>,
         peer: Option<SocketAddr>,
         msg: pb::SyncRequest,
     ) -> Result<SyncAnswer, ServiceError> {
+        omega_telemetry::record_trace_id(&tracing::Span::current());
         let st = &self.state;
         self.check_draining()?;
         let verified = token.is_some_and(|t| st.keys.verify(&msg.device_id, t));
@@ -152,10 +161,10 @@ impl Service {
         let now_ms = crate::clock::now_ms();
         // No delta: the device has nothing to push and only pulls global patterns.
         let pull_only = msg.delta.is_none();
-        let prepared = match msg.delta {
-            Some(delta) => logic::prepare(&msg.device_id, delta, &st.settings.model_id, now_ms)?,
-            None => logic::Prepared::pull(&msg.device_id, now_ms),
-        };
+        let prepared = tracing::info_span!("validate").in_scope(|| match msg.delta {
+            Some(delta) => logic::prepare(&msg.device_id, delta, &st.settings.model_id, now_ms),
+            None => Ok(logic::Prepared::pull(&msg.device_id, now_ms)),
+        })?;
         let added = prepared.write.added.len() as u64;
         let pushed: Vec<(i64, String)> = prepared
             .write
@@ -164,17 +173,25 @@ impl Service {
             .filter(|p| !p.content_id.is_empty())
             .map(|p| (p.updated_at_ms, p.content_id.clone()))
             .collect();
-        let applied = st.store.apply_sync(prepared.write).await?;
+        let applied = st
+            .store
+            .apply_sync(prepared.write)
+            .instrument(tracing::info_span!("store.apply_sync"))
+            .await?;
         if applied.applied {
             st.metrics.patterns_stored.inc_by(added);
             st.metrics.patterns_filtered.inc_by(u64::from(prepared.filtered));
         }
-        let global = st.store.global().await?;
-        let page = self.collab_page(&msg.device_id, pushed, global.version, now_ms).await;
+        let global = st.store.global().instrument(tracing::info_span!("store.global")).await?;
+        let page = self
+            .collab_page(&msg.device_id, pushed, global.version, now_ms)
+            .instrument(tracing::info_span!("collab"))
+            .await;
         let similar = match &page {
             Some(p) => p.patterns.clone(),
             None => self
                 .similar(&msg.device_id, applied.interest, global.version)
+                .instrument(tracing::info_span!("similar"))
                 .await
                 .as_ref()
                 .clone(),
@@ -215,6 +232,8 @@ impl Service {
             (false, true) => "ok",
             (false, false) => "replayed",
         };
+        tracing::Span::current().record("outcome", outcome);
+        tracing::debug!(outcome, bytes = fitted.wire_bytes, "sync answered");
         Ok(SyncAnswer { response: resp, outcome: SyncOutcome(outcome) })
     }
 }

@@ -206,6 +206,8 @@ pub struct Shard {
     pub metrics: u16,
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
+    /// Where its stderr (the logs) goes; the test's own stderr when `None`.
+    pub log: Option<PathBuf>,
 }
 
 impl Shard {
@@ -220,6 +222,24 @@ impl Shard {
             metrics,
             data_dir: data_dir.to_path_buf(),
             database_url: database_url.map(str::to_owned),
+            log: None,
+        };
+        s.spawn(env);
+        s
+    }
+
+    /// [`Shard::start`] (embedded store) with its logs appended to the file `log`.
+    pub fn start_logging_to(data_dir: &Path, log: &Path, env: &[(&str, &str)]) -> Shard {
+        let [grpc, admin, rest, metrics] = free_ports();
+        let mut s = Shard {
+            child: None,
+            grpc,
+            admin,
+            rest,
+            metrics,
+            data_dir: data_dir.to_path_buf(),
+            database_url: None,
+            log: Some(log.to_path_buf()),
         };
         s.spawn(env);
         s
@@ -255,7 +275,16 @@ impl Shard {
             .env_remove("DATABASE_URL")
             .env_remove("POSTGRES_URL")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(match &self.log {
+                Some(path) => Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .expect("log file"),
+                ),
+                None => Stdio::inherit(),
+            });
         if let Some(u) = &self.database_url {
             cmd.env("DATABASE_URL", u);
         }

@@ -111,6 +111,7 @@ pub fn builtins() -> Vec<ResourceType> {
         sts,
         builtin("apps", "v1", "Deployment", "deployments", true, true, &["deploy"]),
         builtin("batch", "v1", "Job", "jobs", true, true, &[]),
+        builtin("batch", "v1", "CronJob", "cronjobs", true, true, &["cj"]),
         builtin(
             "policy",
             "v1",
