@@ -87,10 +87,10 @@ pub struct BrainConfig {
     pub durable: bool,
     /// Learning and ranking parameters.
     pub ranking: RankingParams,
-    /// `true`: a pattern whose content has a published collaborative vector is uploaded
-    /// without its title embedding (content id and coarse context only). Off by default:
-    /// today's shards keep only patterns that carry an embedding, so an upload without one
-    /// would be left out of federation rounds.
+    /// `true` (the default): a pattern whose content has a published collaborative vector is
+    /// uploaded without its title embedding (content id and coarse context only); shards
+    /// store it and the federation groups it by its content id. `false` sends every
+    /// embedding (for shards older than that).
     pub omit_public_embeddings: bool,
 }
 
@@ -109,7 +109,7 @@ impl Default for BrainConfig {
             utc_offset_minutes: 0,
             durable: true,
             ranking: RankingParams::default(),
-            omit_public_embeddings: false,
+            omit_public_embeddings: true,
         }
     }
 }

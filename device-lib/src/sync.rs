@@ -176,6 +176,11 @@ pub struct SyncReport {
     pub global_version: u64,
     /// Similar patterns received.
     pub similar_received: usize,
+    /// Ids of those patterns, in the order received: what a caller auditing what the shard
+    /// serves (the simulator's `served_below_k`) checks against the published aggregates. Not
+    /// serialised (the C ABI's report stays small).
+    #[serde(skip)]
+    pub similar_ids: Vec<uuid::Uuid>,
     /// Trend signals received.
     pub trends_received: usize,
     /// Request bytes on the wire (gRPC frame, zstd), one per exchange that got an answer.
@@ -607,6 +612,7 @@ impl SyncClient {
                     // Validated whole before anything is applied.
                     let global = GlobalPatterns::from_wire(g)?;
                     report.similar_received += global.similar.len();
+                    report.similar_ids.extend(global.similar.iter().map(|p| p.id));
                     report.trends_received += global.trending.len();
                     b.apply_global_at(global, now_ms.unwrap_or_else(crate::brain::now_ms))?;
                 }

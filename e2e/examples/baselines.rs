@@ -36,7 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("search took {:.0} s", t.elapsed().as_secs_f64());
     let mut runs: BTreeMap<String, Vec<Vec<eval::UserQuality>>> = BTreeMap::new();
     for (split, &seed) in splits.iter().zip(&seeds) {
-        for (m, q) in suite::run_seed(split, &chosen, Stage::Test, seed, 3) {
+        for (m, q) in suite::run_seed(split, &chosen, Stage::Test, seed, 3, None) {
             runs.entry(m).or_default().push(q);
         }
     }

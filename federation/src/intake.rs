@@ -4,6 +4,14 @@
 //! round over a million patterns fits in a few hundred megabytes. Strings that repeat
 //! (sources, regions, content ids, contexts) are interned. A pattern that fails validation is
 //! skipped and counted, never fatal: one bad row must not stop a round.
+//!
+//! A pattern may come without an embedding (a TV leaves the embedding of its title text out
+//! when the content's collaborative vector is public). It is grouped by its content id: once
+//! every batch is read, [`Intake::with_content_vectors`] gives it the embedding of the
+//! heaviest pattern of the same content that carries one (ties by the embedding's bytes, so
+//! the choice does not depend on arrival order). A content none of whose patterns in the
+//! round carries an embedding has no vector to place it by: its patterns are counted in
+//! [`Intake::unplaced`] and take no part in the round.
 
 use omega_protocol::pb;
 use omega_protocol::types::PatternContext;
@@ -78,7 +86,8 @@ pub struct Contribution {
     pub context: u32,
     /// Pattern id (UUID bytes).
     pub id: [u8; 16],
-    /// The embedding as it travelled.
+    /// The embedding as it travelled; empty for a pattern uploaded without one, until
+    /// [`Intake::with_content_vectors`] gives it its content's.
     pub embedding: QuantizedVector,
     /// `[0, 1]`.
     pub success_rate: f32,
@@ -114,6 +123,11 @@ pub struct Intake {
     pub rejected: u64,
     /// Patterns skipped because the same (source, id) was already read.
     pub duplicates: u64,
+    /// Patterns read without an embedding.
+    pub without_embedding: u64,
+    /// Of them, those whose content no pattern of the round carried an embedding for (see
+    /// the module documentation); set by [`Intake::with_content_vectors`].
+    pub unplaced: u64,
     seen: HashSet<(u32, [u8; 16])>,
 }
 
@@ -167,15 +181,14 @@ impl Intake {
             self.rejected += 1;
             return false;
         };
-        let valid = validate::check_pattern("pattern", p).is_ok()
+        let valid = validate::check_uploaded_pattern("pattern", p).is_ok()
             && validate::check_string("region", &e.region).is_ok()
             && !e.source.is_empty()
             && e.source.len() <= validate::MAX_STRING_BYTES;
-        let Some(emb) = p.embedding.as_ref().filter(|_| valid && p.success_rate >= min_quality)
-        else {
+        if !valid || p.success_rate < min_quality {
             self.rejected += 1;
             return false;
-        };
+        }
         let mut id = [0u8; 16];
         id.copy_from_slice(&p.id);
         let source = self.sources.intern(&(shard_id, e.source.clone()));
@@ -190,12 +203,59 @@ impl Intake {
             content: self.contents.intern(&p.content_id),
             context: self.contexts.intern(&context),
             id,
-            embedding: QuantizedVector::from_bytes(&emb.values, emb.scale),
+            embedding: p.embedding.as_ref().map_or_else(
+                || QuantizedVector { values: Vec::new(), scale: 0.0 },
+                |e| QuantizedVector::from_bytes(&e.values, e.scale),
+            ),
             success_rate: p.success_rate,
             sample_count: p.sample_count,
             updated_at_ms: p.updated_at_ms,
         });
+        self.without_embedding += u64::from(p.embedding.is_none());
         true
+    }
+
+    /// This intake with every pattern read without an embedding given its content's (see
+    /// the module documentation); `None` when every pattern carried one.
+    pub fn with_content_vectors(&self) -> Option<Intake> {
+        if self.without_embedding == 0 {
+            return None;
+        }
+        let mut reference: HashMap<u32, usize> = HashMap::new();
+        for (i, c) in self.items.iter().enumerate() {
+            if c.embedding.values.is_empty() {
+                continue;
+            }
+            let best = reference.entry(c.content).or_insert(i);
+            let b = &self.items[*best];
+            let heavier = c.weight().total_cmp(&b.weight()).then_with(|| {
+                b.embedding
+                    .values
+                    .cmp(&c.embedding.values)
+                    .then(b.embedding.scale.total_cmp(&c.embedding.scale))
+            });
+            if heavier.is_gt() {
+                *best = i;
+            }
+        }
+        let mut out = self.clone();
+        let mut unplaced = 0;
+        let mut kept = Vec::with_capacity(out.items.len());
+        for mut c in std::mem::take(&mut out.items) {
+            if c.embedding.values.is_empty() {
+                match reference.get(&c.content) {
+                    Some(&r) => c.embedding = self.items[r].embedding.clone(),
+                    None => {
+                        unplaced += 1;
+                        continue;
+                    }
+                }
+            }
+            kept.push(c);
+        }
+        out.items = kept;
+        out.unplaced = unplaced;
+        Some(out)
     }
 
     /// The latest update among all patterns: the round's notion of "now" (data time, so a
@@ -290,6 +350,43 @@ pub(crate) mod tests {
         assert_eq!(intake.sources.len(), 3);
         let err = intake.add_batch(&batch(3, "other", vec![exported("d9", "c", 1, &e, 0.9)]), 0.8);
         assert!(matches!(err, Err(IntakeError::ModelMismatch { shard_id: 3, .. })));
+    }
+
+    #[test]
+    fn a_pattern_without_embedding_takes_its_contents_heaviest_embedding() {
+        let (a, b) = (vec![0.05f32; EMBEDDING_DIM], vec![-0.05f32; EMBEDDING_DIM]);
+        let bare = |source: &str, content: &str, id: u8| {
+            let mut e = exported(source, content, id, &a, 0.9);
+            if let Some(p) = e.pattern.as_mut() {
+                p.embedding = None;
+            }
+            e
+        };
+        let mut no_content = bare("d9", "c", 9);
+        if let Some(p) = no_content.pattern.as_mut() {
+            p.content_id.clear();
+        }
+        let rows = vec![
+            bare("d1", "c", 1),
+            exported("d2", "c", 2, &a, 0.8),
+            exported("d3", "c", 3, &b, 0.95), // heavier: its embedding is c's
+            bare("d4", "lonely", 4),
+            no_content, // refused: nothing to group it by
+        ];
+        for rev in [false, true] {
+            let mut rows = rows.clone();
+            if rev {
+                rows.reverse();
+            }
+            let mut intake = Intake::default();
+            assert_eq!(intake.add_batch(&batch(1, "m", rows), 0.7).expect("ok"), 4);
+            assert_eq!((intake.rejected, intake.without_embedding), (1, 2));
+            let placed = intake.with_content_vectors().expect("two had none");
+            assert_eq!((placed.items.len(), placed.unplaced), (3, 1));
+            let one = placed.items.iter().find(|c| c.id[0] == 1).expect("placed");
+            let three = placed.items.iter().find(|c| c.id[0] == 3).expect("kept");
+            assert_eq!(one.embedding, three.embedding, "reversed: {rev}");
+        }
     }
 
     #[test]

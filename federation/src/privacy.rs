@@ -111,6 +111,16 @@ pub fn rho_of(epsilon: f64, delta: f64) -> f64 {
     r * r
 }
 
+/// The (ε, δ) of each of `rounds` rounds whose composition (as [`compose`] does it: ρ adds
+/// up, each round pays its selection δ/2, one δ/2 converts) is exactly `(epsilon, delta)`:
+/// a budget split evenly between a known number of releases.
+pub fn per_round(epsilon: f64, delta: f64, rounds: u32) -> (f64, f64) {
+    let r = f64::from(rounds.max(1));
+    let round_delta = 2.0 * delta / (1.0 + r);
+    let rho = rho_of(epsilon, round_delta / 2.0) / r;
+    (epsilon_of(rho, round_delta / 2.0), round_delta)
+}
+
 /// Noise of a Gaussian release of sensitivity `sens` that costs `rho`.
 pub fn sigma_for(rho: f64, sens: f64) -> f64 {
     sens / (2.0 * rho).sqrt()
@@ -350,6 +360,30 @@ mod tests {
         }
         // ε = 8 at δ = 1e-6 is ρ ≈ 0.91 (the target of the evaluation).
         assert!((rho_of(8.0, 1e-6) - 0.912).abs() < 0.01, "{}", rho_of(8.0, 1e-6));
+    }
+
+    #[test]
+    fn a_budget_split_between_rounds_composes_back_to_it() {
+        for (eps, delta, rounds) in [(8.0, 1e-6, 1), (8.0, 1e-6, 4), (2.0, 1e-5, 30)] {
+            let (e, d) = per_round(eps, delta, rounds);
+            let p = DpParams { epsilon: e, delta: d, max_groups_per_device: 16 };
+            let plan = plan(&p, 3, true);
+            let budget = Budget { epsilon: eps, period_days: 30 };
+            let mut ledger = PrivacyLedger::default();
+            let mut composed = None;
+            for i in 0..rounds {
+                let (l, c) = charge(&ledger, &budget, &plan, i64::from(i) * 3_600_000)
+                    .unwrap_or_else(|e| panic!("round {i} of {rounds}: {e}"));
+                ledger = l;
+                composed = Some(c);
+            }
+            let c = composed.expect("charged");
+            assert!((c.epsilon - eps).abs() < 1e-9 && (c.delta - delta).abs() < 1e-15, "{c:?}");
+            assert!(e < eps || rounds == 1, "{e}");
+            // One more round is over the budget.
+            let later = i64::from(rounds) * 3_600_000;
+            assert!(charge(&ledger, &budget, &plan, later).is_err(), "{rounds} + 1 rounds");
+        }
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct RoundOutput {
 /// ([`NoiseSeed::from_os`] or [`NoiseSeed::keyed`]; never anything public); plain rounds do not
 /// use it.
 pub fn federate(intake: &Intake, cfg: &RoundConfig, seed: &NoiseSeed) -> RoundOutput {
+    let placed = intake.with_content_vectors();
+    let intake = placed.as_ref().unwrap_or(intake);
     let order = intake.canonical_order();
     let groups = group::group(intake, &order, cfg.group_threshold);
     let dp = cfg.dp.map(|p| DpRound {
@@ -142,7 +144,8 @@ mod tests {
                     pattern: Some(pb::Pattern {
                         id: id.to_vec(),
                         content_id: r.content.clone(),
-                        embedding: Some(embedding_to_wire(&r.emb)),
+                        // An empty row embedding: uploaded without one.
+                        embedding: (!r.emb.is_empty()).then(|| embedding_to_wire(&r.emb)),
                         success_rate: r.success,
                         sample_count: 3,
                         context: None,
@@ -174,6 +177,38 @@ mod tests {
             collab: None,
             ..RoundConfig::default()
         }
+    }
+
+    #[test]
+    fn patterns_without_embedding_count_for_their_content() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let x = unit(&mut rng);
+        // One device sent x's embedding, two left it out: three devices back x. Nobody sent
+        // y's: its patterns have no vector to be placed by.
+        let rows = [
+            row("d0", "x", &x, 0.9),
+            row("d1", "x", &[], 0.9),
+            row("d2", "x", &[], 0.8),
+            row("d3", "y", &[], 0.9),
+            row("d4", "y", &[], 0.9),
+            row("d5", "y", &[], 0.9),
+        ];
+        let intake = intake_of(&rows);
+        assert_eq!((intake.items.len(), intake.without_embedding), (6, 5));
+        let placed = intake.with_content_vectors().expect("some had no embedding");
+        assert_eq!((placed.items.len(), placed.unplaced), (3, 3));
+        let out = federate(&intake, &plain(3), &seed("r"));
+        assert_eq!(out.patterns.len(), 1, "{:?}", out.patterns);
+        let p = &out.patterns[0];
+        assert_eq!((p.content_id.as_deref(), p.source_devices), (Some("x"), 3));
+        assert!(cosine(&p.embedding, &x) > 0.99);
+        // The same with collaborative vectors: the embedding-less devices are in x's audience.
+        let collab = RoundConfig { collab: Some(CollabConfig::default()), ..plain(3) };
+        let out = federate(&intake, &collab, &seed("r"));
+        assert!(out.patterns.iter().all(|p| p.content_id.as_deref() == Some("x")));
+        assert!(out.patterns.iter().all(|p| p.source_devices == 3), "{:?}", out.patterns);
+        // All embedded: nothing to place.
+        assert!(intake_of(&[row("d0", "x", &x, 0.9)]).with_content_vectors().is_none());
     }
 
     #[test]

@@ -21,6 +21,7 @@
 use crate::store::SyncWrite;
 use omega_protocol::ValidationError;
 use omega_protocol::pb;
+use omega_protocol::types::utc_day_start;
 use omega_protocol::validate::{self, MIN_STORED_QUALITY};
 use omega_protocol::vector::QuantizedVector;
 use prost::Message;
@@ -67,9 +68,21 @@ impl Prepared {
     }
 }
 
+/// At or above the stored-quality floor, and either with a non-zero embedding or without
+/// one: a TV leaves the embedding out when the content's collaborative vector is public, and
+/// the federation groups such a pattern by its content id (validation has checked that the
+/// content id is set).
 fn storable(p: &pb::Pattern) -> bool {
     p.success_rate >= MIN_STORED_QUALITY
-        && p.embedding.as_ref().is_some_and(|e| e.scale > 0.0 && e.values.iter().any(|&b| b != 0))
+        && p.embedding.as_ref().is_none_or(|e| e.scale > 0.0 && e.values.iter().any(|&b| b != 0))
+}
+
+/// `p` with its timestamps truncated to 00:00 UTC of their day: a TV of this version sends
+/// them so already, an older or modified one may not, and the shard stores no finer time.
+fn day_coarse(mut p: pb::Pattern) -> pb::Pattern {
+    p.created_at_ms = utc_day_start(p.created_at_ms);
+    p.updated_at_ms = utc_day_start(p.updated_at_ms);
+    p
 }
 
 /// Validates `delta` against the contract and the shard's model, keeps the patterns worth
@@ -90,7 +103,8 @@ pub fn prepare(
         });
     }
     let total = delta.added.len();
-    let added: Vec<pb::Pattern> = delta.added.into_iter().filter(storable).collect();
+    let added: Vec<pb::Pattern> =
+        delta.added.into_iter().filter(storable).map(day_coarse).collect();
     let filtered = (total - added.len()) as u32;
     let mut interest: Option<Vec<f32>> = None;
     for p in &added {
@@ -301,11 +315,48 @@ mod tests {
         zero.embedding = Some(pb::Embedding { values: vec![0; EMBEDDING_DIM], scale: 0.0 });
         let p = prepare("d", delta(vec![good.clone(), low, zero]), "m", 5).expect("valid");
         assert_eq!((p.accepted, p.filtered), (1, 2));
-        assert_eq!(p.write.added, vec![good]);
+        // Stored with its times at 00:00 UTC of their day (1_700_000_123_456 is
+        // 2023-11-14 22:15 UTC).
+        let day = 1_699_920_000_000;
+        let stored = pb::Pattern { created_at_ms: day, updated_at_ms: day, ..good };
+        assert_eq!(p.write.added, vec![stored]);
         let interest = p.write.interest_add.expect("interest");
         assert_eq!(interest.len(), EMBEDDING_DIM);
         let none = prepare("d", delta(vec![]), "m", 5).expect("valid");
         assert!(none.write.interest_add.is_none());
+    }
+
+    #[test]
+    fn a_pattern_without_embedding_is_stored_by_content_id_with_day_times() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let with = random_pattern(&mut rng, 0.9);
+        let mut without = random_pattern(&mut rng, 0.8);
+        without.embedding = None;
+        let p = prepare("d", delta(vec![with.clone(), without.clone()]), "m", 5).expect("valid");
+        assert_eq!((p.accepted, p.filtered), (2, 0));
+        let kept = &p.write.added[1];
+        assert_eq!((kept.id.clone(), kept.content_id.clone()), (without.id, without.content_id));
+        assert!(kept.embedding.is_none());
+        assert!(
+            p.write
+                .added
+                .iter()
+                .all(|a| a.created_at_ms % 86_400_000 == 0 && a.updated_at_ms % 86_400_000 == 0)
+        );
+        // The interest vector moves by the embedded pattern only.
+        let alone = prepare("d", delta(vec![with]), "m", 5).expect("valid");
+        assert_eq!(p.write.interest_add, alone.write.interest_add);
+        // Below the quality floor it is filtered like any other; without a content id it is
+        // refused whole.
+        let mut low = random_pattern(&mut rng, 0.5);
+        low.embedding = None;
+        let p = prepare("d", delta(vec![low]), "m", 5).expect("valid");
+        assert_eq!((p.accepted, p.filtered), (0, 1));
+        let mut anonymous = random_pattern(&mut rng, 0.9);
+        anonymous.embedding = None;
+        anonymous.content_id.clear();
+        let err = prepare("d", delta(vec![anonymous]), "m", 5).expect_err("no content id");
+        assert!(err.to_string().contains("delta.added[0]"), "{err}");
     }
 
     #[test]

@@ -239,6 +239,34 @@ async fn export_pages_in_id_order_with_a_cursor(s: &dyn Store) {
     assert_eq!(s.export(None, 100, 0.0).await.expect("all").items.len(), 30);
 }
 
+/// A pattern uploaded without its embedding (its content's vector is public) is stored,
+/// updated, exported with its content id and no embedding, and never indexed; its device's
+/// contents list it. One with an embedding beside it is unaffected.
+async fn patterns_without_embedding_are_stored_and_exported(s: &dyn Store) {
+    register_all(s, &["a"]).await;
+    let with = pattern_with(Uuid::now_v7(), &unit_near(0, 1), 0.9);
+    let mut without = pattern_with(Uuid::now_v7(), &unit_near(0, 2), 0.85);
+    without.embedding = None;
+    without.content_id = "public-content".into();
+    s.apply_sync(write("a", 1, vec![with.clone(), without.clone()])).await.expect("a1");
+    let update = pb::PatternUpdate { id: without.id.clone(), success_rate: 0.95, extra_samples: 2 };
+    let w = SyncWrite { updated: vec![update], ..write("a", 2, vec![]) };
+    s.apply_sync(w).await.expect("a2");
+    s.settle().await.expect("settle");
+    let page = s.export(None, 100, 0.8).await.expect("export");
+    assert_eq!(page.items.len(), 2, "{:?}", page.items);
+    let got = page.items.iter().find(|i| i.pattern.id == without.id).expect("exported");
+    assert!(got.pattern.embedding.is_none());
+    assert_eq!(got.pattern.content_id, "public-content");
+    assert_eq!((got.pattern.success_rate, got.pattern.sample_count), (0.95, 3));
+    let other = page.items.iter().find(|i| i.pattern.id == with.id).expect("exported");
+    assert_eq!(other.pattern.embedding, with.embedding);
+    assert!(s.device_contents("a").await.expect("contents").contains(&"public-content".into()));
+    let q = SimilarQuery { interest: unit_near(0, 2), limit: 10, min_quality: 0.0, min_sources: 1 };
+    assert!(similar_ids(s, q).await.is_empty(), "device patterns are never served");
+    assert_eq!(s.counts(0).await.expect("counts").patterns, 2);
+}
+
 /// The first round (`r1`, version 1, no trends) publishing `patterns`.
 fn round_one(patterns: Vec<pb::AggregatedPattern>) -> Publish {
     Publish { round_id: "r1".into(), global_version: 1, patterns, trends: vec![] }
@@ -467,6 +495,7 @@ suite!(
     device_contents_lists_each_content_once,
     aggregates_are_what_the_last_publish_installed,
     a_published_round_reaches_devices_promptly_and_patterns_never_do,
+    patterns_without_embedding_are_stored_and_exported,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,12 +78,16 @@ struct Args {
     /// k of k-anonymity (distinct devices per published group).
     #[arg(long, default_value_t = 3)]
     min_sources: u32,
-    /// ε of the DP pass.
+    /// ε per device the DP pass spends in total over the whole simulated period (zCDP
+    /// composition of its releases).
     #[arg(long, default_value_t = 8.0)]
     epsilon: f64,
-    /// δ of the DP pass.
+    /// δ of the DP pass, in total likewise.
     #[arg(long, default_value_t = 1e-6)]
     delta: f64,
+    /// Releases (rounds) the DP pass splits its budget between, evenly spaced over the replay.
+    #[arg(long, default_value_t = 1)]
+    dp_releases: u32,
     /// Run the DP pass (on with `--full`).
     #[arg(long)]
     dp: bool,
@@ -150,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
         round_min_growth: args.round_min_growth,
         min_sources: args.min_sources,
         dp: ((args.full || args.dp) && !args.no_dp).then_some((args.epsilon, args.delta)),
+        dp_releases: args.dp_releases,
         chosen: omega_e2e::eval::suite::recorded().0,
         data_dir: args.data_dir,
         curve_users: args.curve_users,

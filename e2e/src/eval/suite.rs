@@ -193,35 +193,44 @@ pub type MethodRun = (String, Vec<UserQuality>);
 
 /// Runs every offline method on `split` (one seed), in parallel: popularity, MF (BPR, BCE),
 /// EASE, the central reference and the offline federated round (k = `min_sources`). Fits on
-/// the interactions of `holdout` and ranks its item. `seed` seeds MF.
+/// the interactions of `holdout` and ranks its item. `seed` seeds MF. With `dp` (the total
+/// (ε, δ) of the DP pass), also `popularity_dp` at that budget.
 pub fn run_seed(
     split: &Split,
     chosen: &Chosen,
     holdout: Stage,
     seed: u64,
     min_sources: u32,
+    dp: Option<(f64, f64)>,
 ) -> Vec<MethodRun> {
     let opts = EvalOptions { stage: holdout, full_ranking: true };
-    let methods: [&str; 6] =
-        ["popularity", "mf_bpr", "mf_bce", "ease", "central_reference", "federated_offline"];
+    let mut methods =
+        vec!["popularity", "mf_bpr", "mf_bce", "ease", "central_reference", "federated_offline"];
+    if dp.is_some() {
+        methods.push("popularity_dp");
+    }
     methods
         .par_iter()
         .map(|&m| {
-            let q = match m {
-                "popularity" => {
+            let q = match (m, dp) {
+                ("popularity", _) => {
                     evaluate_per_user(split, &mut Popularity::fit(split, holdout), opts)
                 }
-                "mf_bpr" | "mf_bce" => {
+                ("popularity_dp", Some((e, d))) => {
+                    let mut p = Popularity::fit_dp(split, holdout, e, d, seed);
+                    evaluate_per_user(split, &mut p, opts)
+                }
+                ("mf_bpr" | "mf_bce", _) => {
                     let cfg = if m == "mf_bpr" { chosen.mf_bpr } else { chosen.mf_bce };
                     let mut model = Mf::fit(split, holdout, MfConfig { seed, ..cfg });
                     evaluate_per_user(split, &mut model, opts)
                 }
-                "ease" => evaluate_per_user(
+                ("ease", _) => evaluate_per_user(
                     split,
                     &mut Ease::fit(split, holdout, chosen.ease_lambda),
                     opts,
                 ),
-                "central_reference" => {
+                ("central_reference", _) => {
                     let mut r =
                         CentralReference::fit(split, holdout, &chosen.collab, &chosen.query);
                     evaluate_per_user(split, &mut r, opts)

@@ -15,12 +15,14 @@
 //! spread over 215 days, and a round reads everything).
 //!
 //! Methods, one run, each over `seeds` seeds (negatives, MF's initialisation and sampling,
-//! the sync jitter): `popularity`, `mf_bpr`, `mf_bce`, `ease` (full rank),
+//! the sync jitter): `popularity`, `popularity_dp` (one Gaussian release of per-user
+//! normalised counts at the DP pass's whole budget), `mf_bpr`, `mf_bce`, `ease` (full rank),
 //! `central_reference` (the federated scorer fitted centrally) and `federated_offline` (one
 //! round in-process, every vector held), all from [`crate::eval::suite`] on a thread of their
 //! own (rayon inside) while the fleet runs; `local_only` (a twin brain per user that never
 //! syncs), `federated` (the syncing TVs, k-anonymity on) and `federated_dp` (a second pass
-//! with fresh shards and TVs whose rounds add Gaussian noise for (ε, δ)-DP). The report
+//! with fresh shards and TVs whose rounds add Gaussian noise: `dp_releases` rounds, evenly
+//! spaced over the replay, that together spend the pass's (ε, δ) per device). The report
 //! gives every metric as mean ± 95 % interval ([`crate::eval::stats`]) and paired
 //! comparisons of `federated` with its central reference and with the better MF.
 
@@ -103,8 +105,12 @@ pub struct SimConfig {
     pub round_min_growth: f64,
     /// k of k-anonymity.
     pub min_sources: u32,
-    /// Run the DP pass (ε, δ).
+    /// Run the DP pass: the (ε, δ) per device it spends in total over the whole simulated
+    /// period, split evenly between `dp_releases` rounds.
     pub dp: Option<(f64, f64)>,
+    /// Rounds (releases) of the DP pass, evenly spaced over the replay's events, the last one
+    /// just after the replay (so the TVs fetch it in the evaluation evening).
+    pub dp_releases: u32,
     /// Hyper-parameters of the centralised baselines and the federated scorer.
     pub chosen: Chosen,
     /// Where the TVs' SQLite files go (a fresh temporary directory when `None`).
@@ -136,6 +142,7 @@ impl Default for SimConfig {
             round_min_growth: 0.02,
             min_sources: 3,
             dp: Some((8.0, 1e-6)),
+            dp_releases: 1,
             chosen: suite::recorded().0,
             data_dir: None,
             curve_users: 200,
@@ -159,6 +166,14 @@ impl SimConfig {
         }
         if !(0.0..=10.0).contains(&self.round_min_growth) {
             return bad("--round-min-growth must be in 0..=10");
+        }
+        if !(1..=1000).contains(&self.dp_releases) {
+            return bad("--dp-releases must be 1..=1000");
+        }
+        if let Some((e, d)) = self.dp
+            && !(e > 0.0 && e.is_finite() && d > 0.0 && d < 1.0)
+        {
+            return bad("--epsilon must be > 0 and --delta in (0, 1)");
         }
         if self.min_sources == 0 {
             return bad("--min-sources must be >= 1");
@@ -254,6 +269,15 @@ pub struct SimReport {
     pub dp_epsilon: Option<f64>,
     /// δ of [`SimReport::dp_epsilon`], composed likewise.
     pub dp_delta: Option<f64>,
+    /// Patterns the TVs received in `similar` (first seed's federated pass).
+    pub served: u64,
+    /// Of them, any that was not a published aggregate with at least k sources: 0 when the
+    /// shards keep the promise.
+    pub served_below_k: u64,
+    /// [`SimReport::served`] of the first seed's DP pass.
+    pub served_dp: u64,
+    /// [`SimReport::served_below_k`] of the first seed's DP pass.
+    pub served_below_k_dp: u64,
     /// Wall-clock seconds of the whole run.
     pub wall_secs: f64,
 }
@@ -322,8 +346,9 @@ fn events(ml: &MovieLens, split: &Split, holdout: Stage) -> Vec<(u32, ViewingEve
 }
 
 /// Table order of the methods.
-const METHOD_ORDER: [&str; 9] = [
+const METHOD_ORDER: [&str; 10] = [
     "popularity",
+    "popularity_dp",
     "local_only",
     "mf_bpr",
     "mf_bce",
@@ -379,7 +404,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
     let offline = {
         let (splits, seeds, note) = (splits.clone(), seeds.clone(), note.clone());
         let (base, tune, command) = (cfg.chosen, cfg.tune, cfg.command.clone());
-        let (holdout, k) = (cfg.holdout, cfg.min_sources);
+        let (holdout, k, dp) = (cfg.holdout, cfg.min_sources, cfg.dp);
         tokio::task::spawn_blocking(move || {
             let t = std::time::Instant::now();
             let (chosen, selection) = if tune {
@@ -395,7 +420,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
                 .iter()
                 .zip(splits.iter())
                 .map(|(&seed, split)| {
-                    let r = suite::run_seed(split, &chosen, holdout, seed, k);
+                    let r = suite::run_seed(split, &chosen, holdout, seed, k, dp);
                     note(&format!(
                         "baselines of seed {seed} done ({:.0} s): {}",
                         t.elapsed().as_secs_f64(),
@@ -540,6 +565,10 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
         curve_dp: dp.as_ref().map(|d| d.curve.clone()).unwrap_or_default(),
         dp_epsilon: dp.as_ref().and_then(|d| d.epsilon_spent).map(|e| e.0),
         dp_delta: dp.as_ref().and_then(|d| d.epsilon_spent).map(|e| e.1),
+        served: fed.served,
+        served_below_k: fed.served_below_k,
+        served_dp: dp.as_ref().map_or(0, |d| d.served),
+        served_below_k_dp: dp.as_ref().map_or(0, |d| d.served_below_k),
         wall_secs: start.elapsed().as_secs_f64(),
     })
 }
@@ -595,7 +624,8 @@ pub fn markdown(r: &SimReport) -> String {
     }
     s.push_str(&format!(
         "\n{} users ({} evaluated), {} events, {} syncs, {} rounds ({} DP); bytes per sync p50: \
-         up {} B (pushing syncs {} B), down {} B (max {} B); recommend p99 {:.2} ms; {:.0} s\n",
+         up {} B (pushing syncs {} B), down {} B (max {} B); recommend p99 {:.2} ms; {:.0} s\n\n\
+         Served to TVs: {} patterns, {} below k (DP pass: {}, {} below k)\n",
         r.users,
         r.users_evaluated,
         r.events,
@@ -607,7 +637,11 @@ pub fn markdown(r: &SimReport) -> String {
         r.transport.bytes_down_p50,
         r.transport.bytes_down_max,
         r.transport.recommend_p99_ms,
-        r.wall_secs
+        r.wall_secs,
+        r.served,
+        r.served_below_k,
+        r.served_dp,
+        r.served_below_k_dp,
     ));
     s
 }

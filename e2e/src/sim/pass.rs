@@ -12,8 +12,8 @@ use omega_shard::federation::{FederateArgs, FederationMetrics};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::path::Path;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const MINUTE_MS: i64 = 60_000;
@@ -58,6 +58,11 @@ pub struct PassOutcome {
     /// (ε, δ) per device composed over every DP round of the pass, as the last round
     /// reported it.
     pub epsilon_spent: Option<(f64, f64)>,
+    /// Patterns the TVs received in `similar` over all syncs.
+    pub served: u64,
+    /// Of them, those that were not a published aggregate with at least k sources (k =
+    /// `min_sources`) in the round the shards served at the time.
+    pub served_below_k: u64,
 }
 
 /// What a pass's syncs cost on the wire and what its TVs end up holding (flat in the
@@ -161,6 +166,22 @@ async fn start_shards(
     Ok(shards)
 }
 
+/// The DP pass's releases: after the event at each `i/releases` fraction of `events` (the last
+/// one after the last event).
+fn release_times(events: &[(u32, omega_protocol::ViewingEvent)], releases: u32) -> VecDeque<i64> {
+    let n = events.len();
+    (1..=releases as usize)
+        .filter_map(|i| events.get((n * i / releases as usize).saturating_sub(1)))
+        .map(|(_, e)| e.started_at_ms)
+        .collect()
+}
+
+/// How many of `received` are not an aggregate of `published` (id -> source devices) with
+/// at least `k` sources: a pattern relayed from one device, or an aggregate below k.
+fn below_k(received: &[uuid::Uuid], published: &HashMap<uuid::Uuid, u32>, k: u32) -> usize {
+    received.iter().filter(|id| published.get(id).is_none_or(|&n| n < k)).count()
+}
+
 struct Tv {
     brain: Brain,
     twin: Option<Brain>,
@@ -226,6 +247,14 @@ struct Run<'a> {
     metrics: FederationMetrics,
     label: &'static str,
     seed: u64,
+    /// Where rounds keep their state (the published output is read back from there).
+    rounds_dir: PathBuf,
+    /// Source devices of every aggregate of the round the shards serve now, by id.
+    published: HashMap<uuid::Uuid, u32>,
+    served: u64,
+    served_below_k: u64,
+    /// DP pass: event times after which a release is due (one per release, in order).
+    dp_schedule: VecDeque<i64>,
 }
 
 impl Run<'_> {
@@ -255,6 +284,10 @@ impl Run<'_> {
                     self.bytes_up_push.push(r.bytes_up as u64);
                 }
                 self.accepted_total += u64::from(r.patterns_accepted);
+                // What the TV received, checked against what the federation published.
+                let k = self.cfg.min_sources;
+                self.served += r.similar_ids.len() as u64;
+                self.served_below_k += below_k(&r.similar_ids, &self.published, k) as u64;
             }
             // A TV whose sync fails keeps its outbox and tries again at the next sync.
             Err(e) => tracing::warn!(error = %e, device = %tv.device_id, "sync failed"),
@@ -263,10 +296,16 @@ impl Run<'_> {
     }
 
     /// Runs a round when enough new patterns arrived (any at all when `final_round`).
+    /// A DP pass runs only its scheduled releases, at the first round hour after each.
     async fn maybe_round(&mut self, at_ms: i64, final_round: bool) {
         let new = self.accepted_total - self.accepted_at_round;
         let growth = new as f64 / self.accepted_at_round.max(1) as f64;
-        if new == 0 || (!final_round && growth < self.cfg.round_min_growth) {
+        if self.dp.is_some() {
+            if new == 0 || self.dp_schedule.front().is_none_or(|&t| at_ms <= t) {
+                return;
+            }
+            self.dp_schedule.pop_front();
+        } else if new == 0 || (!final_round && growth < self.cfg.round_min_growth) {
             return;
         }
         self.accepted_at_round = self.accepted_total;
@@ -276,12 +315,16 @@ impl Run<'_> {
             self.shards.admin.clone(),
         );
         args.min_sources = self.cfg.min_sources;
+        let state_dir = self.rounds_dir.join(self.rounds.to_string());
+        args.state_dir = Some(state_dir.clone());
         if let Some((e, d)) = self.dp {
-            args.epsilon = Some(e);
-            args.delta = Some(d);
-            // The pass measures what its rounds compose to (carried round to round in the
-            // ledger, as a FederationRound's status does); it sets no budget of its own.
-            args.budget_epsilon = Some(1e6);
+            let (round_e, round_d) =
+                omega_federation::privacy::per_round(e, d, self.cfg.dp_releases);
+            args.epsilon = Some(round_e);
+            args.delta = Some(round_d);
+            // The whole pass is one period with the pass's budget, carried round to round in
+            // the ledger as a FederationRound's status does: a release past it is refused.
+            args.budget_epsilon = Some(e);
             args.period_days = 36_500;
             args.privacy_ledger = self.ledger.clone();
         }
@@ -289,6 +332,7 @@ impl Run<'_> {
         if summary.outcome == RoundOutcome::Failed {
             tracing::warn!(message = ?summary.message, "federation round failed");
         }
+        self.read_published(&state_dir, &args.round_id);
         if let Some(p) = &summary.privacy {
             self.epsilon_spent = Some((p.composed_epsilon, p.composed_delta));
             self.ledger = serde_json::to_string(&p.ledger).unwrap_or_default();
@@ -303,6 +347,27 @@ impl Run<'_> {
             ndcg10: ndcg,
             duration_ms: summary.duration_ms,
         });
+    }
+
+    /// Replaces [`Run::published`] with what the round published, read back from its
+    /// state directory (a round that published nothing leaves the shards, and the map, as
+    /// they were), then removes that directory.
+    fn read_published(&mut self, state_dir: &Path, round_id: &str) {
+        let store = omega_shard::federation::checkpoint::Store::new(Some(state_dir), round_id);
+        match store.load_output() {
+            Ok(Some(req)) => {
+                self.published = req
+                    .patterns
+                    .iter()
+                    .filter_map(|a| Some((uuid::Uuid::from_slice(&a.id).ok()?, a.source_devices)))
+                    .collect();
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the round's output failed"),
+        }
+        if let Err(e) = std::fs::remove_dir_all(state_dir) {
+            tracing::warn!(error = %e, "removing the round's state failed");
+        }
     }
 
     fn curve_quality(&self) -> (f64, f64) {
@@ -398,6 +463,15 @@ pub(crate) async fn run(
         metrics: FederationMetrics::default(),
         label: if dp.is_some() { "dp" } else { "fed" },
         seed: world.seed,
+        rounds_dir: dir.join("rounds"),
+        published: HashMap::new(),
+        served: 0,
+        served_below_k: 0,
+        dp_schedule: if dp.is_some() {
+            release_times(&world.events, cfg.dp_releases)
+        } else {
+            VecDeque::new()
+        },
     };
 
     // The replay: events, syncs and rounds in simulated time.
@@ -558,9 +632,28 @@ pub(crate) async fn run(
         syncs: run.syncs,
         curve: run.curve.clone(),
         epsilon_spent: run.epsilon_spent,
+        served: run.served,
+        served_below_k: run.served_below_k,
     };
     for tv in run.tvs.drain(..) {
         tv.brain.close()?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pattern_not_published_or_below_k_counts_as_served_below_k() {
+        let id = |n: u128| uuid::Uuid::from_u128(n);
+        let published: HashMap<uuid::Uuid, u32> = [(id(1), 3), (id(2), 7), (id(3), 2)].into();
+        assert_eq!(below_k(&[id(1), id(2)], &published, 3), 0);
+        // An aggregate with two sources, and an id the round never published (a relayed
+        // device pattern).
+        assert_eq!(below_k(&[id(1), id(3), id(9)], &published, 3), 2);
+        assert_eq!(below_k(&[id(1), id(2)], &published, 4), 1);
+        assert_eq!(below_k(&[id(1)], &HashMap::new(), 1), 1);
+    }
 }

@@ -45,7 +45,7 @@ pub(super) async fn index_once(pool: &PgPool, batch: i64) -> Result<Option<usize
     sqlx::query(
         "INSERT INTO pattern_vectors (id, device_id, success_rate, embedding)
          SELECT id, device_id, success_rate, embedding FROM patterns
-         WHERE id = ANY($1) AND success_rate >= $2
+         WHERE id = ANY($1) AND success_rate >= $2 AND embedding IS NOT NULL
          ON CONFLICT (id) DO UPDATE SET success_rate = EXCLUDED.success_rate",
     )
     .bind(&ids)

@@ -24,12 +24,12 @@ pub(super) fn genres_json(c: Option<&pb::PatternContext>) -> String {
 
 pub(super) fn row_pattern(row: &PgRow) -> Result<pb::Pattern, sqlx::Error> {
     let id: Uuid = row.try_get("id")?;
-    let emb: Vector = row.try_get("embedding")?;
+    let emb: Option<Vector> = row.try_get("embedding")?;
     let samples: i64 = row.try_get("sample_count")?;
     Ok(pb::Pattern {
         id: id.as_bytes().to_vec(),
         content_id: row.try_get("content_id")?,
-        embedding: Some(wire_embedding(&emb)),
+        embedding: emb.as_ref().map(wire_embedding),
         success_rate: row.try_get("success_rate")?,
         sample_count: u32::try_from(samples).unwrap_or(u32::MAX),
         context: Some(pb::PatternContext {

@@ -418,7 +418,9 @@ impl SimilarIndex {
                 .await
                 .map_err(db_err)?;
             let aggregates = read_aggregates(&mut tx).await?;
-            let sql = format!("SELECT {PATTERN_COLUMNS} FROM patterns WHERE success_rate >= $1");
+            let sql = format!(
+                "SELECT {PATTERN_COLUMNS} FROM patterns WHERE success_rate >= $1 AND embedding IS NOT NULL"
+            );
             let mut rows = sqlx::query(&sql).bind(MIN_SHARED_QUALITY).fetch(&mut *tx);
             let mut chunk = Vec::with_capacity(LOAD_CHUNK);
             let mut n = 0u64;
@@ -516,7 +518,7 @@ impl SimilarIndex {
         let percent = (200.0 * want as f64 / stored as f64).clamp(0.0001, 100.0);
         let sample: Vec<Vector> = sqlx::query_scalar(
             "SELECT embedding FROM patterns TABLESAMPLE SYSTEM ($1::float8)
-             WHERE success_rate >= $2 LIMIT $3",
+             WHERE success_rate >= $2 AND embedding IS NOT NULL LIMIT $3",
         )
         .bind(percent)
         .bind(MIN_SHARED_QUALITY)
@@ -613,7 +615,8 @@ impl SimilarIndex {
             }
             applied += gone.len();
             let sql = format!(
-                "SELECT index_seq, success_rate >= $3 AS shareable, {PATTERN_COLUMNS}
+                "SELECT index_seq, success_rate >= $3 AND embedding IS NOT NULL AS shareable,
+                        {PATTERN_COLUMNS}
                  FROM patterns
                  WHERE (index_seq, id) > ($1, $4) AND index_seq <= $2
                  ORDER BY index_seq, id LIMIT $5"
