@@ -220,6 +220,7 @@ pub async fn run(cfg: &LoadConfig, progress: Arc<Progress>) -> Result<Report, Lo
                 region: cfg.region.clone(),
                 model_id: cfg.model_id.clone(),
                 client_version: "omega-load".into(),
+                ..Default::default()
             };
             let id = id.clone();
             set.spawn(async move {
