@@ -207,8 +207,34 @@ fn enum_i(v: impl Into<omega_protocol::pb::TimeSlot>) -> i32 {
     v.into() as i32
 }
 
+/// Creates the database file readable by its owner only (it holds the device token), or
+/// narrows an existing one to that. SQLite gives its journal and WAL files the database
+/// file's permissions.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let mode = std::fs::metadata(path)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
 impl Store {
-    /// Opens (creating if absent) the database at `path`, or an in-memory one for `None`.
+    /// Opens (creating if absent, readable by its owner only) the database at `path`, or an in-memory one for `None`.
     /// `durable` = `synchronous=FULL` (every commit reaches the disk); otherwise `NORMAL`
     /// (still consistent after a crash, may lose the last commits on power loss).
     pub fn open(path: Option<&Path>, durable: bool) -> Result<Store> {
@@ -216,6 +242,9 @@ impl Store {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if let Some(p) = path {
+            owner_only(p).map_err(|e| DeviceError::db(&name, e))?;
+        }
         let conn = match path {
             Some(p) => Connection::open_with_flags(p, flags),
             None => Connection::open_in_memory(),

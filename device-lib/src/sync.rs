@@ -5,8 +5,14 @@
 //! a fleet that lost its shard does not come back in lockstep) on `UNAVAILABLE`,
 //! `DEADLINE_EXCEEDED` and `RESOURCE_EXHAUSTED`. Other errors are final. The channel connects
 //! lazily: a TV that boots offline still gets a client, and its deltas wait in the brain's
-//! outbox until a sync goes through. TLS (rustls) needs the `tls` cargo feature and an
-//! `https://` endpoint.
+//! outbox until a sync goes through. Endpoints are `https://` (rustls, the `tls` cargo
+//! feature, on by default), trusting the platform's CA bundle, the webpki roots, and
+//! `ca_cert_path` if given; a plaintext `http://` endpoint carries the bearer token in clear
+//! and is refused unless `allow_plaintext` is set.
+//!
+//! Tokens expire (a shard refuses a device that stayed away past its `DEVICE_EXPIRY_DAYS`) and
+//! are renewed while the device syncs: a sync answer may carry `renewed_token`, which the
+//! client uses from its next call on and the brain keeps at once.
 //!
 //! Registration: a shard registers a new device id without credentials, but an id it knows
 //! already only when the request carries that id's token. So the token is kept in the brain
@@ -42,8 +48,13 @@ pub const MAX_PUSHES_PER_SYNC: u32 = 16;
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SyncConfig {
-    /// `http://host:50051`, or `https://…` with the `tls` feature.
+    /// `https://host:50051` (the `tls` feature), or `http://…` with `allow_plaintext`.
     pub endpoint: String,
+    /// Allows a plaintext `http://` endpoint, which sends the bearer token in clear: for a
+    /// shard on loopback or a private network only.
+    pub allow_plaintext: bool,
+    /// Vendor-issued enrolment secret sent at registration, for shards that require one.
+    pub enrollment_secret: Option<String>,
     /// Bearer token from an earlier registration; [`SyncClient::register`] sets it, and
     /// [`SyncClient::ensure_registered`] takes the one the brain keeps. One given here wins
     /// over the brain's (and replaces it there once a sync with it succeeds).
@@ -60,8 +71,8 @@ pub struct SyncConfig {
     pub backoff_base_ms: u64,
     /// Largest backoff ceiling, ms.
     pub backoff_max_ms: u64,
-    /// PEM file of the CA that signed the shard's certificate (`tls` feature; default: the
-    /// webpki roots).
+    /// PEM file of a CA that signed the shard's certificate, trusted besides the platform's
+    /// CA bundle and the webpki roots (`tls` feature).
     pub ca_cert_path: Option<std::path::PathBuf>,
     /// Shortest pause between syncs, s (the shard's registration answer overrides it);
     /// clamped to [`MIN_SYNC_INTERVAL_SECS`]..[`MAX_SYNC_INTERVAL_SECS`].
@@ -73,7 +84,9 @@ pub struct SyncConfig {
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            endpoint: "http://127.0.0.1:50051".into(),
+            endpoint: "https://127.0.0.1:50051".into(),
+            allow_plaintext: false,
+            enrollment_secret: None,
             token: None,
             region: String::new(),
             timeout_ms: 10_000,
@@ -92,6 +105,8 @@ impl std::fmt::Debug for SyncConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SyncConfig")
             .field("endpoint", &self.endpoint)
+            .field("allow_plaintext", &self.allow_plaintext)
+            .field("enrollment_secret", &self.enrollment_secret.as_ref().map(|_| "<redacted>"))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("region", &self.region)
             .field("timeout_ms", &self.timeout_ms)
@@ -200,6 +215,8 @@ pub struct SyncReport {
     pub registered: bool,
     /// This sync gave the device a fresh id first ([`Enrolment::device_id_renewed`]).
     pub device_id_renewed: bool,
+    /// The shard renewed the device token (the brain keeps the new one).
+    pub token_renewed: bool,
 }
 
 /// Access to the brain during a sync. The network exchange runs between two accesses, so a
@@ -273,6 +290,12 @@ impl SyncClient {
         // deadline.
         if cfg.endpoint.starts_with("https://") {
             endpoint = tls(endpoint, &cfg)?;
+        } else if !cfg.allow_plaintext {
+            return Err(DeviceError::SyncConfig(format!(
+                "endpoint {:?} is plaintext and would send the device token in clear: use \
+                 https:// or set allow_plaintext",
+                cfg.endpoint
+            )));
         }
         if let Some(t) = &cfg.token {
             bearer(t)?;
@@ -305,6 +328,7 @@ impl SyncClient {
             region: region.into(),
             model_id: model_id.into(),
             client_version: CLIENT_VERSION.into(),
+            enrollment_secret: self.cfg.enrollment_secret.clone().unwrap_or_default(),
         };
         omega_protocol::validate::check_register(&req)?;
         let auth = self.cfg.token.as_deref().map(bearer).transpose()?;
@@ -519,7 +543,8 @@ impl SyncClient {
         let token = self.cfg.token.clone().ok_or_else(|| {
             DeviceError::State("not registered: call register first or set a token".into())
         })?;
-        let auth = bearer(&token)?;
+        let mut token = token;
+        let mut auth = bearer(&token)?;
         let mut report = SyncReport::default();
         let mut answered = false;
         let mut device = String::new();
@@ -583,6 +608,12 @@ impl SyncClient {
                 })?;
             }
             answered = true;
+            if !resp.renewed_token.is_empty() {
+                self.renew(brain, &device, &resp.renewed_token)?;
+                token = resp.renewed_token.clone();
+                auth = bearer(&token)?;
+                report.token_renewed = true;
+            }
             report.bytes_up += bytes_up;
             report.bytes_down += wire::grpc_zstd_size(&resp);
             report.attempts += attempts;
@@ -626,6 +657,36 @@ impl SyncClient {
         report.next_sync_in_ms = self.next_sync_delay().as_millis() as u64;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         Ok(report)
+    }
+
+    /// Takes a renewed token: the client presents it from now on and the brain keeps it at
+    /// once (the old one may stop working at the shard's next key rotation). A token that is
+    /// not valid header text is ignored: the current one still works.
+    fn renew(&mut self, brain: &mut impl BrainAccess, device: &str, new: &str) -> Result<()> {
+        if bearer(new).is_err() {
+            tracing::warn!(
+                "the shard renewed the token with unprintable text; keeping the old one"
+            );
+            return Ok(());
+        }
+        let old = self.cfg.token.replace(new.to_owned());
+        if let Some(issued) = &mut self.issued
+            && issued.device_id == device
+        {
+            issued.token = new.to_owned();
+        }
+        brain.with_brain(|b| {
+            let reg = match b.registration() {
+                Some(held) if held.device_id == device && Some(&held.token) == old.as_ref() => {
+                    DeviceRegistration { token: new.to_owned(), ..held.clone() }
+                }
+                _ => match self.record(device, new) {
+                    Some(r) => r,
+                    None => return Ok(()),
+                },
+            };
+            if b.device_id() == device { b.save_registration(reg) } else { Ok(()) }
+        })
     }
 
     /// The registration to keep for `token` of `device`: the one issued with it, or one made
@@ -728,7 +789,9 @@ fn bearer(token: &str) -> Result<tonic::metadata::MetadataValue<tonic::metadata:
 #[cfg(feature = "tls")]
 fn tls(endpoint: Endpoint, cfg: &SyncConfig) -> Result<Endpoint> {
     use tonic::transport::{Certificate, ClientTlsConfig};
-    let mut tls = ClientTlsConfig::new().with_webpki_roots();
+    // The platform's bundle first (a TV vendor's CA updates reach it); the webpki roots for
+    // platforms that ship none.
+    let mut tls = ClientTlsConfig::new().with_native_roots().with_webpki_roots();
     if let Some(path) = &cfg.ca_cert_path {
         let pem = std::fs::read(path).map_err(|e| {
             DeviceError::SyncConfig(format!("CA certificate {}: {e}", path.display()))

@@ -128,6 +128,50 @@ fn omega_load_binary_spawns_an_embedded_shard_and_prints_json() {
     check_report(&run_omega_load(&[]));
 }
 
+/// The flood and echo modes. Every wait is bounded: the run is killed after 180 s (its own
+/// flood stops within 10 s of the sync run, and each flood request gives up after 30 s).
+#[test]
+fn a_flood_of_unauthenticated_bodies_leaves_good_devices_unharmed_and_the_echo_baseline_runs() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_omega-load"))
+        .arg("--spawn-server")
+        .arg("--server-bin")
+        .arg(omega_shard_bin())
+        .args(["--json", "--devices", "40", "--duration-secs", "4", "--concurrency", "4"])
+        .args(["--connections", "2", "--baseline-echo", "--settle-secs", "1"])
+        .args(["--flood-connections", "2", "--flood-streams", "16", "--flood-body-kib", "256"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::fs::File::create(&out_path).expect("out"))
+        .stderr(std::fs::File::create(&err_path).expect("err"))
+        .spawn()
+        .expect("run omega-load");
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("omega-load --flood did not finish in 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert!(status.success(), "omega-load failed: {status}\n{stdout}\n{stderr}");
+    let r: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("JSON report");
+    check_report(&r);
+    let num = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {r}"));
+    assert!(num("flood_requests_sent") >= 32.0, "the flood ran: {r}");
+    assert!(num("echo_calls_per_sec") > 20.0 && num("ratio") > 0.0, "{r}");
+    assert!(num("echo_response_bytes") > 4_000.0 && num("echo_response_bytes") <= 5_120.0, "{r}");
+    let growth = num("server_rss_peak_mib") - num("server_rss_start_mib");
+    assert!(growth < 64.0, "the flood grew the server by {growth} MiB: {r}");
+}
+
 /// A new empty database on the test Postgres: `OMEGA_TEST_DATABASE_URL` (scripts/test.sh
 /// sets it), else a server started here with scripts/pg.sh and destroyed after.
 struct TestDatabase {

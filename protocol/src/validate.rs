@@ -424,7 +424,8 @@ pub fn check_register(r: &pb::RegisterRequest) -> Result<(), ValidationError> {
     check_required_string("device_id", &r.device_id)?;
     check_string("region", &r.region)?;
     check_string("model_id", &r.model_id)?;
-    check_string("client_version", &r.client_version)
+    check_string("client_version", &r.client_version)?;
+    check_string("enrollment_secret", &r.enrollment_secret)
 }
 
 /// Checks a trend signal.

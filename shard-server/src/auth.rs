@@ -1,9 +1,12 @@
-//! Device tokens and pseudonyms, all keyed by the shard secret (`OMEGA_DEVICE_SECRET`).
+//! Keys derived from the shard secret (`OMEGA_DEVICE_SECRET`), the admin token, and bearer
+//! parsing.
 //!
-//! - A device token is `base64url(HMAC-SHA256(secret, device_id))` (architecture.md), so a
-//!   shard needs no token table and every replica of a shard accepts the same tokens.
 //! - The export `source` uses a key *derived* from the secret, so it cannot be turned back
-//!   into a device id or a token.
+//!   into a device id or a token. It must stay stable for the life of the shard: rotating
+//!   token keys ([`crate::tokens`]) never touches it.
+//! - A legacy device token is `base64url(HMAC-SHA256(secret, device_id))`: tokens issued
+//!   before key ids and expiries, still accepted (and renewed) while `ACCEPT_LEGACY_TOKENS`
+//!   is on.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -55,7 +58,7 @@ impl DeviceKeys {
         DeviceKeys { token, source }
     }
 
-    /// The bearer token of `device_id`.
+    /// The legacy bearer token of `device_id`.
     pub fn token(&self, device_id: &str) -> String {
         URL_SAFE_NO_PAD.encode(mac(&self.token, device_id.as_bytes()))
     }
@@ -172,13 +175,6 @@ impl AdminGate {
     }
 }
 
-/// True when `token` can be a device token: 43 base64url characters (32 bytes, unpadded),
-/// or 44 with the `=` padding [`DeviceKeys::verify`] tolerates.
-pub fn well_formed(token: &str) -> bool {
-    let t = token.strip_suffix('=').unwrap_or(token);
-    t.len() == 43 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// Extracts the token from an `authorization: Bearer …` value.
 pub fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
@@ -218,15 +214,6 @@ mod tests {
         assert_eq!(k.source("a").len(), 16);
         let token = URL_SAFE_NO_PAD.decode(k.token("a")).expect("b64");
         assert_ne!(&token[..16], &k.source("a")[..]);
-    }
-
-    #[test]
-    fn device_tokens_are_well_formed_and_junk_is_not() {
-        let t = DeviceKeys::new(b"0123456789abcdef").token("tv-1");
-        assert!(well_formed(&t) && well_formed(&format!("{t}=")));
-        for bad in ["", "abc", &t[..42], &format!("{t}x"), &t.replace(&t[..1], "+")] {
-            assert!(!well_formed(bad), "{bad:?}");
-        }
     }
 
     #[test]

@@ -204,6 +204,12 @@ pub struct ServeArgs {
     /// Bad-token requests one client address may make back to back.
     #[arg(long, env = "AUTH_FAILURES_BURST", default_value_t = 30)]
     pub auth_failures_burst: u32,
+    /// Device token keys and lifetimes, revocation, enrolment.
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+    /// TLS of the device port.
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Device port limits, all applied before authentication.
     #[command(flatten)]
     pub limits: Limits,
@@ -215,6 +221,89 @@ pub struct ServeArgs {
     /// Seconds to wait for in-flight requests once the listeners are closed.
     #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
+}
+
+/// Device tokens (see docs/operations.md, "Rotating the device token key").
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// Token key ring, `kid:secret[,kid:secret…]`: the first key signs new tokens, every key
+    /// is accepted. Unset (and no `TOKEN_KEYS_FILE`): one key, id `0`, of
+    /// `OMEGA_DEVICE_SECRET`.
+    #[arg(long, env = "TOKEN_KEYS", hide_env_values = true, conflicts_with = "token_keys_file")]
+    pub token_keys: Option<String>,
+    /// File holding the key ring, one `kid:secret` per line (`#` comments), re-read every
+    /// `RELOAD_INTERVAL_SECS`: a rotation needs no restart.
+    #[arg(long, env = "TOKEN_KEYS_FILE")]
+    pub token_keys_file: Option<PathBuf>,
+    /// Days a token lives. A device renews it while it syncs, so this is how long a device
+    /// may stay inactive before its token expires and the shard refuses it.
+    #[arg(long, env = "DEVICE_EXPIRY_DAYS", default_value_t = 90)]
+    pub device_expiry_days: u64,
+    /// A sync presenting a token older than this many days gets a fresh one.
+    #[arg(long, env = "TOKEN_RENEW_AFTER_DAYS", default_value_t = 7)]
+    pub token_renew_after_days: u64,
+    /// Accept tokens issued before key ids existed (HMAC of `OMEGA_DEVICE_SECRET`, no
+    /// expiry); each is replaced at its next sync. Switch off once every device has synced.
+    #[arg(
+        long,
+        env = "ACCEPT_LEGACY_TOKENS",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub accept_legacy_tokens: bool,
+    /// File of revoked device ids, one per line (`#` comments), re-read every
+    /// `RELOAD_INTERVAL_SECS`: a listed device is refused whatever token it shows.
+    #[arg(long, env = "REVOKED_DEVICES_FILE")]
+    pub revoked_devices_file: Option<PathBuf>,
+    /// Vendor-issued enrolment secrets, comma-separated: when set, registering a new device
+    /// id needs one of them in `RegisterRequest.enrollment_secret`.
+    #[arg(long, env = "ENROLLMENT_SECRETS", value_delimiter = ',', hide_env_values = true)]
+    pub enrollment_secrets: Vec<String>,
+    /// Seconds between two reads of the files above and of the TLS certificate and key.
+    #[arg(long, env = "RELOAD_INTERVAL_SECS", default_value_t = 10)]
+    pub reload_interval_secs: u64,
+}
+
+/// Shortest accepted enrolment secret, in bytes.
+pub const MIN_ENROLLMENT_SECRET_BYTES: usize = 16;
+
+impl TokenArgs {
+    /// Checks ranges, and reads the key ring once so a bad one stops the start.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        range("DEVICE_EXPIRY_DAYS", self.device_expiry_days, 1, 3650)?;
+        range("TOKEN_RENEW_AFTER_DAYS", self.token_renew_after_days, 0, 3650)?;
+        if self.token_renew_after_days >= self.device_expiry_days {
+            return Err(ConfigError::Invalid {
+                var: "TOKEN_RENEW_AFTER_DAYS",
+                msg: "must be less than DEVICE_EXPIRY_DAYS".into(),
+            });
+        }
+        range("RELOAD_INTERVAL_SECS", self.reload_interval_secs, 1, 3600)?;
+        if let Some(k) = &self.token_keys {
+            crate::tokens::KeyRing::parse(k)
+                .map_err(|e| ConfigError::Invalid { var: "TOKEN_KEYS", msg: e.to_string() })?;
+        }
+        if self.enrollment_secrets.iter().any(|s| s.trim().len() < MIN_ENROLLMENT_SECRET_BYTES) {
+            return Err(ConfigError::Invalid {
+                var: "ENROLLMENT_SECRETS",
+                msg: format!("each secret must be at least {MIN_ENROLLMENT_SECRET_BYTES} bytes"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// TLS of the device port (`GRPC_ADDR`). Both files or neither: without them the port
+/// speaks plaintext HTTP/2 (for a TLS-terminating proxy in front, or tests).
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain of the device port, re-read every `RELOAD_INTERVAL_SECS`.
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate, re-read with it.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// Resource limits of the device port (`GRPC_ADDR`), which anyone can reach: every one holds
@@ -249,6 +338,15 @@ pub struct Limits {
     /// Seconds a connection past its age may take to finish its requests before it is cut.
     #[arg(long, env = "MAX_CONNECTION_AGE_GRACE_SECS", default_value_t = 30)]
     pub max_connection_age_grace_secs: u64,
+    /// Seconds a device port connection may stay without a byte from its peer before it is
+    /// closed (a live client answers the keepalive pings, so it must exceed
+    /// `HTTP2_KEEPALIVE_SECS` + `HTTP2_KEEPALIVE_TIMEOUT_SECS`). Also bounds a TLS handshake.
+    #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+    /// Seconds a REST client may stay silent, e.g. in the middle of its request headers,
+    /// before its connection is closed.
+    #[arg(long, env = "REST_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub rest_header_timeout_secs: u64,
     /// Largest request header block, bytes.
     #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: u32,
@@ -266,6 +364,18 @@ impl Limits {
         range("MAX_CONNECTION_AGE_SECS", self.max_connection_age_secs, 10, 7 * 86_400)?;
         range("MAX_CONNECTION_AGE_GRACE_SECS", self.max_connection_age_grace_secs, 0, 3600)?;
         range("MAX_HEADER_BYTES", self.max_header_bytes.into(), 1024, 1 << 20)?;
+        range("IDLE_TIMEOUT_SECS", self.idle_timeout_secs, 1, 86_400)?;
+        range("REST_HEADER_TIMEOUT_SECS", self.rest_header_timeout_secs, 1, 3600)?;
+        let ping = self.http2_keepalive_secs + self.http2_keepalive_timeout_secs;
+        if self.http2_keepalive_secs > 0 && self.idle_timeout_secs <= ping {
+            return Err(ConfigError::Invalid {
+                var: "IDLE_TIMEOUT_SECS",
+                msg: format!(
+                    "must exceed HTTP2_KEEPALIVE_SECS + HTTP2_KEEPALIVE_TIMEOUT_SECS ({ping}), \
+                     or live clients between two requests are cut"
+                ),
+            });
+        }
         Ok(())
     }
 }
@@ -323,6 +433,7 @@ impl ServeArgs {
         range("AUTH_FAILURES_PER_MINUTE", self.auth_failures_per_minute.into(), 1, 1_000_000)?;
         range("AUTH_FAILURES_BURST", self.auth_failures_burst.into(), 1, 1_000_000)?;
         self.limits.validate()?;
+        self.tokens.validate()?;
         range("DRAIN_DELAY_SECS", self.drain_delay_secs, 0, 300)?;
         range("DRAIN_TIMEOUT_SECS", self.drain_timeout_secs, 0, 3600)?;
         match &self.device_secret {

@@ -12,15 +12,19 @@
 //! A second signal during step 1 skips the rest of the delay.
 
 use crate::auth::{AdminGate, AdminToken, DeviceKeys, load_or_create_secret};
-use crate::config::ServeArgs;
+use crate::config::{ServeArgs, TokenArgs};
+use crate::conn::{self, DeviceAccept, IdleListener};
 use crate::grpc::gate::DeviceGateLayer;
-use crate::grpc::{self, SyncMetricsLayer, admin::AdminService, sync::ConstellationService};
+use crate::grpc::{SyncMetricsLayer, admin::AdminService, sync::ConstellationService};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
+use crate::reload::Watched;
 use crate::rest;
 use crate::service::Service;
 use crate::state::{AppState, Settings};
 use crate::store::{self, StoreError, StoreOptions};
+use crate::tls::{CertStore, TlsError};
+use crate::tokens::{DeviceTokens, Enrollment, KeyRing, TokenError, TokenPolicy};
 use omega_protocol::pb::constellation_server::ConstellationServer;
 use omega_protocol::pb::shard_admin_server::ShardAdminServer;
 use omega_protocol::validate::MAX_MESSAGE_BYTES;
@@ -58,6 +62,22 @@ pub enum ServerError {
     /// The device secret could not be read or created.
     #[error("cannot read or create the device secret under DATA_DIR")]
     Secret(#[source] std::io::Error),
+    /// A file named by the configuration could not be read.
+    #[error("cannot read {var} {path}")]
+    File {
+        /// Variable naming the file.
+        var: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The token key ring is unusable.
+    #[error("TOKEN_KEYS / TOKEN_KEYS_FILE")]
+    Keys(#[from] TokenError),
+    /// The TLS certificate or key is unusable.
+    #[error("device port TLS")]
+    Tls(#[from] TlsError),
     /// A server failed while running.
     #[error("{0}")]
     Transport(String),
@@ -93,6 +113,90 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+fn read(var: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|source| ServerError::File { var, path: path.into(), source })
+}
+
+/// The key ring of `TOKEN_KEYS`, `TOKEN_KEYS_FILE` (with its bytes, to watch), or the single
+/// key of the shard secret.
+fn key_ring(a: &TokenArgs, secret: &[u8]) -> Result<(KeyRing, Option<Vec<u8>>), ServerError> {
+    if let Some(keys) = &a.token_keys {
+        return Ok((KeyRing::parse(keys)?, None));
+    }
+    if let Some(path) = &a.token_keys_file {
+        let bytes = read("TOKEN_KEYS_FILE", path)?;
+        return Ok((KeyRing::parse(&String::from_utf8_lossy(&bytes))?, Some(bytes)));
+    }
+    Ok((KeyRing::single(crate::tokens::DEFAULT_KID, secret), None))
+}
+
+/// Re-reads the key ring, revocation list and TLS files every `RELOAD_INTERVAL_SECS`.
+struct Reloader {
+    keys: Option<Watched>,
+    revoked: Option<Watched>,
+    tls: Option<(Watched, Watched, Arc<CertStore>)>,
+}
+
+impl Reloader {
+    fn poll(&mut self, tokens: &DeviceTokens) {
+        fn changed(w: &Watched) -> Option<Vec<u8>> {
+            w.changed()
+                .map_err(|e| {
+                    tracing::error!(file = %w.path().display(), error = %e, "cannot re-read; keeping the previous version")
+                })
+                .ok()
+                .flatten()
+        }
+        if let Some(w) = &mut self.keys
+            && let Some(bytes) = changed(w)
+        {
+            match KeyRing::parse(&String::from_utf8_lossy(&bytes)) {
+                Ok(ring) => {
+                    tracing::info!(kids = ?ring.kids(), "token key ring reloaded");
+                    tokens.set_ring(ring);
+                    w.taken(bytes);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "TOKEN_KEYS_FILE refused; keeping the previous key ring")
+                }
+            }
+        }
+        if let Some(w) = &mut self.revoked
+            && let Some(bytes) = changed(w)
+        {
+            let ids = crate::tokens::parse_revoked(&String::from_utf8_lossy(&bytes));
+            tracing::info!(devices = ids.len(), "revocation list reloaded");
+            tokens.set_revoked(ids);
+            w.taken(bytes);
+        }
+        if let Some((cert, key, store)) = &mut self.tls {
+            let (c, k) = (changed(cert), changed(key));
+            if c.is_some() || k.is_some() {
+                let c = c.map_or_else(|| std::fs::read(cert.path()), Ok);
+                let k = k.map_or_else(|| std::fs::read(key.path()), Ok);
+                match (c, k) {
+                    (Ok(c), Ok(k)) => match crate::tls::certified_key(&c, &k) {
+                        Ok(ck) => {
+                            store.set(ck);
+                            tracing::info!("device port TLS certificate reloaded");
+                            cert.taken(c);
+                            key.taken(k);
+                        }
+                        // A certificate and key written one after the other mismatch for a
+                        // moment: the next poll takes the pair.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "new TLS files refused; keeping the previous certificate")
+                        }
+                    },
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::error!(error = %e, "cannot re-read the TLS files")
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Runs the server until SIGTERM. `registry` may already hold other metrics.
 pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), ServerError> {
     args.validate()?;
@@ -101,12 +205,51 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
         Some(s) => s.as_bytes().to_vec(),
         None => load_or_create_secret(&opts.data_dir).map_err(ServerError::Secret)?,
     };
+    let (ring, ring_bytes) = key_ring(&args.tokens, &secret)?;
+    let day = 86_400;
+    let tokens = DeviceTokens::new(
+        ring,
+        DeviceKeys::new(&secret),
+        TokenPolicy {
+            lifetime_secs: args.tokens.device_expiry_days * day,
+            renew_after_secs: args.tokens.token_renew_after_days * day,
+            accept_legacy: args.tokens.accept_legacy_tokens,
+        },
+    );
+    let mut reloader = Reloader {
+        keys: args.tokens.token_keys_file.clone().map(|p| Watched::new(p, ring_bytes)),
+        revoked: None,
+        tls: None,
+    };
+    if let Some(path) = &args.tokens.revoked_devices_file {
+        let bytes = read("REVOKED_DEVICES_FILE", path)?;
+        tokens.set_revoked(crate::tokens::parse_revoked(&String::from_utf8_lossy(&bytes)));
+        reloader.revoked = Some(Watched::new(path.clone(), Some(bytes)));
+    }
+    let enrollment = (!args.tokens.enrollment_secrets.is_empty())
+        .then(|| Enrollment::new(&args.tokens.enrollment_secrets));
+    let tls = match (&args.tls.tls_cert_file, &args.tls.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let (c, k) = (read("TLS_CERT_FILE", cert)?, read("TLS_KEY_FILE", key)?);
+            let certs = Arc::new(CertStore::new(crate::tls::certified_key(&c, &k)?));
+            let config = crate::tls::server_config(certs.clone())?;
+            reloader.tls = Some((
+                Watched::new(cert.clone(), Some(c)),
+                Watched::new(key.clone(), Some(k)),
+                certs,
+            ));
+            Some(tokio_rustls::TlsAcceptor::from(config))
+        }
+        _ => None,
+    };
     let store = store::open(&opts).await?;
     let metrics = Arc::new(Metrics::register(&mut registry, args.shard_id));
     let registry = Arc::new(registry);
     let state = Arc::new(AppState::new(
         store.clone(),
         DeviceKeys::new(&secret),
+        tokens,
+        enrollment,
         metrics.clone(),
         RateLimiter::new(args.rate_limit_per_minute, args.rate_limit_burst),
         RateLimiter::new(args.register_rate_per_minute, args.register_rate_burst),
@@ -134,6 +277,7 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
         grpc = %local(&grpc_l),
         admin = %local(&admin_l),
         rest = %local(&rest_l),
+        tls = tls.is_some(),
         metrics = %local(&metrics_l),
         "omega-shard serving"
     );
@@ -170,6 +314,20 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
         });
     }
 
+    {
+        let state = state.clone();
+        let stop = stop_rx.clone();
+        let every = Duration::from_secs(args.tokens.reload_interval_secs);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => reloader.poll(&state.tokens),
+                    _ = stopped(stop.clone()) => return,
+                }
+            }
+        });
+    }
+
     let service = Service::new(state.clone());
     let device = ConstellationServer::new(ConstellationService::new(service.clone()))
         .accept_compressed(CompressionEncoding::Zstd)
@@ -195,10 +353,15 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
         .layer(DeviceGateLayer::new(state.clone()))
         .add_service(device)
         .serve_with_incoming_shutdown(
-            grpc::counted_incoming(
+            conn::device_incoming(
                 grpc_l,
                 metrics.grpc_connections.clone(),
-                lim.max_connections as usize,
+                DeviceAccept {
+                    max_connections: lim.max_connections as usize,
+                    idle: secs(lim.idle_timeout_secs),
+                    tls,
+                    handshake_timeout: secs(lim.idle_timeout_secs.min(lim.request_timeout_secs)),
+                },
             ),
             stopped(stop_rx.clone()),
         );
@@ -212,7 +375,8 @@ pub async fn serve(args: ServeArgs, mut registry: Registry) -> Result<(), Server
     let admin = tonic::service::interceptor::InterceptedService::new(admin, move |r| gate.check(r));
     let admin_srv = tonic::transport::Server::builder()
         .add_service(admin)
-        .serve_with_incoming_shutdown(grpc::incoming(admin_l), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(conn::incoming(admin_l), stopped(stop_rx.clone()));
+    let rest_l = IdleListener::new(rest_l, secs(lim.rest_header_timeout_secs));
     let rest_srv =
         axum::serve(rest_l, rest::router(service)).with_graceful_shutdown(stopped(stop_rx.clone()));
     let metrics_srv = axum::serve(metrics_l, rest::metrics_router(registry))

@@ -7,6 +7,7 @@ use crate::collab::Collab;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::store::{Counts, SharedStore};
+use crate::tokens::{DeviceTokens, Enrollment};
 use omega_protocol::admin::ShardStats;
 use omega_protocol::pb;
 use std::collections::{HashMap, VecDeque};
@@ -93,8 +94,12 @@ impl SimilarCache {
 pub struct AppState {
     /// The store.
     pub store: SharedStore,
-    /// Token and pseudonym keys.
+    /// Pseudonym keys (and the legacy token key).
     pub keys: DeviceKeys,
+    /// Device tokens: key ring, expiry, revocation.
+    pub tokens: DeviceTokens,
+    /// Enrolment secrets a new device must show, if configured.
+    pub enrollment: Option<Enrollment>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Per-device rate limit of syncs.
@@ -132,9 +137,12 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     /// Builds the shared state.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: SharedStore,
         keys: DeviceKeys,
+        tokens: DeviceTokens,
+        enrollment: Option<Enrollment>,
         metrics: Arc<Metrics>,
         limiter: RateLimiter,
         register_limiter: RateLimiter,
@@ -144,6 +152,8 @@ impl AppState {
         AppState {
             store,
             keys,
+            tokens,
+            enrollment,
             metrics,
             limiter,
             register_limiter,

@@ -1,7 +1,8 @@
 //! The device port's limits against the built binary, as an attacker meets them: a request
 //! body that never finishes is cut at `REQUEST_TIMEOUT_SECS`; a connection beyond
 //! `MAX_CONNECTIONS` is closed; a client address that keeps sending bad tokens is refused
-//! before its bodies are read.
+//! before its bodies are read; silent device connections and REST clients stalling in their
+//! headers are closed.
 
 mod common;
 
@@ -124,4 +125,85 @@ async fn an_address_sending_bad_tokens_is_refused_before_its_bodies_are_read() {
     let code = status_of(common::channel(&shard.url()).await.oneshot(req).await.expect("r")).await;
     assert_eq!(code, Code::ResourceExhausted);
     assert!(start.elapsed() < Duration::from_secs(2), "refused before the body");
+}
+
+/// Opens `n` sockets to `addr`, each sending `prefix` and then nothing.
+fn silent_sockets(addr: &str, n: usize, prefix: &[u8]) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
+    (0..n)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            s.write_all(prefix).expect("write");
+            s
+        })
+        .collect()
+}
+
+/// True when the server closed `s` (end of stream or reset) before `deadline`.
+fn closed_by(s: &mut std::net::TcpStream, deadline: Instant) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).expect("timeout");
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // Bytes the server sent before closing (its HTTP/2 settings, a 408): read on.
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// The device port's open connections.
+const OPEN: &str = "constellation_grpc_connections{shard_id=\"1\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_device_connections_and_half_sent_rest_headers_are_closed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let env = [
+        ("IDLE_TIMEOUT_SECS", "3"),
+        ("HTTP2_KEEPALIVE_SECS", "1"),
+        ("HTTP2_KEEPALIVE_TIMEOUT_SECS", "1"),
+        ("REST_HEADER_TIMEOUT_SECS", "2"),
+    ];
+    let shard = Shard::start(dir.path(), None, &env);
+    // A live client that stays connected and quiet between two syncs: it answers the
+    // keepalive pings, so it is not cut.
+    let mut live = shard.client().await;
+    let token = register(&mut live, "tv-live").await;
+    live.sync(sync_request("tv-live", Some(&token), delta(1, vec![pattern(1, 0.9)])))
+        .await
+        .expect("first sync");
+
+    let grpc = format!("127.0.0.1:{}", shard.grpc);
+    let rest = format!("127.0.0.1:{}", shard.rest);
+    let started = Instant::now();
+    let mut idle = silent_sockets(&grpc, 100, b"");
+    let mut half =
+        silent_sockets(&rest, 100, b"GET /api/v1/stats HTTP/1.1\r\nHost: shard\r\nX-Slow: ");
+    let deadline = started + Duration::from_secs(15);
+    let idle_closed = idle.iter_mut().map(|s| closed_by(s, deadline)).filter(|c| *c).count();
+    let half_closed = half.iter_mut().map(|s| closed_by(s, deadline)).filter(|c| *c).count();
+    assert_eq!((idle_closed, half_closed), (100, 100), "after {:?}", started.elapsed());
+
+    // The live connection outlived the idle ones and still carries a sync.
+    let open = shard.metric(OPEN);
+    assert_eq!(open, 1.0, "connections open after the idle ones were cut");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    live.sync(sync_request("tv-live", Some(&token), delta(2, vec![pattern(2, 0.9)])))
+        .await
+        .expect("sync on the long-lived connection");
+    assert_eq!(shard.metric(OPEN), 1.0, "no reconnect was needed");
 }

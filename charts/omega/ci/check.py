@@ -68,6 +68,7 @@ VALUE_SETS = {
         "fullnameOverride": "tv-omega",
         "watchNamespace": "tv",
     },
+    "split rbac": {"rbac": {"namespaces": ["tv-a", "tv-b"]}},
     "minimal": {
         "crds": {"install": False},
         "podDisruptionBudget": {"enabled": False},

@@ -113,7 +113,7 @@ int main(int argc, char **argv) {
           "stats");
 
     n = omega_brain_sync(brain,
-                         "{\"endpoint\":\"http://127.0.0.1:9\",\"token\":\"t\",\"max_attempts\":1,"
+                         "{\"endpoint\":\"http://127.0.0.1:9\",\"allow_plaintext\":true,\"token\":\"t\",\"max_attempts\":1,"
                          "\"timeout_ms\":500,\"connect_timeout_ms\":500}",
                          buf, sizeof buf);
     CHECK(n == OMEGA_ERR_UNAVAILABLE, "sync to a dead shard is unavailable");
@@ -124,7 +124,7 @@ int main(int argc, char **argv) {
 
     /* A live shard: register (no token given), push the waiting delta. */
     char sync_cfg[1024];
-    snprintf(sync_cfg, sizeof sync_cfg, "{\"endpoint\": \"%s\", \"region\": \"eu\"}", argv[3]);
+    snprintf(sync_cfg, sizeof sync_cfg, "{\"endpoint\": \"%s\", \"allow_plaintext\": true, \"region\": \"eu\"}", argv[3]);
     n = omega_brain_sync(brain, sync_cfg, buf, sizeof buf);
     CHECK(n > 0 && n < (int64_t)sizeof buf, "sync to a live shard");
     CHECK(strstr(buf, "\"acknowledged\":true") != NULL, "the shard acknowledged the delta");

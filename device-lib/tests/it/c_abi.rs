@@ -416,7 +416,9 @@ fn c_sync_registers_pushes_and_does_not_block_other_calls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let brain = open(dir.path(), "tv-c-sync");
     observe(brain, "heat", 0).expect("observe");
-    let cfg = c(&serde_json::json!({"endpoint": endpoint, "timeout_ms": 5000}).to_string());
+    let cfg =
+        c(&serde_json::json!({"endpoint": endpoint, "allow_plaintext": true, "timeout_ms": 5000})
+            .to_string());
     let report = sync(brain, &cfg).unwrap_or_else(|code| panic!("sync: {code}: {}", last_error()));
     assert_eq!(report["acknowledged"], true, "{report}");
     assert_eq!(
@@ -459,7 +461,9 @@ fn c_sync_reuses_the_kept_token_after_a_reopen() {
     let shard: TestShard = shard();
     let endpoint = rt.block_on(serve(shard.clone()));
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = c(&serde_json::json!({"endpoint": endpoint, "timeout_ms": 5000}).to_string());
+    let cfg =
+        c(&serde_json::json!({"endpoint": endpoint, "allow_plaintext": true, "timeout_ms": 5000})
+            .to_string());
     let brain = open(dir.path(), "tv-c-reopen");
     assert_eq!(stats(brain)["has_token"], false);
     observe(brain, "heat", 0).expect("observe");
@@ -495,7 +499,8 @@ fn c_sync_of_a_device_id_registered_elsewhere_is_device_id_taken() {
     let shard: TestShard = shard();
     let endpoint = rt.block_on(serve(shard.clone()));
     rt.block_on(async {
-        let cfg = SyncConfig { endpoint: endpoint.clone(), ..Default::default() };
+        let cfg =
+            SyncConfig { endpoint: endpoint.clone(), allow_plaintext: true, ..Default::default() };
         let mut other = SyncClient::connect(cfg).await.expect("connect");
         let model = crate::common::embedder().model_id().to_owned();
         other.register("tv-c-taken", "eu", &model).await.expect("the other device");
@@ -503,7 +508,9 @@ fn c_sync_of_a_device_id_registered_elsewhere_is_device_id_taken() {
     let dir = tempfile::tempdir().expect("tempdir");
     let brain = open(dir.path(), "tv-c-taken");
     observe(brain, "heat", 0).expect("observe");
-    let cfg = c(&serde_json::json!({"endpoint": endpoint, "timeout_ms": 5000}).to_string());
+    let cfg =
+        c(&serde_json::json!({"endpoint": endpoint, "allow_plaintext": true, "timeout_ms": 5000})
+            .to_string());
     assert_eq!(sync(brain, &cfg), Err(i64::from(OMEGA_ERR_DEVICE_ID_TAKEN)));
     let msg = last_error();
     assert!(

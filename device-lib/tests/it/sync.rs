@@ -37,6 +37,11 @@ pub struct ShardState {
     pub registrations: u32,
     /// Register calls that carried `authorization`.
     pub registrations_with_token: u32,
+    /// Answer the next sync with a renewed token; from then on only that one is accepted
+    /// for its device (as after a key rotation that retired the old key).
+    pub renew_next: bool,
+    /// Devices whose token was renewed.
+    pub renewed: HashSet<String>,
     pub applied: HashSet<(String, u64)>,
     pub patterns: HashMap<uuid::Uuid, f32>,
     pub removed: HashSet<uuid::Uuid>,
@@ -56,6 +61,11 @@ pub struct TestShard(Arc<Mutex<ShardState>>);
 /// plain function of it, so that one device's token never passes for another's).
 pub fn token(device: &str) -> String {
     format!("tok-123.{device}")
+}
+
+/// The token the fixture hands out when it renews `device`'s.
+pub fn renewed_token(device: &str) -> String {
+    format!("tok-456.{device}")
 }
 
 /// The bearer token a request carries, if any.
@@ -147,11 +157,21 @@ impl Constellation for TestShard {
         self.gate(&req).await?;
         let auth = presented(&req);
         let r = req.into_inner();
-        if auth != Some(token(&r.device_id)) {
+        let mut s = self.state();
+        let expected = if s.renewed.contains(&r.device_id) {
+            renewed_token(&r.device_id)
+        } else {
+            token(&r.device_id)
+        };
+        if auth != Some(expected) {
             return Err(Status::unauthenticated("bad token"));
         }
-        let mut s = self.state();
         let mut resp = pb::SyncResponse::default();
+        if s.renew_next {
+            s.renew_next = false;
+            s.renewed.insert(r.device_id.clone());
+            resp.renewed_token = renewed_token(&r.device_id);
+        }
         if let Some(d) = r.delta {
             s.wire_deltas.push(d.clone());
             if s.refuse_deltas > 0 {
@@ -227,6 +247,8 @@ fn fast(endpoint: &str) -> SyncConfig {
         backoff_base_ms: 10,
         backoff_max_ms: 50,
         max_attempts: 4,
+        // The fixture speaks plaintext on loopback.
+        allow_plaintext: true,
         ..Default::default()
     }
 }
@@ -646,6 +668,73 @@ async fn a_reopened_brain_syncs_with_its_stored_token_without_registering_again(
     assert_eq!(b.registration().map(|r| r.endpoint.as_str()), Some(other_name.as_str()));
     let s = shard.state();
     assert_eq!((s.registrations, s.registrations_with_token, s.devices.len()), (2, 1, 1));
+}
+
+#[tokio::test]
+async fn a_renewed_token_is_used_at_once_and_kept_by_the_brain() {
+    let shard = shard();
+    let endpoint = serve(shard.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = brain_in(dir.path());
+    let device = b.device_id().to_owned();
+    b.observe(&event("heat", 0.9, 0)).expect("observe");
+    let mut client = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    let r = client.register_and_sync(&mut &mut b).await.expect("first sync");
+    assert!(r.registered && !r.token_renewed, "{r:?}");
+
+    // The shard renews during a normal sync; the old token stops working right after.
+    shard.state().renew_next = true;
+    b.observe(&event("casino", 0.9, 10)).expect("observe");
+    let r = client.sync(&mut b).await.expect("sync that renews");
+    assert!(r.token_renewed && r.acknowledged, "{r:?}");
+    assert_eq!(client.config().token, Some(renewed_token(&device)));
+    assert_eq!(b.registration().map(|r| r.token.clone()), Some(renewed_token(&device)));
+    b.observe(&event("godfather", 0.9, 20)).expect("observe");
+    assert!(client.sync(&mut b).await.expect("next sync").acknowledged);
+    b.close().expect("close");
+
+    // After a reboot the brain presents the renewed token, without registering again.
+    let mut b = brain_in(dir.path());
+    b.observe(&event("alien", 0.9, 30)).expect("observe");
+    let mut fresh = SyncClient::connect(fast(&endpoint)).await.expect("connect");
+    let r = fresh.register_and_sync(&mut &mut b).await.expect("sync after the reboot");
+    assert!(!r.registered && r.acknowledged, "{r:?}");
+    let s = shard.state();
+    assert_eq!((s.registrations, s.devices.len(), s.patterns.len()), (1, 1, 4));
+}
+
+#[cfg(unix)]
+#[test]
+fn the_brain_database_holding_the_token_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("brain.sqlite");
+    let b = brain_in(dir.path());
+    drop(b);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode();
+    assert_eq!(mode(&path) & 0o777, 0o600);
+    // A file made before (world-readable) is narrowed when the brain opens it.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    drop(brain_in(dir.path()));
+    assert_eq!(mode(&path) & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn a_plaintext_endpoint_needs_the_explicit_flag() {
+    let err = SyncClient::connect(SyncConfig {
+        endpoint: "http://127.0.0.1:1".into(),
+        ..Default::default()
+    })
+    .await
+    .expect_err("plaintext refused by default");
+    assert!(matches!(&err, DeviceError::SyncConfig(m) if m.contains("allow_plaintext")), "{err}");
+    assert!(SyncConfig::default().endpoint.starts_with("https://"));
+    let ok = SyncConfig {
+        endpoint: "http://127.0.0.1:1".into(),
+        allow_plaintext: true,
+        ..Default::default()
+    };
+    assert!(SyncClient::connect(ok).await.is_ok());
 }
 
 #[tokio::test]

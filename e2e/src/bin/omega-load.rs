@@ -1,10 +1,17 @@
 //! `omega-load`: drives one shard server with simulated devices and reports throughput,
 //! latency percentiles and bytes on the wire.
+//!
+//! `--baseline-echo` then drives a bare tonic echo of the sync's payload shape with the same
+//! devices, connections and concurrency (`echo_calls_per_sec`, `ratio`). `--flood-connections`
+//! runs an unauthenticated flood of never-finishing bodies during the sync run and reports
+//! the server's resident memory before, at its peak, and after the flood (with
+//! `--spawn-server`).
 
 use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use omega_e2e::load::{self, LoadConfig, Progress, spawn};
+use omega_e2e::load::flood::{Flood, FloodConfig, rss_bytes};
+use omega_e2e::load::{self, LoadConfig, Progress, echo, spawn};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -52,6 +59,25 @@ struct Args {
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// After the shard run, run the same load against a bare tonic echo of the sync's payload
+    /// shape in this process, and report `echo_calls_per_sec` and `ratio`.
+    #[arg(long)]
+    baseline_echo: bool,
+    /// Unauthenticated flood during the sync run: connections (0 = none).
+    #[arg(long, default_value_t = 0)]
+    flood_connections: usize,
+    /// Flood: never-finishing requests kept open per connection.
+    #[arg(long, default_value_t = 50)]
+    flood_streams: usize,
+    /// Flood: KiB of body each request sends before stalling (its frame announces 1 MiB).
+    #[arg(long, default_value_t = 1023)]
+    flood_body_kib: usize,
+    /// Flood: source address of its connections (another loopback address than the devices').
+    #[arg(long, default_value = "127.0.0.2")]
+    flood_source: std::net::IpAddr,
+    /// Seconds to wait after the flood before measuring the server's memory again.
+    #[arg(long, default_value_t = 5)]
+    settle_secs: u64,
 }
 
 #[tokio::main]
@@ -113,12 +139,73 @@ async fn main() -> anyhow::Result<()> {
             }
         })
     };
-    let report = load::run(&cfg, progress).await.context("load run failed")?;
+    let pid = spawned.as_ref().map(spawn::SpawnedShard::pid);
+    let rss_start = pid.and_then(rss_bytes);
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(rss_start.unwrap_or(0)));
+    let sampler = pid.map(|pid| {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(r) = rss_bytes(pid) {
+                    peak.fetch_max(r, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    let flood = (args.flood_connections > 0).then(|| {
+        Flood::start(FloodConfig {
+            target: cfg.target.clone(),
+            connections: args.flood_connections,
+            streams: args.flood_streams,
+            body_bytes: args.flood_body_kib * 1024,
+            source: args.flood_source,
+        })
+    });
+    let report = load::run(&cfg, progress).await.context("load run failed");
+    let mut extra = serde_json::Map::new();
+    if let Some(f) = flood {
+        let s = f.stats.clone();
+        f.stop().await;
+        tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+        extra.insert("flood_requests_sent".into(), s.sent.load(Ordering::Relaxed).into());
+        extra.insert("flood_requests_answered".into(), s.answered.load(Ordering::Relaxed).into());
+        extra.insert("flood_cut".into(), s.cut.load(Ordering::Relaxed).into());
+    }
+    if let Some(t) = sampler {
+        t.abort();
+    }
+    if let (Some(pid), Some(start)) = (pid, rss_start) {
+        let mib = |b: u64| (b as f64 / 1_048_576.0 * 10.0).round() / 10.0;
+        extra.insert("server_rss_start_mib".into(), mib(start).into());
+        extra.insert("server_rss_peak_mib".into(), mib(peak.load(Ordering::Relaxed)).into());
+        if let Some(end) = rss_bytes(pid) {
+            extra.insert("server_rss_end_mib".into(), mib(end).into());
+        }
+    }
+    let report = report?;
     ticker.abort();
     bar.finish_and_clear();
     drop(spawned);
+    if args.baseline_echo {
+        let e = echo::Echo::new(&cfg.model_id);
+        extra.insert("echo_response_bytes".into(), e.response_bytes().into());
+        let url = echo::serve(e).await.context("starting the echo server")?;
+        let echo_cfg = LoadConfig { target: url, ..cfg.clone() };
+        let echo_report =
+            load::run(&echo_cfg, Arc::new(Progress::default())).await.context("echo run failed")?;
+        let ratio = report.syncs_per_sec / echo_report.syncs_per_sec.max(f64::MIN_POSITIVE);
+        extra.insert("echo_calls_per_sec".into(), echo_report.syncs_per_sec.into());
+        extra.insert("echo_p99_ms".into(), echo_report.p99_ms.into());
+        extra.insert("echo_errors".into(), echo_report.errors.into());
+        extra.insert("ratio".into(), ((ratio * 1000.0).round() / 1000.0).into());
+    }
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(o) = v.as_object_mut() {
+            o.extend(extra);
+        }
+        println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
             "{} syncs in {:.1} s: {:.0} syncs/s, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors {:?}\nbytes up p50 {} B, down p50 {} B (max {} B), similar p50 {}",
@@ -136,6 +223,9 @@ async fn main() -> anyhow::Result<()> {
             report.bytes_down_max,
             report.similar_p50,
         );
+        for (k, v) in &extra {
+            println!("{k}: {v}");
+        }
     }
     Ok(())
 }

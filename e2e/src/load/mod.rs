@@ -7,6 +7,8 @@
 //! turn, one request in flight at a time. (With every device in flight at once, 2,000 devices
 //! at 2,500 syncs/s would mean 0.8 s per sync by Little's law, whatever the server does.)
 
+pub mod echo;
+pub mod flood;
 pub mod report;
 pub mod spawn;
 
@@ -184,6 +186,9 @@ pub struct Progress {
     pub errors: AtomicU64,
 }
 
+/// Registrations in flight per connection.
+const REGISTER_STREAMS_PER_CONNECTION: usize = 8;
+
 /// Registers one device. A shard limits registrations per client address
 /// (`REGISTER_RATE_*`), and all simulated devices share this one: when refused with
 /// RESOURCE_EXHAUSTED, wait and try again (for up to ~2 minutes), like a real client.
@@ -208,10 +213,13 @@ async fn register(
 pub async fn run(cfg: &LoadConfig, progress: Arc<Progress>) -> Result<Report, LoadError> {
     let channels = connect(&cfg.target, cfg.connections).await?;
     let mut devices = Vec::with_capacity(cfg.devices);
-    // Register with bounded concurrency.
+    // Register with bounded concurrency: at most the shard's default
+    // MAX_STREAMS_PER_CONNECTION per connection. A fresh HTTP/2 connection does not know the
+    // server's stream limit until its SETTINGS arrive, and a burst of streams beyond it is
+    // refused, which the shard's reset-flood guard may answer by closing the connection.
     let ids: Vec<String> =
         (0..cfg.devices).map(|i| format!("{}-{i:06}", cfg.device_prefix)).collect();
-    for chunk in ids.chunks(256) {
+    for chunk in ids.chunks(REGISTER_STREAMS_PER_CONNECTION * channels.len()) {
         let mut set = tokio::task::JoinSet::new();
         for (k, id) in chunk.iter().enumerate() {
             let mut c = client(channels[k % channels.len()].clone());
@@ -220,6 +228,7 @@ pub async fn run(cfg: &LoadConfig, progress: Arc<Progress>) -> Result<Report, Lo
                 region: cfg.region.clone(),
                 model_id: cfg.model_id.clone(),
                 client_version: "omega-load".into(),
+                ..Default::default()
             };
             let id = id.clone();
             set.spawn(async move {

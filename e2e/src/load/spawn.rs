@@ -16,6 +16,13 @@ pub struct SpawnedShard {
     _data: tempfile::TempDir,
 }
 
+impl SpawnedShard {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for SpawnedShard {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -267,6 +267,8 @@ impl Run<'_> {
         if tv.client.is_none() {
             let mut c = SyncClient::connect(SyncConfig {
                 endpoint: self.shards.grpc[tv.shard].clone(),
+                // The simulated shards listen in plaintext on loopback.
+                allow_plaintext: true,
                 region: REGION.into(),
                 ..Default::default()
             })

@@ -634,4 +634,56 @@ fn chart_lints_renders_and_grants_what_the_operator_uses() {
     let dep = docs.iter().find(|d| d["kind"] == json!("Deployment")).unwrap();
     let env = dep["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap();
     assert!(env.iter().any(|e| e["name"] == json!("WATCH_NAMESPACE") && e["value"] == json!("tv")));
+
+    // All namespaces watched, Shards only in listed ones: the ClusterRole watches and reads
+    // but holds no Secret and no workload write; each listed namespace gets the writes, and
+    // together they grant exactly what the operator uses.
+    let split = render(json!({"rbac": {"namespaces": ["tv-a", "tv-b"]}})).unwrap();
+    let docs = rendered_docs(&split);
+    let rules_of = |d: &Value| -> BTreeSet<(String, String, String)> {
+        let mut out = BTreeSet::new();
+        for r in d["rules"].as_array().unwrap() {
+            for g in r["apiGroups"].as_array().unwrap() {
+                for res in r["resources"].as_array().unwrap() {
+                    for v in r["verbs"].as_array().unwrap() {
+                        let s = |x: &Value| x.as_str().unwrap().to_string();
+                        out.insert((s(g), s(res), s(v)));
+                    }
+                }
+            }
+        }
+        out
+    };
+    let cluster = rules_of(docs.iter().find(|d| d["kind"] == json!("ClusterRole")).unwrap());
+    for (g, res, v) in &cluster {
+        assert!(res != "secrets" && res != "persistentvolumeclaims", "cluster-wide {v} {res}");
+        let own = g == "omega.exogenesis.io" || g == "events.k8s.io";
+        assert!(
+            own || ["get", "list", "watch"].contains(&v.as_str()),
+            "cluster-wide {v} {res}.{g}"
+        );
+    }
+    let writers: Vec<&Value> = docs
+        .iter()
+        .filter(|d| {
+            d["kind"] == json!("Role") && d["metadata"]["name"] == json!("omega-operator-writer")
+        })
+        .collect();
+    let namespaces: BTreeSet<&str> =
+        writers.iter().map(|d| d["metadata"]["namespace"].as_str().unwrap()).collect();
+    assert_eq!(namespaces, BTreeSet::from(["tv-a", "tv-b"]));
+    for ns in ["tv-a", "tv-b"] {
+        assert!(docs.iter().any(|d| d["kind"] == json!("RoleBinding")
+            && d["metadata"]["namespace"] == json!(ns)
+            && d["roleRef"]["name"] == json!("omega-operator-writer")));
+    }
+    let mut granted = cluster.clone();
+    granted.extend(rules_of(writers[0]));
+    let wanted: BTreeSet<(String, String, String)> = crate::rbac::USED
+        .iter()
+        .chain(crate::rbac::JUSTIFIED)
+        .filter(|e| e.1 != "leases")
+        .map(|e| (e.0.to_string(), e.1.to_string(), e.2.to_string()))
+        .collect();
+    assert_eq!(granted, wanted, "split RBAC grants exactly what is used");
 }

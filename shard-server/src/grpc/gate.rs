@@ -4,7 +4,7 @@
 //! - a draining shard answers UNAVAILABLE;
 //! - a client address past its budget of bad tokens (`AUTH_FAILURES_PER_MINUTE`) gets
 //!   RESOURCE_EXHAUSTED;
-//! - a Sync without a well-formed bearer token (the unpadded base64url of 32 bytes) gets
+//! - a Sync without a well-formed bearer token ([`crate::tokens::well_formed`]) gets
 //!   UNAUTHENTICATED, and counts against that budget.
 //!
 //! The token itself is verified by the service: it is keyed on the device id, which only the
@@ -69,7 +69,7 @@ impl<S> DeviceGate<S> {
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
                 .and_then(auth::bearer)
-                .is_some_and(auth::well_formed);
+                .is_some_and(crate::tokens::well_formed);
             if !well_formed {
                 st.auth_failures.allow(&key, now);
                 return Some(Status::unauthenticated(

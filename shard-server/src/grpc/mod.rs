@@ -1,7 +1,7 @@
 //! gRPC transport: the device-facing `Constellation` service ([`sync`]) and the internal
 //! `ShardAdmin` service ([`admin`]), the conversion of layer errors to gRPC statuses, the
 //! layer that counts every sync outcome (including requests tonic refuses before a handler
-//! runs: oversized, undecodable, zstd bombs), and connection counting.
+//! runs: oversized, undecodable, zstd bombs). Connections are accepted by [`crate::conn`].
 
 pub mod admin;
 pub mod gate;
@@ -11,19 +11,13 @@ use crate::metrics::{Metrics, status_label};
 use crate::service::{ServiceError, SyncOutcome};
 use crate::store::StoreError;
 use omega_protocol::ValidationError;
-use prometheus_client::metrics::gauge::Gauge;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
 use tonic::Status;
 use tonic::codegen::http;
-use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// gRPC path of `Constellation.Sync`.
 pub const SYNC_PATH: &str = "/omega.v1.Constellation/Sync";
@@ -51,6 +45,7 @@ pub fn service_status(e: ServiceError) -> Status {
         e @ ServiceError::Draining => Status::unavailable(e.to_string()),
         e @ ServiceError::RateLimited(_) => Status::resource_exhausted(e.to_string()),
         e @ ServiceError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
+        e @ ServiceError::Forbidden(_) => Status::permission_denied(e.to_string()),
         ServiceError::Invalid(e) => invalid(e),
         ServiceError::Store(e) => store_status(e),
     }
@@ -163,96 +158,4 @@ where
             res
         })
     }
-}
-
-/// A TCP connection that keeps `constellation_grpc_connections` up to date and holds one of
-/// the `MAX_CONNECTIONS` permits while open.
-#[derive(Debug)]
-pub struct CountedStream {
-    inner: TcpStream,
-    gauge: Gauge,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Drop for CountedStream {
-    fn drop(&mut self) {
-        self.gauge.dec();
-    }
-}
-
-impl AsyncRead for CountedStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CountedStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-impl Connected for CountedStream {
-    type ConnectInfo = TcpConnectInfo;
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
-/// Accepted connections of `listener` with TCP_NODELAY set, counted in `gauge`, at most
-/// `max` open at once: a connection beyond it is closed as soon as it is accepted (the
-/// client sees a reset and retries later or elsewhere), so it costs no more than an accept.
-pub fn counted_incoming(
-    listener: TcpListener,
-    gauge: Gauge,
-    max: usize,
-) -> impl Stream<Item = std::io::Result<CountedStream>> {
-    let permits = Arc::new(Semaphore::new(max));
-    TcpListenerStream::new(listener).filter_map(move |r| match r {
-        Err(e) => Some(Err(e)),
-        Ok(s) => match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let _ = s.set_nodelay(true);
-                gauge.inc();
-                Some(Ok(CountedStream { inner: s, gauge: gauge.clone(), _permit: permit }))
-            }
-            Err(_) => {
-                tracing::debug!("MAX_CONNECTIONS reached: closing a new connection");
-                None
-            }
-        },
-    })
-}
-
-/// Accepted connections of `listener` with TCP_NODELAY set.
-pub fn incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<TcpStream>> {
-    TcpListenerStream::new(listener).map(|r| {
-        r.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    })
 }

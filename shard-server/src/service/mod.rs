@@ -28,7 +28,11 @@ pub enum ServiceError {
     RateLimited(&'static str),
     /// The request carries no token, or one that does not match its device.
     #[error("{0}")]
-    Unauthenticated(&'static str),
+    Unauthenticated(String),
+    /// The caller is authenticated (or needs no authentication) but may not do this: a new
+    /// registration without a valid enrolment secret.
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// The request is malformed.
     #[error(transparent)]
     Invalid(#[from] ValidationError),

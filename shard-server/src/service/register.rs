@@ -1,9 +1,10 @@
 //! Registration.
 //!
 //! A registration is checked per client address against `REGISTER_RATE_*` first. A new
-//! device id gets its token; an id that is registered already gets it only when the request
-//! carries that token, since the token is derived from the id alone and would otherwise be
-//! handed to anyone who names the id.
+//! device id gets its token (after its enrolment secret, when `ENROLLMENT_SECRETS` is set); an
+//! id that is registered already gets a fresh one only when the request carries a valid
+//! token of that id, since a token is derived from the id and the key alone and would
+//! otherwise be handed to anyone who names the id. A revoked id gets nothing.
 
 use super::{Service, ServiceError};
 use omega_protocol::pb;
@@ -56,11 +57,27 @@ impl Service {
         }
         let r = input.request;
         tracing::info_span!("validate").in_scope(|| validate::check_register(&r))?;
+        let now_secs = crate::clock::now_secs();
         if let Some(t) = &input.token
-            && !st.keys.verify(&r.device_id, t)
+            && let Err(e) = st.tokens.check(&r.device_id, t, now_secs)
         {
             st.auth_failures.allow(&peer_key(input.peer), Instant::now());
-            return Err(ServiceError::Unauthenticated("the bearer token does not match device_id"));
+            return Err(ServiceError::Unauthenticated(e.to_string()));
+        }
+        if st.tokens.is_revoked(&r.device_id) {
+            return Err(ServiceError::Unauthenticated(
+                crate::tokens::TokenError::Revoked.to_string(),
+            ));
+        }
+        // Enrolment guards new ids only: a device re-registering shows its own token.
+        if input.token.is_none()
+            && let Some(enrollment) = &st.enrollment
+            && !enrollment.verify(&r.enrollment_secret)
+        {
+            st.auth_failures.allow(&peer_key(input.peer), Instant::now());
+            return Err(ServiceError::Forbidden(
+                "registering a new device needs a valid enrollment_secret (vendor-issued)",
+            ));
         }
         let region = if r.region.is_empty() { st.settings.region.clone() } else { r.region };
         let reg = st
@@ -68,19 +85,20 @@ impl Service {
             .register(&r.device_id, &region, st.settings.max_devices, crate::clock::now_ms())
             .instrument(tracing::info_span!("store.register"))
             .await?;
-        // The token is a function of the id alone: handing it out again for an existing id
+        // Tokens are keyed on the id alone: handing one out again for an existing id
         // would let anyone who knows (or guesses) a device id act as that device.
         if !reg.created && input.token.is_none() {
             return Err(ServiceError::Unauthenticated(
                 "device_id is already registered: registering it again needs its token in \
-                 `authorization: Bearer <token>`",
+                 `authorization: Bearer <token>`"
+                    .into(),
             ));
         }
         if reg.created {
             tracing::debug!(region = %reg.region, "device registered");
         }
         Ok(pb::RegisterResponse {
-            device_token: st.keys.token(&r.device_id),
+            device_token: st.tokens.issue(&r.device_id, now_secs),
             shard_id: st.settings.shard_id,
             region: reg.region,
             model_id: st.settings.model_id.clone(),

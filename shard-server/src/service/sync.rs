@@ -1,7 +1,7 @@
 //! Sync.
 //!
 //! A sync is checked in this order, cheapest first, so bad requests cost little: draining,
-//! bearer token (HMAC, constant time), rate limit, delta validation (`omega-protocol`), then
+//! bearer token (revocation, HMAC in constant time, expiry: [`crate::tokens`]), rate limit, delta validation (`omega-protocol`), then
 //! the store write. The response is assembled by [`crate::sync`].
 //!
 //! `similar` comes from one of two paths. With `COLLAB_SERVING` on, a published catalog of
@@ -146,14 +146,20 @@ impl Service {
         omega_telemetry::record_trace_id(&tracing::Span::current());
         let st = &self.state;
         self.check_draining()?;
-        let verified = token.is_some_and(|t| st.keys.verify(&msg.device_id, t));
-        if !verified {
-            st.auth_failures.allow(&super::peer_key(peer), Instant::now());
-            return Err(ServiceError::Unauthenticated(match token {
-                None => "missing `authorization: Bearer <token>`",
-                Some(_) => "the device token does not match device_id",
-            }));
-        }
+        let checked = match token {
+            None => Err("missing `authorization: Bearer <token>`".to_owned()),
+            Some(t) => st
+                .tokens
+                .check(&msg.device_id, t, crate::clock::now_secs())
+                .map_err(|e| e.to_string()),
+        };
+        let accepted = match checked {
+            Ok(a) => a,
+            Err(why) => {
+                st.auth_failures.allow(&super::peer_key(peer), Instant::now());
+                return Err(ServiceError::Unauthenticated(why));
+            }
+        };
         st.metrics.observe_bytes("up", grpc_zstd_size(&msg));
         if !st.limiter.allow(&msg.device_id, Instant::now()) {
             return Err(ServiceError::RateLimited("per-device sync rate limit exceeded"));
@@ -212,6 +218,11 @@ impl Service {
             patterns_accepted: if applied.applied { prepared.accepted } else { 0 },
             patterns_filtered: if applied.applied { prepared.filtered } else { 0 },
             replayed: !applied.applied && !pull_only,
+            renewed_token: if accepted.renew {
+                st.tokens.issue(&msg.device_id, crate::clock::now_secs())
+            } else {
+                String::new()
+            },
         };
         let fitted = logic::fit(&mut resp, similar, trends, DOWN_BUDGET_BYTES);
         if let Some(page) = &page {

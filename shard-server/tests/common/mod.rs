@@ -411,6 +411,7 @@ pub async fn register(c: &mut ConstellationClient<Channel>, id: &str) -> String 
         region: "eu".into(),
         model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
         client_version: "test".into(),
+        ..Default::default()
     })
     .await
     .expect("register")
@@ -425,6 +426,7 @@ pub fn register_request(id: &str, token: Option<&str>) -> tonic::Request<pb::Reg
         region: "eu".into(),
         model_id: omega_protocol::DEFAULT_MODEL_ID.into(),
         client_version: "test".into(),
+        ..Default::default()
     });
     if let Some(t) = token {
         r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().expect("header"));
