@@ -36,9 +36,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// Score [`Brain::score`] gives a content it knows nothing about (below every real score,
-/// which are `>= 0`).
-pub const UNKNOWN_SCORE: f32 = -1.0;
 /// Most recommendations one call returns.
 pub const MAX_K: usize = 200;
 /// Most candidates one [`Brain::score`] call takes.
@@ -687,7 +684,7 @@ impl Brain {
     /// One score per candidate content, in order, by the rule [`Brain::recommend`] ranks with
     /// (for evaluation harnesses that rank held-out items). Watched contents are scored like
     /// any other; a content known neither to the catalogue, the global patterns, the trends
-    /// nor the local patterns gets [`UNKNOWN_SCORE`].
+    /// nor the local patterns gets [`crate::UNKNOWN_SCORE`].
     pub fn score(&self, ctx: &RecommendContext, content_ids: &[String]) -> Result<Vec<f32>> {
         ctx.check()?;
         if content_ids.len() > MAX_SCORE_CANDIDATES {
