@@ -22,8 +22,8 @@
 # linkers and qemu-user, installing them if missing. The x86 build never needs them.
 # OMEGA_CROSS_TESTS: extra `cargo test` harness arguments (a name filter, --skip …).
 # OMEGA_CROSS_PROFILE: the cargo profile of both steps (default: `sdk` to build, `release` to
-# test); CI uses `cross-ci` (opt-level 1), which compiles in about half the time and lets
-# both targets share one set of host build scripts and proc-macros in target-cross/.
+# test); CI uses `cross-ci` (opt-level 1, quicker to compile), and one profile lets both
+# targets share one set of host build scripts and proc-macros in target-cross/.
 # OMEGA_CROSS_TARGET_DIR: cargo's target folder (default: target-cross/).
 set -euo pipefail
 caller_dir=$PWD

@@ -3,6 +3,9 @@
 # (ONNX Runtime, the MiniLM model and tokenizer, Postgres + pgvector, MovieLens-100K), starts a
 # throwaway Postgres on a free loopback port, runs the tests, and stops Postgres again.
 # Extra arguments go to `cargo nextest run` (e.g. a test-name filter).
+# Then the TV targets under qemu (docs/c-sdk.md, "CI"): device-lib's tests cross-built for
+# aarch64 with ONNX Runtime for aarch64, and the armv7 library (tract) with the guide's C
+# example. OMEGA_SKIP_CROSS=1 leaves them out (they add two cold cross builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,3 +36,13 @@ cargo test --workspace --doc
 # The dashboard's shard queries against a real Prometheus scraping a shard under omega-load
 # (the binaries the tests above built).
 python3 charts/omega/ci/dashboard_live.py "${CARGO_TARGET_DIR:-target}/debug"
+
+if [ "${OMEGA_SKIP_CROSS:-}" != 1 ]; then
+  # One lean profile and one target folder for both targets: they share the host's build
+  # scripts and proc-macros, and opt-level 1 compiles faster than release (timings:
+  # docs/benchmarks.md, "CI run").
+  export OMEGA_CROSS_PROFILE=cross-ci
+  scripts/cross.sh aarch64-unknown-linux-gnu tests
+  scripts/cross.sh armv7-unknown-linux-gnueabihf build
+  scripts/cross.sh armv7-unknown-linux-gnueabihf example
+fi
