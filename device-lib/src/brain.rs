@@ -48,8 +48,9 @@ const BYTES_PER_WATCHED: usize = 96;
 const MAX_ITEMS: usize = 10_000_000;
 /// Smallest memory budget (64 KiB: a handful of patterns).
 const MIN_BUDGET: usize = 1 << 16;
-/// Largest memory budget (1 TiB: far beyond a TV, still far from overflow).
-const MAX_BUDGET: usize = 1 << 40;
+/// Largest memory budget: 1 TiB (far beyond a TV, still far from overflow), or all a 32-bit
+/// `usize` holds (4 GiB - 1 B, on 32-bit ARM TVs).
+const MAX_BUDGET: usize = if usize::BITS > 40 { (1u64 << 40) as usize } else { usize::MAX };
 
 /// How a brain runs. Every field has a default; as JSON (C SDK) unknown fields are refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
