@@ -3,9 +3,10 @@
 # (ONNX Runtime, the MiniLM model and tokenizer, Postgres + pgvector, MovieLens-100K), starts a
 # throwaway Postgres on a free loopback port, runs the tests, and stops Postgres again.
 # Extra arguments go to `cargo nextest run` (e.g. a test-name filter).
-# Then the TV targets under qemu (docs/c-sdk.md, "CI"): device-lib's tests cross-built for
-# aarch64 with ONNX Runtime for aarch64, and the armv7 library (tract) with the guide's C
-# example. OMEGA_SKIP_CROSS=1 leaves them out (they add two cold cross builds).
+# Then the TV targets under qemu (docs/c-sdk.md, "CI"): the armv7 library (tract) with the
+# guide's C example, and with OMEGA_CROSS_AARCH64_TESTS=1 device-lib's tests cross-built for
+# aarch64 with ONNX Runtime for aarch64 (not yet run to the end: off by default until it is
+# timed). OMEGA_SKIP_CROSS=1 leaves all of it out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,11 +39,12 @@ cargo test --workspace --doc
 python3 charts/omega/ci/dashboard_live.py "${CARGO_TARGET_DIR:-target}/debug"
 
 if [ "${OMEGA_SKIP_CROSS:-}" != 1 ]; then
-  # One lean profile and one target folder for both targets: they share the host's build
-  # scripts and proc-macros, and opt-level 1 compiles faster than release (timings:
-  # docs/benchmarks.md, "CI run").
+  # One lean profile (opt-level 1: less optimising than release; not timed yet) and one
+  # target folder for both targets, which then share the host's build scripts and macros.
   export OMEGA_CROSS_PROFILE=cross-ci
-  scripts/cross.sh aarch64-unknown-linux-gnu tests
   scripts/cross.sh armv7-unknown-linux-gnueabihf build
   scripts/cross.sh armv7-unknown-linux-gnueabihf example
+  if [ "${OMEGA_CROSS_AARCH64_TESTS:-}" = 1 ]; then
+    scripts/cross.sh aarch64-unknown-linux-gnu tests
+  fi
 fi
