@@ -16,7 +16,9 @@ script replaces, for each such weight:
 With `--standard-ops` (the model of the pure-Rust `tract` backend, which has no Microsoft
 contrib operators) each `DynamicQuantizeMatMul` is spelled in standard ONNX operators with
 the same arithmetic: `DynamicQuantizeLinear(x) -> MatMulInteger(xq, q, xzp, 0) -> Cast ->
-Mul(x_scale * scale)`.
+Mul(x_scale * scale)`, and the exporter's attention mask (index arithmetic ending in
+`GatherND`, whose shape tract 0.23 infers wrongly) as the equivalent
+`Unsqueeze(Cast(attention_mask, bool), [1, 2])`.
 
 The output is deterministic: scripts/assets.py runs this with pinned `onnx`/`numpy` and checks
 the result's sha256, and omega-device's tests check it stays faithful to the original
