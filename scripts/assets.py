@@ -85,7 +85,7 @@ FILE_SHA256 = {
     "minilm/tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
     "onnxruntime-aarch64/libonnxruntime.so.1.31.1": "8aa3b76b28c778a2b1dd660d34161adb1d508c9ccd04ff9dc80e26eca5df8467",
     "minilm/model.onnx": "c592531989bbe6249f6d798f8bcc2e073cdd8b506fd633fae44a9acf581083e4",
-    "minilm/model-tract.onnx": "d9afe7489501f298329057bc7e88233522adb3e70b843a081804f8696e03131b",
+    "minilm/model-tract.onnx": "edd87e2c248c7d3b6b273dcd03fb70f813e5bbf34d0ee8eb484254bd21bdba2a",
     "pgserver/pgserver/pginstall/bin/postgres": "ae05b2a1b0685f2c69b8b9eb3765b1429a5c173c64b248f7f157de2af9db768d",
     "ml-100k/ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
     "ml-100k/ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",

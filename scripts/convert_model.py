@@ -16,7 +16,9 @@ script replaces, for each such weight:
 With `--standard-ops` (the model of the pure-Rust `tract` backend, which has no Microsoft
 contrib operators) each `DynamicQuantizeMatMul` is spelled in standard ONNX operators with
 the same arithmetic: `DynamicQuantizeLinear(x) -> MatMulInteger(xq, q, xzp, 0) -> Cast ->
-Mul(x_scale * scale)`.
+Mul(x_scale * scale)`, and the exporter's attention mask (index arithmetic ending in
+`GatherND`, whose shape tract 0.23 infers wrongly) as the equivalent
+`Unsqueeze(Cast(attention_mask, bool), [1, 2])`.
 
 The output is deterministic: scripts/assets.py runs this with pinned `onnx`/`numpy` and checks
 the result's sha256, and omega-device's tests check it stays faithful to the original
@@ -118,6 +120,49 @@ for n in g.node:
         nodes.extend(new_nodes_before[id(n)])
     if id(n) not in remove:
         nodes.append(n)
+
+if standard_ops:
+    # The exporter builds the attention mask `[batch, 1, 1, seq]` from the `[batch, seq]`
+    # input with index arithmetic ending in `GatherND(Cast(attention_mask, bool), indices)`
+    # and `And`s with constant `True`s. tract 0.23 infers that `GatherND`'s output is
+    # `[batch, 1, seq, seq]` and then fails at run time on the `[batch, 1, 1, seq]` it
+    # computes. The same mask is `Unsqueeze(Cast(attention_mask, bool), [1, 2])`.
+    gathers = [n for n in nodes if n.op_type == 'GatherND']
+    if len(gathers) != 1:
+        fail(f"{len(gathers)} GatherND nodes: not the attention-mask subgraph this script knows")
+    gnd = gathers[0]
+    cast = producers.get(gnd.input[0])
+    if cast is None or cast.op_type != 'Cast' or cast.input[0] != 'attention_mask' \
+            or [a.i for a in cast.attribute if a.name == 'to'] != [TensorProto.BOOL]:
+        fail(f"{gnd.name}: does not gather from the boolean attention mask")
+    # The mask is GatherND's output `And`-ed with constant `True`s (and a `x >= 0` that
+    # holds for every position): follow the `And`s to the mask the attention adds.
+    mask_out = gnd.output[0]
+    ands = []
+    while True:
+        users = [n for n in nodes if mask_out in n.input]
+        if len(users) != 1 or users[0].op_type != 'And':
+            break
+        ands.append(users[0])
+        mask_out = users[0].output[0]
+    users = [n for n in nodes if mask_out in n.input]
+    if not ands or not users or any(u.op_type != 'Where' or u.input[0] != mask_out for u in users):
+        fail(f"{gnd.name}: the mask does not end in Where(mask, 0, -inf): not the graph this script knows")
+    axes = 'attention_mask_axes'
+    new_inits.append(nh.from_array(np.array([1, 2], dtype=np.int64), axes))
+    unsq = helper.make_node('Unsqueeze', [cast.output[0], axes], [mask_out], name='attention_mask_4d')
+    last = ands[-1]
+    nodes = [unsq if n is last else n for n in nodes]
+    # Drop what nothing reads any more (GatherND, the index arithmetic), walking backwards.
+    graph_outputs = {o.name for o in g.output}
+    kept = []
+    needed = set(graph_outputs)
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output):
+            kept.append(n)
+            needed.update(n.input)
+    nodes = kept[::-1]
+
 del g.node[:]
 g.node.extend(nodes)
 g.initializer.extend(new_inits)

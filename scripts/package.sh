@@ -77,6 +77,24 @@ Libs: -L\${libdir} -lomega_device
 Libs.private: $static_libs
 EOF
 
+if [ "$backend" = tract ]; then
+  # tract's kernels are found through objects nothing in the archive calls: a static link
+  # must take the whole archive, or tract finds no matrix kernel when it loads the model.
+  static_target='if(NOT TARGET omega::omega_static)
+  add_library(omega::omega_static INTERFACE IMPORTED)
+  set_target_properties(omega::omega_static PROPERTIES
+    INTERFACE_INCLUDE_DIRECTORIES "${_omega_prefix}/include"
+    INTERFACE_LINK_LIBRARIES "-Wl,--whole-archive;${_omega_prefix}/lib/libomega_device.a;-Wl,--no-whole-archive;pthread;dl;m;rt;util;gcc_s")
+endif()'
+else
+  static_target='if(NOT TARGET omega::omega_static)
+  add_library(omega::omega_static STATIC IMPORTED)
+  set_target_properties(omega::omega_static PROPERTIES
+    IMPORTED_LOCATION "${_omega_prefix}/lib/libomega_device.a"
+    INTERFACE_INCLUDE_DIRECTORIES "${_omega_prefix}/include"
+    INTERFACE_LINK_LIBRARIES "pthread;dl;m;rt;util;gcc_s")
+endif()'
+fi
 cat > "$out/lib/cmake/omega/omegaConfig.cmake" <<EOF
 # Omega C SDK $version ($target, $backend embedder). Targets:
 #   omega::omega         the shared library (SONAME libomega_device.so.$major)
@@ -89,13 +107,7 @@ if(NOT TARGET omega::omega)
     IMPORTED_SONAME "libomega_device.so.$major"
     INTERFACE_INCLUDE_DIRECTORIES "\${_omega_prefix}/include")
 endif()
-if(NOT TARGET omega::omega_static)
-  add_library(omega::omega_static STATIC IMPORTED)
-  set_target_properties(omega::omega_static PROPERTIES
-    IMPORTED_LOCATION "\${_omega_prefix}/lib/libomega_device.a"
-    INTERFACE_INCLUDE_DIRECTORIES "\${_omega_prefix}/include"
-    INTERFACE_LINK_LIBRARIES "pthread;dl;m;rt;util;gcc_s")
-endif()
+$static_target
 set(OMEGA_ABI_VERSION_MAJOR $major)
 set(OMEGA_ABI_VERSION_MINOR $minor)
 set(OMEGA_EMBEDDER_BACKEND $backend)

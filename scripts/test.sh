@@ -3,6 +3,10 @@
 # (ONNX Runtime, the MiniLM model and tokenizer, Postgres + pgvector, MovieLens-100K), starts a
 # throwaway Postgres on a free loopback port, runs the tests, and stops Postgres again.
 # Extra arguments go to `cargo nextest run` (e.g. a test-name filter).
+# Then the TV targets under qemu (docs/c-sdk.md, "CI"): the armv7 library (tract) with the
+# guide's C example, and with OMEGA_CROSS_AARCH64_TESTS=1 device-lib's tests cross-built for
+# aarch64 with ONNX Runtime for aarch64 (not yet run to the end: off by default until it is
+# timed). OMEGA_SKIP_CROSS=1 leaves all of it out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,3 +38,14 @@ cargo test --workspace --doc
 # operator binary run against the fake API server with one federation round (the binaries and
 # the operator's cluster test the tests above built).
 python3 charts/omega/ci/dashboard_live.py "${CARGO_TARGET_DIR:-target}/debug"
+
+if [ "${OMEGA_SKIP_CROSS:-}" != 1 ]; then
+  # One lean profile (opt-level 1: less optimising than release; not timed yet) and one
+  # target folder for both targets, which then share the host's build scripts and macros.
+  export OMEGA_CROSS_PROFILE=cross-ci
+  scripts/cross.sh armv7-unknown-linux-gnueabihf build
+  scripts/cross.sh armv7-unknown-linux-gnueabihf example
+  if [ "${OMEGA_CROSS_AARCH64_TESTS:-}" = 1 ]; then
+    scripts/cross.sh aarch64-unknown-linux-gnu tests
+  fi
+fi

@@ -175,6 +175,27 @@ class AssetsTest(unittest.TestCase):
         self.assertEqual(res.returncode, 2)
         self.assertIn("usage", res.stderr)
 
+    def test_the_standard_ops_model_has_the_plain_attention_mask(self):
+        py = REAL_CACHE / "venv" / "bin" / "python"
+        original = REAL_CACHE / "minilm" / "model-original.onnx"
+        self.assertTrue(py.exists() and original.is_file(), "run scripts/assets.py fetch model first")
+        out = Path(self.tmp.name) / "model-tract.onnx"
+        res = subprocess.run([str(py), str(HERE / "convert_model.py"), "--standard-ops", str(original), str(out)],
+                             capture_output=True, text=True)
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertEqual(sha256(out), load_assets(REAL_CACHE).FILE_SHA256["minilm/model-tract.onnx"])
+        check = ("import onnx, sys; m = onnx.load(sys.argv[1]); ops = [n.op_type for n in m.graph.node]; "
+                 "print(sorted(set(ops))); "
+                 "print([list(n.input) for n in m.graph.node if n.name == 'attention_mask_4d'])")
+        res = subprocess.run([str(py), "-c", check, str(out)], capture_output=True, text=True)
+        self.assertEqual(res.returncode, 0, res.stderr)
+        ops, mask = res.stdout.splitlines()
+        # No contrib operator, no GatherND (tract mis-infers it), no index arithmetic left.
+        for op in ("DynamicQuantizeMatMul", "GatherND", "Range", "And"):
+            self.assertNotIn(f"'{op}'", ops)
+        self.assertIn("'MatMulInteger'", ops)
+        self.assertEqual(mask, "[['_to_copy', 'attention_mask_axes']]")
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

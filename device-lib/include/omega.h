@@ -8,12 +8,6 @@
 #include <stddef.h>
 
 /**
- * Score [`Brain::score`] gives a content it knows nothing about (below every real score,
- * which are `>= 0`).
- */
-#define OMEGA_UNKNOWN_SCORE -1.0
-
-/**
  * Most recommendations one call returns.
  */
 #define OMEGA_MAX_K 200
@@ -117,6 +111,12 @@
  * A bug (a caught panic).
  */
 #define OMEGA_ERR_INTERNAL -99
+
+/**
+ * Score `Brain::score` (`omega_brain_score` in C) gives a content it knows nothing about
+ * (below every real score, which are `>= 0`).
+ */
+#define OMEGA_UNKNOWN_SCORE -1.0
 
 /**
  * Offset that ranks every candidate with a collaborative score above every candidate scored

@@ -36,9 +36,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// Score [`Brain::score`] gives a content it knows nothing about (below every real score,
-/// which are `>= 0`).
-pub const UNKNOWN_SCORE: f32 = -1.0;
 /// Most recommendations one call returns.
 pub const MAX_K: usize = 200;
 /// Most candidates one [`Brain::score`] call takes.
@@ -51,8 +48,9 @@ const BYTES_PER_WATCHED: usize = 96;
 const MAX_ITEMS: usize = 10_000_000;
 /// Smallest memory budget (64 KiB: a handful of patterns).
 const MIN_BUDGET: usize = 1 << 16;
-/// Largest memory budget (1 TiB: far beyond a TV, still far from overflow).
-const MAX_BUDGET: usize = 1 << 40;
+/// Largest memory budget: 1 TiB (far beyond a TV, still far from overflow), or all a 32-bit
+/// `usize` holds (4 GiB - 1 B, on 32-bit ARM TVs).
+const MAX_BUDGET: usize = if usize::BITS > 40 { (1u64 << 40) as usize } else { usize::MAX };
 
 /// How a brain runs. Every field has a default; as JSON (C SDK) unknown fields are refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -687,7 +685,7 @@ impl Brain {
     /// One score per candidate content, in order, by the rule [`Brain::recommend`] ranks with
     /// (for evaluation harnesses that rank held-out items). Watched contents are scored like
     /// any other; a content known neither to the catalogue, the global patterns, the trends
-    /// nor the local patterns gets [`UNKNOWN_SCORE`].
+    /// nor the local patterns gets [`crate::UNKNOWN_SCORE`].
     pub fn score(&self, ctx: &RecommendContext, content_ids: &[String]) -> Result<Vec<f32>> {
         ctx.check()?;
         if content_ids.len() > MAX_SCORE_CANDIDATES {

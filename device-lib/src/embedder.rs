@@ -4,8 +4,8 @@
 //! - `onnxruntime` (feature `onnxruntime`, the default): ONNX Runtime, loaded at run time
 //!   from `libonnxruntime.so` ([`onnxruntime`]);
 //! - `tract` (feature `tract`): pure Rust, no native library, for targets ONNX Runtime does
-//!   not ship for (32-bit ARM, WebAssembly) ([`tract`]). It loads the model but does not
-//!   run it correctly yet (docs/c-sdk.md, "Targets and backends").
+//!   not ship for (32-bit ARM, WebAssembly) ([`tract`]). Same weights and arithmetic in
+//!   standard operators: its embeddings are within cosine 0.99 of ONNX Runtime's (a test).
 //!
 //! One [`Embedder`] holds one loaded model (~23 MB of int8 weights) and is shared by every
 //! brain of a process (`Arc<Embedder>`): the fleet simulator runs ~943 brains on one. The

@@ -25,10 +25,10 @@ pub mod registration;
 pub mod store;
 pub mod sync;
 
-pub use brain::{Brain, BrainConfig, BrainStats, ObserveOutcome, RecommendContext, UNKNOWN_SCORE};
+pub use brain::{Brain, BrainConfig, BrainStats, ObserveOutcome, RecommendContext};
 pub use catalogue::{Catalogue, CatalogueItem};
 pub use embedder::{Embedder, EmbedderConfig};
 pub use error::{DeviceError, ErrorCode, Result};
-pub use ranking::{RankingParams, Recommendation, Source};
+pub use ranking::{RankingParams, Recommendation, Source, UNKNOWN_SCORE};
 pub use registration::DeviceRegistration;
 pub use sync::{Registration, SyncClient, SyncConfig, SyncReport};

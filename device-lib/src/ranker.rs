@@ -137,7 +137,7 @@ impl<'a> Ranker<'a> {
     pub(crate) fn scores(&self, content_ids: &[String]) -> Vec<f32> {
         content_ids
             .iter()
-            .map(|c| self.score(c).map_or(crate::brain::UNKNOWN_SCORE, |s| s.score))
+            .map(|c| self.score(c).map_or(ranking::UNKNOWN_SCORE, |s| s.score))
             .collect()
     }
 

@@ -17,6 +17,10 @@ use std::collections::HashMap;
 
 const MS_PER_DAY: f32 = 86_400_000.0;
 
+/// Score `Brain::score` (`omega_brain_score` in C) gives a content it knows nothing about
+/// (below every real score, which are `>= 0`).
+pub const UNKNOWN_SCORE: f32 = -1.0;
+
 /// Every knob of learning and ranking.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

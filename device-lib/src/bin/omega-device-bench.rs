@@ -672,8 +672,12 @@ fn main() -> Result<()> {
     let mut public_delta_sizes = deltas(&embedder, args.intervals, true)?;
 
     let exe_bytes = std::env::current_exe().and_then(std::fs::metadata).map(|m| m.len()).ok();
+    // The executable's size counts every backend compiled in: build with one backend's
+    // features to measure that backend alone.
+    let compiled: Vec<&str> = EmbedderBackend::compiled().into_iter().map(backend_name).collect();
     let mut report = json!({
         "backend": backend_name(backend),
+        "backends_compiled": compiled,
         "bench_exe_bytes": exe_bytes,
         "patterns": args.patterns,
         "catalogue": args.catalogue,

@@ -7,8 +7,8 @@
 //! The arithmetic is the same (activations quantised per tensor to uint8, int8 weights,
 //! int32 accumulation) and the weights stay int8 in memory. The sequence length is a
 //! symbol: one optimised plan serves every text length. tract runs on the calling thread.
-//! Not working yet: tract mis-evaluates the graph's `GatherND` attention-mask subgraph
-//! (docs/c-sdk.md), so `hidden` returns an embedding error.
+//! The converter also writes the attention mask as a plain `Unsqueeze` (the exporter's
+//! `GatherND` version is one tract 0.23 mis-infers).
 
 use crate::error::{DeviceError, Result};
 use std::path::Path;

@@ -22,6 +22,9 @@ fn the_benchmark_reports_its_targets_and_check_agrees() {
         assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {report}");
     }
     assert_eq!(report["patterns_loaded"], 300);
+    let compiled = report["backends_compiled"].as_array().expect("backends_compiled");
+    assert!(compiled.contains(&report["backend"]), "the backend measured is compiled in: {report}");
+    assert!(report["bench_exe_bytes"].as_u64().is_some_and(|b| b > 0), "{report}");
     let targets = report["targets"].as_object().expect("targets");
     let keys = ["recommend_p99_ms", "ann_recall_at_10", "open_ms", "delta_bytes_p50", "rss_mb"];
     assert_eq!(targets.len(), keys.len());

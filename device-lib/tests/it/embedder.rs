@@ -277,3 +277,33 @@ fn the_tract_backend_refuses_a_model_it_cannot_run() {
     });
     assert!(msg.contains("model-tract.onnx") && msg.contains("no such file"), "{msg}");
 }
+
+/// The pure-Rust backend gives the ONNX Runtime backend's embeddings: the same int8 weights
+/// and the same run-time activation quantisation, in standard operators
+/// (`model-tract.onnx`), on the fidelity text set and on the long, odd and empty texts.
+#[test]
+fn the_tract_backend_embeds_like_onnx_runtime() {
+    require_assets();
+    let ort = on_backend(EmbedderBackend::Onnxruntime);
+    let tract = on_backend(EmbedderBackend::Tract);
+    let mut texts = fidelity_texts();
+    texts.push(String::new());
+    texts.push("😀 \u{0} \u{feff} ñ 中文 \t\n".into());
+    texts.push("a very long title ".repeat(100));
+    let mut cosines = Vec::new();
+    for text in &texts {
+        let a = tract.embed_uncached(text).expect("tract embeds");
+        let b = ort.embed_uncached(text).expect("ONNX Runtime embeds");
+        assert_eq!(a.len(), EMBEDDING_DIM);
+        assert!((norm(&a) - 1.0).abs() < 1e-4, "tract's embedding is not unit length");
+        cosines.push(cosine(&a, &b));
+    }
+    cosines.sort_by(f32::total_cmp);
+    assert_eq!(cosines.len(), 53);
+    assert!(cosines[0] >= 0.99, "worst cosine to ONNX Runtime {}: {cosines:?}", cosines[0]);
+    // Different texts still differ on tract (a backend ignoring its input would pass above
+    // only if ONNX Runtime did too, but say it outright).
+    let x = tract.embed_uncached(&texts[0]).expect("embed");
+    let y = tract.embed_uncached(&texts[1]).expect("embed");
+    assert!(cosine(&x, &y) < 0.99, "two different texts embed alike on tract");
+}
