@@ -58,11 +58,18 @@ impl Service {
         let r = input.request;
         tracing::info_span!("validate").in_scope(|| validate::check_register(&r))?;
         let now_secs = crate::clock::now_secs();
-        if let Some(t) = &input.token
-            && let Err(e) = st.tokens.check(&r.device_id, t, now_secs)
-        {
-            st.auth_failures.allow(&peer_key(input.peer), Instant::now());
-            return Err(ServiceError::Unauthenticated(e.to_string()));
+        // A device re-registering with a valid token that is not due for renewal gets that
+        // same token back (a re-install keeps its credential).
+        let mut kept_token = None;
+        if let Some(t) = &input.token {
+            match st.tokens.check(&r.device_id, t, now_secs) {
+                Ok(accepted) if !accepted.renew => kept_token = Some(t.clone()),
+                Ok(_) => {}
+                Err(e) => {
+                    st.auth_failures.allow(&peer_key(input.peer), Instant::now());
+                    return Err(ServiceError::Unauthenticated(e.to_string()));
+                }
+            }
         }
         if st.tokens.is_revoked(&r.device_id) {
             return Err(ServiceError::Unauthenticated(
@@ -98,7 +105,7 @@ impl Service {
             tracing::debug!(region = %reg.region, "device registered");
         }
         Ok(pb::RegisterResponse {
-            device_token: st.tokens.issue(&r.device_id, now_secs),
+            device_token: kept_token.unwrap_or_else(|| st.tokens.issue(&r.device_id, now_secs)),
             shard_id: st.settings.shard_id,
             region: reg.region,
             model_id: st.settings.model_id.clone(),
