@@ -23,14 +23,7 @@ use tracing_subscriber::{EnvFilter, Layer as _};
 /// subscriber. Call it inside the tokio runtime (the span exporter runs on it); keep the
 /// returned [`Traces`] until exit and shut it down to flush the last spans.
 pub fn init(json: bool, default_filter: &str, service: &'static str) -> Traces {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let logs = if json {
-        fmt.json().flatten_event(true).with_filter(filter).boxed()
-    } else {
-        fmt.with_ansi(std::io::stderr().is_terminal()).with_filter(filter).boxed()
-    };
+    let logs = log_layer(json, default_filter);
     let (traces, failed) = match Traces::from_env(service) {
         Ok(t) => (t, None),
         Err(e) => (Traces::off(), Some(e)),
@@ -58,13 +51,22 @@ pub fn init(json: bool, default_filter: &str, service: &'static str) -> Traces {
 /// [`init`] for the logs alone (no traces): for start-up errors reported before the runtime
 /// runs, and tools.
 pub fn init_logs(json: bool, default_filter: &str) {
+    let logs = log_layer(json, default_filter);
+    let _ = tracing_subscriber::registry().with(logs).try_init();
+}
+
+/// The stderr log layer both set-ups install: JSON lines or text (colours only on a terminal),
+/// filtered by `RUST_LOG`, else `default_filter`.
+fn log_layer(
+    json: bool,
+    default_filter: &str,
+) -> Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let logs = if json {
+    if json {
         fmt.json().flatten_event(true).with_filter(filter).boxed()
     } else {
         fmt.with_ansi(std::io::stderr().is_terminal()).with_filter(filter).boxed()
-    };
-    let _ = tracing_subscriber::registry().with(logs).try_init();
+    }
 }

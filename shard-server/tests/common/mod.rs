@@ -213,6 +213,20 @@ pub struct Shard {
 impl Shard {
     /// Starts the binary with fresh ports; `data_dir` is kept across restarts.
     pub fn start(data_dir: &Path, database_url: Option<&str>, env: &[(&str, &str)]) -> Shard {
+        Shard::launch(data_dir, database_url, None, env)
+    }
+
+    /// [`Shard::start`] (embedded store) with its logs appended to the file `log`.
+    pub fn start_logging_to(data_dir: &Path, log: &Path, env: &[(&str, &str)]) -> Shard {
+        Shard::launch(data_dir, None, Some(log), env)
+    }
+
+    fn launch(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        log: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Shard {
         let [grpc, admin, rest, metrics] = free_ports();
         let mut s = Shard {
             child: None,
@@ -222,24 +236,7 @@ impl Shard {
             metrics,
             data_dir: data_dir.to_path_buf(),
             database_url: database_url.map(str::to_owned),
-            log: None,
-        };
-        s.spawn(env);
-        s
-    }
-
-    /// [`Shard::start`] (embedded store) with its logs appended to the file `log`.
-    pub fn start_logging_to(data_dir: &Path, log: &Path, env: &[(&str, &str)]) -> Shard {
-        let [grpc, admin, rest, metrics] = free_ports();
-        let mut s = Shard {
-            child: None,
-            grpc,
-            admin,
-            rest,
-            metrics,
-            data_dir: data_dir.to_path_buf(),
-            database_url: None,
-            log: Some(log.to_path_buf()),
+            log: log.map(Path::to_path_buf),
         };
         s.spawn(env);
         s
